@@ -1,0 +1,393 @@
+"""Compile trained models into TorchScript and ONNX graphs, prove them, store them in the bundle.
+
+Graphs:
+- ``torchscript/diffraction_to_obj`` and ``torchscript/autoencoder``: scripted
+  (traced if scripting fails), eval mode, frozen; complex outputs as in eager.
+- ``onnx/diffraction_to_obj``: input ``diffraction`` [batch, C, N, N] float32,
+  outputs the two real maps of the model's output mode ([batch, C, N, N]
+  each: ``amplitude``/``phase`` or ``real``/``imag``). No FFT inside.
+- ``onnx/autoencoder``: inputs ``diffraction`` and ``offsets`` [batch, C, 1, 2];
+  outputs the two object maps and ``pred_amplitude`` (the far-field amplitude
+  in photon units). The Fourier transform is a DFT as real matrix products, so
+  the graph runs on every onnxruntime execution provider.
+
+Normalisation contract (every graph, written into its metadata): the input
+is the diffraction amplitude in photon units, i.e. sqrt(counts), which is the
+normalised amplitude of the PtychoPINN NPZ contract × ``intensity_scale``;
+the graph divides by its trained intensity scale internally. The runtime
+follows this contract (ptycho_runtime.Bundle.predict).
+
+Parity: each graph is run on fixed, simulated inputs (batches 1 and 7) and
+compared with the eager model; relative error = max|graph − eager| / max|eager|
+per output. Above the tolerance, export fails and nothing is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ptycho_runtime import bundle_format as fmt
+from ptycho_runtime.parity import parity_report
+
+from .data import make_groups, simulate_scan
+from .model import OUTPUT_NAMES
+from .model_manager import load_torch_bundle
+
+DEFAULT_OPSET = 20
+PARITY_TOLERANCE = 1e-4  # relative, float32
+PARITY_BATCHES = (1, 7)
+
+log = logging.getLogger(__name__)
+
+
+class ParityError(RuntimeError):
+    """A compiled graph does not compute what the eager model computes."""
+
+
+@dataclass
+class CompiledGraph:
+    kind: str
+    model: str
+    data: bytes
+    metadata: dict[str, Any]
+    run: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] = field(repr=False, default=None)
+
+
+# --------------------------------------------------------------------------- wrappers with real outputs
+
+
+class DiffractionToObjParts(nn.Module):
+    """diffraction → the two real object maps (what ONNX can carry)."""
+
+    def __init__(self, d2o: nn.Module) -> None:
+        super().__init__()
+        self.d2o = d2o
+
+    def forward(self, diffraction: torch.Tensor):
+        return self.d2o.forward_parts(diffraction)
+
+
+class AutoencoderParts(nn.Module):
+    """(diffraction, offsets) → two object maps and the predicted far-field amplitude."""
+
+    def __init__(self, autoencoder: nn.Module) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    def forward(self, diffraction: torch.Tensor, offsets: torch.Tensor):
+        a, b, pred_amplitude, _ = self.autoencoder.forward_parts(diffraction, offsets)
+        return a, b, pred_amplitude
+
+
+def io_spec(model_name: str, params: Mapping[str, Any]) -> tuple[list[dict], list[dict]]:
+    """Names, shapes (symbolic batch) and dtypes of a graph's inputs and outputs."""
+    N, C = int(params["N"]), int(params["gridsize"]) ** 2
+    mode = params.get("output_mode", "amp_phase")
+    patch = ["batch", C, N, N]
+    inputs = [{"name": "diffraction", "shape": patch, "dtype": "float32",
+               "doc": "diffraction amplitude in photon units (sqrt of counts = NPZ amplitude × intensity_scale)"}]
+    outputs = [{"name": n, "shape": patch, "dtype": "float32", "doc": f"object patch {n}"}
+               for n in OUTPUT_NAMES[mode]]
+    if model_name == "autoencoder":
+        inputs.append({"name": "offsets", "shape": ["batch", C, 1, 2], "dtype": "float32",
+                       "doc": "(x, y) pixel offsets of each patch from its group centre"})
+        outputs.append({"name": "pred_amplitude", "shape": patch, "dtype": "float32",
+                        "doc": "predicted far-field amplitude in photon units"})
+    return inputs, outputs
+
+
+def contract(params: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "input_units": "photon amplitude: sqrt(counts) = normalised NPZ amplitude × intensity_scale",
+        "intensity_scale": float(params["intensity_scale"]),
+        "scale_applied_inside_graph": True,
+        "output_mode": params.get("output_mode", "amp_phase"),
+        "complex_from_outputs": ("amplitude·exp(i·phase)" if params.get("output_mode", "amp_phase") == "amp_phase"
+                                 else "real + i·imag"),
+    }
+
+
+# --------------------------------------------------------------------------- parity inputs
+
+
+def parity_inputs(params: Mapping[str, Any], seed: int = 1234) -> dict[str, dict[str, np.ndarray]]:
+    """A few real simulated patterns (with the bundle's probe), batches 1 and 7, in graph units."""
+    N, gridsize = int(params["N"]), int(params["gridsize"])
+    probe = params.get("probe")
+    scan = simulate_scan(N=N, object_size=3 * N, scan="random", n_positions=max(PARITY_BATCHES) * gridsize**2 + 8,
+                         nphotons=float(params.get("nphotons", 1e9)), seed=seed,
+                         probe=None if probe is None else np.asarray(probe, np.complex64))
+    groups = make_groups(scan, gridsize, seed=seed)
+    scale = np.float32(params["intensity_scale"])
+    cases = {}
+    for b in PARITY_BATCHES:
+        cases[f"b{b}"] = {
+            "input.diffraction": (groups.diffraction[:b].astype(np.float32) * scale),
+            "input.offsets": groups.offsets[:b].astype(np.float32),
+        }
+    return cases
+
+
+def eager_outputs(models: Mapping[str, nn.Module], params: Mapping[str, Any],
+                  cases: Mapping[str, dict[str, np.ndarray]]) -> None:
+    """Add ``<model>.<output>`` eager results to each parity case, in place."""
+    _, d2o_out = io_spec("diffraction_to_obj", params)
+    _, ae_out = io_spec("autoencoder", params)
+    with torch.inference_mode():
+        for case in cases.values():
+            x = torch.from_numpy(case["input.diffraction"])
+            off = torch.from_numpy(case["input.offsets"])
+            for spec, value in zip(d2o_out, models["diffraction_to_obj"].forward_parts(x)):
+                case[f"diffraction_to_obj.{spec['name']}"] = value.numpy()
+            for spec, value in zip(ae_out, models["autoencoder"].forward_parts(x, off)[:3]):
+                case[f"autoencoder.{spec['name']}"] = value.numpy()
+            # complex outputs, for graphs that keep them (TorchScript)
+            objects = {"diffraction_to_obj": models["diffraction_to_obj"](x),
+                       "autoencoder": models["autoencoder"](x, off)[0]}
+            for name, obj in objects.items():
+                case[f"{name}.object_real"] = obj.real.numpy()
+                case[f"{name}.object_imag"] = obj.imag.numpy()
+
+
+# --------------------------------------------------------------------------- exporters
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters print progress and TorchScript warns on every call; keep the user's console clean."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript")]
+        levels = [lg.level for lg in loggers]
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                yield
+        finally:
+            for lg, lv in zip(loggers, levels):
+                lg.setLevel(lv)
+
+
+def export_torchscript(model: nn.Module, example: tuple[torch.Tensor, ...]) -> tuple[bytes, str]:
+    """Script (or trace, if scripting fails) and freeze; return the archive bytes and the method."""
+    model = copy.deepcopy(model).eval()
+    with _quiet():
+        try:
+            compiled, method = torch.jit.script(model), "script"
+        except Exception as exc:  # scripting has many unsupported constructs; tracing is the fallback
+            log.info("torch.jit.script failed (%s); tracing instead", exc)
+            compiled, method = torch.jit.trace(model, example, check_trace=False), "trace"
+        frozen = torch.jit.freeze(compiled)
+        buf = io.BytesIO()
+        torch.jit.save(frozen, buf)
+    return buf.getvalue(), method
+
+
+def export_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], input_names: Sequence[str],
+                output_names: Sequence[str], opset: int) -> bytes:
+    """torch.export-based ONNX export with a dynamic batch axis, weights embedded."""
+    import onnx
+
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    dynamic = {name: {0: batch} for name in input_names}
+    with _quiet():
+        program = torch.onnx.export(module.eval(), example, dynamo=True, opset_version=opset, external_data=False,
+                                    input_names=list(input_names), output_names=list(output_names),
+                                    dynamic_shapes=dynamic, verbose=False)
+    data = program.model_proto.SerializeToString()
+    onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
+    return data
+
+
+def _onnx_runner(data: bytes) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return lambda feeds: dict(zip(names, session.run(None, feeds)))
+
+
+def torchscript_runner(data: bytes, model_name: str) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """Load archive bytes; the runner returns the complex object as object_real/object_imag."""
+    with _quiet():
+        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        args = [torch.from_numpy(feeds["diffraction"])]
+        if model_name == "autoencoder":
+            args.append(torch.from_numpy(feeds["offsets"]))
+        with torch.inference_mode(), _quiet():
+            out = module(*args)
+        obj = out[0] if model_name == "autoencoder" else out
+        result = {"object_real": obj.real.numpy(), "object_imag": obj.imag.numpy()}
+        if model_name == "autoencoder":
+            result["pred_amplitude"] = out[1].numpy()
+        return result
+
+    return run
+
+
+def parity_keys(graph_kind: str, model_name: str, metadata: Mapping[str, Any]) -> list[str]:
+    """The outputs a graph is compared on: its real outputs (ONNX) or the complex object's parts."""
+    if graph_kind == "onnx":
+        return [o["name"] for o in metadata["outputs"]]
+    return ["object_real", "object_imag"] + (["pred_amplitude"] if model_name == "autoencoder" else [])
+
+
+def torchscript_io(model_name: str, params: Mapping[str, Any]) -> list[dict]:
+    N, C = int(params["N"]), int(params["gridsize"]) ** 2
+    outs = [{"name": "object", "shape": ["batch", C, N, N], "dtype": "complex64", "doc": "object patches"}]
+    if model_name == "autoencoder":
+        outs += [{"name": "pred_amplitude", "shape": ["batch", C, N, N], "dtype": "float32",
+                  "doc": "predicted far-field amplitude, photon units"},
+                 {"name": "pred_intensity", "shape": ["batch", C, N, N], "dtype": "float32",
+                  "doc": "predicted intensity (counts)"}]
+    return outs
+
+
+def graph_feeds(case: Mapping[str, np.ndarray], model_name: str) -> dict[str, np.ndarray]:
+    feeds = {"diffraction": case["input.diffraction"]}
+    if model_name == "autoencoder":
+        feeds["offsets"] = case["input.offsets"]
+    return feeds
+
+
+def check_parity(graph: CompiledGraph, cases: Mapping[str, Mapping[str, np.ndarray]],
+                 tolerance: float = PARITY_TOLERANCE) -> dict[str, Any]:
+    """Run a graph on every parity case; raise ParityError above tolerance; return the report."""
+    outputs = parity_keys(graph.kind, graph.model, graph.metadata)
+    got, ref = {}, {}
+    for case_name, case in cases.items():
+        result = graph.run(graph_feeds(case, graph.model))
+        for name in outputs:
+            key = f"{case_name}.{name}"
+            got[key], ref[key] = result[name], case[f"{graph.model}.{name}"]
+    report = parity_report(ref, got, tolerance)
+    if not report["passed"]:
+        worst = max(report["per_output"].items(), key=lambda kv: kv[1]["rel"])
+        raise ParityError(
+            f"{graph.kind} graph for {graph.model} disagrees with the eager model: relative error "
+            f"{worst[1]['rel']:.3g} on {worst[0]} exceeds the tolerance {tolerance:g}. The graph is not stored.")
+    return report
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxscript
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__}
+
+
+def compile_graphs(models: Mapping[str, nn.Module], params: Mapping[str, Any], cases: Mapping[str, Any],
+                   opset: int = DEFAULT_OPSET, torchscript: bool = True, onnx: bool = True,
+                   tolerance: float = PARITY_TOLERANCE) -> list[CompiledGraph]:
+    """Export, then parity-check, every requested graph. Raises ParityError on the first untrue graph."""
+    versions = _versions()
+    example = cases[f"b{max(PARITY_BATCHES)}"]
+    x = torch.from_numpy(example["input.diffraction"])
+    off = torch.from_numpy(example["input.offsets"])
+    graphs: list[CompiledGraph] = []
+    for model_name in fmt.MODEL_NAMES:
+        inputs, outputs = io_spec(model_name, params)
+        base = {"model": model_name, "inputs": inputs, "outputs": outputs, "contract": contract(params),
+                "torch_version": versions["torch"], "onnx_version": versions["onnx"], "frozen": True}
+        args = (x, off) if model_name == "autoencoder" else (x,)
+        if torchscript:
+            t0 = time.perf_counter()
+            data, method = export_torchscript(models[model_name], args)
+            meta = {**base, "kind": "torchscript", "method": method, "exporter": f"torch.jit.{method}",
+                    "exporter_version": versions["torch"], "opset": None, "export_time_s": time.perf_counter() - t0,
+                    "outputs": torchscript_io(model_name, params)}
+            graphs.append(CompiledGraph("torchscript", model_name, data, meta, torchscript_runner(data, model_name)))
+        if onnx:
+            t0 = time.perf_counter()
+            module: nn.Module
+            if model_name == "autoencoder":
+                module = AutoencoderParts(copy.deepcopy(models[model_name]).eval())
+                module.autoencoder.physics.far_field.use_matmul = True
+            else:
+                module = DiffractionToObjParts(models[model_name])
+            data = export_onnx(module, args, [i["name"] for i in inputs], [o["name"] for o in outputs], opset)
+            meta = {**base, "kind": "onnx", "method": "torch.export", "exporter": "torch.onnx.export(dynamo=True)",
+                    "exporter_version": versions["torch"], "onnxscript_version": versions["onnxscript"],
+                    "opset": opset, "export_time_s": time.perf_counter() - t0,
+                    "fft": "DFT as MatMul (fftshift folded into the matrices)" if model_name == "autoencoder"
+                    else "none"}
+            graphs.append(CompiledGraph("onnx", model_name, data, meta, _onnx_runner(data)))
+    for g in graphs:
+        g.metadata["parity"] = check_parity(g, cases, tolerance)
+        g.metadata["sha256"] = fmt.sha256_hex(g.data)
+        g.metadata["size_bytes"] = len(g.data)
+    return graphs
+
+
+def graphs_present(path: os.PathLike) -> list[tuple[str, str]]:
+    return sorted(fmt.read_bundle(path).graphs)
+
+
+def add_graphs_to_bundle(path: str | os.PathLike, opset: int = DEFAULT_OPSET, torchscript: bool = True,
+                         onnx: bool = True, force: bool = False, tolerance: float = PARITY_TOLERANCE
+                         ) -> dict[str, Any]:
+    """Compile the bundle's eager models, check parity, and write graphs + parity vectors in place, atomically.
+
+    Idempotent: graphs already present are kept unless ``force``. Returns a
+    summary with each graph's size, parity and export time.
+    """
+    bundle_path = fmt.resolve_bundle_path(path)
+    contents = fmt.read_bundle(bundle_path)
+    missing = [m for m in fmt.MODEL_NAMES if m not in contents.state_dicts]
+    if missing:
+        raise fmt.BundleFormatError(f"{bundle_path} has no eager weights for {', '.join(missing)}: graphs are "
+                                    "compiled from eager weights. Re-save the model with save_torch_bundle.")
+    wanted = [(k, m) for k in (("torchscript",) if torchscript else ()) + (("onnx",) if onnx else ())
+              for m in fmt.MODEL_NAMES]
+    todo = [g for g in wanted if force or g not in contents.graphs]
+    start = time.perf_counter()
+    summary: dict[str, Any] = {"bundle": str(bundle_path), "graphs": {}, "written": False}
+    if todo:
+        models, bundle_params = load_torch_bundle(bundle_path)
+        cases = parity_inputs(bundle_params)
+        eager_outputs(models, bundle_params, cases)
+        kinds = {k for k, _ in todo}
+        graphs = [g for g in compile_graphs(models, bundle_params, cases, opset, "torchscript" in kinds,
+                                            "onnx" in kinds, tolerance)
+                  if (g.kind, g.model) in todo]
+        with fmt.atomic_bundle_write(bundle_path, copy_existing=True) as f:
+            ggroup = f.require_group("graphs")
+            for g in graphs:
+                group = ggroup.require_group(g.kind).require_group(g.model)
+                fmt.write_payload(group, "bytes", g.data)
+                fmt.write_json(group, "metadata_json", g.metadata)
+            if "parity" in f:
+                del f["parity"]
+            pgroup = f.create_group("parity")
+            for case_name, case in cases.items():
+                cgroup = pgroup.create_group(case_name)
+                for key, arr in case.items():
+                    fmt.write_payload(cgroup, key, arr)
+        summary["written"] = True
+    summary["export_time_s"] = time.perf_counter() - start
+    for (kind, model), rec in sorted(fmt.read_bundle(bundle_path).graphs.items()):
+        summary["graphs"][f"{kind}/{model}"] = {
+            "size_bytes": rec.metadata.get("size_bytes", len(rec.data)),
+            "method": rec.metadata.get("method"), "opset": rec.metadata.get("opset"),
+            "max_rel_error": rec.metadata.get("parity", {}).get("max_rel"),
+            "max_abs_error": rec.metadata.get("parity", {}).get("max_abs"),
+            "export_time_s": rec.metadata.get("export_time_s"),
+            "refreshed": (kind, model) in todo,
+        }
+    return summary

@@ -1,0 +1,255 @@
+"""The PtychoPINN networks in PyTorch.
+
+``diffraction_to_obj``: diffraction amplitude [B, C, N, N] → complex object
+patches [B, C, N, N] (a U-Net with separate amplitude and phase decoders).
+``autoencoder``: the same network followed by the physics (overlap constraint,
+probe, far field) so it can be trained without ground truth, against the
+measured diffraction itself (Poisson likelihood).
+
+Both share one generator and one intensity scaler, so training the
+autoencoder trains ``diffraction_to_obj``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig, model_config_from_params
+from .physics import PhysicsForward
+
+OUTPUT_NAMES = {"amp_phase": ("amplitude", "phase"), "real_imag": ("real", "imag")}
+
+
+def encoder_filters(N: int, n_filters_scale: int) -> list[int]:
+    """[32, 64, 128]·s at N=64, one more (halved) stage in front per doubling of N."""
+    stages = int(math.log2(N)) - 3
+    return [n_filters_scale * 128 // 2 ** (stages - 1 - i) for i in range(stages)]
+
+
+def decoder_filters(N: int, n_filters_scale: int) -> list[int]:
+    """[64, 32]·s at N=64, [128, 64, 32]·s at 128 …: back up to N/2 resolution."""
+    stages = int(math.log2(N)) - 3
+    return [n_filters_scale * 32 * 2 ** (stages - 2 - j) for j in range(stages - 1)]
+
+
+class Activation(nn.Module):
+    """A named activation, so the choice is data (config), not code."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.name == "sigmoid":
+            return torch.sigmoid(x)
+        if self.name == "swish" or self.name == "silu":
+            return F.silu(x)
+        if self.name == "softplus":
+            return F.softplus(x)
+        if self.name == "relu":
+            return F.relu(x)
+        if self.name == "pi_tanh":
+            return math.pi * torch.tanh(x)
+        return x
+
+
+class ConvPair(nn.Module):
+    """Two 3×3 convolutions with ReLU: the body of every encoder and decoder stage."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.conv2(F.relu(self.conv1(x))))
+
+
+class Encoder(nn.Module):
+    def __init__(self, c_in: int, filters: list[int]) -> None:
+        super().__init__()
+        chans = [c_in] + filters
+        self.stages = nn.ModuleList(ConvPair(a, b) for a, b in zip(chans[:-1], chans[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for stage in self.stages:
+            x = F.max_pool2d(stage(x), 2)
+        return x
+
+
+class Decoder(nn.Module):
+    """Conv-up stages to N/2, then PtychoPINN's last stage.
+
+    The last stage has a central path (all but the last 4 channels → C maps at
+    N/2, activated, zero-padded by N/4 to N: the well-illuminated centre) and,
+    when ``probe_big``, an outer path (the last 4 channels up-sampled to N →
+    C maps, swish) that is added on, covering the probe's tails.
+    """
+
+    OUTER_CHANNELS = 4
+
+    def __init__(self, c_in: int, filters: list[int], channels_out: int, N: int,
+                 n_filters_scale: int, activation: str, outer_activation: str, probe_big: bool) -> None:
+        super().__init__()
+        chans = [c_in] + filters
+        self.stages = nn.ModuleList(ConvPair(a, b) for a, b in zip(chans[:-1], chans[1:]))
+        last = chans[-1]
+        self.split = last - self.OUTER_CHANNELS
+        self.central = nn.Conv2d(self.split, channels_out, 3, padding=1)
+        self.activation = Activation(activation)
+        self.pad = N // 4
+        self.probe_big = probe_big
+        self.outer_up = ConvPair(self.OUTER_CHANNELS, 32 * n_filters_scale)
+        self.outer = nn.Conv2d(32 * n_filters_scale, channels_out, 3, padding=1)
+        self.outer_activation = Activation(outer_activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for stage in self.stages:
+            x = F.interpolate(stage(x), scale_factor=2.0, mode="nearest")
+        centre = self.activation(self.central(x[:, : self.split]))
+        centre = F.pad(centre, [self.pad, self.pad, self.pad, self.pad])
+        if not self.probe_big:
+            return centre
+        outer = F.interpolate(self.outer_up(x[:, self.split :]), scale_factor=2.0, mode="nearest")
+        return centre + self.outer_activation(self.outer(outer))
+
+
+class Generator(nn.Module):
+    """U-Net-style encoder with two decoders; returns the two real output maps."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        C, N, s = config.channels, config.N, config.n_filters_scale
+        enc = encoder_filters(N, s)
+        dec = decoder_filters(N, s)
+        amp_phase = config.output_mode == "amp_phase"
+        outer_act = "silu" if amp_phase else "identity"
+        self.encoder = Encoder(C, enc)
+        self.decoder_a = Decoder(enc[-1], dec, C, N, s, config.amp_activation if amp_phase else "identity",
+                                 outer_act, config.probe_big)
+        self.decoder_b = Decoder(enc[-1], dec, C, N, s, "pi_tanh" if amp_phase else "identity",
+                                 outer_act, config.probe_big)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        z = self.encoder(x)
+        return self.decoder_a(z), self.decoder_b(z)
+
+
+class IntensityScaler(nn.Module):
+    """log(intensity_scale) as a parameter: the network sees x / scale, outputs are × scale."""
+
+    def __init__(self, intensity_scale: float, trainable: bool) -> None:
+        super().__init__()
+        if not (intensity_scale > 0 and math.isfinite(intensity_scale)):
+            raise ValueError(f"intensity_scale must be a positive finite number (got {intensity_scale!r})")
+        self.log_scale = nn.Parameter(torch.tensor(math.log(intensity_scale), dtype=torch.float32),
+                                      requires_grad=trainable)
+
+    def scale(self) -> Tensor:
+        return torch.exp(self.log_scale)
+
+
+class DiffractionToObject(nn.Module):
+    """Diffraction amplitude (photon units, see docs/contract) → complex64 object patches.
+
+    ``forward`` returns complex64 [B, C, N, N]; ``forward_parts`` returns the
+    two real maps (amplitude/phase or real/imag per ``output_mode``), which is
+    what exported graphs output (ONNX has no complex dtype).
+    """
+
+    def __init__(self, config: ModelConfig, generator: Generator, scaler: IntensityScaler) -> None:
+        super().__init__()
+        self.generator = generator
+        self.scaler = scaler
+        self.N = config.N
+        self.channels = config.channels
+        self.amp_phase = config.output_mode == "amp_phase"
+
+    def forward_parts(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        if x.dim() != 4 or x.shape[1] != self.channels or x.shape[2] != self.N or x.shape[3] != self.N:
+            raise ValueError(
+                "diffraction must have shape [B, {}, {}, {}] (C = gridsize**2), got {}".format(
+                    self.channels, self.N, self.N, list(x.shape)))
+        return self.generator(x / self.scaler.scale())
+
+    def to_real_imag(self, a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
+        if self.amp_phase:
+            return a * torch.cos(b), a * torch.sin(b)
+        return a, b
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.forward_parts(x)
+        re, im = self.to_real_imag(a, b)
+        return torch.complex(re, im)
+
+
+class Autoencoder(nn.Module):
+    """PtychoPINN's trainable model: object patches pushed through the physics.
+
+    ``forward(x, offsets)`` → (object patches complex64, predicted amplitude,
+    predicted intensity), the predictions in the same photon units as ``x``.
+    """
+
+    def __init__(self, d2o: DiffractionToObject, physics: PhysicsForward) -> None:
+        super().__init__()
+        self.diffraction_to_obj = d2o
+        self.physics = physics
+
+    def forward_parts(self, x: Tensor, offsets: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        a, b = self.diffraction_to_obj.forward_parts(x)
+        re, im = self.diffraction_to_obj.to_real_imag(a, b)
+        intensity = self.physics(re, im, offsets)
+        s = self.diffraction_to_obj.scaler.scale()
+        pred_intensity = intensity * (s * s)
+        pred_amplitude = torch.sqrt(intensity.clamp_min(1e-20)) * s
+        return a, b, pred_amplitude, pred_intensity
+
+    def forward(self, x: Tensor, offsets: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        a, b, pred_amplitude, pred_intensity = self.forward_parts(x, offsets)
+        re, im = self.diffraction_to_obj.to_real_imag(a, b)
+        return torch.complex(re, im), pred_amplitude, pred_intensity
+
+
+def default_intensity_scale(nphotons: float, N: int) -> float:
+    """PtychoPINN's intensity scale: sqrt(nphotons) / (N/2)."""
+    return math.sqrt(nphotons) / (N / 2)
+
+
+def create_torch_model_with_gridsize(gridsize: int, N: int, params: Optional[Dict[str, Any]] = None
+                                     ) -> Dict[str, nn.Module]:
+    """Build ``{"autoencoder", "diffraction_to_obj"}`` sharing one generator.
+
+    ``params`` is a legacy params dict (default: the live ``params.cfg``); the
+    architecture keys are read from it (CONFIG-001: restore a bundle's params
+    first). ``gridsize`` and ``N`` arguments win over the dict. A missing
+    probe falls back to the default simulated probe; a missing intensity scale
+    is computed from ``nphotons``.
+    """
+    from . import params as params_module
+
+    p = dict(params_module.cfg if params is None else params)
+    p["gridsize"], p["N"] = gridsize, N
+    config = model_config_from_params(p)
+    scale = p.get("intensity_scale") or config.intensity_scale or default_intensity_scale(
+        float(p.get("nphotons", 1e9)), N)
+    probe = p.get("probe")
+    if probe is None:
+        from .data.simulate import default_probe
+
+        probe = default_probe(N)
+    probe = np.asarray(probe)
+    generator = Generator(config)
+    scaler = IntensityScaler(float(scale), config.intensity_scale_trainable)
+    d2o = DiffractionToObject(config, generator, scaler)
+    physics = PhysicsForward(N, gridsize, probe, config.object_big, config.probe_mask, config.probe_trainable)
+    return {"autoencoder": Autoencoder(d2o, physics), "diffraction_to_obj": d2o}
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
