@@ -92,6 +92,7 @@ class TrainingConfig:
     seed: int = 0
     device: str = "auto"
     progress: bool = True
+    export_graphs: bool = True  # compile TorchScript/ONNX graphs into the bundle when one is written
 
     def __post_init__(self) -> None:
         for name in ("output_dir", "train_data_file", "test_data_file"):

@@ -88,6 +88,10 @@ def run_cdi_example_torch(train_data: DataLike, test_data: Optional[DataLike], c
                           probe=results["probe"], history=results["history"],
                           training_summary=results["training_summary"])
         results["bundle_path"] = bundle_path
+        if config.export_graphs:
+            from ..export import add_graphs_to_bundle
+
+            results["export_summary"] = add_graphs_to_bundle(bundle_path)
     recon_amp = recon_phase = None
     if do_stitching and results["test_container"] is not None:
         start = time.perf_counter()

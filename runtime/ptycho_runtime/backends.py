@@ -1,0 +1,173 @@
+"""Inference backends: ONNX Runtime (CPU, CUDA with IOBinding, TensorRT) and TorchScript.
+
+A backend turns a float32 batch [B, C, N, N] in photon units into the two
+real output maps of the model (amplitude/phase or real/imag).
+
+Why providers are checked after the session is made: onnxruntime-gpu lists
+CUDA and TensorRT in ``get_available_providers()`` even on a machine without
+a GPU or without the CUDA libraries, and a session asked for CUDA then
+silently runs on the CPU. ``session.get_providers()`` tells the truth.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+log = logging.getLogger("ptycho_runtime")
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "fp16")
+
+_fallback_warned = False
+_fallback_lock = threading.Lock()
+
+
+class DeviceUnavailableError(RuntimeError):
+    """device='cuda' was requested but no CUDA execution provider could be used."""
+
+
+def _warn_fallback_once(reason: str) -> None:
+    global _fallback_warned
+    with _fallback_lock:
+        if not _fallback_warned:
+            log.warning("ptycho_runtime: no usable CUDA device (%s); running on the CPU.", reason)
+            _fallback_warned = True
+
+
+def _to_fp16_graph(data: bytes) -> bytes:
+    """Convert a float32 graph to float16 internals with float32 inputs/outputs (needs the onnx package)."""
+    try:
+        import onnx
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ImportError("precision='fp16' with the CUDA provider converts the graph at load time and needs "
+                          "the onnx package: pip install 'ptycho-runtime[gpu]'") from exc
+    model = convert_float_to_float16(onnx.load_from_string(data), keep_io_types=True)
+    return model.SerializeToString()
+
+
+class OnnxBackend:
+    """An onnxruntime session on the best provider the machine really has.
+
+    ``device``: "auto" (CUDA if it works, else CPU with one logged warning),
+    "cuda" (error if CUDA is unusable) or "cpu". ``tensorrt=True`` puts the
+    TensorRT provider first (engine built on first run; fp16 with
+    ``precision="fp16"``). On CUDA, inputs and outputs go through IOBinding:
+    one host→device copy per batch and one device→host copy per output.
+    """
+
+    name = "onnx"
+
+    def __init__(self, graph: bytes, device: str = "auto", precision: str = "fp32", tensorrt: bool = False,
+                 intra_op_threads: Optional[int] = None, cuda_device_id: int = 0) -> None:
+        import onnxruntime as ort
+
+        if device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)} (got {device!r})")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
+        self._ort = ort
+        available = ort.get_available_providers()
+        want_gpu = device in ("auto", "cuda") and CUDA in available
+        if device == "cuda" and CUDA not in available:
+            raise DeviceUnavailableError(
+                f"device='cuda' but this onnxruntime has no CUDAExecutionProvider (providers: {available}). "
+                "Install onnxruntime-gpu (pip install 'ptycho-runtime[gpu]') on a machine with CUDA.")
+        if precision == "fp16" and not want_gpu:
+            raise ValueError("precision='fp16' needs a CUDA device (the CPU provider runs fp16 slower than fp32); "
+                             "use precision='fp32' on the CPU.")
+        providers: list[Any] = []
+        if want_gpu:
+            if tensorrt and TENSORRT in available:
+                providers.append((TENSORRT, {"device_id": cuda_device_id,
+                                             "trt_fp16_enable": precision == "fp16",
+                                             "trt_engine_cache_enable": True}))
+            elif precision == "fp16":
+                graph = _to_fp16_graph(graph)
+            providers.append((CUDA, {"device_id": cuda_device_id}))
+        providers.append(CPU)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads:
+            options.intra_op_num_threads = int(intra_op_threads)
+        self.session = ort.InferenceSession(graph, sess_options=options, providers=providers)
+        self.providers = self.session.get_providers()
+        self.on_gpu = self.providers[0] in (CUDA, TENSORRT)
+        if want_gpu and not self.on_gpu:
+            reason = (f"onnxruntime lists {CUDA} but the session runs on {self.providers} "
+                      "(no GPU visible, or the CUDA/cuDNN libraries are missing)")
+            if device == "cuda":
+                raise DeviceUnavailableError(f"device='cuda' requested, but {reason}.")
+            _warn_fallback_once(reason)
+        self.device = "cuda" if self.on_gpu else "cpu"
+        self.precision = precision if self.on_gpu else "fp32"
+        self.cuda_device_id = cuda_device_id
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if not self.on_gpu:
+            out = self.session.run(self.output_names, {self.input_names[0]: x})
+            return out[0], out[1]
+        binding = self.session.io_binding()
+        x_dev = self._ort.OrtValue.ortvalue_from_numpy(x, "cuda", self.cuda_device_id)
+        binding.bind_ortvalue_input(self.input_names[0], x_dev)
+        for name in self.output_names:
+            binding.bind_output(name, "cuda", self.cuda_device_id)
+        self.session.run_with_iobinding(binding)
+        out = binding.copy_outputs_to_cpu()
+        return out[0], out[1]
+
+
+class TorchScriptBackend:
+    """The bundle's TorchScript graph via libtorch (needs torch: pip install 'ptycho-runtime[torch]')."""
+
+    name = "torchscript"
+
+    def __init__(self, graph: bytes, device: str = "auto", precision: str = "fp32", amp_phase: bool = True) -> None:
+        try:
+            import torch  # noqa: F401 - optional dependency, imported only for this backend
+        except ImportError as exc:
+            raise ImportError("backend='torchscript' needs torch: pip install 'ptycho-runtime[torch]', "
+                              "or use backend='onnx'") from exc
+        import io
+        import warnings
+
+        if precision != "fp32":
+            raise ValueError("backend='torchscript' runs in fp32 only; use backend='onnx' for fp16")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise DeviceUnavailableError("device='cuda' but torch sees no CUDA device")
+        use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+        self._torch = torch
+        self._device = torch.device("cuda" if use_cuda else "cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.module = torch.jit.load(io.BytesIO(graph), map_location=self._device)
+        self.amp_phase = amp_phase
+        self.device = self._device.type
+        self.precision = "fp32"
+        self.providers = [f"torch-{self.device}"]
+        self.on_gpu = use_cuda
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import warnings
+
+        torch = self._torch
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = self.module(torch.from_numpy(x).to(self._device)).cpu()
+        # return the real pair the ONNX graph would, so the Bundle treats backends alike
+        return obj.real.numpy(), obj.imag.numpy()
+
+
+def available_providers() -> Sequence[str]:
+    import onnxruntime as ort
+
+    return ort.get_available_providers()

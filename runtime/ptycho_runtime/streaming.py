@@ -1,0 +1,187 @@
+"""Live reconstruction during acquisition: feed frames as they arrive, read the object any time.
+
+``StreamingReconstructor`` queues frames, and a worker thread runs them in
+micro-batches: a batch starts when ``batch_size`` frames are waiting or when
+the oldest waiting frame is ``max_latency_s`` old, whichever comes first, so
+a slow trickle of frames still updates the image promptly and a fast stream
+gets full batches. Each batch is stitched into a float64 canvas, so the live
+object after all frames equals ``Bundle.reconstruct`` on the same frames and
+grid (to ~1e-7, the difference being summation order).
+
+The canvas grid must be known up front: pass the planned scan positions
+(``scan_positions``, the usual case: the scan is planned before it runs) or an
+``object_shape`` whose pixel frame the positions are given in.
+
+For gridsize > 1 models, feed pre-grouped frames [k, C, N, N] with positions
+[k, C, 2] (neighbour groups cannot be formed before the neighbours arrive).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+
+from .inputs import check_positions, prepare_diffraction
+from .stitching import Reconstruction, StitchCanvas
+
+if TYPE_CHECKING:
+    from .bundle import Bundle
+
+
+class StreamingReconstructor:
+    """Micro-batched, incremental reconstruction on a background thread. Use as a context manager."""
+
+    def __init__(self, bundle: "Bundle", *, scan_positions: Optional[np.ndarray] = None,
+                 object_shape: Optional[tuple[int, int]] = None, batch_size: int = 16, max_latency_s: float = 0.05,
+                 counts: bool = False, crop: Optional[int] = None, window: Optional[np.ndarray] = None,
+                 background: bool = True) -> None:
+        if (scan_positions is None) == (object_shape is None):
+            raise ValueError("give exactly one of scan_positions (the planned scan, [n, 2] or [n, C, 2]) or "
+                             "object_shape (H, W) to fix the canvas grid")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+        if not max_latency_s > 0:
+            raise ValueError(f"max_latency_s must be > 0 (got {max_latency_s})")
+        self.bundle = bundle
+        self.batch_size = int(batch_size)
+        self.max_latency_s = float(max_latency_s)
+        self.counts = counts
+        if scan_positions is not None:
+            planned = np.asarray(scan_positions, dtype=np.float64).reshape(-1, 2)
+            self._canvas = StitchCanvas.for_positions(planned, bundle.N, crop=crop, window=window)
+        else:
+            self._canvas = StitchCanvas(object_shape, bundle.N, (0, 0), crop=crop, window=window)
+        self._pending_x: list[np.ndarray] = []
+        self._pending_pos: list[np.ndarray] = []
+        self._pending_n = 0
+        self._oldest: Optional[float] = None
+        self._lock = threading.Lock()  # guards the queue and the canvas
+        self._wake = threading.Condition(self._lock)
+        self._closed = False
+        self._error: Optional[BaseException] = None
+        self.frames_done = 0
+        self.batches_done = 0
+        self.latencies_s: list[float] = []  # queue-entry → on-canvas, per batch (oldest frame)
+        self._worker: Optional[threading.Thread] = None
+        if background:
+            self._worker = threading.Thread(target=self._loop, name="ptycho-stream", daemon=True)
+            self._worker.start()
+
+    # ------------------------------------------------------------------ producer side
+
+    def feed(self, frames: np.ndarray, positions: np.ndarray) -> None:
+        """Queue frames [k, N, N] / [k, C, N, N] with positions [k, 2] / [k, C, 2]. Validated now, not later."""
+        self._raise_worker_error()
+        if self._closed:
+            raise RuntimeError("feed() after close(): this StreamingReconstructor is finished")
+        b = self.bundle
+        x = prepare_diffraction(frames, b.N, b.channels, self.counts, b.intensity_scale)
+        pos = check_positions(positions, x.shape[0], b.channels)
+        with self._wake:
+            self._pending_x.append(x)
+            self._pending_pos.append(pos)
+            self._pending_n += x.shape[0]
+            if self._oldest is None:
+                self._oldest = time.perf_counter()
+            self._wake.notify()
+        if self._worker is None and self._pending_n >= self.batch_size:
+            self._process(force=False)
+
+    def flush(self) -> None:
+        """Run everything queued now (blocks until it is on the canvas)."""
+        self._raise_worker_error()
+        self._process(force=True)
+        self._raise_worker_error()
+
+    def snapshot(self) -> Reconstruction:
+        """The live object as it is now (a copy)."""
+        with self._lock:
+            return self._canvas.result()
+
+    def close(self) -> Reconstruction:
+        """Flush, stop the worker, and return the final object."""
+        if not self._closed:
+            self.flush()
+            with self._wake:
+                self._closed = True
+                self._wake.notify_all()
+            if self._worker is not None:
+                self._worker.join()
+        self._raise_worker_error()
+        return self.snapshot()
+
+    def __enter__(self) -> "StreamingReconstructor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def pending(self) -> int:
+        return self._pending_n
+
+    # ------------------------------------------------------------------ worker side
+
+    def _take(self, force: bool) -> Optional[tuple[np.ndarray, np.ndarray, float]]:
+        """Pop up to batch_size frames if a batch is due (lock held by caller)."""
+        if self._pending_n == 0:
+            return None
+        due = force or self._pending_n >= self.batch_size or (
+            time.perf_counter() - (self._oldest or 0.0) >= self.max_latency_s)
+        if not due:
+            return None
+        x = np.concatenate(self._pending_x)
+        pos = np.concatenate(self._pending_pos)
+        take = x.shape[0] if force else min(self.batch_size, x.shape[0])
+        oldest = self._oldest or time.perf_counter()
+        rest_x, rest_pos = x[take:], pos[take:]
+        self._pending_x = [rest_x] if rest_x.shape[0] else []
+        self._pending_pos = [rest_pos] if rest_pos.shape[0] else []
+        self._pending_n = rest_x.shape[0]
+        self._oldest = time.perf_counter() if self._pending_n else None
+        return x[:take], pos[:take], oldest
+
+    def _run_batch(self, x: np.ndarray, pos: np.ndarray, queued_at: float) -> None:
+        patches = self.bundle._infer(x, self.batch_size)
+        with self._lock:
+            self._canvas.add(patches.reshape(-1, self.bundle.N, self.bundle.N), pos.reshape(-1, 2))
+            self.frames_done += x.shape[0]
+            self.batches_done += 1
+            self.latencies_s.append(time.perf_counter() - queued_at)
+
+    def _process(self, force: bool) -> None:
+        while True:
+            with self._lock:
+                batch = self._take(force)
+            if batch is None:
+                return
+            self._run_batch(*batch)
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._wake:
+                    while not self._closed:
+                        if self._pending_n >= self.batch_size:
+                            break
+                        if self._pending_n:
+                            wait = self.max_latency_s - (time.perf_counter() - (self._oldest or 0.0))
+                            if wait <= 0:
+                                break
+                            self._wake.wait(wait)
+                        else:
+                            self._wake.wait()
+                    if self._closed and self._pending_n == 0:
+                        return
+                    batch = self._take(force=self._closed)
+                if batch is not None:
+                    self._run_batch(*batch)
+        except BaseException as exc:  # surfaced to the host on its next call, never lost
+            self._error = exc
+
+    def _raise_worker_error(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"the streaming worker failed: {self._error}") from self._error
