@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The whole test-suite, as CI runs it:
+#  1. training side + runtime tests in .venv (torch installed);
+#  2. the runtime tests again in .venv-runtime, a venv WITHOUT torch (proves the runtime needs none);
+#  3. the benchmarks in smoke mode (they must stay runnable; speed is not asserted).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+export CUDA_VISIBLE_DEVICES="" MLFLOW_TRACKING_URI=memory
+bash scripts/setup.sh
+
+echo "== 1/3 tests (torch environment)"
+.venv/bin/python -m pytest -p no:cacheprovider -q
+
+echo "== 2/3 runtime tests without torch"
+if [ ! -x .venv-runtime/bin/python ]; then
+  "$PYTHON" -m venv .venv-runtime
+fi
+.venv-runtime/bin/python -m pip install -q --disable-pip-version-check -e ./runtime pytest matplotlib
+if .venv-runtime/bin/python -c "import torch" 2>/dev/null; then
+  echo "torch is importable in .venv-runtime; the torch-free check would prove nothing" >&2
+  exit 1
+fi
+FIXTURES=$(mktemp -d)
+trap 'rm -rf "$FIXTURES"' EXIT
+.venv/bin/python -m ptycho_export.testing "$FIXTURES"
+PTYCHO_TEST_BUNDLE_DIR="$FIXTURES" .venv-runtime/bin/python -m pytest -p no:cacheprovider -q \
+  -c runtime/pytest.ini --rootdir runtime runtime/tests
+
+echo "== 3/3 benchmarks, smoke mode"
+PTYCHO_BENCH_SMOKE=1 .venv/bin/python -m pytest -p no:cacheprovider -q benchmarks --benchmark-disable
