@@ -50,7 +50,8 @@ class Bundle:
     """A loaded model bundle, ready for batched inference and stitching. Make it with ``load_bundle``."""
 
     def __init__(self, contents: fmt.BundleContents, backend: str = "auto", device: str = "auto",
-                 precision: str = "fp32", tensorrt: bool = False, intra_op_threads: Optional[int] = None) -> None:
+                 precision: str = "fp32", tensorrt: bool = False, intra_op_threads: Optional[int] = None,
+                 cuda_graph_batch: Optional[int] = None) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
         if device not in DEVICES:
@@ -75,7 +76,8 @@ class Bundle:
             backend = "onnx" if ("onnx", INFERENCE_MODEL) in contents.graphs else "torchscript"
         record = contents.graph(backend, INFERENCE_MODEL)  # clear error if the graph is absent
         if backend == "onnx":
-            self._backend = OnnxBackend(record.data, device, precision, tensorrt, intra_op_threads)
+            self._backend = OnnxBackend(record.data, device, precision, tensorrt, intra_op_threads,
+                                        cuda_graph_batch=cuda_graph_batch)
             self._pair = self.output_mode
         else:
             self._backend = TorchScriptBackend(record.data, device, precision)
@@ -196,12 +198,14 @@ def _combine_into(out: np.ndarray, a: np.ndarray, b: np.ndarray, pair: str) -> N
 
 
 def load_bundle(path: str | os.PathLike, backend: str = "auto", device: str = "auto", precision: str = "fp32",
-                tensorrt: bool = False, intra_op_threads: Optional[int] = None) -> Bundle:
+                tensorrt: bool = False, intra_op_threads: Optional[int] = None,
+                cuda_graph_batch: Optional[int] = None) -> Bundle:
     """Open a bundle (file, or folder with ``wts.h5``), verify format and checksums, start a backend.
 
     ``backend``: "auto" (ONNX if the bundle has it, else TorchScript), "onnx"
     or "torchscript" (needs torch). ``device``: "auto" | "cpu" | "cuda";
     ``precision``: "fp32" | "fp16" (CUDA only). Checksums are verified before
-    any graph bytes reach onnxruntime or torch.
+    any graph bytes reach onnxruntime or torch. GPU options: ``tensorrt=True``
+    (TensorRT provider first), ``cuda_graph_batch=B`` (CUDA graph for a fixed batch).
     """
-    return Bundle(fmt.read_bundle(path), backend, device, precision, tensorrt, intra_op_threads)
+    return Bundle(fmt.read_bundle(path), backend, device, precision, tensorrt, intra_op_threads, cuda_graph_batch)
