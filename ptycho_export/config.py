@@ -7,6 +7,7 @@ a message that names the field and the values it may take.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -19,7 +20,11 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def _require_choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
+    if all(isinstance(a, int) for a in allowed):  # 64.0 and True are not valid choices of 64 or 1
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) in allowed
+    else:
+        ok = isinstance(value, str) and value in allowed
+    if not ok:
         shown = ", ".join(repr(a) if isinstance(a, str) else str(a) for a in allowed)
         raise ValueError(f"{name} must be one of {shown} (got {value!r})")
 
@@ -136,6 +141,8 @@ class InferenceConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))
+        if not isinstance(self.model, ModelConfig):
+            raise ValueError(f"model must be a ModelConfig (got {type(self.model).__name__})")
         _require_positive("batch_size", self.batch_size, integer=True)
         _require_choice("device", self.device, DEVICES)
 

@@ -163,8 +163,11 @@ class DiffractionToObject(nn.Module):
     what exported graphs output (ONNX has no complex dtype).
     """
 
+    __jit_ignored_attributes__ = ["model_config"]
+
     def __init__(self, config: ModelConfig, generator: Generator, scaler: IntensityScaler) -> None:
         super().__init__()
+        self.model_config = config  # the architecture this module was built with (saved into bundles)
         self.generator = generator
         self.scaler = scaler
         self.N = config.N

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -21,7 +21,7 @@ from torch import nn
 from ptycho_runtime import bundle_format as fmt
 
 from . import __version__, params
-from .config import ModelConfig, model_config_from_params
+from .config import ModelConfig
 from .model import count_parameters, create_torch_model_with_gridsize
 
 REQUIRED_MODELS = fmt.MODEL_NAMES
@@ -78,15 +78,15 @@ def save_torch_bundle(models_dict: Mapping[str, nn.Module], base_path: Union[str
             raise ValueError(f"save_torch_bundle needs both models; '{name}' is missing from models_dict "
                              f"(got {sorted(models_dict)}). Pass the dict returned by create_torch_model_with_gridsize.")
     values = params.update_legacy_dict(copy.deepcopy(params.cfg), config)
-    model_cfg = config if isinstance(config, ModelConfig) else getattr(config, "model", None)
+    # the architecture comes from the model itself, so the bundle always rebuilds what was saved
+    model_cfg: ModelConfig = models_dict["diffraction_to_obj"].model_config
+    params.update_legacy_dict(values, replace(model_cfg, intensity_scale=0.0))  # the scale is decided below
     scaler = models_dict["diffraction_to_obj"].scaler
     trained_scale = float(scaler.scale().detach())
     if intensity_scale is None:
         intensity_scale = values.get("intensity_scale") or trained_scale
     values["intensity_scale"] = float(intensity_scale)
     values["probe"] = np.asarray(probe if probe is not None else _probe_of(models_dict)).astype(np.complex64)
-    if model_cfg is None:
-        model_cfg = model_config_from_params(values)
     architecture = asdict(model_cfg)
     architecture["intensity_scale"] = float(intensity_scale)
     scalars, arrays = _split_params(values)

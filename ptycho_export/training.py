@@ -111,7 +111,7 @@ def train_autoencoder(autoencoder: nn.Module, data: GroupedData, intensity_scale
             loss, parts = loss_terms(autoencoder, x_tr[idx], off_tr[idx], config)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"training loss became {float(loss)} at epoch {epoch + 1}; lower learning_rate "
+                    f"training loss became {float(loss.detach())} at epoch {epoch + 1}; lower learning_rate "
                     f"(now {optimizer.param_groups[0]['lr']:g}) or check the data for NaN/inf")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

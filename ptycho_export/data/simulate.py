@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
+from ptycho_runtime.npz import normalization_factor  # noqa: F401 - one definition, re-exported
 
 from .container import PtychoData
 
@@ -343,21 +344,6 @@ def intensity_scale_from_nphotons(nphotons: float, N: int) -> float:
     if N <= 0:
         raise ValueError(f"N must be > 0 (got {N!r})")
     return float(np.sqrt(nphotons) / (N / 2))
-
-
-def normalization_factor(amplitudes: np.ndarray) -> float:
-    """Factor f such that mean over patterns of Σ (f·X)² equals (N/2)².
-
-    ``amplitudes`` is (..., N, N); every leading index is one pattern.
-    """
-    amps = np.asarray(amplitudes, dtype=np.float64)
-    if amps.ndim < 2 or amps.shape[-1] != amps.shape[-2]:
-        raise ValueError(f"amplitudes must end in a square (N, N); got shape {amps.shape}")
-    N = amps.shape[-1]
-    energy = float(np.mean(np.sum(amps.reshape(-1, N * N) ** 2, axis=-1)))
-    if not np.isfinite(energy) or energy <= 0:
-        raise ValueError(f"cannot normalise: mean pattern energy is {energy} (all-zero or non-finite data)")
-    return float(np.sqrt((N / 2) ** 2 / energy))
 
 
 # ----------------------------------------------------------------------------

@@ -46,6 +46,7 @@ def train_cdi_model_torch(train_data: DataLike, test_data: Optional[DataLike], c
     if train.N != mcfg.N:
         raise ValueError(f"the training data has N={train.N} but config.model.N={mcfg.N}; they must match")
     seed_everything(config.seed)
+    params.update_legacy_dict(params.cfg, config)  # the model is built from params.cfg: make it match config
     intensity_scale = mcfg.intensity_scale or default_intensity_scale(config.nphotons, mcfg.N)
     params.cfg["intensity_scale"] = float(intensity_scale)
     params.cfg["probe"] = train.probe.astype(np.complex64)
