@@ -137,7 +137,7 @@ class Bundle:
         return self._infer(x, batch_size)
 
     def _infer(self, x: np.ndarray, batch_size: Optional[int]) -> np.ndarray:
-        bs = int(batch_size or self.default_batch_size())
+        bs = self.default_batch_size() if batch_size is None else int(batch_size)  # 0 is an error, not 'default'
         if bs < 1:
             raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
         out = np.empty(x.shape, np.complex64)
@@ -173,7 +173,7 @@ class Bundle:
         pos = np.asarray(positions)
         if d.ndim == 3 and self.channels > 1:
             # flat frames: group them with their neighbours, as make_groups does in training
-            pos = check_positions(pos, d.shape[0], 1)
+            pos = check_positions(pos, d.shape[0], 1)[:, 0]  # [n, 2]
             idx = group_neighbors(pos[:, 0], pos[:, 1], self.gridsize)
             x = prepare_diffraction(d, self.N, 1, counts, self.intensity_scale)[:, 0]
             return x[idx], pos[idx]

@@ -174,6 +174,14 @@ def atomic_bundle_write(path: str | os.PathLike, copy_existing: bool = False) ->
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        # mkstemp creates 0600; give the file the mode a plain open() would (keep an existing file's mode)
+        try:
+            mode = target.stat().st_mode & 0o777
+        except FileNotFoundError:
+            mask = os.umask(0)
+            os.umask(mask)
+            mode = 0o666 & ~mask
+        os.chmod(tmp, mode)
         if copy_existing:
             shutil.copyfile(target, tmp)
             f = h5py.File(tmp, "r+")

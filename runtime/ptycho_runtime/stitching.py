@@ -106,6 +106,32 @@ class StitchCanvas:
         origin, shape = canvas_bounds(positions, N)
         return cls(shape, N, origin, **kwargs)
 
+    def _locate(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Integer and fractional canvas coordinates of patch pixel (0, 0); raise if a patch falls outside."""
+        H, W = self.shape
+        cx = pos[:, 0] - self.N / 2 - self.origin[0]
+        cy = pos[:, 1] - self.N / 2 - self.origin[1]
+        ix, iy = np.floor(cx), np.floor(cy)
+        fx, fy = cx - ix, cy - iy
+        ix, iy = ix.astype(np.int64), iy.astype(np.int64)
+        rmin, rmax = iy + self._rows.min(), iy + self._rows.max() + 1
+        cmin, cmax = ix + self._cols.min(), ix + self._cols.max() + 1
+        outside = (rmin < 0) | (cmin < 0) | (rmax >= H) | (cmax >= W)
+        if outside.any():
+            raise ValueError(
+                f"{int(outside.sum())} patch(es) fall outside the {H}×{W} canvas (origin {self.origin}); "
+                "give an object_shape/extent that covers every scan position ± N/2, or let the canvas "
+                "be sized from the positions")
+        return ix, iy, fx, fy
+
+    def check_inside(self, positions: np.ndarray) -> None:
+        """Raise ValueError if a patch at any of these (x, y) positions [n, 2] would not fit on the canvas."""
+        pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
+        if not np.all(np.isfinite(pos)):
+            raise ValueError("positions contain NaN or inf")
+        if pos.shape[0]:
+            self._locate(pos)
+
     def add(self, patches: np.ndarray, positions: np.ndarray) -> None:
         """Add patches [n, N, N] (complex) at positions [n, 2] (x, y)."""
         patches = np.asarray(patches)
@@ -120,20 +146,7 @@ class StitchCanvas:
         if patches.shape[0] == 0:
             return
         H, W = self.shape
-        # canvas coordinate of patch pixel (0, 0), split into integer and fractional part
-        cx = pos[:, 0] - self.N / 2 - self.origin[0]
-        cy = pos[:, 1] - self.N / 2 - self.origin[1]
-        ix, iy = np.floor(cx), np.floor(cy)
-        fx, fy = cx - ix, cy - iy
-        ix, iy = ix.astype(np.int64), iy.astype(np.int64)
-        rmin, rmax = iy + self._rows.min(), iy + self._rows.max() + 1
-        cmin, cmax = ix + self._cols.min(), ix + self._cols.max() + 1
-        outside = (rmin < 0) | (cmin < 0) | (rmax >= H) | (cmax >= W)
-        if outside.any():
-            raise ValueError(
-                f"{int(outside.sum())} patch(es) fall outside the {H}×{W} canvas (origin {self.origin}); "
-                "give an object_shape/extent that covers every scan position ± N/2, or let the canvas "
-                "be sized from the positions")
+        ix, iy, fx, fy = self._locate(pos)
         values = patches[:, self._rows, self._cols]  # [n, K]
         base = (iy[:, None] + self._rows[None, :]) * W + (ix[:, None] + self._cols[None, :])
         size = H * W

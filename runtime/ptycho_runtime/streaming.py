@@ -62,6 +62,7 @@ class StreamingReconstructor:
         self._wake = threading.Condition(self._lock)
         self._closed = False
         self._error: Optional[BaseException] = None
+        self._in_flight = 0  # batches taken off the queue but not yet on the canvas
         self.frames_done = 0
         self.batches_done = 0
         self.latencies_s: list[float] = []  # queue-entry → on-canvas, per batch (oldest frame)
@@ -80,6 +81,7 @@ class StreamingReconstructor:
         b = self.bundle
         x = prepare_diffraction(frames, b.N, b.channels, self.counts, b.intensity_scale)
         pos = check_positions(positions, x.shape[0], b.channels)
+        self._canvas.check_inside(pos.reshape(-1, 2))  # a bad position must not kill the worker later
         with self._wake:
             self._pending_x.append(x)
             self._pending_pos.append(pos)
@@ -94,6 +96,9 @@ class StreamingReconstructor:
         """Run everything queued now (blocks until it is on the canvas)."""
         self._raise_worker_error()
         self._process(force=True)
+        with self._wake:  # a batch the worker took before this call may still be running
+            while self._in_flight and self._error is None:
+                self._wake.wait(0.1)
         self._raise_worker_error()
 
     def snapshot(self) -> Reconstruction:
@@ -142,15 +147,21 @@ class StreamingReconstructor:
         self._pending_pos = [rest_pos] if rest_pos.shape[0] else []
         self._pending_n = rest_x.shape[0]
         self._oldest = time.perf_counter() if self._pending_n else None
+        self._in_flight += 1
         return x[:take], pos[:take], oldest
 
     def _run_batch(self, x: np.ndarray, pos: np.ndarray, queued_at: float) -> None:
-        patches = self.bundle._infer(x, self.batch_size)
-        with self._lock:
-            self._canvas.add(patches.reshape(-1, self.bundle.N, self.bundle.N), pos.reshape(-1, 2))
-            self.frames_done += x.shape[0]
-            self.batches_done += 1
-            self.latencies_s.append(time.perf_counter() - queued_at)
+        try:
+            patches = self.bundle._infer(x, self.batch_size)
+            with self._lock:
+                self._canvas.add(patches.reshape(-1, self.bundle.N, self.bundle.N), pos.reshape(-1, 2))
+                self.frames_done += x.shape[0]
+                self.batches_done += 1
+                self.latencies_s.append(time.perf_counter() - queued_at)
+        finally:
+            with self._wake:
+                self._in_flight -= 1
+                self._wake.notify_all()
 
     def _process(self, force: bool) -> None:
         while True:

@@ -1,0 +1,442 @@
+"""``ptycho-runtime``: reconstruct a scan with a bundle, or show what the runtime sees in one.
+
+    ptycho-runtime infer BUNDLE SCAN.npz -o RECON.h5 [--png RECON.png] [--backend …] [--device …]
+    ptycho-runtime info BUNDLE [--json]
+
+Never imports torch unless ``--backend torchscript`` is asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence, TextIO
+
+import numpy as np
+
+from . import __version__
+from . import bundle_format as fmt
+from .backends import DEVICES, PRECISIONS, DeviceUnavailableError
+
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1
+EXIT_BAD_INPUT = 2
+EXIT_CHECKSUM = 4
+
+EPILOG = """\
+exit codes:
+  0  success
+  1  unexpected error (a bug: please report it with the --debug traceback)
+  2  bad input: missing file, not a bundle, bad NPZ, wrong shapes, unusable option
+     (e.g. --device cuda without a usable GPU, --backend torchscript without torch)
+  4  checksum failure: the bundle is damaged or was modified
+"""
+
+PNG_HINT = "writing a PNG needs matplotlib: pip install 'ptycho-runtime[png]'"
+
+
+class UsageError(Exception):
+    """Bad input detected by the CLI itself (exit 2)."""
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """A minimal progress bar on a stream (stderr): drawn only when it is a TTY."""
+
+    def __init__(self, total: int, unit: str = "patterns", stream: Optional[TextIO] = None,
+                 width: int = 30, min_interval_s: float = 0.1) -> None:
+        self.total = max(int(total), 0)
+        self.unit = unit
+        self.stream = sys.stderr if stream is None else stream
+        self.width = width
+        self.min_interval_s = min_interval_s
+        self.done = 0
+        self.start = time.perf_counter()
+        self._last_draw = 0.0
+        isatty = getattr(self.stream, "isatty", None)
+        try:
+            self.enabled = bool(isatty and isatty())
+        except (ValueError, OSError):  # closed stream
+            self.enabled = False
+
+    def update(self, n: int) -> None:
+        self.done += int(n)
+        now = time.perf_counter()
+        if self.enabled and (now - self._last_draw >= self.min_interval_s or self.done >= self.total):
+            self._last_draw = now
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        frac = min(1.0, self.done / self.total) if self.total else 1.0
+        filled = int(round(frac * self.width))
+        elapsed = now - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        bar = "#" * filled + "." * (self.width - filled)
+        self.stream.write(f"\r[{bar}] {self.done}/{self.total} {self.unit} {100 * frac:3.0f}% "
+                          f"{elapsed:6.1f} s {rate:8.1f}/s")
+        self.stream.flush()
+
+    def close(self, final_line: Optional[str] = None) -> None:
+        """End the bar (newline on a TTY) and print ``final_line`` (always, TTY or not)."""
+        if self.enabled:
+            self.stream.write("\r\033[K" if final_line else "\n")
+        if final_line:
+            self.stream.write(final_line + "\n")
+        self.stream.flush()
+
+
+# --------------------------------------------------------------------------- infer
+
+
+def _load_bundle(path: str, backend: str = "auto", device: str = "auto", precision: str = "fp32"):
+    from .bundle import load_bundle
+
+    try:
+        return load_bundle(path, backend=backend, device=device, precision=precision)
+    except ImportError as exc:  # backend="torchscript" without torch, fp16 without onnx
+        raise UsageError(str(exc)) from exc
+
+
+def _check_png_support() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError(PNG_HINT) from None
+
+
+def reconstruct_scan(bundle, diffraction: np.ndarray, positions: np.ndarray, batch_size: Optional[int] = None,
+                     progress: Optional[Progress] = None):
+    """``Bundle.reconstruct(diffraction, positions)`` in chunks of ``batch_size`` (progress after each).
+
+    Same grid, grouping and patches as one ``Bundle.reconstruct`` call on the
+    whole scan; only the canvas accumulation is split (float64, so the object
+    agrees to ~1e-7 or better).
+    """
+    from .grouping import group_neighbors
+    from .inputs import check_positions
+    from .stitching import StitchCanvas
+
+    d = np.asarray(diffraction)
+    if d.ndim != 3:
+        raise ValueError(f"diffraction must have shape [n, N, N] (got {list(d.shape)})")
+    if d.shape[1:] != (bundle.N, bundle.N):
+        raise ValueError(f"diffraction frames are {d.shape[1]}×{d.shape[2]}, but this bundle's model was trained "
+                         f"with N={bundle.N}: crop or bin the frames to {bundle.N}×{bundle.N}")
+    pos = check_positions(positions, d.shape[0], 1)[:, 0]  # [n, 2]
+    bs = bundle.default_batch_size() if batch_size is None else int(batch_size)
+    if bs < 1:
+        raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+    if bundle.channels == 1:
+        groups = np.arange(d.shape[0], dtype=np.int64)[:, None]
+    else:
+        groups = group_neighbors(pos[:, 0], pos[:, 1], bundle.gridsize)  # as Bundle.reconstruct / make_groups
+    canvas = StitchCanvas.for_positions(pos[groups].reshape(-1, 2), bundle.N)
+    N = bundle.N
+    for i in range(0, groups.shape[0], bs):
+        idx = groups[i:i + bs]
+        x = d[idx]  # [k, C, N, N]
+        patches = bundle.predict(x, batch_size=bs)
+        canvas.add(patches.reshape(-1, N, N), pos[idx].reshape(-1, 2))
+        if progress is not None:
+            progress.update(idx.shape[0])
+    return canvas.result()
+
+
+def _json_params(params: dict[str, Any]) -> tuple[str, dict[str, np.ndarray]]:
+    scalars: dict[str, Any] = {}
+    arrays: dict[str, np.ndarray] = {}
+    for key, value in params.items():
+        if isinstance(value, np.ndarray) and value.ndim > 0:
+            arrays[key] = value
+        elif isinstance(value, np.generic):
+            scalars[key] = value.item()
+        else:
+            scalars[key] = value
+    return json.dumps(scalars, sort_keys=True, default=str), arrays
+
+
+def write_reconstruction(path: Path, recon, positions: np.ndarray, bundle, patterns_per_second: float,
+                         elapsed_s: float, scan_path: str) -> None:
+    """The reconstruction as HDF5, written to a temporary file and renamed into place."""
+    params_json, arrays = _json_params(bundle.params)
+    with fmt.atomic_bundle_write(path) as f:
+        f.create_dataset("object", data=recon.object.astype(np.complex64, copy=False))
+        f.create_dataset("amplitude", data=recon.amplitude.astype(np.float32))
+        f.create_dataset("phase", data=recon.phase.astype(np.float32))
+        f.create_dataset("weight", data=recon.weight)
+        f.create_dataset("x_coords", data=recon.x_coords)
+        f.create_dataset("y_coords", data=recon.y_coords)
+        f.create_dataset("positions", data=np.asarray(positions, dtype=np.float64))
+        f["positions"].attrs["columns"] = "x, y (object pixels, patch centres)"
+        for key, value in arrays.items():
+            name = "probe" if key == "probe" else f"params/{key}"
+            f.create_dataset(name, data=value)
+        f.attrs["format"] = "ptycho-runtime-reconstruction"
+        f.attrs["producer"] = f"ptycho-runtime {__version__}"
+        f.attrs["params_json"] = params_json
+        f.attrs["bundle_path"] = str(Path(bundle.path).resolve())
+        f.attrs["scan_path"] = str(Path(scan_path).resolve())
+        f.attrs["backend"] = bundle.backend
+        f.attrs["device"] = bundle.device
+        f.attrs["providers"] = json.dumps(bundle.providers)
+        f.attrs["patterns_per_second"] = float(patterns_per_second)
+        f.attrs["elapsed_s"] = float(elapsed_s)
+        f.attrs["n_patterns"] = int(np.asarray(positions).shape[0])
+        f.attrs["N"] = bundle.N
+        f.attrs["gridsize"] = bundle.gridsize
+        f.attrs["intensity_scale"] = bundle.intensity_scale
+        f.attrs["description"] = (
+            "object = Σ w·patch / Σ w (complex64); amplitude/phase = |object|, angle(object); weight = Σ w "
+            "(0 = not covered); x_coords/y_coords = object-pixel coordinates of the columns/rows, in the frame "
+            "of positions.")
+
+
+def write_png(path: Path, recon, title: str = "") -> None:
+    """Amplitude and phase side by side, with colour bars (matplotlib, Agg backend)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError(PNG_HINT) from None
+    x, y = recon.x_coords, recon.y_coords
+    extent = (x[0] - 0.5, x[-1] + 0.5, y[-1] + 0.5, y[0] - 0.5)
+    covered = recon.covered
+    amp = np.ma.masked_where(~covered, recon.amplitude)
+    phase = np.ma.masked_where(~covered, recon.phase)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), constrained_layout=True)
+    try:
+        for ax, img, label, cmap in ((axes[0], amp, "amplitude", "gray"), (axes[1], phase, "phase (rad)", "twilight")):
+            im = ax.imshow(img, cmap=cmap, extent=extent, interpolation="nearest")
+            ax.set_title(label)
+            ax.set_xlabel("x (pixels)")
+            ax.set_ylabel("y (pixels)")
+            fig.colorbar(im, ax=ax, shrink=0.9)
+        if title:
+            fig.suptitle(title)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
+        os.close(fd)
+        try:
+            fig.savefig(tmp, dpi=110, format="png")
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    finally:
+        plt.close(fig)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from .npz import read_npz_arrays
+
+    out = Path(args.output)
+    png = Path(args.png) if args.png else None
+    if png is not None:
+        _check_png_support()  # fail before the (possibly long) inference
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    bundle = _load_bundle(args.bundle, args.backend, args.device, args.precision)
+    scan = read_npz_arrays(args.scan, counts=args.counts)
+    positions = np.stack([scan["xcoords"], scan["ycoords"]], axis=1)
+    n = positions.shape[0]
+    progress = Progress(n, "patterns" if bundle.channels == 1 else "groups")  # every position anchors one group
+    t0 = time.perf_counter()
+    recon = reconstruct_scan(bundle, scan["diffraction"], positions, args.batch_size, progress)
+    elapsed = time.perf_counter() - t0
+    rate = n / elapsed if elapsed > 0 else float("inf")
+    write_reconstruction(out, recon, positions, bundle, rate, elapsed, args.scan)
+    if png is not None:
+        write_png(png, recon, title=f"{Path(args.scan).name} — {Path(bundle.path).name} "
+                                    f"(N={bundle.N}, gridsize={bundle.gridsize})")
+    provider = bundle.providers[0] if bundle.providers else bundle.backend
+    progress.close(f"reconstructed {n} patterns in {elapsed:.2f} s ({rate:.1f} patterns/s) on {provider}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- info
+
+
+def bundle_report(path: str) -> dict[str, Any]:
+    """What the runtime sees in a bundle (everything JSON-serialisable)."""
+    import onnxruntime as ort
+
+    contents = fmt.read_bundle(path)
+    p = contents.params
+    graphs = []
+    for (kind, model), rec in sorted(contents.graphs.items()):
+        meta = rec.metadata
+        parity = meta.get("parity") or {}
+        graphs.append({
+            "kind": kind,
+            "model": model,
+            "size_bytes": len(rec.data),
+            "parity_max_rel": parity.get("max_rel"),
+            "parity_passed": parity.get("passed"),
+            "exporter": meta.get("exporter"),
+            "opset": meta.get("opset"),
+        })
+    report: dict[str, Any] = {
+        "path": str(contents.path),
+        "format_version": int(contents.header.get("format_version", 0)),
+        "producer": contents.header.get("producer"),
+        "created_utc": contents.header.get("created_utc"),
+        "N": p.get("N"),
+        "gridsize": p.get("gridsize"),
+        "intensity_scale": p.get("intensity_scale"),
+        "output_mode": p.get("output_mode", "amp_phase"),
+        "models": sorted(contents.state_dicts),
+        "parity_cases": sorted(contents.parity),
+        "graphs": graphs,
+        "runtime": {
+            "ptycho_runtime_version": __version__,
+            "onnxruntime_version": ort.__version__,
+            "available_providers": list(ort.get_available_providers()),
+            "torch_installed": _torch_installed(),
+        },
+    }
+    from .bundle import Bundle
+
+    try:
+        b = Bundle(contents)  # the defaults of load_bundle, without reading the file again
+        report["default_load"] = {"backend": b.backend, "device": b.device, "precision": b._backend.precision,
+                                  "providers": b.providers}
+    except Exception as exc:  # reported, not fatal: info must work on bundles the runtime cannot run
+        report["default_load"] = {"error": f"{type(exc).__name__}: {exc}"}
+    return report
+
+
+def _torch_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+def _format_report(r: dict[str, Any]) -> str:
+    lines = [
+        f"bundle           {r['path']}",
+        f"format version   {r['format_version']}  ({r.get('producer')}, {r.get('created_utc')})",
+        f"N                {r['N']}",
+        f"gridsize         {r['gridsize']}",
+        f"intensity_scale  {r['intensity_scale']}",
+        f"output_mode      {r['output_mode']}",
+        f"eager models     {', '.join(r['models']) or 'none'}",
+        "graphs:",
+    ]
+    if not r["graphs"]:
+        lines.append("  (none: add graphs with ptycho-export)")
+    for g in r["graphs"]:
+        par = g["parity_max_rel"]
+        par_s = "n/a" if par is None else f"{par:.2e}" + ("" if g["parity_passed"] in (None, True) else " FAILED")
+        lines.append(f"  {g['kind'] + '/' + g['model']:<32} {g['size_bytes'] / 1e6:8.2f} MB  parity max rel {par_s}")
+    rt = r["runtime"]
+    lines += [
+        f"onnxruntime      {rt['onnxruntime_version']}  providers: {', '.join(rt['available_providers'])}",
+        f"torch installed  {'yes' if rt['torch_installed'] else 'no'}",
+    ]
+    d = r["default_load"]
+    if "error" in d:
+        lines.append(f"default load     cannot run: {d['error']}")
+    else:
+        lines.append(f"default load     backend={d['backend']} device={d['device']} precision={d['precision']} "
+                     f"providers={', '.join(d['providers'])}")
+    return "\n".join(lines)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    report = bundle_report(args.bundle)
+    if args.json:
+        print(json.dumps(report, indent=1, sort_keys=True, default=str))
+    else:
+        print(_format_report(report))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ptycho-runtime",
+        description="Run ptycho-export bundles: reconstruct a scan, or inspect a bundle (no torch needed).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("infer", help="reconstruct a PtychoPINN NPZ scan into an object (HDF5, optional PNG)",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bundle", metavar="BUNDLE", help="bundle file (wts.h5) or the folder holding it")
+    p.add_argument("scan", metavar="SCAN.npz", help="PtychoPINN NPZ: diffraction, xcoords, ycoords, probeGuess")
+    p.add_argument("-o", "--output", required=True, metavar="RECON.h5", help="reconstruction to write (HDF5)")
+    p.add_argument("--png", metavar="RECON.png", help="also write amplitude and phase as a PNG (needs matplotlib)")
+    p.add_argument("--backend", choices=("auto", "onnx", "torchscript"), default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="patterns (groups) per inference batch (default: 64 on CPU, 256 on GPU)")
+    p.add_argument("--counts", action="store_true",
+                   help="the NPZ's diffraction holds detector counts: square-root and normalise them as "
+                        "ptycho_export.load_npz(counts=True) does")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("info", help="what the runtime sees in a bundle, and where it would run",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bundle", metavar="BUNDLE")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def _error(message: str) -> None:
+    message = " ".join(str(message).split())  # one line
+    print(f"ptycho-runtime: error: {message}", file=sys.stderr)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse exits 2 on bad usage
+    debug = getattr(args, "debug", False)
+    # runtime warnings (e.g. the CUDA → CPU fallback) reach stderr through logging's last-resort handler
+    try:
+        return int(args.func(args))
+    except fmt.BundleChecksumError as exc:
+        if debug:
+            raise
+        _error(exc)
+        return EXIT_CHECKSUM
+    except (UsageError, fmt.BundleFormatError, FileNotFoundError, IsADirectoryError, DeviceUnavailableError,
+            ValueError, TypeError) as exc:
+        if debug:
+            raise
+        _error(exc)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+        if debug:
+            raise
+        _error(f"unexpected {type(exc).__name__}: {exc} (run with --debug for the traceback)")
+        return EXIT_UNEXPECTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Read and write the PtychoPINN NPZ data contract (numpy only) — the one definition.
+
+Keys:
+
+    diffraction  (n, N, N) float32 normalised amplitude   (legacy name: diff3d)
+    probeGuess   (N, N)    complex
+    xcoords, ycoords (n,)  float, patch centres in object pixels
+    objectGuess  (M, M')   complex   optional
+    Y            (n, N, N) complex   optional (ground-truth object patches)
+    scan_index   (n,)      int       optional
+
+Other keys (``xcoords_start`` …) are ignored.  Files are opened with
+``allow_pickle=False`` so a data file can never execute code, and every
+problem is reported as a ValueError naming the key, the shape found and the
+shape expected: users hand us files from other tools, and "KeyError: 'Y'"
+tells them nothing.
+
+The training side (``ptycho_export.data.load_npz`` / ``save_npz``) is a thin
+layer over ``read_npz_arrays`` / ``write_npz_arrays``, so training and the
+runtime accept exactly the same files.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Union
+
+import numpy as np
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+__all__ = ["normalization_factor", "read_npz_arrays", "write_npz_arrays"]
+
+
+def normalization_factor(amplitudes: np.ndarray) -> float:
+    """Factor f such that mean over patterns of Σ (f·X)² equals (N/2)².
+
+    ``amplitudes`` is (..., N, N); every leading index is one pattern.
+    """
+    amps = np.asarray(amplitudes, dtype=np.float64)
+    if amps.ndim < 2 or amps.shape[-1] != amps.shape[-2]:
+        raise ValueError(f"amplitudes must end in a square (N, N); got shape {amps.shape}")
+    N = amps.shape[-1]
+    energy = float(np.mean(np.sum(amps.reshape(-1, N * N) ** 2, axis=-1)))
+    if not np.isfinite(energy) or energy <= 0:
+        raise ValueError(f"cannot normalise: mean pattern energy is {energy} (all-zero or non-finite data)")
+    return float(np.sqrt((N / 2) ** 2 / energy))
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _open_npz(path: PathLike) -> Dict[str, np.ndarray]:
+    """Load every array of an NPZ eagerly, turning low-level failures into ValueError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{p} does not exist or is not a file")
+    try:
+        loaded = np.load(p, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{p} is not an NPZ file (numpy could not read it: {exc})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError(f"{p} is a single .npy array, not an NPZ file with named keys")
+    out: Dict[str, np.ndarray] = {}
+    with loaded:
+        for key in loaded.files:
+            try:
+                out[key] = loaded[key]
+            except ValueError as exc:
+                raise ValueError(
+                    f"{p}: key {key!r} cannot be read without pickle (object arrays are refused: {exc})"
+                ) from None
+            except (OSError, EOFError, zipfile.BadZipFile) as exc:
+                raise ValueError(f"{p}: key {key!r} is corrupt ({exc})") from None
+    return out
+
+
+def _describe_bad(values: np.ndarray) -> str:
+    """Count NaN / inf / negative entries and list the first offending patterns."""
+    nan = np.isnan(values)
+    inf = np.isinf(values)
+    neg = values < 0
+    bad_pattern = np.flatnonzero((nan | inf | neg).reshape(values.shape[0], -1).any(axis=1))
+    first = ", ".join(str(i) for i in bad_pattern[:10])
+    more = " …" if bad_pattern.size > 10 else ""
+    return (
+        f"{int(nan.sum())} NaN, {int(inf.sum())} infinite and {int(neg.sum())} negative value(s) "
+        f"in {bad_pattern.size} pattern(s); first pattern indices: [{first}{more}]"
+    )
+
+
+def _require(arrays: Mapping[str, np.ndarray], key: str, expected: str) -> np.ndarray:
+    if key not in arrays:
+        present = ", ".join(sorted(arrays)) or "none"
+        raise ValueError(f"NPZ is missing {key!r} (expected {expected}); keys present: {present}")
+    return arrays[key]
+
+
+def _check_shape(key: str, arr: np.ndarray, expected: tuple, what: str) -> None:
+    if arr.shape != expected:
+        raise ValueError(f"NPZ key {key!r} has shape {arr.shape}; expected {what} = {expected}")
+
+
+def _check_numeric(key: str, arr: np.ndarray, allow_complex: bool) -> None:
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise ValueError(f"NPZ key {key!r} has non-numeric dtype {arr.dtype}")
+    if not allow_complex and np.iscomplexobj(arr):
+        raise ValueError(f"NPZ key {key!r} must be real; got complex dtype {arr.dtype}")
+
+
+def read_npz_arrays(path: PathLike, counts: bool = False, _stacklevel: int = 2) -> Dict[str, np.ndarray]:
+    """Read and validate a PtychoPINN NPZ; return its arrays under their NPZ key names.
+
+    Returned keys: ``diffraction`` (float32 (n, N, N) normalised amplitude,
+    also when the file uses the legacy name ``diff3d``), ``xcoords`` and
+    ``ycoords`` (float64 (n,)), ``probeGuess`` ((N, N), dtype as stored) and,
+    when present, ``objectGuess``, ``Y`` ((n, N, N)) and ``scan_index`` ((n,)).
+
+    Args:
+        path: the .npz file.
+        counts: False (default) — ``diffraction`` already holds normalised
+            amplitudes and is used as stored.  True — it holds intensities
+            (detector counts): the reader takes the square root and rescales
+            by ``normalization_factor`` so the mean Σ X² is (N/2)².  That is
+            the same as dividing sqrt(counts) by the intensity scale
+            s = sqrt(nphotons)/(N/2) with nphotons = mean counts per pattern.
+
+    Raises:
+        ValueError: unreadable / non-NPZ file, missing or mis-shaped key,
+            NaN / infinite / negative diffraction values.
+    """
+    arrays = _open_npz(path)
+    if "diffraction" in arrays:
+        dkey = "diffraction"
+    elif "diff3d" in arrays:
+        dkey = "diff3d"
+    else:
+        present = ", ".join(sorted(arrays)) or "none"
+        raise ValueError(
+            "NPZ is missing 'diffraction' (or legacy 'diff3d') "
+            f"(expected float array of shape (n, N, N)); keys present: {present}"
+        )
+    diff = arrays[dkey]
+    _check_numeric(dkey, diff, allow_complex=False)
+    if diff.ndim == 4 and diff.shape[-1] == 1:
+        diff = diff[..., 0]
+    if diff.ndim != 3 or diff.shape[1] != diff.shape[2]:
+        hint = ""
+        x = arrays.get("xcoords")
+        if diff.ndim == 3 and diff.shape[0] == diff.shape[1] and x is not None and x.shape == (diff.shape[2],):
+            hint = " (it looks like (N, N, n); transpose it to (n, N, N))"
+        raise ValueError(
+            f"NPZ key {dkey!r} has shape {diff.shape}; expected (n, N, N) with square patterns{hint}"
+        )
+    n, N = diff.shape[0], diff.shape[1]
+
+    values = diff.astype(np.float64, copy=False)
+    if not np.all(np.isfinite(values)) or np.any(values < 0):
+        kind = "counts" if counts else "amplitudes"
+        raise ValueError(
+            f"NPZ key {dkey!r} must hold finite, non-negative {kind}: {_describe_bad(values)}. "
+            "Check the detector mask / background subtraction (clip at 0) for those patterns."
+        )
+    if counts:
+        amp = np.sqrt(values)
+        diffraction = (amp * normalization_factor(amp)).astype(np.float32)
+    else:
+        diffraction = diff.astype(np.float32, copy=False)
+        energy = float(np.mean(np.sum(values.reshape(n, -1) ** 2, axis=-1)))
+        ratio = energy / (N / 2) ** 2
+        if ratio > 100 or 0 < ratio < 0.01:
+            warnings.warn(
+                f"{dkey!r} mean Σ X² is {ratio:.3g}× the normalised value (N/2)² = {(N / 2) ** 2:g}; "
+                "if the file stores raw counts, load it with counts=True",
+                stacklevel=_stacklevel,
+            )
+
+    out: Dict[str, np.ndarray] = {"diffraction": diffraction}
+    for key in ("xcoords", "ycoords"):
+        arr = _require(arrays, key, f"float array of shape (n,) = ({n},)")
+        _check_numeric(key, arr, allow_complex=False)
+        _check_shape(key, arr.reshape(-1) if arr.ndim == 2 and 1 in arr.shape else arr, (n,), "(n,)")
+        arr = arr.reshape(-1).astype(np.float64)
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"NPZ key {key!r} contains {int((~np.isfinite(arr)).sum())} NaN/inf value(s)")
+        out[key] = arr
+
+    probe = _require(arrays, "probeGuess", f"complex array of shape (N, N) = ({N}, {N})")
+    _check_numeric("probeGuess", probe, allow_complex=True)
+    _check_shape("probeGuess", probe, (N, N), "(N, N)")
+    out["probeGuess"] = probe
+
+    obj: Optional[np.ndarray] = arrays.get("objectGuess")
+    if obj is not None:
+        _check_numeric("objectGuess", obj, allow_complex=True)
+        if obj.ndim != 2:
+            raise ValueError(f"NPZ key 'objectGuess' has shape {obj.shape}; expected 2-D (M, M')")
+        out["objectGuess"] = obj
+
+    patches: Optional[np.ndarray] = arrays.get("Y")
+    if patches is not None:
+        _check_numeric("Y", patches, allow_complex=True)
+        if patches.ndim == 4 and patches.shape[-1] == 1:
+            patches = patches[..., 0]
+        _check_shape("Y", patches, (n, N, N), "(n, N, N)")
+        out["Y"] = patches
+
+    scan_index: Optional[np.ndarray] = arrays.get("scan_index")
+    if scan_index is not None:
+        _check_numeric("scan_index", scan_index, allow_complex=False)
+        _check_shape("scan_index", scan_index.reshape(-1) if scan_index.ndim else scan_index, (n,), "(n,)")
+        out["scan_index"] = scan_index.reshape(-1)
+
+    return out
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _default_file_mode() -> int:
+    """0666 minus the process umask, i.e. what ``open(path, "w")`` would create."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_npz_arrays(path: PathLike, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write ``arrays`` as a compressed NPZ, atomically.
+
+    The arrays go to a temporary file in the destination folder, which is
+    flushed and then renamed over ``path`` with ``os.replace``: a crash or a
+    full disk never leaves a half-written file under the final name.  The
+    name is used exactly as given (numpy's automatic ".npz" suffix does not
+    apply).
+    """
+    dest = Path(path)
+    folder = dest.parent if str(dest.parent) else Path(".")
+    if not folder.is_dir():
+        raise ValueError(f"cannot write {dest}: folder {folder} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=folder)
+    try:
+        os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600; match a normal open()
+        with os.fdopen(fd, "wb") as fh:
+            np.savez_compressed(fh, **dict(arrays))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise

@@ -1,0 +1,259 @@
+"""``ptycho-runtime`` CLI: infer output, PNG, info, exit codes, the installed console script."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import ptycho_runtime as pr
+from ptycho_runtime import cli
+from ptycho_runtime.npz import normalization_factor, read_npz_arrays
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _reference(bundle_file: Path, scan_file: Path, diffraction=None):
+    scan = read_npz_arrays(scan_file)
+    pos = np.stack([scan["xcoords"], scan["ycoords"]], axis=1)
+    b = pr.load_bundle(bundle_file)
+    return b, pos, b.reconstruct(scan["diffraction"] if diffraction is None else diffraction, pos)
+
+
+def _one_error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("ptycho-runtime: error: ") and "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("name", ["n64_g1", "n64_g2"])
+def test_infer_writes_reconstruction_equal_to_bundle_reconstruct(bundle_path, tmp_path, capsys, name):
+    path = bundle_path(name)
+    scan_file = path.parent / "scan.npz"
+    out = tmp_path / "sub" / "recon.h5"
+    rc = cli.main(["infer", str(path), str(scan_file), "-o", str(out), "--batch-size", "7"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    last = captured.err.strip().splitlines()[-1]
+    assert last.startswith("reconstructed 48 patterns in ") and "patterns/s) on CPUExecutionProvider" in last
+    b, pos, ref = _reference(path, scan_file)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["recon.h5"]  # no temp file left
+    with h5py.File(out, "r") as f:
+        for key in ("object", "amplitude", "phase", "weight", "x_coords", "y_coords", "positions", "probe"):
+            assert key in f, key
+        assert f["object"].dtype == np.complex64
+        np.testing.assert_allclose(f["object"][()], ref.object, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(f["weight"][()], ref.weight, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(f["amplitude"][()], np.abs(f["object"][()]), atol=1e-6)
+        np.testing.assert_allclose(f["phase"][()], np.angle(f["object"][()]), atol=1e-6)
+        np.testing.assert_array_equal(f["x_coords"][()], ref.x_coords)
+        np.testing.assert_array_equal(f["y_coords"][()], ref.y_coords)
+        np.testing.assert_array_equal(f["positions"][()], pos)
+        np.testing.assert_array_equal(f["probe"][()], b.probe)
+        params = json.loads(f.attrs["params_json"])
+        assert params["N"] == 64 and params["gridsize"] == b.gridsize and "probe" not in params
+        assert params["intensity_scale"] == pytest.approx(b.intensity_scale)
+        assert f.attrs["backend"] == "onnx"
+        assert json.loads(f.attrs["providers"]) == ["CPUExecutionProvider"]
+        assert Path(f.attrs["bundle_path"]) == path.resolve()
+        assert f.attrs["patterns_per_second"] > 0
+
+
+def test_infer_png(bundle_path, tmp_path):
+    pytest.importorskip("matplotlib")
+    path = bundle_path("n64_g1")
+    png = tmp_path / "recon.png"
+    rc = cli.main(["infer", str(path), str(path.parent / "scan.npz"), "-o", str(tmp_path / "r.h5"),
+                   "--png", str(png)])
+    assert rc == 0
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_png_without_matplotlib_exits_2_before_inference(bundle_path, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    path = bundle_path("n64_g1")
+    out = tmp_path / "r.h5"
+    rc = cli.main(["infer", str(path), str(path.parent / "scan.npz"), "-o", str(out), "--png", str(tmp_path / "r.png")])
+    assert rc == 2 and not out.exists()
+    assert "pip install 'ptycho-runtime[png]'" in _one_error_line(capsys.readouterr().err)
+
+
+def test_infer_counts(bundle_path, tmp_path):
+    path = bundle_path("n64_g1")
+    scan = dict(np.load(path.parent / "scan.npz"))
+    counts_file = tmp_path / "counts.npz"
+    np.savez(counts_file, **{**scan, "diffraction": (scan["diffraction"].astype(np.float64) * 37.0) ** 2})
+    out = tmp_path / "r.h5"
+    assert cli.main(["infer", str(path), str(counts_file), "-o", str(out), "--counts"]) == 0
+    d = scan["diffraction"].astype(np.float64)
+    _, _, ref = _reference(path, path.parent / "scan.npz", (d * normalization_factor(d)).astype(np.float32))
+    with h5py.File(out, "r") as f:
+        np.testing.assert_allclose(f["object"][()], ref.object, rtol=0, atol=1e-5)
+
+
+def test_info_json_and_text(bundle_path, capsys):
+    path = bundle_path("n64_g2")
+    assert cli.main(["info", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["format_version"], report["N"], report["gridsize"]) == (1, 64, 2)
+    assert report["output_mode"] == "amp_phase" and report["intensity_scale"] > 0
+    graphs = {(g["kind"], g["model"]): g for g in report["graphs"]}
+    g = graphs[("onnx", "diffraction_to_obj")]
+    assert g["size_bytes"] > 0 and 0 <= g["parity_max_rel"] < 1e-4 and g["parity_passed"] is True
+    assert "CPUExecutionProvider" in report["runtime"]["available_providers"]
+    assert report["runtime"]["onnxruntime_version"]
+    assert report["default_load"] == {"backend": "onnx", "device": "cpu", "precision": "fp32",
+                                      "providers": ["CPUExecutionProvider"]}
+    assert cli.main(["info", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "gridsize         2" in text and "onnx/diffraction_to_obj" in text and "default load     backend=onnx" in text
+
+
+def test_info_reports_a_bundle_it_cannot_run(bundle_path, capsys, monkeypatch):
+    path = bundle_path("n64_g1")
+    with h5py.File(path, "r+") as f:
+        del f["graphs/onnx"]
+    monkeypatch.setitem(sys.modules, "torch", None)
+    assert cli.main(["info", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert "needs torch" in report["default_load"]["error"]
+    assert [(g["kind"], g["model"]) for g in report["graphs"]][0][0] == "torchscript"
+
+
+@pytest.mark.parametrize("case", ["missing_bundle", "not_a_bundle", "bad_npz", "missing_scan", "wrong_N",
+                                  "batch_size_0", "no_onnx_graph"])
+def test_bad_input_exits_2_with_one_line(bundle_path, tmp_path, capsys, case):
+    path = bundle_path("n64_g1")
+    scan = path.parent / "scan.npz"
+    bundle_arg, scan_arg, extra, expect = str(path), str(scan), [], ""
+    if case == "missing_bundle":
+        bundle_arg, expect = str(tmp_path / "nope.h5"), "No bundle at"
+    elif case == "not_a_bundle":
+        bundle_arg, expect = str(scan), "not a ptycho-export bundle"
+    elif case == "bad_npz":
+        bad = tmp_path / "bad.npz"
+        bad.write_text("not an npz\n")
+        scan_arg, expect = str(bad), "not an NPZ file"
+    elif case == "missing_scan":
+        scan_arg, expect = str(tmp_path / "nope.npz"), "does not exist"
+    elif case == "wrong_N":
+        small = tmp_path / "small.npz"
+        np.savez(small, diffraction=np.ones((4, 32, 32), np.float32), xcoords=np.arange(4.0) + 40,
+                 ycoords=np.arange(4.0) + 40, probeGuess=np.ones((32, 32), np.complex64))
+        scan_arg, expect = str(small), "trained with N=64"
+    elif case == "batch_size_0":
+        extra, expect = ["--batch-size", "0"], "--batch-size must be >= 1"
+    elif case == "no_onnx_graph":
+        with h5py.File(path, "r+") as f:
+            del f["graphs/onnx"]
+        extra, expect = ["--backend", "onnx"], "Add graphs with"
+    out = tmp_path / "r.h5"
+    rc = cli.main(["infer", bundle_arg, scan_arg, "-o", str(out), *extra])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and expect in line and not out.exists()
+    if case in ("missing_bundle", "not_a_bundle"):
+        assert cli.main(["info", bundle_arg]) == 2
+        assert expect in _one_error_line(capsys.readouterr().err)
+
+
+def test_checksum_failure_exits_4(bundle_path, tmp_path, capsys):
+    path = bundle_path("n64_g1")
+    with h5py.File(path, "r+") as f:
+        ds = f["graphs/onnx/diffraction_to_obj/bytes"]
+        ds[7] = np.uint8((int(ds[7]) + 1) % 256)
+    for argv in (["info", str(path)], ["infer", str(path), str(path.parent / "scan.npz"), "-o", str(tmp_path / "r.h5")]):
+        assert cli.main(argv) == 4
+        assert "Checksum mismatch" in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers(),
+                    reason="a CUDA provider is present")
+def test_device_cuda_unavailable_exits_2(bundle_path, tmp_path, capsys):
+    path = bundle_path("n64_g1")
+    rc = cli.main(["infer", str(path), str(path.parent / "scan.npz"), "-o", str(tmp_path / "r.h5"), "--device", "cuda"])
+    assert rc == 2 and "onnxruntime-gpu" in _one_error_line(capsys.readouterr().err)
+
+
+def test_debug_shows_the_exception(bundle_path, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        cli.main(["infer", str(tmp_path / "nope.h5"), "x.npz", "-o", str(tmp_path / "r.h5"), "--debug"])
+
+
+def test_unexpected_error_exits_1(bundle_path, tmp_path, capsys, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(cli, "reconstruct_scan", boom)
+    path = bundle_path("n64_g1")
+    rc = cli.main(["infer", str(path), str(path.parent / "scan.npz"), "-o", str(tmp_path / "r.h5")])
+    assert rc == 1 and "unexpected RuntimeError: kaboom" in _one_error_line(capsys.readouterr().err)
+
+
+def test_usage_errors_and_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["infer", "b.h5"])  # missing SCAN and -o
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["infer", "b.h5", "s.npz", "-o", "r.h5", "--backend", "tvm"])
+    assert exc.value.code == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    assert exc.value.code == 0
+    helptext = capsys.readouterr().out
+    assert "exit codes:" in helptext and "4  checksum failure" in helptext and "2  bad input" in helptext
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_only_on_a_tty():
+    tty = _Tty()
+    p = cli.Progress(10, stream=tty, min_interval_s=0.0)
+    for _ in range(5):
+        p.update(2)
+    p.close("reconstructed 10 patterns")
+    out = tty.getvalue()
+    assert "\r[" in out and "10/10 patterns 100%" in out and out.endswith("reconstructed 10 patterns\n")
+    plain = io.StringIO()
+    p = cli.Progress(10, stream=plain, min_interval_s=0.0)
+    p.update(10)
+    p.close("reconstructed 10 patterns")
+    assert plain.getvalue() == "reconstructed 10 patterns\n"
+
+
+def _console_script() -> str | None:
+    here = Path(sys.executable).parent / ("ptycho-runtime.exe" if os.name == "nt" else "ptycho-runtime")
+    return str(here) if here.exists() else shutil.which("ptycho-runtime")
+
+
+def test_console_script_subprocess(bundle_path, tmp_path):
+    exe = _console_script()
+    if exe is None:
+        pytest.skip("the ptycho-runtime console script is not installed (pip install -e runtime)")
+    path = bundle_path("n64_g2")
+    out = tmp_path / "r.h5"
+    proc = subprocess.run([exe, "infer", str(path), str(path.parent / "scan.npz"), "-o", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("reconstructed ")]
+    assert len(lines) == 1 and "\r" not in proc.stderr  # stderr is not a TTY: no progress bar
+    _, _, ref = _reference(path, path.parent / "scan.npz")
+    with h5py.File(out, "r") as f:
+        np.testing.assert_allclose(f["object"][()], ref.object, rtol=0, atol=1e-6)
+    proc = subprocess.run([exe, "info", str(path), "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["gridsize"] == 2
+    proc = subprocess.run([exe, "info", str(tmp_path / "missing.h5")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("ptycho-runtime: error: No bundle at")

@@ -1,0 +1,147 @@
+"""Every bad input a host can send gets a clear error, and the Bundle keeps working afterwards."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import ptycho_runtime as pr
+from ptycho_runtime.inputs import check_positions, prepare_diffraction
+
+
+@pytest.fixture(scope="module")
+def b1(fixture_dir) -> pr.Bundle:
+    return pr.load_bundle(fixture_dir / "n64_g1" / "wts.h5")
+
+
+@pytest.fixture(scope="module")
+def b2(fixture_dir) -> pr.Bundle:
+    return pr.load_bundle(fixture_dir / "n64_g2" / "wts.h5")
+
+
+def _good(b: pr.Bundle, n: int = 2) -> np.ndarray:
+    return b.contents.parity["b7"]["input.diffraction"][:n] / np.float32(b.intensity_scale)
+
+
+@pytest.fixture
+def still_works(b1, b2):
+    """After the test body: both bundles still predict the stored eager outputs."""
+    yield
+    for b in (b1, b2):
+        par = b.contents.parity["b1"]
+        ref = par["diffraction_to_obj.amplitude"] * np.exp(1j * par["diffraction_to_obj.phase"])
+        np.testing.assert_allclose(b.predict(par["input.diffraction"] / np.float32(b.intensity_scale)), ref,
+                                   rtol=0, atol=1e-5)
+
+
+pytestmark = pytest.mark.usefixtures("still_works")
+
+
+def test_wrong_ndim(b1, b2):
+    with pytest.raises(ValueError, match=r"must have shape \[n, 1, 64, 64\] or \[n, 64, 64\], got \[64, 64\]"):
+        b1.predict(np.ones((64, 64), np.float32))
+    with pytest.raises(ValueError, match=r"got \[1, 2, 1, 64, 64\]"):
+        b1.predict(np.ones((1, 2, 1, 64, 64), np.float32))
+    with pytest.raises(ValueError, match=r"must have shape \[n, 4, 64, 64\], got \[3, 64, 64\]"):
+        b2.predict(np.ones((3, 64, 64), np.float32))  # flat frames need positions to be grouped
+
+
+def test_wrong_N_mentions_trained_N(b1, b2):
+    with pytest.raises(ValueError, match=r"got \[2, 1, 32, 32\].*trained with N=64.*64×64"):
+        b1.predict(np.ones((2, 32, 32), np.float32))
+    with pytest.raises(ValueError, match=r"trained with N=64"):
+        b2.predict(np.ones((2, 4, 128, 128), np.float32))
+
+
+def test_wrong_channel_count(b1, b2):
+    with pytest.raises(ValueError, match=r"\[n, 4, 64, 64\], got \[2, 1, 64, 64\] \(C = gridsize² = 4"):
+        b2.predict(np.ones((2, 1, 64, 64), np.float32))
+    with pytest.raises(ValueError, match=r"C = gridsize² = 1"):
+        b1.predict(np.ones((2, 4, 64, 64), np.float32))
+
+
+def test_complex_and_non_numeric_dtypes(b1):
+    with pytest.raises(TypeError, match=r"real float or integer array \(got dtype complex64\).*not complex"):
+        b1.predict(np.ones((2, 64, 64), np.complex64))
+    with pytest.raises(TypeError, match="got dtype bool"):
+        b1.predict(np.ones((2, 64, 64), bool))
+
+
+def test_nan_and_inf_frames_reported_by_index(b1):
+    x = _good(b1, 5)
+    x[3, 0, 10, 10] = np.nan
+    with pytest.raises(ValueError, match=r"1 frame\(s\) contain NaN or inf \(first: index 3\)"):
+        b1.predict(x)
+    x[1, 0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match=r"2 frame\(s\).*first: index 1"):
+        b1.predict(x)
+
+
+def test_negative_values(b1):
+    x = _good(b1, 4)
+    x[2, 0, 5, 5] = -0.1
+    with pytest.raises(ValueError, match=r"1 frame\(s\) have negative amplitudes \(first: index 2\).*clipping"):
+        b1.predict(x)
+    with pytest.raises(ValueError, match=r"negative counts \(first: index 2\)"):
+        b1.predict(x, counts=True)
+
+
+def test_empty_input(b1):
+    with pytest.raises(ValueError, match=r"no frames \(n = 0\)"):
+        b1.predict(np.zeros((0, 64, 64), np.float32))
+
+
+def test_input_not_modified(b1):
+    x = _good(b1, 3)
+    before = x.copy()
+    b1.predict(x)
+    b1.predict(x, counts=True)
+    np.testing.assert_array_equal(x, before)
+
+
+def test_positions_count_mismatch(b1, b2):
+    x = _good(b1, 5)[:, 0]
+    with pytest.raises(ValueError, match=r"positions must have shape \[5, 2\] as \(x, y\).*got \[4, 2\]"):
+        b1.reconstruct(x, np.zeros((4, 2)))
+    with pytest.raises(ValueError, match=r"positions must have shape \[5, 2\].*got \[5, 3\]"):
+        b2.reconstruct(x, np.zeros((5, 3)))
+    g = _good(b2, 3)
+    with pytest.raises(ValueError, match=r"\[3, 4, 2\] \(or \[3, 2\] with frames \[3, N, N\]\).*got \[3, 2\]"):
+        b2.reconstruct(g, np.zeros((3, 2)))
+    with pytest.raises(TypeError, match="positions must be a real numeric array"):
+        b1.reconstruct(x, np.zeros((5, 2), np.complex128))
+
+
+def test_positions_nan(b1, b2):
+    x = _good(b1, 5)[:, 0]
+    pos = np.arange(10, dtype=float).reshape(5, 2) * 10
+    pos[2, 1] = np.nan
+    with pytest.raises(ValueError, match="positions contain NaN or inf"):
+        b1.reconstruct(x, pos)
+    with pytest.raises(ValueError, match="positions contain NaN or inf"):
+        b2.reconstruct(x, pos)
+
+
+def test_offsets_wrong_shape(b1, b2):
+    x = _good(b1, 2)
+    with pytest.raises(ValueError, match=r"offsets must have shape \[2, 1, 1, 2\].*got \[2, 2\]"):
+        b1.predict(x, offsets=np.zeros((2, 2)))
+    g = _good(b2, 2)
+    with pytest.raises(ValueError, match=r"offsets must have shape \[2, 4, 1, 2\].*got \[2, 4, 2\]"):
+        b2.predict(g, offsets=np.zeros((2, 4, 2)))
+    b2.predict(g, offsets=np.zeros((2, 4, 1, 2), np.float32))  # the right shape is accepted
+
+
+def test_object_shape_too_small(b1):
+    x = _good(b1, 2)[:, 0]
+    with pytest.raises(ValueError, match=r"2 patch\(es\) fall outside the 40×40 canvas"):
+        b1.reconstruct(x, np.array([[10.0, 10.0], [30.0, 30.0]]), object_shape=(40, 40))
+
+
+def test_helpers_directly():
+    x = prepare_diffraction(np.full((2, 8, 8), 4, np.uint16), 8, 1, counts=True, intensity_scale=123.0)
+    assert x.dtype == np.float32 and x.shape == (2, 1, 8, 8) and np.all(x == 2.0)
+    x = prepare_diffraction(np.full((2, 8, 8), 0.5), 8, 1, counts=False, intensity_scale=10.0)
+    assert np.all(x == 5.0)
+    pos = check_positions(np.zeros((3, 2), np.int32), 3, 1)
+    assert pos.dtype == np.float64 and pos.shape == (3, 1, 2)
