@@ -24,15 +24,6 @@ from ptycho_export.model import (  # noqa: E402
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one intra-op thread (far faster on a shared, busy CPU); restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _params(**overrides):
     p = dict(params.cfg)
     p.update({"n_filters_scale": 1})

@@ -30,15 +30,6 @@ TRAINED_SCALE = 9.0  # what the model's (trainable) scaler holds
 WEIGHT = "generator.encoder.stages.0.conv1.weight"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one intra-op thread (far faster on a shared, busy CPU); restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _build_models(seed: int):
     config = TrainingConfig(model=ModelConfig(N=N, gridsize=GRIDSIZE, n_filters_scale=1), nphotons=NPHOTONS,
                             nepochs=3, batch_size=4, progress=False)

@@ -28,15 +28,6 @@ from ptycho_export.workflows.components import train_cdi_model_torch  # noqa: E4
 N = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one intra-op thread (far faster on a shared, busy CPU); restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def scan() -> PtychoData:
     return simulate_scan(N=N, object_size=160, scan="random", n_positions=24, seed=0)

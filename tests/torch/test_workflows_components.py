@@ -25,15 +25,6 @@ N = 64
 NO_GRAPHS = {"export_graphs": False} if "export_graphs" in {f.name for f in fields(TrainingConfig)} else {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one intra-op thread (far faster on a shared, busy CPU); restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def train_scan() -> PtychoData:
     return simulate_scan(N=N, object_size=160, scan="random", n_positions=24, seed=0)
