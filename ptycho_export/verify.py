@@ -1,0 +1,279 @@
+"""Re-check a bundle on this machine: checksums, then every graph on every available backend.
+
+``verify_bundle`` reads the bundle (every dataset's sha256 is verified; a
+mismatch is *reported*, not raised), then recomputes the stored parity
+cases with each backend and compares the results with the eager outputs
+stored at export time, using ``ptycho_runtime.parity.parity_report`` (the
+same definition export used):
+
+- ``eager``: the PyTorch models rebuilt from the bundle's weights
+  (``load_torch_bundle``), tolerance 1e-5 (same code, same weights);
+- ``torchscript``: the stored TorchScript archives (``torchscript_runner``);
+- ``onnxruntime-cpu``: the stored ONNX graphs on onnxruntime's CPU provider;
+- ``onnxruntime-cuda``: the same on the CUDA provider, only where onnxruntime
+  offers it *and* a session really runs on it (no silent CPU fallback).
+
+Graph tolerances come from each graph's metadata (``parity.tolerance_rel``,
+default 1e-4), unless ``tolerance`` overrides them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import numpy as np
+
+from ptycho_runtime import bundle_format as fmt
+from ptycho_runtime.parity import DEFAULT_TOLERANCE, parity_report
+
+BACKENDS = ("eager", "torchscript", "onnxruntime-cpu", "onnxruntime-cuda")
+EAGER_TOLERANCE = 1e-5
+GRAPH_KIND = {"eager": None, "torchscript": "torchscript", "onnxruntime-cpu": "onnx", "onnxruntime-cuda": "onnx"}
+
+__all__ = ["BACKENDS", "EAGER_TOLERANCE", "verify_bundle"]
+
+Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+# --------------------------------------------------------------------------- runners
+
+
+def _eager_runners(path: os.PathLike) -> dict[str, tuple[Runner, list[str]]]:
+    """One runner per model: every output export stored for it (real parts and the complex object)."""
+    import torch
+
+    from .export import io_spec
+    from .model_manager import load_torch_bundle
+
+    models, bundle_params = load_torch_bundle(path)
+    d2o, ae = models["diffraction_to_obj"], models["autoencoder"]
+    d2o_names = [o["name"] for o in io_spec("diffraction_to_obj", bundle_params)[1]]
+    ae_names = [o["name"] for o in io_spec("autoencoder", bundle_params)[1]]
+
+    def run_d2o(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(np.ascontiguousarray(feeds["diffraction"]))
+        with torch.inference_mode():
+            out = {n: v.numpy() for n, v in zip(d2o_names, d2o.forward_parts(x))}
+            obj = d2o(x)
+        out["object_real"], out["object_imag"] = obj.real.numpy(), obj.imag.numpy()
+        return out
+
+    def run_ae(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(np.ascontiguousarray(feeds["diffraction"]))
+        off = torch.from_numpy(np.ascontiguousarray(feeds["offsets"]))
+        with torch.inference_mode():
+            out = {n: v.numpy() for n, v in zip(ae_names, ae.forward_parts(x, off)[:3])}
+            obj = ae(x, off)[0]
+        out["object_real"], out["object_imag"] = obj.real.numpy(), obj.imag.numpy()
+        return out
+
+    return {"diffraction_to_obj": (run_d2o, d2o_names + ["object_real", "object_imag"]),
+            "autoencoder": (run_ae, ae_names + ["object_real", "object_imag"])}
+
+
+def _ort_session(data: bytes, provider: str):
+    import onnxruntime as ort
+
+    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # no warnings about provider fallbacks on stderr
+    with warnings.catch_warnings():  # ort warns when a requested provider is missing; we report that ourselves
+        warnings.simplefilter("ignore")
+        session = ort.InferenceSession(data, sess_options=opts, providers=providers)
+    if provider not in session.get_providers():
+        raise RuntimeError(f"onnxruntime created the session on {session.get_providers()}, not on {provider}")
+    return session
+
+
+def _ort_runner(session) -> Runner:
+    names = [o.name for o in session.get_outputs()]
+    inputs = {i.name for i in session.get_inputs()}
+    return lambda feeds: dict(zip(names, session.run(None, {k: v for k, v in feeds.items() if k in inputs})))
+
+
+def _cuda_probe() -> Optional[str]:
+    """None if onnxruntime really runs on CUDA here, else the reason it does not."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        return f"onnxruntime is not importable ({exc})"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "onnxruntime offers no CUDAExecutionProvider (CPU build or no GPU)"
+    return None
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def _compare(run: Runner, model: str, keys: Iterable[str], cases: Mapping[str, Mapping[str, np.ndarray]],
+             tolerance: float) -> dict[str, Any]:
+    from .export import graph_feeds
+
+    got, ref = {}, {}
+    for case_name, case in cases.items():
+        result = run(graph_feeds(case, model))
+        for name in keys:
+            stored = f"{model}.{name}"
+            if stored not in case:
+                continue  # the bundle's parity vectors do not cover this output
+            key = f"{case_name}.{name}"
+            ref[key] = case[stored]
+            if name in result:  # parity_report counts a missing output as a failure
+                got[key] = result[name]
+    if not ref:
+        raise ValueError(f"the bundle's parity vectors hold no outputs of {model} to compare with")
+    report = parity_report(ref, got, tolerance)
+    worst = max(report["per_output"].items(), key=lambda kv: kv[1]["rel"])[0]
+    return {"max_rel": float(report["max_rel"]), "max_abs": float(report["max_abs"]),
+            "tolerance_rel": float(tolerance), "passed": bool(report["passed"]), "worst_output": worst,
+            "n_compared": len(ref),
+            "per_output": {k: {"rel": float(v["rel"]), "max_abs": float(v["max_abs"])}
+                           for k, v in report["per_output"].items()}}
+
+
+def _graph_tolerance(metadata: Mapping[str, Any], override: Optional[float]) -> float:
+    if override is not None:
+        return float(override)
+    value = (metadata.get("parity") or {}).get("tolerance_rel")
+    return float(value) if value is not None else DEFAULT_TOLERANCE
+
+
+def _row(backend: str, model: str, kind: Optional[str], **fields: Any) -> dict[str, Any]:
+    base = {"backend": backend, "graph": model, "kind": kind or "eager", "max_rel": None, "max_abs": None,
+            "tolerance_rel": None, "passed": False, "error": None}
+    base.update(fields)
+    return base
+
+
+# --------------------------------------------------------------------------- public
+
+
+def verify_bundle(path: str | os.PathLike, backends: Optional[Iterable[str]] = None,
+                  tolerance: Optional[float] = None) -> dict[str, Any]:
+    """Verify checksums, then recompute every parity case on every requested/available backend.
+
+    Args:
+        path: bundle file or a folder holding ``wts.h5``.
+        backends: subset of ``BACKENDS`` (default: all; unavailable ones are
+            reported as skipped, with the reason).
+        tolerance: relative tolerance for every comparison (default: each
+            graph's export tolerance, 1e-5 for eager).
+
+    Returns ``{"bundle", "checksum": {"ok", "error"}, "cases", "backends":
+    {name: {"available", "reason", "provider"}}, "results": [one row per
+    backend × graph: backend, graph, kind, max_rel, max_abs, tolerance_rel,
+    passed, error, per_output], "passed", "status"}``; ``status`` is "ok",
+    "parity_mismatch", "checksum_failure" or "nothing_verified".
+
+    Raises:
+        FileNotFoundError: no bundle at ``path``.
+        BundleFormatError: not a bundle, or a bundle without parity vectors.
+        ValueError: an unknown backend name.
+    """
+    start = time.perf_counter()
+    wanted = list(dict.fromkeys(BACKENDS if backends is None else backends))
+    unknown = [b for b in wanted if b not in BACKENDS]
+    if unknown:
+        raise ValueError(f"unknown backend(s) {', '.join(map(repr, unknown))}; choose from {', '.join(BACKENDS)}")
+    bundle_path = fmt.resolve_bundle_path(path)
+    report: dict[str, Any] = {"bundle": str(bundle_path), "checksum": {"ok": True, "error": None}, "cases": {},
+                              "backends": {}, "results": [], "passed": False, "status": "ok"}
+    try:
+        contents = fmt.read_bundle(bundle_path)
+    except fmt.BundleChecksumError as exc:
+        report["checksum"] = {"ok": False, "error": str(exc)}
+        report["status"] = "checksum_failure"
+        report["wall_time_s"] = time.perf_counter() - start
+        return report
+
+    cases = contents.parity
+    if not cases:
+        raise fmt.BundleFormatError(
+            f"{bundle_path} holds no parity vectors, so there is nothing to verify against. "
+            f"Add graphs (which stores them) with: ptycho-export {bundle_path}")
+    report["cases"] = {name: int(np.asarray(case["input.diffraction"]).shape[0]) for name, case in sorted(cases.items())}
+
+    for backend in wanted:
+        info: dict[str, Any] = {"available": True, "reason": None, "provider": None}
+        report["backends"][backend] = info
+        kind = GRAPH_KIND[backend]
+        if backend == "eager":
+            missing = [m for m in fmt.MODEL_NAMES if m not in contents.state_dicts]
+            if missing:
+                info.update(available=False, reason=f"no eager weights for {', '.join(missing)}")
+                continue
+            try:
+                runners = _eager_runners(bundle_path)
+            except ImportError as exc:
+                info.update(available=False, reason=f"torch is not importable ({exc})")
+                continue
+            info["provider"] = "torch (CPU)"
+            tol = EAGER_TOLERANCE if tolerance is None else float(tolerance)
+            for model in fmt.MODEL_NAMES:
+                run, keys = runners[model]
+                try:
+                    row = _row(backend, model, None, **_compare(run, model, keys, cases, tol))
+                except Exception as exc:  # a crash while recomputing is a verification failure
+                    row = _row(backend, model, None, tolerance_rel=tol, error=f"{type(exc).__name__}: {exc}")
+                report["results"].append(row)
+            continue
+
+        graphs = {m: contents.graphs[(kind, m)] for m in fmt.MODEL_NAMES if (kind, m) in contents.graphs}
+        if not graphs:
+            info.update(available=False, reason=f"the bundle holds no {kind} graphs")
+            continue
+        if backend == "onnxruntime-cuda":
+            reason = _cuda_probe()
+            if reason:
+                info.update(available=False, reason=reason)
+                continue
+        elif backend == "onnxruntime-cpu":
+            try:
+                import onnxruntime  # noqa: F401
+            except ImportError as exc:
+                info.update(available=False, reason=f"onnxruntime is not importable ({exc})")
+                continue
+        else:
+            try:
+                import torch  # noqa: F401
+            except ImportError as exc:
+                info.update(available=False, reason=f"torch is not importable ({exc})")
+                continue
+
+        from .export import parity_keys, torchscript_runner
+
+        for model, rec in graphs.items():
+            tol = _graph_tolerance(rec.metadata, tolerance)
+            try:
+                if kind == "torchscript":
+                    run = torchscript_runner(rec.data, model)
+                    info["provider"] = "torch.jit (CPU)"
+                else:
+                    provider = "CUDAExecutionProvider" if backend == "onnxruntime-cuda" else "CPUExecutionProvider"
+                    try:
+                        session = _ort_session(rec.data, provider)
+                    except RuntimeError as exc:
+                        if backend == "onnxruntime-cuda" and "not on CUDAExecutionProvider" in str(exc):
+                            # offered but not usable (no driver/GPU): skipped, like a missing provider
+                            info.update(available=False, reason=str(exc), provider=None)
+                            report["results"] = [r for r in report["results"] if r["backend"] != backend]
+                            break
+                        raise
+                    info["provider"] = provider
+                    run = _ort_runner(session)
+                keys = parity_keys(kind, model, rec.metadata)
+                row = _row(backend, model, kind, **_compare(run, model, keys, cases, tol))
+            except Exception as exc:  # graph bytes that pass the checksum but do not load/run
+                row = _row(backend, model, kind, tolerance_rel=tol, error=f"{type(exc).__name__}: {exc}")
+            report["results"].append(row)
+
+    report["passed"] = bool(report["results"]) and all(r["passed"] for r in report["results"])
+    if not report["results"]:
+        report["status"] = "nothing_verified"
+    elif not report["passed"]:
+        report["status"] = "parity_mismatch"
+    report["wall_time_s"] = time.perf_counter() - start
+    return report
