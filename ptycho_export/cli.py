@@ -473,7 +473,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if quality.get("all covered pixels"):
         q = quality["all covered pixels"]
         title += f" — PSNR amplitude {q['amplitude_psnr_db']:.1f} dB, phase {q['phase_psnr_db']:.1f} dB"
-    files = [bundle_path]
+    from .data import save_npz
+
+    save_npz(out_dir / "test_scan.npz", test)  # the held-out scan, for ptycho-runtime infer
+    files = [bundle_path, out_dir / "test_scan.npz"]
     if recon is not None:
         _plot_reconstruction(recon, out_dir / "reconstruction.png", title)
         files.append(out_dir / "reconstruction.png")

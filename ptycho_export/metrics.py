@@ -22,7 +22,7 @@ comparable between objects of the same kind.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 

@@ -135,6 +135,27 @@ class Generator(nn.Module):
                                  outer_act, config.probe_big)
         self.decoder_b = Decoder(enc[-1], dec, C, N, s, "pi_tanh" if amp_phase else "identity",
                                  outer_act, config.probe_big)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """He-normal weights, zero biases.
+
+        PyTorch's default conv init (variance 1/(3·fan_in), random biases)
+        shrinks the signal ~6× per ReLU layer: after the ~10 layers between input
+        and output the biases dominate and the untrained network's output is
+        the same for every diffraction pattern (std across inputs ~1e-7), a
+        start from which neither supervised nor physics training escapes in a
+        sensible number of epochs. He init keeps the signal's variance through
+        the ReLU body; the output heads get Glorot init (Keras' default, which
+        PtychoPINN uses) so sigmoid and π·tanh start in their linear range.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                nn.init.zeros_(module.bias)
+        for decoder in (self.decoder_a, self.decoder_b):  # heads: Glorot, so tanh/sigmoid start unsaturated
+            for head in (decoder.central, decoder.outer):
+                nn.init.xavier_uniform_(head.weight)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         z = self.encoder(x)

@@ -27,15 +27,6 @@ from ptycho_export.verify import verify_bundle  # noqa: E402
 GRAPHS = {"onnx/autoencoder", "onnx/diffraction_to_obj", "torchscript/autoencoder", "torchscript/diffraction_to_obj"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These tests run on a few shared cores: one intra-op thread avoids oversubscription (3× faster there)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

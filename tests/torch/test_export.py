@@ -26,15 +26,6 @@ from ptycho_export.model_manager import load_torch_bundle  # noqa: E402
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These tests run on a few shared cores: one intra-op thread avoids oversubscription (3× faster there)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 # make_bundle() (N=64, gridsize 1) is also what tests/torch/test_cli.py uses: one cached build serves both
 CONFIGS = {"N64-g1": {}, "N64-g2": {"gridsize": 2}, "N128-g1": {"N": 128, "gridsize": 1}}
