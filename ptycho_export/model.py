@@ -146,16 +146,19 @@ class Generator(nn.Module):
         the same for every diffraction pattern (std across inputs ~1e-7), a
         start from which neither supervised nor physics training escapes in a
         sensible number of epochs. He init keeps the signal's variance through
-        the ReLU body; the output heads get Glorot init (Keras' default, which
-        PtychoPINN uses) so sigmoid and π·tanh start in their linear range.
+        the ReLU body; the central heads get Glorot init (Keras' default, which
+        PtychoPINN uses) so sigmoid and π·tanh start in their linear range; the
+        outer head (swish, unbounded) starts at zero, so the first steps do not
+        fling huge values into the probe tails (that caused loss spikes of
+        1e5–1e9 in the first epoch).
         """
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
                 nn.init.zeros_(module.bias)
-        for decoder in (self.decoder_a, self.decoder_b):  # heads: Glorot, so tanh/sigmoid start unsaturated
-            for head in (decoder.central, decoder.outer):
-                nn.init.xavier_uniform_(head.weight)
+        for decoder in (self.decoder_a, self.decoder_b):
+            nn.init.xavier_uniform_(decoder.central.weight)  # Glorot: sigmoid/π·tanh start unsaturated
+            nn.init.zeros_(decoder.outer.weight)  # the unbounded outer (probe-tail) path starts at exactly 0
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         z = self.encoder(x)

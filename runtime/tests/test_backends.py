@@ -16,6 +16,12 @@ REAL_PROVIDERS = ort.get_available_providers()
 HAS_CUDA = backends.CUDA in REAL_PROVIDERS
 
 
+def _eager_tol(ref) -> float:
+    """1e-5 of the output's scale: float32 agreement with eager (as the parity checks define it)."""
+    return 1e-5 * max(1.0, float(np.abs(np.asarray(ref)).max()))
+
+
+
 def _parity(b: pr.Bundle):
     par = b.contents.parity["b7"]
     ref = par["diffraction_to_obj.amplitude"] * np.exp(1j * par["diffraction_to_obj.phase"])
@@ -41,7 +47,7 @@ def test_auto_falls_back_to_cpu_with_one_warning(fake_gpu_ort, bundle_path, capl
         assert b.device == "cpu" and b.providers[0] == backends.CPU
         assert not b._backend.on_gpu and b.default_batch_size() == 64
         x, ref = _parity(b)
-        np.testing.assert_allclose(b.predict(x), ref, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(b.predict(x), ref, rtol=0, atol=_eager_tol(ref))
     warnings = [r for r in caplog.records if r.name == "ptycho_runtime" and r.levelno == logging.WARNING]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     assert "no usable CUDA device" in warnings[0].getMessage() and "running on the CPU" in warnings[0].getMessage()
@@ -69,7 +75,7 @@ def test_cpu_device_and_threads(bundle_path):
     b = pr.load_bundle(bundle_path("n64_g2"), device="cpu", intra_op_threads=1)
     assert b.device == "cpu" and b.providers == [backends.CPU] and b.backend == "onnx"
     x, ref = _parity(b)
-    np.testing.assert_allclose(b.predict(x), ref, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(b.predict(x), ref, rtol=0, atol=_eager_tol(ref))
     assert backends.CPU in backends.available_providers()
 
 
@@ -98,7 +104,7 @@ def test_torchscript_backend_equals_onnx(fixture_dir, name):
     assert ts_b.backend == "torchscript" and ts_b.device == "cpu" and ts_b.providers == ["torch-cpu"]
     x, ref = _parity(onnx_b)
     got_ts = ts_b.predict(x, batch_size=4)
-    np.testing.assert_allclose(got_ts, onnx_b.predict(x), rtol=0, atol=1e-5)
-    np.testing.assert_allclose(got_ts, ref, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got_ts, onnx_b.predict(x), rtol=0, atol=_eager_tol(onnx_b.predict(x)))
+    np.testing.assert_allclose(got_ts, ref, rtol=0, atol=_eager_tol(ref))
     with pytest.raises(ValueError, match="runs in fp32 only"):
         pr.load_bundle(fixture_dir / name / "wts.h5", backend="torchscript", precision="fp16")

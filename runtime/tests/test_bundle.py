@@ -15,6 +15,12 @@ from ptycho_runtime.npz import read_npz_arrays
 NAMES = ("n64_g1", "n64_g2")
 
 
+def _eager_tol(ref) -> float:
+    """1e-5 of the output's scale: float32 agreement with eager (as the parity checks define it)."""
+    return 1e-5 * max(1.0, float(np.abs(np.asarray(ref)).max()))
+
+
+
 def _eager_parity(bundle: pr.Bundle, case: str = "b7") -> tuple[np.ndarray, np.ndarray]:
     """(normalised input [B, C, N, N], eager complex output) from the bundle's stored parity vectors."""
     par = bundle.contents.parity[case]
@@ -43,7 +49,7 @@ def test_predict_matches_stored_eager_parity(bundles, name):
         x, ref = _eager_parity(b, case)
         got = b.predict(x)
         assert got.dtype == np.complex64 and got.shape == ref.shape == (x.shape[0], b.channels, b.N, b.N)
-        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(got, ref, rtol=0, atol=_eager_tol(ref))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -65,7 +71,7 @@ def test_predict_matches_torch_eager_on_scan(bundle_path, name):
         params.reset_cfg()
     b = pr.load_bundle(path)
     got = b.predict(g.diffraction, offsets=g.offsets, batch_size=16)
-    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=_eager_tol(ref))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -92,7 +98,7 @@ def test_reconstruct_matches_training_eager_path(bundle_path, name):
     np.testing.assert_array_equal(got.x_coords, ref.x_coords)
     np.testing.assert_array_equal(got.y_coords, ref.y_coords)
     np.testing.assert_allclose(got.weight, ref.weight, rtol=0, atol=1e-9)
-    np.testing.assert_allclose(got.object, ref.object, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got.object, ref.object, rtol=0, atol=_eager_tol(ref.object))
 
 
 def test_reconstruct_pregrouped_equals_flat_for_gridsize2(bundles):
@@ -122,7 +128,7 @@ def test_counts_equals_sqrt_counts_over_intensity_scale(bundles, name):
     counts = np.round((x.astype(np.float64) * b.intensity_scale) ** 2)  # photon counts
     got = b.predict(counts, counts=True)
     want = b.predict((np.sqrt(counts) / b.intensity_scale).astype(np.float32))
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got, want, rtol=0, atol=_eager_tol(want))
     got_int = b.predict(counts.astype(np.uint32), counts=True)  # integer detector frames are fine
     np.testing.assert_allclose(got_int, got, rtol=0, atol=1e-6)
 
@@ -170,7 +176,7 @@ def test_load_bundle_accepts_folder(fixture_dir):
 
 def _still_works(b: pr.Bundle) -> None:
     x, ref = _eager_parity(b, "b1")
-    np.testing.assert_allclose(b.predict(x), ref, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(b.predict(x), ref, rtol=0, atol=_eager_tol(ref))
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [

@@ -52,7 +52,7 @@ def _prepare(config: TrainingConfig, scan: PtychoData) -> None:
 
 @pytest.mark.parametrize("gridsize", [1, 2])
 def test_training_lowers_the_loss(scan, gridsize):
-    config = _config(gridsize)
+    config = _config(gridsize, nepochs=4, batch_size=4)
     _prepare(config, scan)
     scale = default_intensity_scale(config.nphotons, N)
     data = make_groups(scan, gridsize, seed=0, n_groups=12)
@@ -63,8 +63,8 @@ def test_training_lowers_the_loss(scan, gridsize):
     run = train_autoencoder(ae, data, scale, config, torch.device("cpu"))
     after = _evaluate(ae, x, off, config)
     hist = run["history"]
-    assert run["epochs_run"] == 3
-    assert len(hist["loss"]) == len(hist["val_loss"]) == len(hist["lr"]) == 3
+    assert run["epochs_run"] == 4
+    assert len(hist["loss"]) == len(hist["val_loss"]) == len(hist["lr"]) == 4
     assert all(math.isfinite(v) for v in hist["loss"] + hist["val_loss"])
     assert hist["loss"][-1] < hist["loss"][0]
     assert after < 0.8 * before, (before, after)
