@@ -359,8 +359,8 @@ def _load_training_data(args: argparse.Namespace):
     from .data import load_npz, simulate_scan
 
     if args.data is not None:
-        if args.n_positions is not None or args.object_size is not None:
-            raise CliError("--n-positions and --object-size only apply to --simulate")
+        if args.n_positions is not None or args.object_size is not None or args.step is not None:
+            raise CliError("--n-positions, --object-size and --step only apply to --simulate")
         try:
             data = load_npz(args.data, counts=args.counts)
         except ValueError as exc:
@@ -376,7 +376,11 @@ def _load_training_data(args: argparse.Namespace):
     kwargs: dict[str, Any] = dict(N=N, object_kind=args.simulate, nphotons=args.nphotons, seed=args.seed,
                                   object_size=args.object_size)
     if args.n_positions is not None:
+        if args.step is not None:
+            raise CliError("--step sets a raster scan; --n-positions a random one: give one of them")
         kwargs.update(scan="random", n_positions=args.n_positions)
+    elif args.step is not None:
+        kwargs.update(step=args.step)
     try:
         data = simulate_scan(**kwargs)
     except ValueError as exc:
@@ -621,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     adv.add_argument("--n-positions", type=_positive_int, default=None,
                      help="random scan with this many positions (default: a raster of 289)")
     adv.add_argument("--object-size", type=_positive_int, default=None, help="object side in pixels (default 5N)")
+    adv.add_argument("--step", type=_positive_int, default=None, help="raster scan step in pixels (default N/4)")
     p.set_defaults(func=cmd_train)
     return parser
 

@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 OUT=${1:-outputs/demo}
 shift || true
 bash scripts/setup.sh
-.venv/bin/ptycho-export train --simulate lines --epochs 30 --output-dir "$OUT" "$@"
+.venv/bin/ptycho-export train --simulate lines --n-filters-scale 1 --epochs 25 --object-size 160 --step 8 \
+  --output-dir "$OUT" "$@"
 .venv/bin/ptycho-runtime infer "$OUT/wts.h5" "$OUT/test_scan.npz" -o "$OUT/runtime_recon.h5" --png "$OUT/runtime_recon.png"
 echo "done: $OUT/report.md, $OUT/reconstruction.png (eager), $OUT/runtime_recon.png (runtime)"
