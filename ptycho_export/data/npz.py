@@ -33,18 +33,9 @@ __all__ = ["load_npz", "save_npz"]
 def load_npz(path: PathLike, counts: bool = False) -> PtychoData:
     """Load a PtychoPINN-style NPZ into a validated ``PtychoData``.
 
-    Args:
-        path: the .npz file.
-        counts: False (default) — ``diffraction`` already holds normalised
-            amplitudes and is used as stored.  True — it holds intensities
-            (detector counts): the loader takes the square root and rescales
-            by ``normalization_factor`` so the mean Σ X² is (N/2)².  That is
-            the same as dividing sqrt(counts) by the intensity scale
-            s = sqrt(nphotons)/(N/2) with nphotons = mean counts per pattern.
-
-    Raises:
-        ValueError: unreadable / non-NPZ file, missing or mis-shaped key,
-            NaN / infinite / negative diffraction values.
+    Reading and validation (keys, shapes, ``counts=True`` → square root and
+    normalisation, the errors) are ``ptycho_runtime.npz.read_npz_arrays``: one
+    definition for training and the runtime.
     """
     arrays = read_npz_arrays(path, counts=counts, _stacklevel=3)
     return PtychoData(

@@ -11,6 +11,7 @@ silently runs on the CPU. ``session.get_providers()`` tells the truth.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 from typing import Any, Optional, Sequence
@@ -176,8 +177,8 @@ class TorchScriptBackend:
     name = "torchscript"
 
     def __init__(self, graph: bytes, device: str = "auto", precision: str = "fp32", amp_phase: bool = True) -> None:
-        try:
-            import torch  # noqa: F401 - optional dependency, imported only for this backend
+        try:  # optional dependency, imported only when this backend is chosen
+            torch = importlib.import_module("torch")
         except ImportError as exc:
             raise ImportError("backend='torchscript' needs torch: pip install 'ptycho-runtime[torch]', "
                               "or use backend='onnx'") from exc
