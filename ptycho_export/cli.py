@@ -333,28 +333,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- train
 
 
-def _plot_reconstruction(recon: Any, path: Path, title: str) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    covered = recon.weight > 0
-    amp = np.where(covered, recon.amplitude, np.nan)
-    phase = np.where(covered, recon.phase, np.nan)
-    x, y = recon.x_coords, recon.y_coords
-    extent = (x[0] - 0.5, x[-1] + 0.5, y[-1] + 0.5, y[0] - 0.5)
-    fig = Figure(figsize=(11, 4.8), layout="constrained")
-    FigureCanvasAgg(fig)
-    for ax, img, name, cmap, unit in zip(fig.subplots(1, 2), (amp, phase), ("amplitude", "phase"),
-                                         ("gray", "twilight"), ("", " (rad)")):
-        im = ax.imshow(img, cmap=cmap, extent=extent, interpolation="nearest")
-        ax.set_title(f"{name}{unit}")
-        ax.set_xlabel("x (object pixels)")
-        ax.set_ylabel("y (object pixels)")
-        fig.colorbar(im, ax=ax, shrink=0.85)
-    fig.suptitle(title)
-    fig.savefig(path, dpi=110)
-
-
 def _load_training_data(args: argparse.Namespace):
     from .data import load_npz, simulate_scan
 
@@ -482,7 +460,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     save_npz(out_dir / "test_scan.npz", test)  # the held-out scan, for ptycho-runtime infer
     files = [bundle_path, out_dir / "test_scan.npz"]
     if recon is not None:
-        _plot_reconstruction(recon, out_dir / "reconstruction.png", title)
+        from ptycho_runtime.cli import write_png  # one plot for both CLIs (atomic write, colour bars)
+
+        write_png(out_dir / "reconstruction.png", recon, title)
         files.append(out_dir / "reconstruction.png")
     (out_dir / "history.json").write_text(json.dumps({"epochs": len(history.get("loss", [])), **history},
                                                      indent=1) + "\n")
