@@ -334,10 +334,6 @@ def compile_graphs(models: Mapping[str, nn.Module], params: Mapping[str, Any], c
     return graphs
 
 
-def graphs_present(path: os.PathLike) -> list[tuple[str, str]]:
-    return sorted(fmt.read_bundle(path).graphs)
-
-
 def add_graphs_to_bundle(path: str | os.PathLike, opset: int = DEFAULT_OPSET, torchscript: bool = True,
                          onnx: bool = True, force: bool = False, tolerance: float = PARITY_TOLERANCE
                          ) -> dict[str, Any]:
