@@ -211,10 +211,13 @@ def write_png(path: Path, recon, title: str = "") -> None:
     extent = (x[0] - 0.5, x[-1] + 0.5, y[-1] + 0.5, y[0] - 0.5)
     covered = recon.covered
     amp = np.ma.masked_where(~covered, recon.amplitude)
-    phase = np.ma.masked_where(~covered, recon.phase)
+    # ptychography cannot tell the global phase: show the phase relative to the weighted mean phasor, so
+    # an object near ±π does not wrap across the whole image (the HDF5 output keeps the raw phase)
+    offset = np.angle(np.sum(recon.object[covered] * recon.weight[covered])) if covered.any() else 0.0
+    phase = np.ma.masked_where(~covered, np.angle(recon.object * np.exp(-1j * offset)))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), constrained_layout=True)
     try:
-        for ax, img, label, cmap in ((axes[0], amp, "amplitude", "gray"), (axes[1], phase, "phase (rad)", "twilight")):
+        for ax, img, label, cmap in ((axes[0], amp, "amplitude", "gray"), (axes[1], phase, f"phase (rad, global offset {offset:+.2f} removed)", "viridis")):
             im = ax.imshow(img, cmap=cmap, extent=extent, interpolation="nearest")
             ax.set_title(label)
             ax.set_xlabel("x (pixels)")
