@@ -31,7 +31,7 @@ import pytest
 from ._common import (COLD_SIZES, CUDA_EP, REPO, SMOKE, common_info, ort_providers,
                       torch_cuda_available)
 
-RUNTIME_CHILD = r"""
+CHILD_PRELUDE = r"""
 import json, resource, sys, time
 def peak_rss_mib():
     # VmHWM: peak RSS of this process image. ru_maxrss is not usable here: Linux carries the parent's
@@ -43,6 +43,9 @@ def peak_rss_mib():
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+"""
+
+RUNTIME_CHILD = CHILD_PRELUDE + r"""
 t0 = time.perf_counter()
 import numpy as np
 import ptycho_runtime
@@ -58,18 +61,7 @@ print(json.dumps({"import_s": t1 - t0, "load_s": t2 - t1, "first_inference_s": t
                   "torch_imported": "torch" in sys.modules, "provider": b.providers[0], "out_shape": list(y.shape)}))
 """
 
-EAGER_CHILD = r"""
-import json, resource, sys, time
-def peak_rss_mib():
-    # VmHWM: peak RSS of this process image. ru_maxrss is not usable here: Linux carries the parent's
-    # high-water mark across fork+exec, so a child of a big pytest process reports the parent's RSS.
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+EAGER_CHILD = CHILD_PRELUDE + r"""
 t0 = time.perf_counter()
 import torch
 from ptycho_export.model_manager import load_torch_bundle

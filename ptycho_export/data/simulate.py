@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
+from ptycho_runtime.grouping import checked_coordinates
 from ptycho_runtime.npz import normalization_factor  # noqa: F401 - one definition, re-exported
 
 from .container import PtychoData
@@ -272,12 +273,7 @@ def extract_patches(obj: np.ndarray, xcoords: np.ndarray, ycoords: np.ndarray, N
     N = int(N)
     if N < 1:
         raise ValueError(f"N must be >= 1 (got {N})")
-    x = np.asarray(xcoords, dtype=np.float64).reshape(-1)
-    y = np.asarray(ycoords, dtype=np.float64).reshape(-1)
-    if x.shape != y.shape:
-        raise ValueError(f"xcoords {x.shape} and ycoords {y.shape} differ in length")
-    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-        raise ValueError("positions contain NaN or infinite values")
+    x, y = checked_coordinates(xcoords, ycoords)
     obj = obj.astype(np.complex64, copy=False)
     H, W = obj.shape
     out = np.empty((x.size, N, N), dtype=np.complex64)

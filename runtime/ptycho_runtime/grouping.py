@@ -22,6 +22,17 @@ import numpy as np
 _DIST_CHUNK_ELEMENTS = 1 << 18
 
 
+def checked_coordinates(xcoords: np.ndarray, ycoords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flat float64 x and y of equal length, all finite; ValueError otherwise."""
+    x = np.asarray(xcoords, dtype=np.float64).reshape(-1)
+    y = np.asarray(ycoords, dtype=np.float64).reshape(-1)
+    if x.shape != y.shape:
+        raise ValueError(f"xcoords {x.shape} and ycoords {y.shape} differ in length")
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        raise ValueError("positions contain NaN or infinite values")
+    return x, y
+
+
 def _anchors(n: int, seed: int, n_groups: Optional[int]) -> np.ndarray:
     """All anchors in order, or ``n_groups`` of them drawn without replacement (sorted)."""
     if n_groups is None:
@@ -80,12 +91,7 @@ def group_neighbors(
     Raises:
         ValueError: gridsize < 1, C > n, mismatched or non-finite coordinates.
     """
-    x = np.asarray(xcoords, dtype=np.float64).reshape(-1)
-    y = np.asarray(ycoords, dtype=np.float64).reshape(-1)
-    if x.shape != y.shape:
-        raise ValueError(f"xcoords {x.shape} and ycoords {y.shape} differ in length")
-    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-        raise ValueError("positions contain NaN or infinite values")
+    x, y = checked_coordinates(xcoords, ycoords)
     if isinstance(gridsize, bool) or int(gridsize) != gridsize or gridsize < 1:
         raise ValueError(f"gridsize must be an integer >= 1 (got {gridsize!r})")
     n = x.size

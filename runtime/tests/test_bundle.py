@@ -52,8 +52,10 @@ def test_predict_matches_stored_eager_parity(bundles, name):
         np.testing.assert_allclose(got, ref, rtol=0, atol=_eager_tol(ref))
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_predict_matches_torch_eager_on_scan(bundle_path, name):
+def _training_side_patches(path):
+    """The training side's own path on the fixture scan: load_torch_bundle, make_groups, eager predict.
+
+    Returns (scan, groups, patches)."""
     pytest.importorskip("torch")
     pytest.importorskip("ptycho_export")
     from ptycho_export import params
@@ -61,14 +63,19 @@ def test_predict_matches_torch_eager_on_scan(bundle_path, name):
     from ptycho_export.model_manager import load_torch_bundle
     from ptycho_export.training import predict_patches
 
-    path = bundle_path(name)
     try:
         model, p = load_torch_bundle(path, "diffraction_to_obj")
         data = load_npz(path.parent / "scan.npz")
         g = make_groups(data, int(p["gridsize"]))
-        ref = predict_patches(model, g.diffraction, float(p["intensity_scale"]))
+        return data, g, predict_patches(model, g.diffraction, float(p["intensity_scale"]))
     finally:
         params.reset_cfg()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_predict_matches_torch_eager_on_scan(bundle_path, name):
+    path = bundle_path(name)
+    _, g, ref = _training_side_patches(path)
     b = pr.load_bundle(path)
     got = b.predict(g.diffraction, offsets=g.offsets, batch_size=16)
     np.testing.assert_allclose(got, ref, rtol=0, atol=_eager_tol(ref))
@@ -76,22 +83,11 @@ def test_predict_matches_torch_eager_on_scan(bundle_path, name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_reconstruct_matches_training_eager_path(bundle_path, name):
-    pytest.importorskip("torch")
-    pytest.importorskip("ptycho_export")
-    from ptycho_export import params
-    from ptycho_export.data import load_npz, make_groups
-    from ptycho_export.model_manager import load_torch_bundle
-    from ptycho_export.stitching import stitch_patches
-    from ptycho_export.training import predict_patches
-
     path = bundle_path(name)
-    try:
-        model, p = load_torch_bundle(path, "diffraction_to_obj")
-        data = load_npz(path.parent / "scan.npz")
-        g = make_groups(data, int(p["gridsize"]))
-        ref = stitch_patches(predict_patches(model, g.diffraction, float(p["intensity_scale"])), g.positions)
-    finally:
-        params.reset_cfg()
+    data, g, patches = _training_side_patches(path)
+    from ptycho_export.stitching import stitch_patches
+
+    ref = stitch_patches(patches, g.positions)
     b = pr.load_bundle(path)
     got = b.reconstruct(data.diffraction, np.stack([data.xcoords, data.ycoords], axis=1))
     assert got.object.shape == ref.object.shape
