@@ -110,10 +110,10 @@ def test_default_probe_rejects_odd_N() -> None:
 
 def test_scan_positions_keep_patches_inside() -> None:
     x, y = scan_positions(100, 16, "grid", step=5)
-    assert x.min() >= 8 and x.max() <= 92 and y.min() >= 8 and y.max() <= 92
+    assert x.min() >= 7.5 and x.max() <= 91.5 and y.min() >= 7.5 and y.max() <= 91.5
     np.testing.assert_allclose(np.unique(np.diff(np.unique(x))), 5.0)
     xr, yr = scan_positions((80, 120), 16, "random", n=500, seed=0)
-    assert xr.shape == (500,) and xr.min() >= 8 and xr.max() <= 112 and yr.max() <= 72
+    assert xr.shape == (500,) and xr.min() >= 7.5 and xr.max() <= 111.5 and yr.max() <= 71.5
     obj = np.ones((80, 120), np.complex64)
     assert np.all(extract_patches(obj, xr, yr, 16) != 0)  # nothing sampled outside
     with pytest.raises(ValueError, match="kind"):
@@ -123,24 +123,24 @@ def test_scan_positions_keep_patches_inside() -> None:
 def test_extract_patches_integer_positions_exact() -> None:
     rng = np.random.default_rng(0)
     obj = (rng.standard_normal((40, 50)) + 1j * rng.standard_normal((40, 50))).astype(np.complex64)
-    x = np.array([10.0, 25.0, 42.0])
-    y = np.array([8.0, 20.0, 32.0])
+    x = np.array([10.0, 25.0, 42.0]) - 0.5  # (N-1)/2 centre: whole-pixel starts
+    y = np.array([8.0, 20.0, 32.0]) - 0.5
     p = extract_patches(obj, x, y, 16)
     assert p.shape == (3, 16, 16) and p.dtype == np.complex64
     for k in range(3):
-        r0, c0 = int(y[k]) - 8, int(x[k]) - 8
+        r0, c0 = int(y[k] + 0.5) - 8, int(x[k] + 0.5) - 8
         np.testing.assert_array_equal(p[k], obj[r0 : r0 + 16, c0 : c0 + 16])
 
 
 def test_extract_patches_bilinear_and_outside() -> None:
     rng = np.random.default_rng(1)
     obj = rng.standard_normal((30, 30)).astype(np.complex64)
-    half = extract_patches(obj, np.array([12.5]), np.array([15.0]), 8)[0]
+    half = extract_patches(obj, np.array([12.0]), np.array([14.5]), 8)[0]
     np.testing.assert_allclose(half, 0.5 * (obj[11:19, 8:16] + obj[11:19, 9:17]), atol=1e-6)
     # general fractional position against a direct formula
-    x, y = 13.3, 9.8
+    x, y = 12.8, 9.3
     got = extract_patches(obj, np.array([x]), np.array([y]), 8)[0]
-    r0, c0, fy, fx = 5, 9, 0.8, 0.3  # floor(9.8 - 4) = 5, floor(13.3 - 4) = 9
+    r0, c0, fy, fx = 5, 9, 0.8, 0.3  # floor(9.3 - 3.5) = 5, floor(12.8 - 3.5) = 9
     want = (
         (1 - fy) * (1 - fx) * obj[r0 : r0 + 8, c0 : c0 + 8]
         + (1 - fy) * fx * obj[r0 : r0 + 8, c0 + 1 : c0 + 9]
@@ -149,7 +149,7 @@ def test_extract_patches_bilinear_and_outside() -> None:
     )
     np.testing.assert_allclose(got, want, atol=1e-5)
     # pixels outside the object read as zero
-    edge = extract_patches(obj, np.array([2.0]), np.array([2.0]), 8)[0]
+    edge = extract_patches(obj, np.array([1.5]), np.array([1.5]), 8)[0]
     assert np.all(edge[:2, :] == 0) and np.all(edge[:, :2] == 0)
     np.testing.assert_array_equal(edge[2:, 2:], obj[:6, :6])
 

@@ -3,7 +3,7 @@
 The forward model is the numpy reference for the physics every other part of
 the project must agree with (the torch model is tested against it):
 
-    patch[r, c] = obj[y - N/2 + r, x - N/2 + c]          (bilinear, 0 outside)
+    patch[r, c] = obj[y - (N-1)/2 + r, x - (N-1)/2 + c]  (bilinear, 0 outside)
     amplitude   = |fftshift(fft2(patch * probe))| / N     (Parseval-preserving)
     counts      ~ Poisson((amplitude * s)**2),  s = sqrt(nphotons) / (N/2)
     diffraction = sqrt(counts) / s                          (normalised units)
@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
+from ptycho_runtime.geometry import frame_centre, frame_origin
 from ptycho_runtime.grouping import checked_coordinates
 from ptycho_runtime.npz import normalization_factor  # noqa: F401 - one definition, re-exported
 
@@ -206,7 +207,7 @@ def scan_positions(
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Scan positions (patch centres) that keep every N×N patch inside the object.
 
-    Valid centres lie in [N/2, size - N/2] along each axis.
+    Valid centres lie in [(N−1)/2, size − 1 − (N−1)/2] along each axis.
 
     Args:
         object_size: object side (int) or (rows, cols).
@@ -226,8 +227,8 @@ def scan_positions(
     rows, cols = _object_shape(object_size)
     if rows < N or cols < N:
         raise ValueError(f"object of shape ({rows}, {cols}) is smaller than one {N}x{N} patch")
-    lo = N / 2
-    hi_y, hi_x = rows - N / 2, cols - N / 2
+    lo = frame_centre(N)
+    hi_y, hi_x = rows - 1 - lo, cols - 1 - lo
     if kind == "grid":
         if n is not None:
             raise ValueError("n is only used by kind='random'; a grid is set by its step")
@@ -258,7 +259,10 @@ def scan_positions(
 
 
 def extract_patches(obj: np.ndarray, xcoords: np.ndarray, ycoords: np.ndarray, N: int) -> np.ndarray:
-    """Bilinear N×N patches centred at (x, y): patch[r, c] = obj[y - N/2 + r, x - N/2 + c].
+    """Bilinear N×N patches centred at (x, y): patch[r, c] = obj[y - (N-1)/2 + r, x - (N-1)/2 + c].
+
+    The centre is frame pixel (N−1)/2, the PtychoPINN/ptychodus convention
+    (``ptycho_runtime.geometry``).
 
     Pixels outside the object read as 0.  Integer positions are exact copies
     (the other three bilinear corners get weight 0 and are skipped).  The
@@ -277,7 +281,7 @@ def extract_patches(obj: np.ndarray, xcoords: np.ndarray, ycoords: np.ndarray, N
     obj = obj.astype(np.complex64, copy=False)
     H, W = obj.shape
     out = np.empty((x.size, N, N), dtype=np.complex64)
-    start_y, start_x = y - N / 2, x - N / 2
+    start_x, start_y = frame_origin(x, N), frame_origin(y, N)
     r0 = np.floor(start_y)
     c0 = np.floor(start_x)
     fy = (start_y - r0).astype(np.float32)

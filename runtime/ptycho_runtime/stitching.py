@@ -1,8 +1,9 @@
 """Stitch object patches into the full object: vectorised, weighted, incremental.
 
-Convention (shared with ``ptycho_export.data``): a scan position (x, y) in
-object pixels is the patch centre, ``patch[r, c]`` sits at object pixel
-``(y - N/2 + r, x - N/2 + c)``. Fractional positions are splatted bilinearly
+Convention (``geometry.py``, shared with ``ptycho_export.data``): a scan
+position (x, y) in object pixels is the patch centre, frame pixel (N−1)/2 as
+in PtychoPINN and ptychodus: ``patch[r, c]`` sits at object pixel
+``(y − (N−1)/2 + r, x − (N−1)/2 + c)``. Fractional positions are splatted bilinearly
 (the adjoint of bilinear sampling), so sub-pixel scans stitch without a
 half-pixel bias.
 
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+
+from .geometry import frame_origin
 
 
 @dataclass
@@ -54,9 +57,9 @@ class Reconstruction:
 
 def canvas_bounds(positions: np.ndarray, N: int, margin: int = 1) -> tuple[tuple[int, int], tuple[int, int]]:
     """Origin (x0, y0) and shape (H, W) of a canvas that holds every patch at these positions."""
-    pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
-    lo = np.floor(pos.min(axis=0) - N / 2) - margin
-    hi = np.ceil(pos.max(axis=0) + N / 2) + margin
+    start = frame_origin(np.asarray(positions, dtype=np.float64).reshape(-1, 2), N)
+    lo = np.floor(start.min(axis=0)) - margin
+    hi = np.ceil(start.max(axis=0) + N - 1) + margin
     x0, y0 = int(lo[0]), int(lo[1])
     return (x0, y0), (int(hi[1]) - y0 + 1, int(hi[0]) - x0 + 1)
 
@@ -109,8 +112,9 @@ class StitchCanvas:
     def _locate(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Integer and fractional canvas coordinates of patch pixel (0, 0); raise if a patch falls outside."""
         H, W = self.shape
-        cx = pos[:, 0] - self.N / 2 - self.origin[0]
-        cy = pos[:, 1] - self.N / 2 - self.origin[1]
+        start = frame_origin(pos, self.N)
+        cx = start[:, 0] - self.origin[0]
+        cy = start[:, 1] - self.origin[1]
         ix, iy = np.floor(cx), np.floor(cy)
         fx, fy = cx - ix, cy - iy
         ix, iy = ix.astype(np.int64), iy.astype(np.int64)

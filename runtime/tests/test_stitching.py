@@ -16,17 +16,19 @@ def _object(shape=(80, 96), seed=0) -> np.ndarray:
 
 
 def _extract(obj: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    """patch[r, c] = obj[y - N/2 + r, x - N/2 + c] for integer (x, y): plain numpy slicing."""
+    """patch[r, c] = obj[y - (N-1)/2 + r, x - (N-1)/2 + c] where that start is an integer: plain slicing."""
     out = np.empty((len(pos), N, N), obj.dtype)
-    for k, (x, y) in enumerate(pos.astype(int)):
-        out[k] = obj[y - N // 2: y + N // 2, x - N // 2: x + N // 2]
+    starts = pos - (N - 1) / 2
+    assert np.all(starts == np.round(starts))
+    for k, (x, y) in enumerate(starts.astype(int)):
+        out[k] = obj[y: y + N, x: x + N]
     return out
 
 
 def _grid_positions(shape, step=5, margin=N // 2 + 1) -> np.ndarray:
     ys = np.arange(margin, shape[0] - margin, step)
     xs = np.arange(margin, shape[1] - margin, step)
-    return np.array([(x, y) for y in ys for x in xs], dtype=np.float64)
+    return np.array([(x, y) for y in ys for x in xs], dtype=np.float64) - 0.5  # whole-pixel frame starts
 
 
 @pytest.mark.parametrize("crop", [N, N // 2])
@@ -64,9 +66,9 @@ def test_scan_sized_canvas_matches_object_frame():
 def test_half_pixel_shift_is_bilinear_splat():
     rng = np.random.default_rng(1)
     patch = (rng.normal(size=(N, N)) + 1j * rng.normal(size=(N, N))).astype(np.complex64)
-    rec = stitch_patches(patch[None], np.array([[20.5, 20.0]]), object_shape=(48, 48), crop=N)
-    c0 = int(np.floor(20.5 - N / 2))  # 12: patch column c lands half on 12 + c, half on 13 + c
-    r0 = 20 - N // 2
+    rec = stitch_patches(patch[None], np.array([[20.0, 19.5]]), object_shape=(48, 48), crop=N)
+    c0 = int(np.floor(20.0 - (N - 1) / 2))  # 12: patch column c lands half on 12 + c, half on 13 + c
+    r0 = int(19.5 - (N - 1) / 2)
     rows = slice(r0, r0 + N)
     np.testing.assert_allclose(rec.weight[rows, c0], 0.5)
     np.testing.assert_allclose(rec.weight[rows, c0 + N], 0.5)
@@ -76,7 +78,7 @@ def test_half_pixel_shift_is_bilinear_splat():
     np.testing.assert_allclose(rec.object[rows, c0 + 1:c0 + N], (patch[:, :-1] + patch[:, 1:]) / 2, atol=1e-6)
     assert rec.weight.sum() == pytest.approx(N * N)  # splatting conserves weight
     # a half-pixel shift in y as well: four-way split, total weight still N²
-    rec = stitch_patches(patch[None], np.array([[20.5, 20.5]]), object_shape=(48, 48), crop=N)
+    rec = stitch_patches(patch[None], np.array([[20.0, 20.0]]), object_shape=(48, 48), crop=N)
     assert rec.weight.sum() == pytest.approx(N * N)
     assert rec.weight[r0, c0] == pytest.approx(0.25) and rec.object[r0, c0] == pytest.approx(patch[0, 0], abs=1e-6)
 
@@ -94,7 +96,7 @@ def test_window_weighting():
     window = rng.uniform(0.1, 1.0, (N, N))
     window[:2] = 0.0  # zero rows of the window are never stitched
     a, b = 1.0 + 0.5j, -0.25 + 2.0j
-    pos = np.array([[20.0, 20.0], [23.0, 21.0]])  # integer: no splitting
+    pos = np.array([[19.5, 19.5], [22.5, 20.5]])  # whole-pixel frame starts (12, 12), (15, 13): no splitting
     rec = stitch_patches(np.stack([np.full((N, N), a), np.full((N, N), b)]), pos, object_shape=(48, 48),
                          window=window)
     wa = np.zeros((48, 48))
@@ -143,8 +145,9 @@ def test_grouped_shapes_flatten():
 def test_canvas_bounds_cover_every_patch():
     pos = np.array([[0.3, -5.2], [17.9, 40.0]])
     (x0, y0), (H, W) = canvas_bounds(pos, N)
-    assert x0 <= np.floor(pos[:, 0].min() - N / 2) and y0 <= np.floor(pos[:, 1].min() - N / 2)
-    assert x0 + W - 1 >= np.ceil(pos[:, 0].max() + N / 2) and y0 + H - 1 >= np.ceil(pos[:, 1].max() + N / 2)
+    c = (N - 1) / 2  # frame pixel c is the position; the frame spans [pos - c, pos + c] (+1 for bilinear)
+    assert x0 <= np.floor(pos[:, 0].min() - c) and y0 <= np.floor(pos[:, 1].min() - c)
+    assert x0 + W - 1 >= np.ceil(pos[:, 0].max() + c) + 1 and y0 + H - 1 >= np.ceil(pos[:, 1].max() + c) + 1
     canvas = StitchCanvas.for_positions(pos, N, crop=N)
     canvas.add(np.ones((2, N, N), np.complex64), pos)  # fits, even with a full-patch crop
     canvas.check_inside(pos)
