@@ -14,6 +14,8 @@ try:
 except ImportError:  # running without an installed package / pytest pythonpath
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ptycho_runtime.npz import detect_units
+
 from ptycho_export.data import (
     OBJECT_KINDS,
     GroupedData,
@@ -317,10 +319,65 @@ def test_npz_counts_takes_sqrt_and_normalises(tmp_path: Path) -> None:
     assert np.mean(np.sum(d.diffraction.astype(float) ** 2, axis=(1, 2))) == pytest.approx(16.0, rel=1e-5)
 
 
-def test_npz_raw_counts_stored_as_amplitude_warns(tmp_path: Path) -> None:
-    arrays = {**_minimal(), "diffraction": np.full((5, 8, 8), 1000.0, np.float32)}
-    with pytest.warns(UserWarning, match="counts=True"):
+def test_npz_units_are_detected_and_normalised_the_same_way(tmp_path: Path) -> None:
+    """Counts, sqrt(counts) and a declared unit all give the same normalised data and photon count."""
+    rng = np.random.default_rng(2)
+    counts = rng.poisson(rng.uniform(0, 400, (5, 8, 8))).astype(np.float32)
+    base = _minimal()
+    got = {}
+    for name, values, kwargs in (("counts", counts, {}), ("photons", np.sqrt(counts), {}),
+                                 ("declared", np.sqrt(counts), {"units": "photons"}),
+                                 ("legacy flag", counts, {"counts": True})):
+        arrays = {**base, "diffraction": values}
+        got[name] = load_npz(_write(tmp_path / f"{name}.npz", **arrays), **kwargs)
+    for d in got.values():
+        np.testing.assert_allclose(d.diffraction, got["counts"].diffraction, rtol=1e-5, atol=1e-6)
+        assert d.nphotons == pytest.approx(float(np.mean(counts.sum(axis=(1, 2)))), rel=1e-6)
+    # a normalised amplitude keeps its values and has no photon count
+    d = load_npz(_write(tmp_path / "norm.npz", **base))
+    np.testing.assert_array_equal(d.diffraction, base["diffraction"])
+    assert d.nphotons is None
+
+
+def test_npz_detect_units() -> None:
+    rng = np.random.default_rng(3)
+    counts = rng.poisson(30.0, (4, 16, 16)).astype(np.float64)
+    assert detect_units(counts) == "counts"
+    assert detect_units(np.sqrt(counts).astype(np.float32)) == "photons"
+    assert detect_units(np.sqrt(counts) / 7.3) == "normalised"
+
+
+def test_npz_rescaled_counts_warn_with_the_right_advice(tmp_path: Path) -> None:
+    arrays = {**_minimal(), "diffraction": np.random.default_rng(4).uniform(900, 1100, (5, 8, 8)).astype(np.float32)}
+    with pytest.warns(UserWarning, match="units='counts' or units='photons'"):
         load_npz(_write(tmp_path / "a.npz", **arrays))
+
+
+def test_npz_probe_at_an_instrument_scale_is_normalised_with_the_data(tmp_path: Path) -> None:
+    data = simulate_scan(N=16, object_size=48, seed=1, nphotons=1e6)
+    counts = np.round((data.diffraction.astype(np.float64) * 1e6**0.5 / 8) ** 2)
+    base = dict(diffraction=np.sqrt(counts).astype(np.float32), xcoords=data.xcoords, ycoords=data.ycoords)
+    # probe in the data's own units (Σ|P|² ≈ photons per frame): scaled by the same factor as the data
+    probe_file = data.probe * 1e6**0.5 / 8
+    consistent = load_npz(_write(tmp_path / "a.npz", **base, probeGuess=probe_file))
+    ratio_file = np.sum(np.abs(probe_file) ** 2) / np.mean(counts.sum(axis=(1, 2)))
+    ratio = np.sum(np.abs(consistent.probe) ** 2) / np.mean(np.sum(consistent.diffraction.astype(float) ** 2, (1, 2)))
+    assert ratio == pytest.approx(ratio_file, rel=1e-4)  # probe and data scaled by one factor
+    # probe at an arbitrary absolute scale (Σ|P|² = 1e14): set to the brightest patterns' energy
+    arbitrary = load_npz(_write(tmp_path / "b.npz", **base, probeGuess=data.probe * 1e7))
+    energy = np.sum(arbitrary.diffraction.astype(np.float64) ** 2, axis=(1, 2))
+    assert np.sum(np.abs(arbitrary.probe) ** 2) == pytest.approx(np.percentile(energy, 99.5), rel=1e-4)
+    assert np.sum(np.abs(arbitrary.probe) ** 2) == pytest.approx(np.sum(np.abs(data.probe) ** 2), rel=0.2)
+
+
+def test_npz_position_centre_convention(tmp_path: Path) -> None:
+    arrays = _minimal()
+    default = load_npz(_write(tmp_path / "a.npz", **arrays))
+    np.testing.assert_array_equal(default.xcoords, arrays["xcoords"])
+    legacy = load_npz(tmp_path / "a.npz", position_centre="N/2")
+    np.testing.assert_array_equal(legacy.xcoords, arrays["xcoords"] - 0.5)
+    with pytest.raises(ValueError, match="centre"):
+        load_npz(tmp_path / "a.npz", position_centre="middle")
 
 
 def test_npz_rejects_nan_and_negative(tmp_path: Path) -> None:

@@ -42,11 +42,14 @@ class PtychoData:
         diffraction: float32 (n, N, N) normalised diffraction *amplitude*
             (square root of counts, scaled so mean Σ X² ≈ (N/2)²).
         xcoords, ycoords: float64 (n,) scan positions in object pixels; the
-            position is the patch centre (x = column, y = row).
+            position is the patch centre, frame pixel (N−1)/2 (x = column, y = row).
         probe: complex64 (N, N) illumination.
         object: complex64 (M, M') ground-truth / initial object, or None.
         patches: complex64 (n, N, N) ground-truth object patches (NPZ ``Y``), or None.
         scan_index: int64 (n,) scan number of each pattern, or None.
+        nphotons: mean photons (counts) per pattern when the data's units tell
+            it (counts or photon-unit amplitudes), else None. It fixes the
+            intensity scale, so the Poisson likelihood sees the real counts.
     """
 
     diffraction: np.ndarray
@@ -56,11 +59,16 @@ class PtychoData:
     object: Optional[np.ndarray] = None
     patches: Optional[np.ndarray] = None
     scan_index: Optional[np.ndarray] = None
+    nphotons: Optional[float] = None
 
     def __post_init__(self) -> None:
         self.diffraction = _as_array(
             "diffraction", self.diffraction, np.float32, 3, "(n, N, N) float amplitude"
         )
+        if self.nphotons is not None:
+            if not (np.isfinite(self.nphotons) and self.nphotons > 0):
+                raise ValueError(f"nphotons must be a positive finite number or None (got {self.nphotons!r})")
+            self.nphotons = float(self.nphotons)
         n, h, w = self.diffraction.shape
         if h != w:
             raise ValueError(
@@ -123,6 +131,7 @@ class PtychoData:
             object=self.object,
             patches=None if self.patches is None else self.patches[idx],
             scan_index=None if self.scan_index is None else self.scan_index[idx],
+            nphotons=self.nphotons,
         )
 
     def split(

@@ -7,9 +7,9 @@ This module only turns those arrays into a ``PtychoData`` and back.
 
 Keys (one PtychoData field each):
 
-    diffraction  (n, N, N) float32 normalised amplitude   (legacy name: diff3d)
+    diffraction  (n, N, N) float32 amplitude or counts (legacy name: diff3d)
     probeGuess   (N, N)    complex
-    xcoords, ycoords (n,)  float, patch centres in object pixels
+    xcoords, ycoords (n,)  float, frame centres (pixel (N−1)/2) in object pixels
     objectGuess  (M, M')   complex   optional → PtychoData.object
     Y            (n, N, N) complex   optional → PtychoData.patches
     scan_index   (n,)      int       optional
@@ -18,9 +18,10 @@ Keys (one PtychoData field each):
 from __future__ import annotations
 
 import os
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import numpy as np
+from ptycho_runtime.geometry import DEFAULT_CENTRE
 from ptycho_runtime.npz import read_npz_arrays, write_npz_arrays
 
 from .container import PtychoData
@@ -30,14 +31,17 @@ PathLike = Union[str, "os.PathLike[str]"]
 __all__ = ["load_npz", "save_npz"]
 
 
-def load_npz(path: PathLike, counts: bool = False) -> PtychoData:
+def load_npz(path: PathLike, counts: Optional[bool] = None, units: str = "auto",
+             position_centre: str = DEFAULT_CENTRE) -> PtychoData:
     """Load a PtychoPINN-style NPZ into a validated ``PtychoData``.
 
-    Reading and validation (keys, shapes, ``counts=True`` → square root and
-    normalisation, the errors) are ``ptycho_runtime.npz.read_npz_arrays``: one
-    definition for training and the runtime.
+    Reading and validation (keys, shapes, units of the diffraction, probe
+    scale, frame-centre convention, the errors) are
+    ``ptycho_runtime.npz.read_npz_arrays``: one definition for training and
+    the runtime. ``nphotons`` is filled in when the file holds counts or
+    photon-unit amplitudes.
     """
-    arrays = read_npz_arrays(path, counts=counts, _stacklevel=3)
+    arrays = read_npz_arrays(path, counts=counts, units=units, position_centre=position_centre, _stacklevel=3)
     return PtychoData(
         diffraction=arrays["diffraction"],
         xcoords=arrays["xcoords"],
@@ -46,6 +50,7 @@ def load_npz(path: PathLike, counts: bool = False) -> PtychoData:
         object=arrays.get("objectGuess"),
         patches=arrays.get("Y"),
         scan_index=arrays.get("scan_index"),
+        nphotons=arrays["nphotons"],
     )
 
 

@@ -2,9 +2,10 @@
 
 Keys:
 
-    diffraction  (n, N, N) float32 normalised amplitude   (legacy name: diff3d)
-    probeGuess   (N, N)    complex
-    xcoords, ycoords (n,)  float, patch centres in object pixels
+    diffraction  (n, N, N) float  counts, sqrt(counts) in photons, or a normalised amplitude
+                                  (legacy name: diff3d; told apart by ``detect_units``)
+    probeGuess   (N, N)    complex, at any absolute scale (``normalise_probe``)
+    xcoords, ycoords (n,)  float, frame centres (pixel (N−1)/2) in object pixels
     objectGuess  (M, M')   complex   optional
     Y            (n, N, N) complex   optional (ground-truth object patches)
     scan_index   (n,)      int       optional
@@ -27,13 +28,15 @@ import tempfile
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import numpy as np
 
+from .geometry import DEFAULT_CENTRE, check_centre, to_default_centre
+
 PathLike = Union[str, "os.PathLike[str]"]
 
-__all__ = ["normalization_factor", "read_npz_arrays", "write_npz_arrays"]
+__all__ = ["UNITS", "detect_units", "normalise_probe", "normalization_factor", "read_npz_arrays", "write_npz_arrays"]
 
 
 def normalization_factor(amplitudes: np.ndarray) -> float:
@@ -112,27 +115,98 @@ def _check_numeric(key: str, arr: np.ndarray, allow_complex: bool) -> None:
         raise ValueError(f"NPZ key {key!r} must be real; got complex dtype {arr.dtype}")
 
 
-def read_npz_arrays(path: PathLike, counts: bool = False, _stacklevel: int = 2) -> Dict[str, np.ndarray]:
+UNITS = ("auto", "photons", "counts", "normalised")
+
+# A probe whose Σ|P|² is within this factor range of the mean pattern energy is taken to be in the
+# data's own units (Σ|O·P|² = pattern energy with a transmission |O|² in this range); otherwise its
+# absolute scale (an instrument's or simulator's convention) says nothing about the data.
+_PROBE_CONSISTENT_RATIO = (0.05, 1.5)
+
+
+def detect_units(values: np.ndarray) -> str:
+    """Tell counts, photon-unit amplitudes (sqrt of counts) and normalised amplitudes apart.
+
+    Counts are whole numbers; sqrt(counts) in photon units squares back to
+    whole numbers (to float32 rounding) without being whole itself; anything
+    else is a normalised amplitude of arbitrary scale. Zero-only or 0/1-only
+    data read the same either way and are called counts.
+    """
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    sample = v if v.size <= 1 << 22 else v[:: v.size // (1 << 22) + 1]
+    if np.all(sample == np.round(sample)):
+        return "counts"
+    # float32 keeps sqrt(k) to 6e-8 relative, so k comes back to ±1.2e-7·k: decidable for k up to ~1e5.
+    sq = sample * sample
+    testable = (sq < 1e5) & (sample != np.round(sample))
+    if np.count_nonzero(testable) >= 16 and np.all(np.abs(sq - np.round(sq))[testable] <= 1e-4 + 4e-7 * sq[testable]):
+        return "photons"
+    return "normalised"
+
+
+def normalise_probe(probe: np.ndarray, diffraction: np.ndarray, factor: float) -> tuple[np.ndarray, str]:
+    """The probe in the units of the normalised diffraction, and how its scale was chosen.
+
+    ``diffraction`` is the amplitude as read (photon units or as stored),
+    ``factor`` the normalisation applied to it. A probe already in the data's
+    units is scaled by the same factor. A probe at an unrelated absolute scale
+    (Σ|P|² = 1e14 for 1e6-photon frames is common) is rescaled so that Σ|P|²
+    equals the pattern energy of the brightest scan positions (99.5th
+    percentile): the most transmissive part of the scan is taken as
+    transmission 1, which keeps the amplitude of the object near its true
+    value instead of absorbing the unknown scale.
+    """
+    p = np.asarray(probe).astype(np.complex128)
+    p_energy = float(np.sum(np.abs(p) ** 2))
+    N = diffraction.shape[-1]
+    energy = np.sum(diffraction.astype(np.float64).reshape(-1, N * N) ** 2, axis=-1)
+    if not (np.isfinite(p_energy) and p_energy > 0):
+        raise ValueError("NPZ key 'probeGuess' is all zero or not finite; give the illumination the scan was "
+                         "measured with")
+    ratio = float(np.mean(energy)) / p_energy
+    lo, hi = _PROBE_CONSISTENT_RATIO
+    if lo <= ratio <= hi:
+        return (p * factor).astype(np.complex64), "data units"
+    target = float(np.percentile(energy, 99.5)) * factor**2
+    return (p * np.sqrt(target / p_energy)).astype(np.complex64), (
+        f"rescaled: its Σ|P|² ({p_energy:.3g}) is {ratio:.3g}× off the pattern energy, so it is set to the "
+        "brightest patterns' energy (transmission 1 there)")
+
+
+def read_npz_arrays(path: PathLike, counts: Optional[bool] = None, units: str = "auto",
+                    position_centre: str = DEFAULT_CENTRE, _stacklevel: int = 2) -> Dict[str, Any]:
     """Read and validate a PtychoPINN NPZ; return its arrays under their NPZ key names.
 
     Returned keys: ``diffraction`` (float32 (n, N, N) normalised amplitude,
     also when the file uses the legacy name ``diff3d``), ``xcoords`` and
-    ``ycoords`` (float64 (n,)), ``probeGuess`` ((N, N), dtype as stored) and,
-    when present, ``objectGuess``, ``Y`` ((n, N, N)) and ``scan_index`` ((n,)).
+    ``ycoords`` (float64 (n,), frame centre at pixel (N−1)/2),
+    ``probeGuess`` (complex64 (N, N), in the normalised diffraction's units)
+    and, when present, ``objectGuess``, ``Y`` ((n, N, N)) and ``scan_index``
+    ((n,)); plus ``units`` (what the diffraction held), ``nphotons`` (mean
+    counts per pattern, None for normalised input) and ``probe_scale`` (how
+    the probe's scale was chosen).
 
     Args:
         path: the .npz file.
-        counts: False (default) — ``diffraction`` already holds normalised
-            amplitudes and is used as stored.  True — it holds intensities
-            (detector counts): the reader takes the square root and rescales
-            by ``normalization_factor`` so the mean Σ X² is (N/2)².  That is
-            the same as dividing sqrt(counts) by the intensity scale
-            s = sqrt(nphotons)/(N/2) with nphotons = mean counts per pattern.
+        units: what ``diffraction`` holds. "auto" (default) tells it from the
+            values (``detect_units``): "counts" (detector counts, square root
+            taken), "photons" (sqrt(counts), the PtychoPINN and ptychodus
+            export convention) or "normalised" (an amplitude of arbitrary
+            scale, used as stored). Counts and photons are rescaled by
+            ``normalization_factor`` so the mean Σ X² is (N/2)², and their
+            mean count per pattern is returned as ``nphotons``.
+        counts: the older spelling of ``units="counts"`` (True).
+        position_centre: the frame pixel the file's positions name: "(N-1)/2"
+            (PtychoPINN, ptychodus; default) or "N/2" (converted).
 
     Raises:
         ValueError: unreadable / non-NPZ file, missing or mis-shaped key,
-            NaN / infinite / negative diffraction values.
+            NaN / infinite / negative diffraction values, unknown units.
     """
+    if counts:
+        units = "counts"
+    if units not in UNITS:
+        raise ValueError(f"units must be one of {', '.join(UNITS)} (got {units!r})")
+    check_centre(position_centre)
     arrays = _open_npz(path)
     if "diffraction" in arrays:
         dkey = "diffraction"
@@ -160,26 +234,32 @@ def read_npz_arrays(path: PathLike, counts: bool = False, _stacklevel: int = 2) 
 
     values = diff.astype(np.float64, copy=False)
     if not np.all(np.isfinite(values)) or np.any(values < 0):
-        kind = "counts" if counts else "amplitudes"
         raise ValueError(
-            f"NPZ key {dkey!r} must hold finite, non-negative {kind}: {_describe_bad(values)}. "
+            f"NPZ key {dkey!r} must hold finite, non-negative values: {_describe_bad(values)}. "
             "Check the detector mask / background subtraction (clip at 0) for those patterns."
         )
-    if counts:
-        amp = np.sqrt(values)
-        diffraction = (amp * normalization_factor(amp)).astype(np.float32)
-    else:
+    if units == "auto":
+        units = detect_units(values)
+    amp = np.sqrt(values) if units == "counts" else values
+    factor = normalization_factor(amp)
+    if units == "normalised":
         diffraction = diff.astype(np.float32, copy=False)
-        energy = float(np.mean(np.sum(values.reshape(n, -1) ** 2, axis=-1)))
-        ratio = energy / (N / 2) ** 2
-        if ratio > 100 or 0 < ratio < 0.01:
+        factor = 1.0
+        ratio = 1.0 / normalization_factor(amp) ** 2
+        if ratio > 100 or ratio < 0.01:
             warnings.warn(
-                f"{dkey!r} mean Σ X² is {ratio:.3g}× the normalised value (N/2)² = {(N / 2) ** 2:g}; "
-                "if the file stores raw counts, load it with counts=True",
+                f"{dkey!r} is taken as a normalised amplitude (its squares are not whole photon counts) but "
+                f"its mean Σ X² is {ratio:.3g}× the normalised value (N/2)² = {(N / 2) ** 2:g}; if it holds "
+                "counts or sqrt(counts) that were rescaled or background-subtracted, declare "
+                "units='counts' or units='photons' (CLI: --units)",
                 stacklevel=_stacklevel,
             )
+        nphotons = None
+    else:
+        diffraction = (amp * factor).astype(np.float32)
+        nphotons = float(np.mean(np.sum(amp.reshape(n, -1) ** 2, axis=-1)))
 
-    out: Dict[str, np.ndarray] = {"diffraction": diffraction}
+    out: Dict[str, Any] = {"diffraction": diffraction, "units": units, "nphotons": nphotons}
     for key in ("xcoords", "ycoords"):
         arr = _require(arrays, key, f"float array of shape (n,) = ({n},)")
         _check_numeric(key, arr, allow_complex=False)
@@ -187,12 +267,12 @@ def read_npz_arrays(path: PathLike, counts: bool = False, _stacklevel: int = 2) 
         arr = arr.reshape(-1).astype(np.float64)
         if not np.all(np.isfinite(arr)):
             raise ValueError(f"NPZ key {key!r} contains {int((~np.isfinite(arr)).sum())} NaN/inf value(s)")
-        out[key] = arr
+        out[key] = to_default_centre(arr, N, position_centre)
 
     probe = _require(arrays, "probeGuess", f"complex array of shape (N, N) = ({N}, {N})")
     _check_numeric("probeGuess", probe, allow_complex=True)
     _check_shape("probeGuess", probe, (N, N), "(N, N)")
-    out["probeGuess"] = probe
+    out["probeGuess"], out["probe_scale"] = normalise_probe(probe, amp, factor)
 
     obj: Optional[np.ndarray] = arrays.get("objectGuess")
     if obj is not None:
