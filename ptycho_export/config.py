@@ -17,6 +17,7 @@ ALLOWED_GRIDSIZE = (1, 2, 3)
 AMP_ACTIVATIONS = ("sigmoid", "swish", "silu", "softplus", "relu")
 OUTPUT_MODES = ("amp_phase", "real_imag")
 DEVICES = ("auto", "cpu", "cuda")
+LR_SCHEDULES = ("plateau", "cosine", "constant")
 
 
 def _require_choice(name: str, value: Any, allowed: tuple) -> None:
@@ -90,8 +91,10 @@ class TrainingConfig:
     nphotons: float = 1e9
     val_fraction: float = 0.1
     early_stopping_patience: Optional[int] = None
+    lr_schedule: str = "plateau"  # "cosine": warm-up, then cosine decay over the epochs or the time budget
     lr_plateau_patience: int = 3
     lr_plateau_factor: float = 0.5
+    time_budget_s: Optional[float] = None  # stop before an epoch that would not finish within the budget
     n_groups: Optional[int] = None
     positions_provided: bool = True
     seed: int = 0
@@ -118,6 +121,9 @@ class TrainingConfig:
         if self.early_stopping_patience is not None:
             _require_positive("early_stopping_patience", self.early_stopping_patience, integer=True)
         _require_positive("lr_plateau_patience", self.lr_plateau_patience, integer=True)
+        _require_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        if self.time_budget_s is not None:
+            _require_positive("time_budget_s", self.time_budget_s)
         if not (0.0 < self.lr_plateau_factor < 1.0):
             raise ValueError(f"lr_plateau_factor must be in (0, 1) (got {self.lr_plateau_factor!r})")
         if self.n_groups is not None:

@@ -165,6 +165,30 @@ class StitchCanvas:
             self._wsum += np.bincount(idx, weights=w.ravel(), minlength=size)
         self.n_patches += patches.shape[0]
 
+    def sample(self, positions: np.ndarray) -> np.ndarray:
+        """The current object read back at each patch's window pixels: complex128 [n, K].
+
+        Bilinear sampling, the adjoint of ``add``'s splat, so a patch that was
+        added alone reads back as itself. ``K`` pixels per patch are the
+        window's non-zero pixels, in the order of ``window_values``.
+        """
+        pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
+        W = self.shape[1]
+        ix, iy, fx, fy = self._locate(pos)
+        wsum = np.where(self._wsum > 1e-12, self._wsum, 1.0)
+        obj = (self._re + 1j * self._im) / wsum
+        base = (iy[:, None] + self._rows[None, :]) * W + (ix[:, None] + self._cols[None, :])
+        out = np.zeros(base.shape, np.complex128)
+        for dy, dx, wgt in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx),
+                            (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
+            if np.any(wgt):
+                out += wgt[:, None] * obj[base + dy * W + dx]
+        return out
+
+    def window_values(self, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(patch values at the window's non-zero pixels [n, K], their weights [K])."""
+        return np.asarray(patches)[:, self._rows, self._cols], self._w
+
     def result(self) -> Reconstruction:
         """The current object (a copy; safe to read while more patches arrive)."""
         wsum = self._wsum.reshape(self.shape)
