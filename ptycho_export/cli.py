@@ -31,6 +31,8 @@ COMMANDS = ("bundle", "inspect", "verify", "train")
 # export.DEFAULT_OPSET / PARITY_TOLERANCE, repeated here so --help and inspect never import torch (a test pins them)
 DEFAULT_OPSET = 20
 PARITY_TOLERANCE = 1e-4
+DEFAULT_NPHOTONS = 1e9
+DEFAULT_PRETRAIN = 0.5
 PARAM_KEYS = ("N", "gridsize", "intensity_scale", "n_filters_scale", "amp_activation", "output_mode", "nphotons",
               "object.big", "probe.big")
 
@@ -333,26 +335,45 @@ def cmd_verify(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- train
 
 
+def _read_scan(path: Path, args: argparse.Namespace, what: str):
+    """A user's NPZ scan with the declared units and centre convention; CliError naming the option on failure."""
+    from .data import load_npz
+
+    try:
+        return load_npz(path, units="counts" if args.counts else args.units, position_centre=args.position_centre)
+    except ValueError as exc:
+        raise CliError(f"cannot use {what} {path}: {exc}") from None
+
+
+def _scan_description(path: Path, data) -> str:
+    units = (f"{data.nphotons:.3g} photons/frame on average" if data.nphotons is not None
+             else "normalised amplitudes")
+    return f"NPZ `{path}` ({data.n} patterns, N={data.N}, {units})"
+
+
 def _load_training_data(args: argparse.Namespace):
-    from .data import load_npz, simulate_scan
+    """(train data, held-out data or None, truth of the held-out scan or None, description)."""
+    from .data import simulate_scan
 
     if args.data is not None:
         if args.n_positions is not None or args.object_size is not None or args.step is not None:
             raise CliError("--n-positions, --object-size and --step only apply to --simulate")
-        try:
-            data = load_npz(args.data, counts=args.counts)
-        except ValueError as exc:
-            raise CliError(f"cannot use --data {args.data}: {exc}") from None
+        data = _read_scan(args.data, args, "--data")
         if args.N is not None and args.N != data.N:
             raise CliError(f"--N {args.N} does not match the data: {args.data} holds {data.N}x{data.N} patterns")
-        desc = (f"NPZ `{args.data}` ({data.n} patterns, N={data.N}, "
-                f"{'counts' if args.counts else 'normalised amplitudes'})")
-        return data, None, desc
-    if args.counts:
-        raise CliError("--counts only applies to --data")
+        desc = _scan_description(args.data, data)
+        test = None
+        if args.test_data is not None:
+            test = _read_scan(args.test_data, args, "--test-data")
+            if test.N != data.N:
+                raise CliError(f"--test-data holds {test.N}x{test.N} patterns but --data holds {data.N}x{data.N}")
+            desc += f"; held out: {_scan_description(args.test_data, test)}"
+        return data, test, desc
+    if args.counts or args.units != "auto" or args.test_data is not None:
+        raise CliError("--counts, --units and --test-data only apply to --data")
     N = 64 if args.N is None else args.N
-    kwargs: dict[str, Any] = dict(N=N, object_kind=args.simulate, nphotons=args.nphotons, seed=args.seed,
-                                  object_size=args.object_size)
+    kwargs: dict[str, Any] = dict(N=N, object_kind=args.simulate, nphotons=args.nphotons or DEFAULT_NPHOTONS,
+                                  seed=args.seed, object_size=args.object_size)
     if args.n_positions is not None:
         if args.step is not None:
             raise CliError("--step sets a raster scan; --n-positions a random one: give one of them")
@@ -365,8 +386,8 @@ def _load_training_data(args: argparse.Namespace):
         raise CliError(f"cannot simulate the scan: {exc}") from None
     scan = f"{args.n_positions} random positions" if args.n_positions else f"a raster of {data.n} positions"
     desc = (f"simulated `{args.simulate}` object ({data.object.shape[0]}x{data.object.shape[1]} px), {scan}, "
-            f"N={N}, nphotons {args.nphotons:g}, seed {args.seed}")
-    return data, data.object, desc
+            f"N={N}, nphotons {kwargs['nphotons']:g}, seed {args.seed}")
+    return data, None, desc
 
 
 def _quality_rows(quality: Mapping[str, Optional[dict]]) -> list[str]:
@@ -386,27 +407,46 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     out_dir = Path(args.output_dir)
+    if args.threads is not None:
+        import torch
 
-    def make_config(N: int) -> TrainingConfig:
+        torch.set_num_threads(args.threads)
+
+    def make_config(N: int, nphotons: float, fixed_scale: bool) -> TrainingConfig:
         try:
-            model_cfg = ModelConfig(N=N, gridsize=args.gridsize, n_filters_scale=args.n_filters_scale)
+            model_cfg = ModelConfig(N=N, gridsize=args.gridsize, n_filters_scale=args.n_filters_scale,
+                                    intensity_scale_trainable=not fixed_scale)
+            budget = None if args.time_budget is None else args.time_budget * 60.0
             return TrainingConfig(model=model_cfg, nepochs=args.epochs, batch_size=args.batch_size,
-                                  learning_rate=args.lr, nphotons=args.nphotons, seed=args.seed,
+                                  learning_rate=args.lr, nphotons=nphotons, seed=args.seed,
                                   device=args.device, output_dir=out_dir, train_data_file=args.data,
-                                  progress=sys.stderr.isatty(), export_graphs=False)
+                                  test_data_file=args.test_data, progress=True, export_graphs=False,
+                                  time_budget_s=budget, lr_schedule=args.lr_schedule,
+                                  pretrain_fraction=args.pretrain if budget is not None else 0.0,
+                                  val_fraction=args.val_fraction)
         except ValueError as exc:
             raise CliError(str(exc)) from None
 
-    make_config(64 if args.N is None else args.N)  # validate every option before loading or simulating data
-    if not 0.0 < args.train_fraction < 1.0:
-        raise CliError(f"--train-fraction must be in (0, 1) (got {args.train_fraction})")
+    make_config(64 if args.N is None else args.N, args.nphotons or DEFAULT_NPHOTONS, False)  # validate options first
+    if args.pretrain > 0 and args.time_budget is None:
+        raise CliError("--pretrain is a share of the time budget: give --time-budget MINUTES as well")
+    if not 0.0 < args.train_fraction <= 1.0:
+        raise CliError(f"--train-fraction must be in (0, 1] (got {args.train_fraction})")
     params.reset_cfg()  # a fresh start, whatever an earlier in-process command left in params.cfg
-    data, truth, data_desc = _load_training_data(args)
-    try:
-        train, test = data.split(fraction=args.train_fraction, mode="spatial")
-    except ValueError as exc:
-        raise CliError(f"--train-fraction {args.train_fraction}: {exc}") from None
-    config = make_config(data.N)
+    data, test, data_desc = _load_training_data(args)
+    split = "all positions"
+    if test is not None or args.train_fraction == 1.0:
+        train = data
+    else:
+        try:
+            train, test = data.split(fraction=args.train_fraction, mode="spatial")
+        except ValueError as exc:
+            raise CliError(f"--train-fraction {args.train_fraction}: {exc}") from None
+        split = f"spatial split {args.train_fraction:g}"
+    truth = test.object if test is not None else None
+    # The data's own photon count, when its units tell it, is exact: the intensity scale is then fixed.
+    nphotons = args.nphotons or train.nphotons or DEFAULT_NPHOTONS
+    config = make_config(data.N, nphotons, fixed_scale=args.nphotons is None and train.nphotons is not None)
     model_cfg = config.model
     if args.device == "cuda":
         import torch
@@ -418,7 +458,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from .workflows.components import run_cdi_example_torch
 
-    print(f"Training on {data_desc}: {train.n} train / {test.n} test patterns (spatial split)", flush=True)
+    n_test = 0 if test is None else test.n
+    print(f"Training on {data_desc}: {train.n} train / {n_test} test patterns ({split})", flush=True)
     _, _, results = run_cdi_example_torch(train, test, config, do_stitching=True)
     bundle_path = Path(results["bundle_path"])
     history = {k: [float(v) for v in vals] for k, vals in results["history"].items()}
@@ -457,8 +498,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         title += f" — PSNR amplitude {q['amplitude_psnr_db']:.1f} dB, phase {q['phase_psnr_db']:.1f} dB"
     from .data import save_npz
 
-    save_npz(out_dir / "test_scan.npz", test)  # the held-out scan, for ptycho-runtime infer
-    files = [bundle_path, out_dir / "test_scan.npz"]
+    files = [bundle_path]
+    if test is not None:
+        save_npz(out_dir / "test_scan.npz", test)  # the held-out scan, for ptycho-runtime infer
+        files.append(out_dir / "test_scan.npz")
     if recon is not None:
         from ptycho_runtime.cli import write_png  # one plot for both CLIs (atomic write, colour bars)
 
@@ -472,12 +515,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     loss, val = history.get("loss", []), history.get("val_loss", [])
     lines = [
         "# ptycho-export training report", "",
-        f"- **Data**: {data_desc}; spatial split {args.train_fraction:g}: {train.n} train / {test.n} test patterns",
+        f"- **Data**: {data_desc}; {split}: {train.n} train / {n_test} test patterns",
         f"- **Model**: N={data.N}, gridsize={args.gridsize}, n_filters_scale={args.n_filters_scale}, "
         f"output_mode {model_cfg.output_mode}, amp_activation {model_cfg.amp_activation}; "
         f"intensity_scale {results['intensity_scale']:.6g}",
-        f"- **Training**: {len(loss)} epoch(s) of {args.epochs} requested, batch {args.batch_size}, lr {args.lr:g}, "
-        f"nphotons {args.nphotons:g}, seed {args.seed}, device {summary.get('device')}, "
+        f"- **Training**: {len(loss)} epoch(s) of {args.epochs} allowed"
+        + (f" in a {args.time_budget:g}-minute budget (stopped by: {summary.get('stop_reason')})"
+           if args.time_budget else "")
+        + (f", after {summary['pretraining']['steps']} supervised pre-training steps "
+           f"({summary['pretraining']['wall_time_s']:.0f} s)" if "pretraining" in summary else "")
+        + f", batch {args.batch_size}, lr {args.lr:g} ({args.lr_schedule}), "
+        f"nphotons {nphotons:g}, seed {args.seed}, device {summary.get('device')}, "
         f"{summary.get('n_train')} train / {summary.get('n_val')} validation groups",
         f"- **Wall time**: {wall:.1f} s in all, training {summary.get('wall_time_s', float('nan')):.1f} s",
     ]
@@ -491,8 +539,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         q = quality.get("all covered pixels")
         if q:
             lines += ["", f"Removed global phase offset: {q['phase_offset_rad']:.4f} rad."]
+    elif test is None:
+        lines += ["", "No held-out scan (--train-fraction 1 without --test-data): no quality metrics."]
     elif truth is None:
-        lines += ["", "No ground truth (measured data): no quality metrics."]
+        lines += ["", "No ground truth (the held-out scan has no objectGuess): no quality metrics."]
     if recon is not None:
         lines += ["", "![reconstruction](reconstruction.png)"]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
@@ -534,6 +584,10 @@ def _tolerance(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ptycho_runtime.geometry import CENTRE_CONVENTIONS, DEFAULT_CENTRE
+    from ptycho_runtime.npz import UNITS
+
+    from .config import LR_SCHEDULES
     from .verify import BACKENDS
 
     common = argparse.ArgumentParser(add_help=False)
@@ -588,7 +642,15 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", type=Path, metavar="SCAN.npz", help="PtychoPINN NPZ scan")
     src.add_argument("--simulate", choices=("lines", "grf"), help="simulate a scan of this object kind")
-    p.add_argument("--counts", action="store_true", help="the NPZ diffraction holds counts, not amplitudes")
+    p.add_argument("--test-data", type=Path, metavar="TEST.npz", default=None,
+                   help="held-out scan to reconstruct and score (default: the bottom part of --data, see "
+                        "--train-fraction)")
+    p.add_argument("--units", choices=UNITS, default="auto",
+                   help="what the NPZ 'diffraction' holds: counts, photons (sqrt of counts, the PtychoPINN and "
+                        "ptychodus convention), normalised (arbitrary-scale amplitude) or auto (told from the values)")
+    p.add_argument("--counts", action="store_true", help="same as --units counts")
+    p.add_argument("--position-centre", choices=CENTRE_CONVENTIONS, default=DEFAULT_CENTRE,
+                   help="frame pixel the NPZ positions name: (N-1)/2 (PtychoPINN, ptychodus) or N/2")
     p.add_argument("--output-dir", type=Path, required=True, metavar="DIR")
     p.add_argument("--N", type=int, default=None, help="patch size (default: the data's, or 64 when simulating)")
     p.add_argument("--gridsize", type=int, default=1)
@@ -596,10 +658,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=10)
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
-    p.add_argument("--nphotons", type=float, default=1e9)
+    p.add_argument("--nphotons", type=float, default=None,
+                   help="photons per frame (default: the data's mean count when it holds counts or photons, "
+                        f"else {DEFAULT_NPHOTONS:g})")
+    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="train as many epochs as fit in this many minutes (pre-training included)")
+    p.add_argument("--pretrain", type=float, default=DEFAULT_PRETRAIN, metavar="FRACTION",
+                   help="share of --time-budget spent on supervised pre-training with synthetic objects seen "
+                        "through this scan's probe, geometry and photon count")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine",
+                   help="cosine: warm-up then decay over the epochs or the time budget; plateau: halve on a "
+                        "stalled validation loss")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of training groups held for validation")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads (default: torch's; 1 is often faster on a busy machine)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--train-fraction", type=float, default=0.75, help="fraction of the scan used for training")
+    p.add_argument("--train-fraction", type=float, default=0.75,
+                   help="fraction of the scan used for training when there is no --test-data (1: all of it)")
     p.add_argument("--no-graphs", action="store_true", help="do not compile TorchScript/ONNX graphs")
     adv = p.add_argument_group("simulation (advanced)")
     adv.add_argument("--n-positions", type=_positive_int, default=None,

@@ -95,6 +95,7 @@ class TrainingConfig:
     lr_plateau_patience: int = 3
     lr_plateau_factor: float = 0.5
     time_budget_s: Optional[float] = None  # stop before an epoch that would not finish within the budget
+    pretrain_fraction: float = 0.0  # share of the time budget for supervised pre-training (pretraining.py)
     n_groups: Optional[int] = None
     positions_provided: bool = True
     seed: int = 0
@@ -124,6 +125,9 @@ class TrainingConfig:
         _require_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         if self.time_budget_s is not None:
             _require_positive("time_budget_s", self.time_budget_s)
+        _require_fraction("pretrain_fraction", self.pretrain_fraction)
+        if self.pretrain_fraction > 0 and self.time_budget_s is None:
+            raise ValueError("pretrain_fraction is a share of the time budget: set time_budget_s as well")
         if not (0.0 < self.lr_plateau_factor < 1.0):
             raise ValueError(f"lr_plateau_factor must be in (0, 1) (got {self.lr_plateau_factor!r})")
         if self.n_groups is not None:

@@ -11,9 +11,9 @@ and train ``diffraction_to_obj`` on them with the true patches as targets,
 which converges far faster. Physics training on the user's own scan then
 adapts the network to the real sample.
 
-The supervised loss ignores each patch's constant phase: one diffraction
-pattern cannot determine it (ψ and ψ·e^{iφ} scatter identically), so asking
-the network for it would only teach it to guess. Neighbouring patches are put
+The supervised loss ignores each group's constant phase: diffraction cannot
+determine it (ψ and ψ·e^{iφ} scatter identically), so asking the network for
+it would only teach it to guess. Neighbouring patches are put
 on one phase when they are stitched (``ptycho_runtime.alignment``).
 """
 
@@ -96,15 +96,22 @@ class SyntheticScans:
 
 def phase_invariant_loss(pred_re: Tensor, pred_im: Tensor, true_re: Tensor, true_im: Tensor,
                          weight: Tensor) -> Tensor:
-    """Mean over patches of min_φ Σ w |pred·e^{iφ} − true|² / Σ w (the patch's constant phase is free)."""
-    cross_re = torch.sum(weight * (true_re * pred_re + true_im * pred_im), dim=(-2, -1))
-    cross_im = torch.sum(weight * (true_im * pred_re - true_re * pred_im), dim=(-2, -1))
+    """Mean over groups of min_φ Σ w |pred·e^{iφ} − true|² / (C Σ w): one free constant phase per group.
+
+    Tensors are [B, C, N, N]. The phase is shared by the group's C patches:
+    their *relative* phases are measurable (they overlap, and the overlap
+    constraint averages them), only the group's common phase is not.
+    """
+    dims = (-3, -2, -1)
+    cross_re = torch.sum(weight * (true_re * pred_re + true_im * pred_im), dim=dims)
+    cross_im = torch.sum(weight * (true_im * pred_re - true_re * pred_im), dim=dims)
     norm = torch.sqrt(cross_re**2 + cross_im**2).clamp_min(1e-12)
-    c, s = cross_re / norm, cross_im / norm  # e^{iφ} with φ = angle(Σ w·true·conj(pred))
-    rot_re = pred_re * c[..., None, None] - pred_im * s[..., None, None]
-    rot_im = pred_re * s[..., None, None] + pred_im * c[..., None, None]
+    c = (cross_re / norm)[:, None, None, None]  # e^{iφ} with φ = angle(Σ w·true·conj(pred))
+    s = (cross_im / norm)[:, None, None, None]
+    rot_re = pred_re * c - pred_im * s
+    rot_im = pred_re * s + pred_im * c
     err = (rot_re - true_re) ** 2 + (rot_im - true_im) ** 2
-    return torch.mean(torch.sum(weight * err, dim=(-2, -1)) / torch.sum(weight))
+    return torch.mean(torch.sum(weight * err, dim=dims) / (pred_re.shape[1] * torch.sum(weight)))
 
 
 def pretrain_supervised(d2o: nn.Module, scans: SyntheticScans, intensity_scale: float, time_budget_s: float,

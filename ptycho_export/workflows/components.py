@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
+from ptycho_runtime.alignment import stitch_scan
+from ptycho_runtime.stitching import probe_window
 
 from .. import params
 from ..config import TrainingConfig
 from ..data import PtychoData, load_npz, make_groups
 from ..model import create_torch_model_with_gridsize, default_intensity_scale
 from ..model_manager import load_torch_bundle, save_torch_bundle
-from ..stitching import stitch_patches
 from ..training import predict_patches, resolve_device, seed_everything, train_autoencoder
 
 DataLike = Union[PtychoData, str, os.PathLike]
@@ -55,19 +57,45 @@ def train_cdi_model_torch(train_data: DataLike, test_data: Optional[DataLike], c
     test_container = make_groups(test, mcfg.gridsize, seed=config.seed) if test is not None else None
     models = create_torch_model_with_gridsize(mcfg.gridsize, mcfg.N, params.cfg)
     device = resolve_device(config.device)
+    pretrain_summary = None
+    if config.pretrain_fraction > 0:
+        pretrain_summary = _pretrain(models["diffraction_to_obj"], train, train_container, intensity_scale, config,
+                                     device)
+        config = replace(config, time_budget_s=config.time_budget_s - pretrain_summary["wall_time_s"],
+                         pretrain_fraction=0.0)
     run = train_autoencoder(models["autoencoder"], train_container, intensity_scale, config, device)
     for m in models.values():
         m.to("cpu").eval()
     summary = {k: v for k, v in run.items() if k != "history"}
+    if pretrain_summary is not None:
+        summary["pretraining"] = {k: v for k, v in pretrain_summary.items() if k != "loss"}
     return {"history": run["history"], "models": models, "intensity_scale": float(intensity_scale),
             "train_container": train_container, "test_container": test_container,
             "probe": train.probe.astype(np.complex64), "training_summary": summary}
 
 
-def reconstruct_container(d2o, container, intensity_scale: float, batch_size: int = 64):
-    """Eager prediction of a grouped scan and vectorised stitching of all B·C patches."""
+def _pretrain(d2o, train: PtychoData, container, intensity_scale: float, config: TrainingConfig, device
+              ) -> dict[str, Any]:
+    """Supervised pre-training on synthetic objects seen through this scan's probe, geometry and photons."""
+    import sys
+
+    from ..pretraining import SyntheticScans, pretrain_supervised
+
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    scans = SyntheticScans(train.probe, config.nphotons, container, seed=config.seed)
+    return pretrain_supervised(d2o, scans, intensity_scale, config.time_budget_s * config.pretrain_fraction,
+                               batch_size=config.batch_size, learning_rate=config.learning_rate, device=device,
+                               log=log if config.progress else None)
+
+
+def reconstruct_container(d2o, container, intensity_scale: float, batch_size: int = 64,
+                          probe: Optional[np.ndarray] = None):
+    """Eager prediction of a grouped scan, stitched as the runtime does (|probe|² window, phase alignment)."""
     patches = predict_patches(d2o, container.diffraction, intensity_scale, batch_size)
-    return stitch_patches(patches, container.positions), patches
+    window = None if probe is None else probe_window(probe)
+    return stitch_scan(patches, container.positions, window=window), patches
 
 
 def run_cdi_example_torch(train_data: DataLike, test_data: Optional[DataLike], config: TrainingConfig,
@@ -97,7 +125,7 @@ def run_cdi_example_torch(train_data: DataLike, test_data: Optional[DataLike], c
     if do_stitching and results["test_container"] is not None:
         start = time.perf_counter()
         recon, _ = reconstruct_container(results["models"]["diffraction_to_obj"], results["test_container"],
-                                         results["intensity_scale"])
+                                         results["intensity_scale"], probe=results["probe"])
         results["reconstruction"] = recon
         results["reconstruction_time_s"] = time.perf_counter() - start
         recon_amp, recon_phase = recon.amplitude, recon.phase

@@ -22,17 +22,38 @@ from typing import Optional
 
 import numpy as np
 
-from .stitching import StitchCanvas
+from .stitching import Reconstruction, StitchCanvas, _window
 
 DEFAULT_PHASE_ITERATIONS = 30
 
 
+def _binned(patches: np.ndarray, positions: np.ndarray, window: Optional[np.ndarray], crop: Optional[int],
+            factor: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Patches averaged over factor×factor blocks (weighted by the window), their positions and window.
+
+    The relative phase of two patches is a low-resolution quantity, so it is
+    measured on binned patches: ``factor``² times less work per pass.
+    """
+    n, N, _ = patches.shape
+    w = _window(N, crop, window)
+    M = N // factor
+    wb = w.reshape(M, factor, M, factor)
+    w_sum = wb.sum(axis=(1, 3))
+    summed = (patches.reshape(n, M, factor, M, factor) * wb[None]).sum(axis=(2, 4))
+    binned = summed / np.where(w_sum > 0, w_sum, 1.0)[None]
+    # binned pixel R of a frame sits at binned object coordinate (y − (N−1)/2)/factor + R
+    pos = (positions - (N - 1) / 2) / factor + (M - 1) / 2
+    return binned, pos, w_sum
+
+
 def align_patch_phases(patches: np.ndarray, positions: np.ndarray, window: Optional[np.ndarray] = None,
-                       iterations: int = DEFAULT_PHASE_ITERATIONS, crop: Optional[int] = None) -> np.ndarray:
+                       iterations: int = DEFAULT_PHASE_ITERATIONS, crop: Optional[int] = None,
+                       bin_factor: int = 4) -> np.ndarray:
     """Unit phase factors [n] that make overlapping patches [n, N, N] at positions [n, 2] agree.
 
     Multiply patch k by the k-th factor before stitching. ``window`` (e.g.
-    |probe|²) weights the comparison as it weights the stitching.
+    |probe|²) or ``crop`` weights the comparison as it weights the stitching.
+    The comparison runs on patches binned by ``bin_factor`` (1: full resolution).
     """
     patches = np.asarray(patches)
     pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
@@ -42,16 +63,44 @@ def align_patch_phases(patches: np.ndarray, positions: np.ndarray, window: Optio
     if isinstance(iterations, bool) or int(iterations) < 0:
         raise ValueError(f"iterations must be an integer >= 0 (got {iterations!r})")
     N = patches.shape[-1]
+    if isinstance(bin_factor, bool) or int(bin_factor) < 1 or N % int(bin_factor):
+        raise ValueError(f"bin_factor must be a positive divisor of N={N} (got {bin_factor!r})")
     factors = np.ones(patches.shape[0], np.complex128)
-    if patches.shape[0] < 2:
+    if patches.shape[0] < 2 or not iterations:
         return factors
-    template = StitchCanvas.for_positions(pos, N, crop=crop, window=window)
-    values, w = template.window_values(patches)
+    small, small_pos, small_w = _binned(patches, pos, window, crop, int(bin_factor))
+    M = small.shape[-1]
+    template = StitchCanvas.for_positions(small_pos, M, window=small_w)
+    values, w = template.window_values(small)
     weighted_conj = np.conj(values) * w[None, :]
     for _ in range(int(iterations)):
-        canvas = StitchCanvas(template.shape, N, template.origin, crop=crop, window=window)
-        canvas.add(patches * factors[:, None, None].astype(np.complex64), pos)
-        overlap = np.sum(canvas.sample(pos) * weighted_conj, axis=1)
+        canvas = StitchCanvas(template.shape, M, template.origin, window=small_w)
+        canvas.add(small * factors[:, None, None], small_pos)
+        overlap = np.sum(canvas.sample(small_pos) * weighted_conj, axis=1)
         mag = np.abs(overlap)
         factors = np.where(mag > 0, overlap / np.where(mag > 0, mag, 1.0), factors)
     return factors
+
+
+def stitch_scan(patches: np.ndarray, positions: np.ndarray, window: Optional[np.ndarray] = None,
+                crop: Optional[int] = None, align_phase: int = DEFAULT_PHASE_ITERATIONS,
+                object_shape: Optional[tuple[int, int]] = None) -> Reconstruction:
+    """Phase-align (``align_phase`` passes, 0: off) and stitch patches [n, (C,) N, N] at positions [n, (C,) 2].
+
+    The one stitching path of ``Bundle.reconstruct`` and training's test
+    reconstruction. The canvas is sized to the scan, or is ``object_shape``
+    with origin (0, 0).
+    """
+    patches = np.asarray(patches)
+    N = patches.shape[-1]
+    flat = patches.reshape(-1, N, N)
+    flat_pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
+    if align_phase:
+        factors = align_patch_phases(flat, flat_pos, window=window, crop=crop, iterations=align_phase)
+        flat = flat * factors[:, None, None].astype(np.complex64)
+    if object_shape is None:
+        canvas = StitchCanvas.for_positions(flat_pos, N, crop=crop, window=window)
+    else:
+        canvas = StitchCanvas(object_shape, N, (0, 0), crop=crop, window=window)
+    canvas.add(flat, flat_pos)
+    return canvas.result()

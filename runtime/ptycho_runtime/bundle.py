@@ -17,15 +17,16 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
 from . import bundle_format as fmt
+from .alignment import DEFAULT_PHASE_ITERATIONS, stitch_scan
 from .backends import DEVICES, PRECISIONS, OnnxBackend, TorchScriptBackend
 from .grouping import group_neighbors
 from .inputs import check_positions, prepare_diffraction
-from .stitching import Reconstruction, StitchCanvas
+from .stitching import Reconstruction, probe_window
 
 BACKENDS = ("auto", "onnx", "torchscript")
 INFERENCE_MODEL = "diffraction_to_obj"
@@ -136,7 +137,8 @@ class Bundle:
                                  f"diffraction (got {list(off.shape)})")
         return self._infer(x, batch_size)
 
-    def _infer(self, x: np.ndarray, batch_size: Optional[int]) -> np.ndarray:
+    def _infer(self, x: np.ndarray, batch_size: Optional[int],
+               progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
         bs = self.default_batch_size() if batch_size is None else int(batch_size)  # 0 is an error, not 'default'
         if bs < 1:
             raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
@@ -144,28 +146,44 @@ class Bundle:
         for i in range(0, x.shape[0], bs):
             a, b = self._backend.run(np.ascontiguousarray(x[i:i + bs]))
             _combine_into(out[i:i + bs], a, b, self._pair)
+            if progress is not None:
+                progress(min(bs, x.shape[0] - i))
         return out
+
+    def stitch_window(self, window: Union[str, np.ndarray, None] = "probe") -> Optional[np.ndarray]:
+        """The stitching weights: ``"probe"`` → ``probe_window`` of the bundle's probe (None without one)."""
+        if isinstance(window, str):
+            if window != "probe":
+                raise ValueError(f"window must be 'probe', an [N, N] array or None (got {window!r})")
+            return None if self.probe is None else probe_window(self.probe)
+        return window
 
     def reconstruct(self, diffraction: np.ndarray, positions: np.ndarray, counts: bool = False,
                     batch_size: Optional[int] = None, object_shape: Optional[tuple[int, int]] = None,
-                    crop: Optional[int] = None, window: Optional[np.ndarray] = None) -> Reconstruction:
+                    crop: Optional[int] = None, window: Union[str, np.ndarray, None] = "probe",
+                    align_phase: int = DEFAULT_PHASE_ITERATIONS,
+                    progress: Optional[Callable[[int], None]] = None) -> Reconstruction:
         """Predict and stitch a scan into the full object.
 
-        ``positions`` (x, y) in object pixels (see ``positions_from_metres``):
+        ``positions`` (x, y) in object pixels, frame centre at pixel (N−1)/2
+        (see ``positions_from_metres``, ``geometry.to_default_centre``):
         [n, 2] for n frames [n, N, N] — with gridsize > 1 the frames are grouped
         with their nearest neighbours exactly as in training — or, for
         pre-grouped input [n, C, N, N], [n, C, 2]. The canvas is sized to the
-        scan, or is ``object_shape`` with origin (0, 0). Weighting: ``crop``
-        (default N/2 central crop) or ``window`` ([N, N] weights, e.g. |probe|²).
+        scan, or is ``object_shape`` with origin (0, 0).
+
+        Weighting: ``window`` — "probe" (default: |probe|², which beats a
+        crop because it trusts each patch where it was lit), an [N, N] array,
+        or None for the ``crop`` (default N/2) central square; an explicit
+        ``crop`` wins. ``align_phase`` passes of phase alignment
+        (``alignment.align_patch_phases``) put overlapping patches on one
+        phase first (0: off). ``progress(k)`` is called after each batch of k
+        groups.
         """
         x, pos = self._grouped(diffraction, positions, counts)
-        patches = self._infer(x, batch_size)
-        if object_shape is None:
-            canvas = StitchCanvas.for_positions(pos.reshape(-1, 2), self.N, crop=crop, window=window)
-        else:
-            canvas = StitchCanvas(object_shape, self.N, (0, 0), crop=crop, window=window)
-        canvas.add(patches.reshape(-1, self.N, self.N), pos.reshape(-1, 2))
-        return canvas.result()
+        patches = self._infer(x, batch_size, progress)
+        w = None if crop is not None else self.stitch_window(window)
+        return stitch_scan(patches, pos, window=w, crop=crop, align_phase=align_phase, object_shape=object_shape)
 
     def _grouped(self, diffraction: np.ndarray, positions: np.ndarray, counts: bool
                  ) -> tuple[np.ndarray, np.ndarray]:

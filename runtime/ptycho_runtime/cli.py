@@ -21,7 +21,10 @@ import numpy as np
 
 from . import __version__
 from . import bundle_format as fmt
+from .alignment import DEFAULT_PHASE_ITERATIONS
 from .backends import DEVICES, PRECISIONS, DeviceUnavailableError
+from .geometry import CENTRE_CONVENTIONS, DEFAULT_CENTRE
+from .npz import UNITS
 
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
@@ -109,44 +112,6 @@ def _check_png_support() -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         raise UsageError(PNG_HINT) from None
-
-
-def reconstruct_scan(bundle, diffraction: np.ndarray, positions: np.ndarray, batch_size: Optional[int] = None,
-                     progress: Optional[Progress] = None):
-    """``Bundle.reconstruct(diffraction, positions)`` in chunks of ``batch_size`` (progress after each).
-
-    Same grid, grouping and patches as one ``Bundle.reconstruct`` call on the
-    whole scan; only the canvas accumulation is split (float64, so the object
-    agrees to ~1e-7 or better).
-    """
-    from .grouping import group_neighbors
-    from .inputs import check_positions
-    from .stitching import StitchCanvas
-
-    d = np.asarray(diffraction)
-    if d.ndim != 3:
-        raise ValueError(f"diffraction must have shape [n, N, N] (got {list(d.shape)})")
-    if d.shape[1:] != (bundle.N, bundle.N):
-        raise ValueError(f"diffraction frames are {d.shape[1]}×{d.shape[2]}, but this bundle's model was trained "
-                         f"with N={bundle.N}: crop or bin the frames to {bundle.N}×{bundle.N}")
-    pos = check_positions(positions, d.shape[0], 1)[:, 0]  # [n, 2]
-    bs = bundle.default_batch_size() if batch_size is None else int(batch_size)
-    if bs < 1:
-        raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
-    if bundle.channels == 1:
-        groups = np.arange(d.shape[0], dtype=np.int64)[:, None]
-    else:
-        groups = group_neighbors(pos[:, 0], pos[:, 1], bundle.gridsize)  # as Bundle.reconstruct / make_groups
-    canvas = StitchCanvas.for_positions(pos[groups].reshape(-1, 2), bundle.N)
-    N = bundle.N
-    for i in range(0, groups.shape[0], bs):
-        idx = groups[i:i + bs]
-        x = d[idx]  # [k, C, N, N]
-        patches = bundle.predict(x, batch_size=bs)
-        canvas.add(patches.reshape(-1, N, N), pos[idx].reshape(-1, 2))
-        if progress is not None:
-            progress.update(idx.shape[0])
-    return canvas.result()
 
 
 def _json_params(params: dict[str, Any]) -> tuple[str, dict[str, np.ndarray]]:
@@ -255,12 +220,13 @@ def cmd_infer(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1 (got {args.batch_size})")
     bundle = _load_bundle(args.bundle, args.backend, args.device, args.precision)
-    scan = read_npz_arrays(args.scan, counts=args.counts)
+    scan = read_npz_arrays(args.scan, counts=args.counts, units=args.units, position_centre=args.position_centre)
     positions = np.stack([scan["xcoords"], scan["ycoords"]], axis=1)
     n = positions.shape[0]
     progress = Progress(n, "patterns" if bundle.channels == 1 else "groups")  # every position anchors one group
     t0 = time.perf_counter()
-    recon = reconstruct_scan(bundle, scan["diffraction"], positions, args.batch_size, progress)
+    recon = bundle.reconstruct(scan["diffraction"], positions, batch_size=args.batch_size,
+                               align_phase=args.align_phase, progress=progress.update)
     elapsed = time.perf_counter() - t0
     rate = n / elapsed if elapsed > 0 else float("inf")
     write_reconstruction(out, recon, positions, bundle, rate, elapsed, args.scan)
@@ -393,9 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="patterns (groups) per inference batch (default: 64 on CPU, 256 on GPU)")
-    p.add_argument("--counts", action="store_true",
-                   help="the NPZ's diffraction holds detector counts: square-root and normalise them as "
-                        "ptycho_export.load_npz(counts=True) does")
+    p.add_argument("--units", choices=UNITS, default="auto",
+                   help="what the NPZ 'diffraction' holds: counts, photons (sqrt of counts), normalised, or auto "
+                        "(told from the values; default)")
+    p.add_argument("--counts", action="store_true", help="same as --units counts")
+    p.add_argument("--position-centre", choices=CENTRE_CONVENTIONS, default=DEFAULT_CENTRE,
+                   help="frame pixel the NPZ positions name: (N-1)/2 (PtychoPINN, ptychodus; default) or N/2")
+    p.add_argument("--align-phase", type=int, default=DEFAULT_PHASE_ITERATIONS, metavar="PASSES",
+                   help="passes of patch phase alignment before stitching (0: off; default %(default)s)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=cmd_infer)
 

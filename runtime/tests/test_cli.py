@@ -198,7 +198,9 @@ def test_unexpected_error_exits_1(bundle_path, tmp_path, capsys, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr(cli, "reconstruct_scan", boom)
+    from ptycho_runtime.bundle import Bundle
+
+    monkeypatch.setattr(Bundle, "reconstruct", boom)
     path = bundle_path("n64_g1")
     rc = cli.main(["infer", str(path), str(path.parent / "scan.npz"), "-o", str(tmp_path / "r.h5")])
     assert rc == 1 and "unexpected RuntimeError: kaboom" in _one_error_line(capsys.readouterr().err)
