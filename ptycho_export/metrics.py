@@ -240,7 +240,7 @@ def register(truth: np.ndarray, recon: np.ndarray, mask: np.ndarray, upsample_fa
     r = _weighted_centred(np.asarray(recon, dtype=np.complex128)[box], w)
     if not np.any(np.abs(r) > 0) or not np.any(np.abs(t) > 0):
         return 0.0, 0.0
-    shift, _, _ = phase_cross_correlation(t, r, upsample_factor=int(upsample_factor), normalization=None)
+    shift, _, _ = phase_cross_correlation(t, r, upsample_factor=int(upsample_factor), normalization="phase")
     return float(shift[0]), float(shift[1])
 
 

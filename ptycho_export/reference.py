@@ -18,10 +18,21 @@ reconstructing noiseless simulated scans (see tests/torch/test_evaluate.py):
   handed over are (N·diffraction)²: the known probe then needs no rescaling
   and the object comes out at its true transmission scale.
 - **positions**: pty-chi's patch centre is pixel (N−1)/2 (``image_proc.
-  extract_patches_fourier``), the same as ours (``ptycho_runtime.geometry``);
-  it takes (x, y) in pixels from an origin we pin to canvas pixel (0, 0)
-  (``determine_position_origin_coords_by=SPECIFIED``, origin (0, 0)), so the
-  positions handed over are object pixels minus the canvas origin.
+  extract_patches_fourier_shift``), the same as ours (``ptycho_runtime.geometry``);
+  a frame at canvas position c starts at canvas pixel c − (N−1)/2. pty-chi
+  adds ``position_origin_coords`` (``determine_position_origin_coords_by=
+  SPECIFIED``) to the positions it is given.
+- **a half-pixel trap**: by default pty-chi extracts object patches at
+  "snapped" positions, round(position) + origin, and shifts the probe by the
+  sub-pixel rest (``forward_models.get_probe_grid_position_data``, path
+  without probe-grid resampling); the patch start is then round(snapped −
+  (N−1)/2). For even N and an integer origin that is a tie (x.5), which
+  torch rounds to even, so frames land ±0.5 px off depending on the parity of
+  the position (measured: a noiseless raster scan reconstructs shifted by
+  0.5 px, and the true object does not minimise pty-chi's own loss). With the
+  origin at (N−1)/2 mod 1 = 0.5 and the positions handed over reduced by the
+  same 0.5, snapped − (N−1)/2 is an integer and every frame lands exactly:
+  positions given = object pixels − canvas origin − 0.5, origin = 0.5.
 - **what stays fixed**: the probe and the positions (not optimised), and its
   object/probe-ambiguity removal and LSQML's first-epoch probe rescaling are
   switched off (both rescale the known probe).
@@ -149,7 +160,7 @@ def _torch_defaults_restored() -> Iterator[None]:
         torch.set_default_device(device)
 
 
-def _options(api: Any, algorithm: str, iterations: int, batch_size: int, seed: int) -> Any:
+def _options(api: Any, algorithm: str, iterations: int, batch_size: int, seed: int, origin: float = 0.0) -> Any:
     if algorithm == "epie":
         opts = api.EPIEOptions()
         opts.object_options.alpha = 1.0  # the textbook ePIE step (Maiden & Rodenburg 2009); pty-chi's default is 0.1
@@ -162,7 +173,7 @@ def _options(api: Any, algorithm: str, iterations: int, batch_size: int, seed: i
     opts.object_options.step_size = 1.0
     opts.object_options.remove_object_probe_ambiguity.enabled = False  # would rescale the known probe
     opts.object_options.determine_position_origin_coords_by = api.ObjectPosOriginCoordsMethods.SPECIFIED
-    opts.object_options.position_origin_coords = (0.0, 0.0)
+    opts.object_options.position_origin_coords = (float(origin), float(origin))
     opts.probe_options.optimizable = False
     opts.probe_position_options.optimizable = False
     opts.reconstructor_options.num_epochs = int(iterations)
@@ -211,7 +222,8 @@ def run_reference(diffraction: np.ndarray, positions: np.ndarray, probe: np.ndar
     api, PtychographyTask, ver = import_ptychi()
     (x0, y0), (H, W) = canvas_bounds(pos, N, margin=2)  # pty-chi's sub-pixel shifts read one pixel beyond a patch
     intensities = ((N * d) ** 2).astype(np.float32)  # unitary amplitude → pty-chi's unnormalised-FFT intensity
-    opts = _options(api, algorithm, iterations, batch_size, seed)
+    parity = ((N - 1) / 2) % 1  # 0.5 for even N: see the module docstring (half-pixel tie in pty-chi's snapping)
+    opts = _options(api, algorithm, iterations, batch_size, seed, origin=parity)
     with _torch_defaults_restored():
         t0 = time.perf_counter()
         task = PtychographyTask(
@@ -219,8 +231,8 @@ def run_reference(diffraction: np.ndarray, positions: np.ndarray, probe: np.ndar
             diffraction_data=intensities,
             object_data=np.ones((1, H, W), np.complex64),
             probe_data=p.astype(np.complex64)[None, None],
-            probe_position_x_px=(pos[:, 0] - x0).astype(np.float32),
-            probe_position_y_px=(pos[:, 1] - y0).astype(np.float32),
+            probe_position_x_px=(pos[:, 0] - x0 - parity).astype(np.float32),
+            probe_position_y_px=(pos[:, 1] - y0 - parity).astype(np.float32),
         )
         task.run()
         obj = task.get_data("object").detach().cpu().numpy()[0]
