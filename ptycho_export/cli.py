@@ -543,8 +543,10 @@ def _evaluate_table(report: Mapping[str, Any]) -> str:
                      zip(cells, methods)]
         rows.append([label] + cells)
     rows.append(["scored pixels"] + [str(m["metrics"]["n_pixels"]) for _, m in methods])
-    rows.append(["shift found (rows, cols px)"] + [f"{m['alignment']['shift_px']['rows']:+.2f}, "
-                                                   f"{m['alignment']['shift_px']['cols']:+.2f}" for _, m in methods])
+    rows.append(["shift found (rows, cols px)"] + [
+        f"{m['alignment']['found_shift_px']['rows']:+.2f}, {m['alignment']['found_shift_px']['cols']:+.2f}"
+        + ("" if m["alignment"]["shift_applied"] or m["alignment"]["found_shift_px"] == {"rows": 0.0, "cols": 0.0}
+           else " (not applied)") for _, m in methods])
     rows.append(["wall time (s)"] + [f"{m['wall_time_s']:.2f}" for _, m in methods])
     return _table(["metric"] + [label for label, _ in methods], rows)
 

@@ -20,7 +20,8 @@ Steps, each chosen for a measured reason:
    grid, so the network and the reference are scored on the same object
    region.
 3. **Align**: sub-pixel registration to the truth (scikit-image
-   ``phase_cross_correlation``, 1/100 px) applied to the reconstruction, then
+   ``phase_cross_correlation``, 1/100 px) applied to the reconstruction (only
+   when within ±4 px: a larger "shift" means no correlation), then
    removal of the global phase offset, which ptychography cannot determine.
 4. **Score** (``metrics.image_quality``): amplitude and phase RMSE, PSNR and
    SSIM (scikit-image, explicit data range), FRC resolution at the 1/7
@@ -43,7 +44,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .metrics import FRC_THRESHOLD, Alignment, align_to_truth, image_quality, sample_object, scanned_mask
+from .metrics import DEFAULT_MAX_SHIFT_PX, FRC_THRESHOLD, Alignment, align_to_truth, image_quality, sample_object, scanned_mask
 
 __all__ = ["DEFAULT_MIN_WEIGHT_FRACTION", "Evaluation", "NoGroundTruthError", "ScoredReconstruction", "evaluate",
            "illumination", "score_reconstruction", "write_figure"]
@@ -77,6 +78,9 @@ class ScoredReconstruction:
             "label": self.label,
             "wall_time_s": self.wall_time_s,
             "alignment": {"shift_px": {"rows": self.alignment.shift_px[0], "cols": self.alignment.shift_px[1]},
+                          "found_shift_px": {"rows": self.alignment.found_shift_px[0],
+                                             "cols": self.alignment.found_shift_px[1]},
+                          "shift_applied": self.alignment.shift_px != (0.0, 0.0),
                           "phase_offset_rad": self.alignment.phase_offset_rad},
             "metrics": self.metrics,
             **self.details,
@@ -205,7 +209,8 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
         "gridsize": int(bundle.gridsize),
         "stitching_window": "|probe|^2",
         "min_weight_fraction": float(min_weight_fraction),
-        "registration": "skimage.registration.phase_cross_correlation, 1/100 px" if register else "off",
+        "registration": (f"skimage.registration.phase_cross_correlation, 1/100 px, applied when within "
+                         f"±{DEFAULT_MAX_SHIFT_PX:g} px") if register else "off",
         "frc_threshold": f"1/7 ({FRC_THRESHOLD:.4f})",
         "network": network.summary(),
     }

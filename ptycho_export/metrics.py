@@ -32,7 +32,7 @@ from typing import Any, Optional
 import numpy as np
 
 __all__ = ["reconstruction_quality", "sample_object", "Alignment", "FRC_THRESHOLD", "align_to_truth", "bounding_box",
-           "fourier_ring_correlation", "frc_resolution", "global_phase_offset", "image_quality", "register",
+           "DEFAULT_MAX_SHIFT_PX", "fourier_ring_correlation", "frc_resolution", "global_phase_offset", "image_quality", "register",
            "scanned_mask", "shift_image", "soft_window"]
 
 
@@ -159,6 +159,10 @@ class Alignment:
     exp(i·``phase_offset_rad``); ``truth`` the truth on the same grid;
     ``mask`` the pixels that are scored (scanned, inside the truth, valid
     after the shift); ``box`` the (row, col) slices of the mask's bounding box.
+    ``found_shift_px`` is what the registration found; it is applied only
+    when within ``max_shift_px`` (a larger "shift" means the images do not
+    correlate, e.g. an untrained network, and applying it would only move the
+    scored region).
     """
 
     recon: np.ndarray
@@ -167,6 +171,7 @@ class Alignment:
     shift_px: tuple[float, float]
     phase_offset_rad: float
     box: tuple[slice, slice]
+    found_shift_px: tuple[float, float] = (0.0, 0.0)
 
 
 def scanned_mask(weight: np.ndarray, inside: np.ndarray, min_weight_fraction: float = 0.2,
@@ -260,13 +265,18 @@ def global_phase_offset(truth: np.ndarray, recon: np.ndarray, mask: np.ndarray) 
     return float(np.angle(np.sum(truth[mask] * np.conj(recon[mask]))))
 
 
+DEFAULT_MAX_SHIFT_PX = 4.0
+"""Registration corrects small misplacements (sub-pixel conventions, a pixel or two); larger "shifts" are rejected."""
+
+
 def align_to_truth(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray, register_shift: bool = True,
-                   upsample_factor: int = 100) -> Alignment:
+                   upsample_factor: int = 100, max_shift_px: float = DEFAULT_MAX_SHIFT_PX) -> Alignment:
     """Register ``recon`` to ``truth`` (sub-pixel), then remove the global phase; both on one grid.
 
     The shift is applied to the reconstruction (cubic spline on real and
-    imaginary parts); pixels whose source lay outside ``mask`` leave the mask,
-    so only pixels that were scanned both before and after the shift are scored.
+    imaginary parts) when both components are within ``max_shift_px``;
+    pixels whose source lay outside ``mask`` leave the mask, so only pixels
+    that were scanned both before and after the shift are scored.
     """
     recon = np.asarray(recon, dtype=np.complex128)
     truth = np.asarray(truth, dtype=np.complex128)
@@ -274,7 +284,8 @@ def align_to_truth(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray, regis
     if recon.shape != truth.shape or mask.shape != recon.shape:
         raise ValueError(f"recon {recon.shape}, truth {truth.shape} and mask {mask.shape} must share one grid")
     bounding_box(mask)  # raises on an empty mask
-    shift = register(truth, recon, mask, upsample_factor) if register_shift else (0.0, 0.0)
+    found = register(truth, recon, mask, upsample_factor) if register_shift else (0.0, 0.0)
+    shift = found if max(abs(found[0]), abs(found[1])) <= max_shift_px else (0.0, 0.0)
     if shift != (0.0, 0.0):
         recon = shift_image(recon, shift)
         moved = shift_image(mask.astype(np.float64), shift, order=1) > 0.999
@@ -282,7 +293,7 @@ def align_to_truth(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray, regis
             mask = mask & moved
     offset = global_phase_offset(truth, recon, mask)
     return Alignment(recon=recon * np.exp(1j * offset), truth=truth, mask=mask, shift_px=shift,
-                     phase_offset_rad=offset, box=bounding_box(mask))
+                     phase_offset_rad=offset, box=bounding_box(mask), found_shift_px=found)
 
 
 def _data_range(values: np.ndarray, fallback: float) -> float:

@@ -109,3 +109,12 @@ def test_scanned_mask_uses_the_given_level_and_the_truth_extent():
         M.scanned_mask(w, inside, 1.5)
     with pytest.raises(ValueError, match="mask is empty"):
         M.align_to_truth(w.astype(complex), w.astype(complex), np.zeros_like(w, bool))
+
+
+def test_an_implausibly_large_shift_is_reported_but_not_applied():
+    obj = smooth_object(seed=5)
+    moved = fourier_shift(obj, (9.0, -7.0))
+    al = M.align_to_truth(moved, obj, central_mask(), max_shift_px=4.0)
+    assert al.found_shift_px == pytest.approx((-9.0, 7.0), abs=0.1)
+    assert al.shift_px == (0.0, 0.0) and al.mask.sum() == central_mask().sum()
+    assert M.align_to_truth(moved, obj, central_mask(), max_shift_px=10.0).shift_px == pytest.approx((-9, 7), abs=0.1)

@@ -124,7 +124,8 @@ def test_evaluate_cli_json_report_and_figure(make_bundle, capsys, tmp_path):
         assert isinstance(net["metrics"][key], float), key
     assert -1 <= net["metrics"]["phase_ssim"] <= 1 and net["metrics"]["n_pixels"] > 1000
     assert net["wall_time_s"] > 0 and net["backend"] == "onnx"
-    assert set(net["alignment"]["shift_px"]) == {"rows", "cols"}
+    assert set(net["alignment"]["shift_px"]) == {"rows", "cols"} and isinstance(net["alignment"]["shift_applied"], bool)
+    assert abs(net["alignment"]["shift_px"]["rows"]) <= 4 and abs(net["alignment"]["shift_px"]["cols"]) <= 4
     assert "reference" not in report and "speedup" not in report
     assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in fig.parent.iterdir() if p.name.startswith(".")]  # atomic: no temporary left behind
