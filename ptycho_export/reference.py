@@ -55,6 +55,7 @@ import importlib
 import sys
 import time
 import types
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
@@ -224,7 +225,9 @@ def run_reference(diffraction: np.ndarray, positions: np.ndarray, probe: np.ndar
     intensities = ((N * d) ** 2).astype(np.float32)  # unitary amplitude → pty-chi's unnormalised-FFT intensity
     parity = ((N - 1) / 2) % 1  # 0.5 for even N: see the module docstring (half-pixel tie in pty-chi's snapping)
     opts = _options(api, algorithm, iterations, batch_size, seed, origin=parity)
-    with _torch_defaults_restored():
+    with _torch_defaults_restored(), warnings.catch_warnings():
+        # pty-chi's internal loss bookkeeping triggers this torch warning; nothing a user can act on
+        warnings.filterwarnings("ignore", message=".*Converting a tensor with requires_grad=True to a scalar")
         t0 = time.perf_counter()
         task = PtychographyTask(
             opts,
