@@ -4,6 +4,7 @@
     ptycho-export inspect BUNDLE [--json]
     ptycho-export verify BUNDLE [--json]
     ptycho-export train --simulate lines --output-dir out/
+    ptycho-export evaluate BUNDLE SCAN.npz [--reference [epie|lsqml]] [--json] [-o REPORT.json] [--figure FIG.png]
 
 Heavy imports (torch, onnx, matplotlib) happen inside the commands that need
 them, so ``inspect`` and ``--help`` start quickly.
@@ -27,7 +28,7 @@ from . import __version__
 
 PROG = "ptycho-export"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARITY, EXIT_CHECKSUM = 0, 1, 2, 3, 4
-COMMANDS = ("bundle", "inspect", "verify", "train")
+COMMANDS = ("bundle", "inspect", "verify", "train", "evaluate")
 # export.DEFAULT_OPSET / PARITY_TOLERANCE, repeated here so --help and inspect never import torch (a test pins them)
 DEFAULT_OPSET = 20
 PARITY_TOLERANCE = 1e-4
@@ -42,13 +43,15 @@ commands:
   inspect BUNDLE           format, producer, params, models, graphs and training history
   verify BUNDLE            checksums, then every graph on every backend available here vs the stored eager outputs
   train ...                train a model on an NPZ scan or a simulated one, write the bundle and a report
+  evaluate BUNDLE SCAN     score the bundle's reconstruction of SCAN against its true object [--reference]
 
 BUNDLE is a bundle file (wts.h5) or a folder that holds wts.h5.
 
 exit codes:
   0  success
   1  unexpected error (run with --debug for the traceback)
-  2  usage error or bad input file (missing file, not a bundle, bundle without eager weights, bad NPZ)
+  2  usage error or bad input file (missing file, not a bundle, bundle without eager weights, bad NPZ,
+     evaluate: no objectGuess in the scan, --reference without pty-chi)
   3  parity mismatch: a compiled graph does not reproduce the eager model
   4  checksum failure: the bundle is damaged or was modified
 """
@@ -556,6 +559,151 @@ def cmd_train(args: argparse.Namespace) -> int:
     return exit_code
 
 
+# --------------------------------------------------------------------------- evaluate
+
+EVALUATE_ROWS = (
+    ("phase SSIM", "phase_ssim", "{:.3f}"),
+    ("phase RMSE (rad)", "phase_rmse_rad", "{:.4f}"),
+    ("phase PSNR (dB)", "phase_psnr_db", "{:.2f}"),
+    ("amplitude SSIM", "amplitude_ssim", "{:.3f}"),
+    ("amplitude RMSE", "amplitude_rmse", "{:.4f}"),
+    ("amplitude PSNR (dB)", "amplitude_psnr_db", "{:.2f}"),
+    ("FRC resolution (px, 1/7)", "frc_resolution_px", "{:.2f}"),
+)
+
+
+def _metric_cell(value: Any, fmt: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf" if value > 0 else "-inf"
+    return fmt.format(value)
+
+
+def _evaluate_table(report: Mapping[str, Any]) -> str:
+    methods = [("network", report["network"])]
+    if "reference" in report:
+        ref = report["reference"]
+        methods.append((f"{ref['engine']} ({ref['iterations']} it)", ref))
+    rows = []
+    for label, key, fmt in EVALUATE_ROWS:
+        cells = [_metric_cell(m["metrics"][key], fmt) for _, m in methods]
+        if key == "frc_resolution_px":
+            cells = [c + (" (Nyquist)" if m["metrics"]["frc_reaches_nyquist"] else "") for c, (_, m) in
+                     zip(cells, methods)]
+        rows.append([label] + cells)
+    rows.append(["scored pixels"] + [str(m["metrics"]["n_pixels"]) for _, m in methods])
+    rows.append(["shift found (rows, cols px)"] + [
+        f"{m['alignment']['found_shift_px']['rows']:+.2f}, {m['alignment']['found_shift_px']['cols']:+.2f}"
+        + ("" if m["alignment"]["shift_applied"] or m["alignment"]["found_shift_px"] == {"rows": 0.0, "cols": 0.0}
+           else " (not applied)") for _, m in methods])
+    rows.append(["wall time (s)"] + [f"{m['wall_time_s']:.2f}" for _, m in methods])
+    return _table(["metric"] + [label for label, _ in methods], rows)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import NoGroundTruthError, evaluate, write_figure
+    from .reference import DEFAULT_ITERATIONS, ReferenceUnavailableError
+
+    _resolve_bundle(args.bundle)
+    if not Path(args.scan).is_file():
+        raise CliError(f"scan {args.scan} not found (give a PtychoPINN NPZ with diffraction, xcoords, ycoords, "
+                       "probeGuess and objectGuess)")
+    if not 0.0 <= args.min_weight < 1.0:
+        raise CliError(f"--min-weight must be in [0, 1) (got {args.min_weight})")
+    if args.figure is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise CliError("--figure needs matplotlib: pip install matplotlib") from None
+    if args.reference:
+        its = args.reference_iterations or DEFAULT_ITERATIONS[args.reference]
+        print(f"Reconstructing with the network, then with pty-chi {args.reference} ({its} iterations, "
+              "known probe) ...", file=sys.stderr, flush=True)
+    try:
+        ev = evaluate(args.bundle, args.scan, counts=args.counts, reference=args.reference,
+                      reference_iterations=args.reference_iterations, reference_batch_size=args.reference_batch_size,
+                      min_weight_fraction=args.min_weight, backend=args.backend, register=not args.no_register)
+    except NoGroundTruthError as exc:
+        raise CliError(str(exc)) from None
+    except ReferenceUnavailableError as exc:
+        raise CliError(f"--reference: {exc}") from None
+    except ValueError as exc:
+        raise CliError(f"cannot evaluate {args.bundle} on {args.scan}: {exc}") from None
+    report = ev.report
+    if args.figure is not None:
+        name = Path(report["bundle"]).name
+        write_figure(args.figure, ev, title=f"{Path(args.scan).name} reconstructed by {name}"
+                                            + (f" and {report['reference']['engine']}" if ev.reference else ""))
+        report["figure"] = str(args.figure)
+    if args.output is not None:
+        _write_text_atomic(Path(args.output), json.dumps(_plain(report), indent=2, allow_nan=False) + "\n")
+    if args.json:
+        _print_json(report)
+        return EXIT_OK
+    print(f"Evaluated {report['bundle']} on {report['scan']}: {report['n_patterns']} patterns, N={report['N']}, "
+          f"gridsize {report['gridsize']}; |probe|^2-weighted stitching; scored where the illumination is "
+          f">= {report['min_weight_fraction']:g} of one exposure's peak; registered, global phase removed")
+    print(_evaluate_table(report))
+    if report.get("speedup") is not None:
+        print(f"Speed: the network (inference + stitching) is {report['speedup']:.1f}x faster than "
+              f"{report['reference']['engine']} ({report['reference']['iterations']} iterations).")
+    written = [p for p in (args.output, args.figure) if p is not None]
+    if written:
+        print("Wrote " + ", ".join(str(p) for p in written))
+    return EXIT_OK
+
+
+def _add_evaluate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    from .reference import ALGORITHMS, DEFAULT_BATCH_SIZE, DEFAULT_ITERATIONS
+
+    p = sub.add_parser("evaluate", parents=[common], help="score a bundle's reconstruction against the true object",
+                       description="Reconstruct SCAN.npz with the bundle (|probe|^2-weighted stitching), register it "
+                                   "to the scan's objectGuess (sub-pixel, global phase removed) and report phase and "
+                                   "amplitude RMSE, PSNR, SSIM and FRC resolution (1/7 threshold). With --reference, "
+                                   "also reconstruct with pty-chi's ePIE or LSQML (known probe) and compare quality "
+                                   "and wall time. Exit 2: bad input, no objectGuess, or pty-chi missing.")
+    p.add_argument("bundle", metavar="BUNDLE", help="bundle file, or a folder holding wts.h5")
+    p.add_argument("scan", metavar="SCAN.npz", help="PtychoPINN NPZ that holds objectGuess (the true object)")
+    p.add_argument("--reference", nargs="?", const="epie", default=None, choices=ALGORITHMS,
+                   help="also reconstruct with pty-chi (ePIE if no algorithm is named); needs "
+                        "pip install 'ptycho-export[reference]'")
+    p.add_argument("--reference-iterations", type=_positive_int, default=None, metavar="N",
+                   help="pty-chi epochs (default: " + ", ".join(f"{a} {n}" for a, n in DEFAULT_ITERATIONS.items())
+                        + ")")
+    p.add_argument("--reference-batch-size", type=_positive_int, default=None, metavar="N",
+                   help="positions per pty-chi update (default: " + ", ".join(
+                       f"{a} {n}" for a, n in DEFAULT_BATCH_SIZE.items()) + ")")
+    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    p.add_argument("-o", "--output", type=Path, default=None, metavar="REPORT.json", help="write the JSON report")
+    p.add_argument("--figure", type=Path, default=None, metavar="FIGURE.png",
+                   help="write truth / network / reference / error images")
+    p.add_argument("--min-weight", type=float, default=0.2, metavar="FRACTION",
+                   help="score pixels lit by at least this fraction of one exposure's peak |probe|^2 (default 0.2)")
+    p.add_argument("--no-register", action="store_true", help="skip the sub-pixel registration to the truth")
+    p.add_argument("--counts", action="store_true", help="the NPZ diffraction holds counts, not amplitudes")
+    p.add_argument("--backend", choices=("auto", "onnx", "torchscript"), default="auto",
+                   help="runtime backend for the network (default auto: ONNX Runtime)")
+    p.set_defaults(func=cmd_evaluate)
+
+
 # --------------------------------------------------------------------------- parser and main
 
 
@@ -596,7 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Compile, inspect, verify and train PtychoPINN models stored as pickle-free HDF5 bundles.",
-        usage=f"{PROG} [-h] [--version] [--debug] {{BUNDLE,bundle,inspect,verify,train}} ...")
+        usage=f"{PROG} [-h] [--version] [--debug] {{BUNDLE,bundle,inspect,verify,train,evaluate}} ...")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="command")
 
@@ -683,6 +831,7 @@ def build_parser() -> argparse.ArgumentParser:
     adv.add_argument("--object-size", type=_positive_int, default=None, help="object side in pixels (default 5N)")
     adv.add_argument("--step", type=_positive_int, default=None, help="raster scan step in pixels (default N/4)")
     p.set_defaults(func=cmd_train)
+    _add_evaluate_parser(sub, common)
     return parser
 
 

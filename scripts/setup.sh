@@ -9,3 +9,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ./runtime -e ".[test]"
+# pty-chi for `ptycho-export evaluate --reference`: without its declared deps, because PyPI's torchvision
+# (which it declares but only needs for random initial guesses) is built for CUDA torch and would not load
+# next to the CPU wheel; the packages it does import are installed explicitly (the `reference` extra's list).
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps "ptychi>=2.2,<3"
+.venv/bin/python -m pip install -q --disable-pip-version-check "pydantic>=2,<3" pandas scikit-learn scipy tifffile \
+  tqdm h5py "torch==2.13.0"

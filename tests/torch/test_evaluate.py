@@ -1,0 +1,201 @@
+"""``ptycho-export evaluate`` end to end, and the pty-chi reference on simulated scans."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("skimage")
+
+from ptycho_export import cli  # noqa: E402
+from ptycho_export.data import load_npz, save_npz  # noqa: E402
+from ptycho_export.evaluate import score_reconstruction  # noqa: E402
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def easy_scan(N: int = 32, step: float = 6, phase_scale: float = 0.3, seed: int = 2):
+    """A noiseless raster scan (~80% overlap) of a smooth object, phase range ~0.9 rad: (amplitudes, positions, probe, object).
+
+    The positions sit at x.5 (frame starts on whole pixels), so the simulation needs no interpolation and
+    any error an engine makes is its own.
+    """
+    from ptycho_export.data.simulate import default_probe, extract_patches, far_field_amplitude, make_object, \
+        scan_positions
+
+    base = make_object("grf", 3 * N, seed=seed)
+    phase = phase_scale * (np.angle(base) - np.angle(base).mean())
+    obj = (np.abs(base) * np.exp(1j * phase)).astype(np.complex64)
+    probe = default_probe(N)
+    x, y = scan_positions(3 * N, N, "grid", step=step)
+    amp = far_field_amplitude(extract_patches(obj, x, y, N), probe)
+    return amp, np.stack([x, y], axis=1), probe, obj
+
+
+def ptychi_available() -> bool:
+    from ptycho_export.reference import ReferenceUnavailableError, import_ptychi
+
+    try:
+        import_ptychi()
+    except ReferenceUnavailableError:
+        return False
+    return True
+
+
+needs_ptychi = pytest.mark.skipif(not ptychi_available(), reason="pty-chi not installed (extra 'reference')")
+
+
+# --------------------------------------------------------------------------- reference (pty-chi)
+
+
+@needs_ptychi
+@pytest.mark.parametrize("algorithm, iterations", [("epie", 80), ("lsqml", 40)])
+def test_ptychi_reference_reconstructs_an_easy_scan(algorithm, iterations):
+    """Conventions (data scale, DC position, frame centre, position order) right ⇒ pty-chi recovers the object."""
+    from ptycho_export.reference import run_reference
+
+    amp, pos, probe, obj = easy_scan()
+    res = run_reference(amp, pos, probe, algorithm, iterations=iterations)
+    assert res.engine.startswith("pty-chi ") and res.iterations == iterations
+    assert len(res.loss) == iterations and res.loss[-1] < 0.01 * res.loss[0]
+    s = score_reconstruction("reference", res.reconstruction, obj, pos, probe, res.wall_time_s)
+    m = s.metrics
+    assert m["phase_ssim"] > 0.8, m
+    assert m["amplitude_ssim"] > 0.85, m
+    # no half-pixel error: pty-chi's own snapping puts even-N frames 0.5 px off unless the origin is shifted
+    assert max(abs(v) for v in s.alignment.shift_px) < 0.1, s.alignment.shift_px
+    # the known probe fixes the object's absolute scale: amplitude comes out at the truth's level
+    a = s.alignment
+    assert np.mean(np.abs(a.recon[a.mask])) / np.mean(np.abs(a.truth[a.mask])) == pytest.approx(1.0, abs=0.03)
+
+
+@needs_ptychi
+def test_swapped_positions_do_not_reconstruct():
+    """The check above can fail: with x and y exchanged the same engine does not recover the object."""
+    from ptycho_export.reference import run_reference
+
+    amp, pos, probe, obj = easy_scan()
+    rng = np.random.default_rng(0)
+    pos = pos + rng.uniform(-2, 2, size=pos.shape)  # break the raster's x/y symmetry
+    from ptycho_export.data.simulate import extract_patches, far_field_amplitude
+
+    amp = far_field_amplitude(extract_patches(obj, pos[:, 0], pos[:, 1], 32), probe)
+    res = run_reference(amp, pos[:, ::-1], probe, "lsqml", iterations=20)
+    m = score_reconstruction("ref", res.reconstruction, obj, pos[:, ::-1], probe, 0.0).metrics
+    assert m["phase_ssim"] < 0.5, m
+
+
+@needs_ptychi
+def test_importing_ptychi_leaves_torch_and_sys_modules_as_they_were():
+    from ptycho_export.reference import import_ptychi, run_reference
+
+    stub_before = sys.modules.get("torchvision")
+    import_ptychi()
+    assert sys.modules.get("torchvision") is stub_before  # the stand-in, if one was needed, is gone again
+    dtype, device = torch.get_default_dtype(), torch.get_default_device()
+    amp, pos, probe, _ = easy_scan()
+    run_reference(amp[:9], pos[:9], probe, "lsqml", iterations=1)
+    assert torch.get_default_dtype() == dtype and torch.get_default_device() == device
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_evaluate_cli_json_report_and_figure(make_bundle, capsys, tmp_path):
+    bundle = make_bundle()
+    scan = bundle.parent / "scan.npz"
+    report_path, fig = tmp_path / "out" / "report.json", tmp_path / "out" / "eval.png"
+    code, out, err = run_cli(capsys, "evaluate", bundle, scan, "--json", "-o", report_path, "--figure", fig)
+    assert code == 0, err
+    report = json.loads(out)
+    assert json.loads(report_path.read_text()) == report
+    assert report["n_patterns"] == load_npz(scan).n and report["stitching_window"] == "|probe|^2"
+    net = report["network"]
+    for key in ("phase_ssim", "amplitude_ssim", "phase_rmse_rad", "amplitude_rmse", "phase_psnr_db",
+                "amplitude_psnr_db", "frc_resolution_px"):
+        assert isinstance(net["metrics"][key], float), key
+    assert -1 <= net["metrics"]["phase_ssim"] <= 1 and net["metrics"]["n_pixels"] > 1000
+    assert net["wall_time_s"] > 0 and net["backend"] == "onnx"
+    assert set(net["alignment"]["shift_px"]) == {"rows", "cols"} and isinstance(net["alignment"]["shift_applied"], bool)
+    assert abs(net["alignment"]["shift_px"]["rows"]) <= 4 and abs(net["alignment"]["shift_px"]["cols"]) <= 4
+    assert "reference" not in report and "speedup" not in report
+    assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in fig.parent.iterdir() if p.name.startswith(".")]  # atomic: no temporary left behind
+
+    code, out, err = run_cli(capsys, "evaluate", bundle, scan)
+    assert code == 0, err
+    assert "phase SSIM" in out and "FRC resolution" in out and "network" in out
+
+
+def test_evaluate_cli_scores_a_perfect_reconstruction_perfectly(make_bundle, monkeypatch, capsys):
+    """Feed the truth's own patches through the stitcher: the pipeline (stitch, mask, align, score) must say 1."""
+    from ptycho_runtime.bundle import Bundle
+
+    bundle = make_bundle()
+    scan = load_npz(bundle.parent / "scan.npz")
+
+    def perfect_infer(self, x, batch_size):  # the true patches, in the order the frames arrive
+        from ptycho_export.data.simulate import extract_patches
+
+        patches = extract_patches(scan.object, scan.xcoords, scan.ycoords, scan.N)
+        return patches[:, None] * np.exp(0.7j)  # plus a global phase, which evaluate must remove
+
+    monkeypatch.setattr(Bundle, "_infer", perfect_infer)
+    code, out, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--json")
+    assert code == 0, err
+    m = json.loads(out)["network"]["metrics"]
+    assert m["phase_ssim"] > 0.99 and m["amplitude_ssim"] > 0.99, m
+    assert m["phase_rmse_rad"] < 0.02
+
+
+def test_evaluate_cli_bad_inputs_exit_2(make_bundle, capsys, tmp_path, monkeypatch):
+    bundle = make_bundle()
+    scan = load_npz(bundle.parent / "scan.npz")
+    no_truth = tmp_path / "no_truth.npz"
+    save_npz(no_truth, scan.subset(np.arange(scan.n)).__class__(
+        diffraction=scan.diffraction, xcoords=scan.xcoords, ycoords=scan.ycoords, probe=scan.probe))
+    code, out, err = run_cli(capsys, "evaluate", bundle, no_truth)
+    assert code == 2 and "no objectGuess" in err and "Traceback" not in err
+    code, _, err = run_cli(capsys, "evaluate", bundle, tmp_path / "missing.npz")
+    assert code == 2 and "not found" in err
+    code, _, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--min-weight", "1.5")
+    assert code == 2 and "--min-weight" in err
+    code, _, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--reference", "dm")
+    assert code == 2
+
+    from ptycho_export import reference
+
+    def missing():
+        raise reference.ReferenceUnavailableError("pty-chi is not installed; " + reference.INSTALL_HINT)
+
+    monkeypatch.setattr(reference, "import_ptychi", missing)
+    code, _, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--reference")
+    assert code == 2 and "ptycho-export[reference]" in err
+
+
+@needs_ptychi
+def test_evaluate_cli_reference_row_and_speedup(make_bundle, capsys, tmp_path):
+    bundle = make_bundle()
+    fig = tmp_path / "eval.png"
+    code, out, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--reference",
+                             "--reference-iterations", "3", "--json", "--figure", fig)
+    assert code == 0, err
+    report = json.loads(out)
+    ref = report["reference"]
+    assert ref["engine"].startswith("pty-chi") and ref["engine"].endswith("ePIE")
+    assert ref["iterations"] == 3 and ref["batch_size"] == 16 and ref["probe_rescaled_by"] == 1.0
+    assert isinstance(ref["metrics"]["phase_ssim"], float) and ref["wall_time_s"] > 0
+    assert report["speedup"] == pytest.approx(ref["wall_time_s"] / report["network"]["wall_time_s"])
+    assert fig.stat().st_size > 10_000
+    code, out, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--reference", "lsqml",
+                             "--reference-iterations", "2")
+    assert code == 0, err
+    assert "LSQML (2 it)" in out and "faster than pty-chi" in out
