@@ -430,9 +430,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise CliError(str(exc)) from None
 
-    make_config(64 if args.N is None else args.N, args.nphotons or DEFAULT_NPHOTONS, False)  # validate options first
-    if args.pretrain > 0 and args.time_budget is None:
+    if args.pretrain is not None and args.time_budget is None:
         raise CliError("--pretrain is a share of the time budget: give --time-budget MINUTES as well")
+    if args.pretrain is None:
+        args.pretrain = DEFAULT_PRETRAIN if args.time_budget is not None else 0.0
+    make_config(64 if args.N is None else args.N, args.nphotons or DEFAULT_NPHOTONS, False)  # validate options first
     if not 0.0 < args.train_fraction <= 1.0:
         raise CliError(f"--train-fraction must be in (0, 1] (got {args.train_fraction})")
     params.reset_cfg()  # a fresh start, whatever an earlier in-process command left in params.cfg
@@ -811,9 +813,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"else {DEFAULT_NPHOTONS:g})")
     p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                    help="train as many epochs as fit in this many minutes (pre-training included)")
-    p.add_argument("--pretrain", type=float, default=DEFAULT_PRETRAIN, metavar="FRACTION",
+    p.add_argument("--pretrain", type=float, default=None, metavar="FRACTION",
                    help="share of --time-budget spent on supervised pre-training with synthetic objects seen "
-                        "through this scan's probe, geometry and photon count")
+                        f"through this scan's probe, geometry and photon count (default {DEFAULT_PRETRAIN:g} with "
+                        "--time-budget, else none)")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine",
                    help="cosine: warm-up then decay over the epochs or the time budget; plateau: halve on a "
                         "stalled validation loss")

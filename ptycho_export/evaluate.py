@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+from ptycho_runtime.stitching import probe_window
 
 from .metrics import DEFAULT_MAX_SHIFT_PX, FRC_THRESHOLD, Alignment, align_to_truth, image_quality, sample_object, scanned_mask
 
@@ -51,10 +52,6 @@ __all__ = ["DEFAULT_MIN_WEIGHT_FRACTION", "Evaluation", "NoGroundTruthError", "S
 
 DEFAULT_MIN_WEIGHT_FRACTION = 0.2
 """Pixels lit by less than 20% of one exposure's peak intensity are scan edge, undetermined for any method."""
-
-PROBE_SCALE_TOLERANCE = 1e3
-"""A probe whose Σ|P|² differs from the frames' mean Σ|X|² by more than this factor is in other units."""
-
 
 class NoGroundTruthError(ValueError):
     """The scan has no ``objectGuess``: there is nothing to score against."""
@@ -133,20 +130,6 @@ def score_reconstruction(label: str, recon: Any, truth_object: np.ndarray, posit
                                 y_coords=np.asarray(recon.y_coords), details=dict(details or {}))
 
 
-def _probe_for_reference(data: Any) -> tuple[np.ndarray, float]:
-    """The NPZ probe, rescaled only when its units plainly differ from the frames' (factor > 1e3 in power)."""
-    probe = np.asarray(data.probe)
-    frame_power = float(np.mean(np.sum(np.asarray(data.diffraction, dtype=np.float64) ** 2, axis=(-2, -1))))
-    probe_power = float(np.sum(np.abs(probe) ** 2))
-    ratio = frame_power / probe_power if probe_power > 0 else math.inf
-    if probe_power > 0 and 1 / PROBE_SCALE_TOLERANCE <= ratio <= PROBE_SCALE_TOLERANCE:
-        return probe, 1.0
-    if not math.isfinite(ratio) or ratio <= 0:
-        raise ValueError("the scan's probeGuess or diffraction is all zero: nothing to reconstruct")
-    factor = math.sqrt(ratio)
-    return probe * factor, factor
-
-
 def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, counts: bool = False,
              reference: Optional[str] = None, reference_iterations: Optional[int] = None,
              reference_batch_size: Optional[int] = None, min_weight_fraction: float = DEFAULT_MIN_WEIGHT_FRACTION,
@@ -178,9 +161,8 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
     if bundle.N != data.N:
         raise ValueError(f"the scan's frames are {data.N}×{data.N} but the bundle's model was trained with "
                          f"N={bundle.N}: evaluate it on a scan with {bundle.N}×{bundle.N} frames")
-    window = np.abs(np.asarray(data.probe)) ** 2
     t0 = time.perf_counter()
-    recon = bundle.reconstruct(data.diffraction, positions, batch_size=batch_size, window=window)
+    recon = bundle.reconstruct(data.diffraction, positions, batch_size=batch_size, window=probe_window(data.probe))
     net_s = time.perf_counter() - t0
     provider = bundle.providers[0] if bundle.providers else bundle.backend
     network = score_reconstruction(
@@ -191,15 +173,15 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
     if reference is not None:
         from .reference import run_reference
 
-        probe, factor = _probe_for_reference(data)
-        result = run_reference(data.diffraction, positions, probe, reference, reference_iterations,
+        # load_npz put the probe in the units of the normalised diffraction: the reference needs no rescaling
+        result = run_reference(data.diffraction, positions, data.probe, reference, reference_iterations,
                                reference_batch_size)
         ref = score_reconstruction(
             "reference", result.reconstruction, data.object, positions, data.probe, result.wall_time_s,
             min_weight_fraction, register,
             details={"engine": result.engine, "algorithm": result.algorithm, "iterations": result.iterations,
                      "batch_size": result.batch_size, "probe": "known (the scan's probeGuess), fixed",
-                     "probe_rescaled_by": factor, "final_loss": result.loss[-1] if result.loss else None,
+                     "final_loss": result.loss[-1] if result.loss else None,
                      "time_covers": "building the pty-chi task and its iterations (not the import)"})
     report: dict[str, Any] = {
         "bundle": str(Path(bundle.path)),
@@ -207,7 +189,7 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
         "n_patterns": int(data.n),
         "N": int(bundle.N),
         "gridsize": int(bundle.gridsize),
-        "stitching_window": "|probe|^2",
+        "stitching_window": "|probe|^2 (under 1e-3 of its peak: 0), patch phases aligned",
         "min_weight_fraction": float(min_weight_fraction),
         "registration": (f"skimage.registration.phase_cross_correlation, 1/100 px, applied when within "
                          f"±{DEFAULT_MAX_SHIFT_PX:g} px") if register else "off",

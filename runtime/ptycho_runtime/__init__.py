@@ -9,17 +9,20 @@ Importing this package never imports torch (the TorchScript backend imports
 it lazily, only when asked for).
 """
 
+from .alignment import align_patch_phases, stitch_scan
 from .bundle import BACKENDS, Bundle, BundleInfo, load_bundle
 from .bundle_format import BundleChecksumError, BundleFormatError
 from .backends import DeviceUnavailableError
+from .geometry import DEFAULT_CENTRE, frame_centre, to_default_centre
 from .inputs import positions_from_metres
-from .stitching import Reconstruction, StitchCanvas, stitch_patches
+from .stitching import Reconstruction, StitchCanvas, probe_window, stitch_patches
 from .streaming import StreamingReconstructor
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "DEFAULT_CENTRE",
     "Bundle",
     "BundleChecksumError",
     "BundleFormatError",
@@ -28,7 +31,12 @@ __all__ = [
     "Reconstruction",
     "StitchCanvas",
     "StreamingReconstructor",
+    "align_patch_phases",
+    "frame_centre",
     "load_bundle",
     "positions_from_metres",
+    "probe_window",
     "stitch_patches",
+    "stitch_scan",
+    "to_default_centre",
 ]
