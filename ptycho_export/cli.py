@@ -418,7 +418,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     def make_config(N: int, nphotons: float, fixed_scale: bool) -> TrainingConfig:
         try:
             model_cfg = ModelConfig(N=N, gridsize=args.gridsize, n_filters_scale=args.n_filters_scale,
-                                    intensity_scale_trainable=not fixed_scale)
+                                    intensity_scale_trainable=not fixed_scale,
+                                    input_backprojection=args.backprojection)
             budget = None if args.time_budget is None else args.time_budget * 60.0
             return TrainingConfig(model=model_cfg, nepochs=args.epochs, batch_size=args.batch_size,
                                   learning_rate=args.lr, nphotons=nphotons, seed=args.seed,
@@ -522,7 +523,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         "# ptycho-export training report", "",
         f"- **Data**: {data_desc}; {split}: {train.n} train / {n_test} test patterns",
         f"- **Model**: N={data.N}, gridsize={args.gridsize}, n_filters_scale={args.n_filters_scale}, "
-        f"output_mode {model_cfg.output_mode}, amp_activation {model_cfg.amp_activation}; "
+        f"output_mode {model_cfg.output_mode}, amp_activation {model_cfg.amp_activation}, "
+        f"input back-projection {'on' if model_cfg.input_backprojection else 'off'}; "
         f"intensity_scale {results['intensity_scale']:.6g}",
         f"- **Training**: {len(loss)} epoch(s) of {args.epochs} allowed"
         + (f" in a {args.time_budget:g}-minute budget (stopped by: {summary.get('stop_reason')})"
@@ -817,6 +819,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of --time-budget spent on supervised pre-training with synthetic objects seen "
                         f"through this scan's probe, geometry and photon count (default {DEFAULT_PRETRAIN:g} with "
                         "--time-budget, else none)")
+    p.add_argument("--backprojection", action=argparse.BooleanOptionalAction, default=True,
+                   help="give the network each pattern's probe-phase back-projection as extra input channels "
+                        "(model.BackProjection)")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine",
                    help="cosine: warm-up then decay over the epochs or the time budget; plateau: halve on a "
                         "stalled validation loss")

@@ -60,6 +60,8 @@ class ModelConfig:
     intensity_scale: float = 0.0  # 0 → computed from nphotons when the model is built
     intensity_scale_trainable: bool = True
     probe_trainable: bool = False
+    # Feed the U-Net the probe-phase back-projection of each pattern as two more input channels (model.py).
+    input_backprojection: bool = False
 
     def __post_init__(self) -> None:
         _require_choice("N", self.N, ALLOWED_N)

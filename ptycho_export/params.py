@@ -26,6 +26,7 @@ DEFAULTS: dict[str, Any] = {
     "probe.big": True,
     "probe.mask": False,
     "probe.trainable": False,
+    "input_backprojection": False,
     "pad_object": True,
     "amp_activation": "sigmoid",
     "nphotons": 1e9,

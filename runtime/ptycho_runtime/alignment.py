@@ -22,7 +22,7 @@ from typing import Optional
 
 import numpy as np
 
-from .stitching import Reconstruction, StitchCanvas, _window
+from .stitching import Reconstruction, StitchCanvas, _window, stitch_patches
 
 DEFAULT_PHASE_ITERATIONS = 20
 
@@ -101,9 +101,4 @@ def stitch_scan(patches: np.ndarray, positions: np.ndarray, window: Optional[np.
     if align_phase:
         factors = align_patch_phases(flat, flat_pos, window=window, crop=crop, iterations=align_phase)
         flat = flat * factors[:, None, None].astype(np.complex64)
-    if object_shape is None:
-        canvas = StitchCanvas.for_positions(flat_pos, N, crop=crop, window=window)
-    else:
-        canvas = StitchCanvas(object_shape, N, (0, 0), crop=crop, window=window)
-    canvas.add(flat, flat_pos)
-    return canvas.result()
+    return stitch_patches(flat, flat_pos, object_shape=object_shape, crop=crop, window=window)

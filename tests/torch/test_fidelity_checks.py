@@ -127,3 +127,28 @@ def test_true_object_is_a_minimum_of_the_training_loss(gridsize):
     # constraint (gridsize 2) moves patches by sub-pixel offsets with bilinear interpolation, there and
     # back, which blurs even the true object: its floor is higher (measured 1.5 here).
     assert best < (1.0 if gridsize == 1 else 2.0)
+
+
+def test_backprojection_model_round_trips_through_bundle_graphs_and_runtime(tmp_path):
+    """input_backprojection: saved, rebuilt from params (CONFIG-001), exported with parity, run by the runtime."""
+    import ptycho_runtime as pr
+
+    from ptycho_export.model_manager import load_torch_bundle
+    from ptycho_export.testing import make_test_bundle
+    from ptycho_runtime.npz import read_npz_arrays
+
+    path = make_test_bundle(tmp_path / "bp", gridsize=2, n_positions=24, input_backprojection=True)
+    model, params = load_torch_bundle(path, model_name="diffraction_to_obj")
+    assert params["input_backprojection"] is True and model.backprojection is not None
+    assert model.generator.encoder.stages[0].conv1.in_channels == 12  # 4 amplitudes + 4 × (Re, Im) of O₀
+    scan = read_npz_arrays(path.parent / "scan.npz")
+    bundle = pr.load_bundle(path)
+    x = scan["diffraction"][:8]
+    from ptycho_export.data import PtychoData, make_groups
+
+    groups = make_groups(PtychoData(diffraction=x, xcoords=scan["xcoords"][:8], ycoords=scan["ycoords"][:8],
+                                    probe=scan["probeGuess"]), 2)
+    with torch.no_grad():
+        eager = model(torch.from_numpy(groups.diffraction * np.float32(bundle.intensity_scale))).numpy()
+    got = bundle.predict(groups.diffraction)
+    assert np.abs(got - eager).max() <= 1e-4 * max(1.0, np.abs(eager).max())
