@@ -10,7 +10,8 @@ it lazily, only when asked for).
 """
 
 from .bundle import BACKENDS, Bundle, BundleInfo, load_bundle
-from .bundle_format import BundleChecksumError, BundleFormatError
+from .bundle_format import (BundleChecksumError, BundleError, BundleFormatError, BundleIntegrityError,
+                            BundleLimitError, BundleNotFoundError, BundleParamsError, BundleUnsafeError)
 from .backends import DeviceUnavailableError
 from .inputs import positions_from_metres
 from .stitching import Reconstruction, StitchCanvas, stitch_patches
@@ -22,7 +23,13 @@ __all__ = [
     "BACKENDS",
     "Bundle",
     "BundleChecksumError",
+    "BundleError",
     "BundleFormatError",
+    "BundleIntegrityError",
+    "BundleLimitError",
+    "BundleNotFoundError",
+    "BundleParamsError",
+    "BundleUnsafeError",
     "BundleInfo",
     "DeviceUnavailableError",
     "Reconstruction",

@@ -24,7 +24,7 @@ def _eager_tol(ref) -> float:
 def _eager_parity(bundle: pr.Bundle, case: str = "b7") -> tuple[np.ndarray, np.ndarray]:
     """(normalised input [B, C, N, N], eager complex output) from the bundle's stored parity vectors."""
     par = bundle.contents.parity[case]
-    x = par["input.diffraction"] / np.float32(bundle.intensity_scale)
+    x = par["input.amplitude"]
     ref = par["diffraction_to_obj.amplitude"] * np.exp(1j * par["diffraction_to_obj.phase"].astype(np.float64))
     return x, ref
 
