@@ -619,7 +619,7 @@ def _read_plan(policy: _Policy, plan: _DatasetPlan) -> Any:
         digest = hashlib.sha256(value.tobytes(order="C")).hexdigest()
     if not hmac.compare_digest(digest, expected):
         raise BundleChecksumError(
-            f"{policy.path}: checksum mismatch in {where}. The bundle is damaged or was modified; "
+            f"{policy.path}: Checksum mismatch in {where}. The bundle is damaged or was modified; "
             f"{_fix_damaged(policy.path)}", policy.path, where)
     if plan.kind == "json":
         return _parse_json(policy, where, value)

@@ -34,7 +34,7 @@ exit codes:
   1  unexpected error (a bug: please report it with the --debug traceback)
   2  bad input: missing file, not a bundle, bad NPZ, wrong shapes, unusable option
      (e.g. --device cuda without a usable GPU, --backend torchscript without torch)
-  4  integrity failure: a checksum or the load-time self-test failed (the bundle is damaged or was modified)
+  4  checksum failure: the bundle is damaged or was modified (a checksum or the load-time self-test failed)
 """
 
 PNG_HINT = "writing a PNG needs matplotlib: pip install 'ptycho-runtime[png]'"

@@ -16,8 +16,9 @@ NAMES = ("n64_g1", "n64_g2")
 
 
 def _eager_tol(ref) -> float:
-    """1e-5 of the output's scale: float32 agreement with eager (as the parity checks define it)."""
-    return 1e-5 * max(1.0, float(np.abs(np.asarray(ref)).max()))
+    """1e-4 of the output's scale: the graph-vs-eager contract (parity.DEFAULT_TOLERANCE; fixtures are retrained
+    on every CI run and a fresh model's ONNX graph may sit anywhere below it, e.g. 2e-5)."""
+    return 1e-4 * max(1.0, float(np.abs(np.asarray(ref)).max()))
 
 
 
