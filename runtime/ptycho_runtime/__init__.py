@@ -10,7 +10,8 @@ it lazily, only when asked for).
 """
 
 from .bundle import BACKENDS, Bundle, BundleInfo, load_bundle
-from .bundle_format import (BundleChecksumError, BundleError, BundleFormatError, BundleIntegrityError,
+from .bundle_format import (BundleChecksumError, BundleError, BundleFormatError, BundleGraphMissingError,
+                            BundleIntegrityError,
                             BundleLimitError, BundleNotFoundError, BundleParamsError, BundleUnsafeError)
 from .backends import DeviceUnavailableError
 from .inputs import positions_from_metres
@@ -25,6 +26,7 @@ __all__ = [
     "BundleChecksumError",
     "BundleError",
     "BundleFormatError",
+    "BundleGraphMissingError",
     "BundleIntegrityError",
     "BundleLimitError",
     "BundleNotFoundError",

@@ -139,6 +139,10 @@ class BundleParamsError(BundleFormatError):
     """Params are missing, of the wrong type, out of range, or disagree with the graphs or weights."""
 
 
+class BundleGraphMissingError(BundleFormatError):
+    """The bundle has no graph of the requested kind (a valid bundle; add graphs with ptycho-export)."""
+
+
 class BundleIntegrityError(BundleFormatError):
     """The bundle's contents are not what was written: damaged, or modified after export."""
 
@@ -387,7 +391,7 @@ class BundleContents:
             return self.graphs[(kind, model)]
         except KeyError:
             have = ", ".join(f"{k}/{m}" for k, m in sorted(self.graphs)) or "none"
-            raise BundleFormatError(
+            raise BundleGraphMissingError(
                 f"The bundle {self.path} has no {kind} graph for {model} (graphs present: {have}). "
                 f"Add graphs with: ptycho-export {self.path}", self.path, f"/graphs/{kind}/{model}"
             ) from None

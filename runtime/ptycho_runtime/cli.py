@@ -319,8 +319,10 @@ def bundle_report(path: str) -> dict[str, Any]:
         b = Bundle(contents)  # the defaults of load_bundle, without reading the file again
         report["default_load"] = {"backend": b.backend, "device": b.device, "precision": b._backend.precision,
                                   "providers": b.providers}
-    except (fmt.BundleUnsafeError, fmt.BundleLimitError, fmt.BundleParamsError, fmt.BundleIntegrityError):
-        raise  # a hostile or inconsistent bundle is an error (exit 2/4), not a report line
+    except fmt.BundleError as exc:
+        if not isinstance(exc, fmt.BundleGraphMissingError):
+            raise  # a damaged, hostile or inconsistent bundle is an error (exit 2/4), not a report line
+        report["default_load"] = {"error": f"{type(exc).__name__}: {exc}"}
     except Exception as exc:  # reported, not fatal: info must work on bundles the runtime cannot run
         report["default_load"] = {"error": f"{type(exc).__name__}: {exc}"}
     return report

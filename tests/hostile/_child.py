@@ -45,7 +45,7 @@ def call(path: str):
             ptycho_runtime.load_bundle(path, backend="torchscript")
             return None, ""
         if reader == "load_torch_bundle":
-            from ptycho_export import load_torch_bundle
+            from ptycho_export.model_manager import load_torch_bundle
 
             load_torch_bundle(path)
             return None, ""
@@ -60,7 +60,8 @@ def call(path: str):
         elif reader == "export_verify":
             from ptycho_export.cli import main
 
-            code = main(["verify", path, "--backend", "eager", "torchscript", "onnxruntime-cpu"])
+            code = main(["verify", path, "--backend", "eager", "--backend", "torchscript",
+                         "--backend", "onnxruntime-cpu"])
         else:
             raise SystemExit(f"unknown reader {reader}")
     return code, err.getvalue()
