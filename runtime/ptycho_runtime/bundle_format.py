@@ -494,22 +494,26 @@ class _Policy:
     # ------------------------------------------------------------------ structure
 
     def child(self, group: h5py.Group, name: str, want: str) -> Any:
-        """The object behind one link of ``group``: only a hard link to an object of class ``want``."""
-        where = f"{group.name.rstrip('/')}/{name}"
+        """The object behind one link of ``group``: only a hard link to an object of class ``want``.
+
+        Low-level calls (the link's class is read without following it): the walk runs on every load.
+        """
+        bname = name.encode()
         try:
-            link = group.get(name, getlink=True)
+            ltype = group.id.links.get_info(bname).type
         except Exception:  # noqa: BLE001 - user-defined link classes h5py cannot represent
-            raise self.unsafe(where, "is a link of an unknown class") from None
-        if isinstance(link, h5py.ExternalLink):
-            raise self.unsafe(where, "is an external link (to another file)")
-        if isinstance(link, h5py.SoftLink):
-            raise self.unsafe(where, "is a soft link")
-        if not isinstance(link, h5py.HardLink):
-            raise self.unsafe(where, "is a link of an unknown class")
-        cls = group.get(name, getclass=True)
-        if cls is not (h5py.Group if want == "group" else h5py.Dataset):
-            raise self.bad(where, f"should be a {want}")
-        return group[name]
+            raise self.unsafe(f"{group.name.rstrip('/')}/{name}", "is a link of an unknown class") from None
+        if ltype != h5py.h5l.TYPE_HARD:
+            what = {h5py.h5l.TYPE_EXTERNAL: "is an external link (to another file)",
+                    h5py.h5l.TYPE_SOFT: "is a soft link"}.get(ltype, "is a link of an unknown class")
+            raise self.unsafe(f"{group.name.rstrip('/')}/{name}", what)
+        oid = h5py.h5o.open(group.id, bname)
+        kind = h5py.h5i.get_type(oid)
+        if want == "group" and kind == h5py.h5i.GROUP:
+            return h5py.Group(oid)
+        if want == "dataset" and kind == h5py.h5i.DATASET:
+            return h5py.Dataset(oid)
+        raise self.bad(f"{group.name.rstrip('/')}/{name}", f"should be a {want}")
 
     def names(self, group: h5py.Group, max_children: int) -> list[str]:
         """The link names of ``group`` (their number is checked before they are listed)."""
@@ -537,14 +541,18 @@ class _Policy:
             out[name] = self.child(group, name, spec[name])
         return out
 
-    def check_attrs(self, obj: Any, allowed: Callable[[str], bool]) -> None:
-        """Only the schema's attributes may be read later; each is scalar and of a small, plain type."""
-        n = obj.id.get_num_attrs() if hasattr(obj.id, "get_num_attrs") else len(obj.attrs)
+    def check_attrs(self, obj: Any, allowed: tuple[str, ...] | Callable[[str], bool]) -> None:
+        """Only the schema's attributes (``allowed``) are ever read; each must be a scalar string or integer.
+
+        Others are counted (at most ``MAX_ATTRS``) but never read.
+        """
+        n = h5py.h5a.get_num_attrs(obj.id)
         if n > MAX_ATTRS:
             raise self.limit(obj.name, f"has {n} attributes; the format allows at most {MAX_ATTRS}")
-        for name in obj.attrs:
-            if not allowed(name):
-                continue  # never read
+        names = allowed if isinstance(allowed, tuple) else [a for a in obj.attrs if allowed(a)]
+        for name in names:
+            if not h5py.h5a.exists(obj.id, name.encode()):
+                continue
             aid = h5py.h5a.open(obj.id, name.encode())
             dt = aid.dtype
             if aid.shape != ():
@@ -561,13 +569,13 @@ class _Policy:
                 ndim: Optional[int] = None) -> _DatasetPlan:
         """Check one dataset's storage, dtype and declared size (nothing is read)."""
         where = ds.name
-        self.check_attrs(ds, lambda a: a == CHECKSUM_ATTR)
-        if ds.is_virtual:
-            raise self.unsafe(where, "is a virtual dataset (its data live in other files)")
+        self.check_attrs(ds, (CHECKSUM_ATTR,))
         dcpl = ds.id.get_create_plist()
+        layout = dcpl.get_layout()
+        if layout == h5py.h5d.VIRTUAL:
+            raise self.unsafe(where, "is a virtual dataset (its data live in other files)")
         if dcpl.get_external_count() > 0:
             raise self.unsafe(where, "uses external raw storage (its bytes live in another file)")
-        layout = dcpl.get_layout()
         if layout not in (h5py.h5d.COMPACT, h5py.h5d.CONTIGUOUS, h5py.h5d.CHUNKED):
             raise self.unsafe(where, f"has a storage layout ({layout}) the format does not use")
         if dcpl.get_nfilters() > 0:
@@ -602,7 +610,7 @@ class _Policy:
 def _read_plan(policy: _Policy, plan: _DatasetPlan) -> Any:
     """Read one planned dataset and verify its checksum (the error never shows hashes or data)."""
     ds, where = plan.ds, plan.ds.name
-    expected = ds.attrs.get(CHECKSUM_ATTR)
+    expected = _scalar_attr(ds, CHECKSUM_ATTR)
     if isinstance(expected, bytes):
         try:
             expected = expected.decode("ascii")
@@ -621,8 +629,8 @@ def _read_plan(policy: _Policy, plan: _DatasetPlan) -> Any:
     else:
         value = np.empty(ds.shape, ds.dtype)
         if value.size:
-            ds.read_direct(value)
-        digest = hashlib.sha256(value.tobytes(order="C")).hexdigest()
+            ds.id.read(h5py.h5s.ALL, h5py.h5s.ALL, value)
+        digest = hashlib.sha256(value.reshape(-1).view(np.uint8)).hexdigest()  # the C-order bytes, no copy
     if not hmac.compare_digest(digest, expected):
         raise BundleChecksumError(
             f"{policy.path}: Checksum mismatch in {where}. The bundle is damaged or was modified; "
@@ -670,8 +678,19 @@ def _json_constant(name: str) -> float:
 # --------------------------------------------------------------------------- header
 
 
+def _scalar_attr(obj: Any, name: str) -> Any:
+    """One scalar attribute, read low-level (None if absent); ``check_attrs`` has checked its type and shape."""
+    bname = name.encode()
+    if not h5py.h5a.exists(obj.id, bname):
+        return None
+    aid = h5py.h5a.open(obj.id, bname)
+    out = np.empty((), dtype=aid.dtype)
+    aid.read(out)
+    return out[()]
+
+
 def _attr_value(obj: Any, name: str) -> Any:
-    v = obj.attrs.get(name)
+    v = _scalar_attr(obj, name)
     if isinstance(v, bytes):
         v = v.decode("utf-8", "replace")
     elif isinstance(v, np.generic):
@@ -847,7 +866,7 @@ def _read_verified(f: h5py.File, p: Path, header: dict[str, Any], file_size: int
     if "params" not in root:
         raise BundleFormatError(f"{p} has no /params: the params it was trained with are missing. "
                                 f"{_fix_damaged(p)}", p, "/params")
-    no_attrs = lambda a: False  # noqa: E731 - groups carry no attributes the reader reads
+    no_attrs: tuple[str, ...] = ()  # groups carry no attributes the reader reads
 
     # ---- params first: N, gridsize and epochs bound everything else
     pg = root["params"]
@@ -884,7 +903,7 @@ def _read_verified(f: h5py.File, p: Path, header: dict[str, Any], file_size: int
         models = pol.children(root["models"], lambda n: n in MODEL_NAMES, len(MODEL_NAMES), "group")
         weight_cap = params.get("n_filters_scale", 1) ** 2 * WEIGHT_BYTES_PER_SCALE2[params["N"]]
         for name, g in models.items():
-            pol.check_attrs(g, lambda a: a == "n_parameters")
+            pol.check_attrs(g, ("n_parameters",))
             kids = pol.mixed(g, {"architecture_json": "dataset", "state_dict": "group"})
             if "architecture_json" not in kids or "state_dict" not in kids:
                 raise pol.bad(g.name, "lacks architecture_json or state_dict")

@@ -24,13 +24,25 @@ def test_weight_limit_covers_the_largest_architecture(N, nfs):
         assert len(model.state_dict()) <= fmt.MAX_TENSORS_PER_MODEL
 
 
-def test_onnx_allow_list_covers_every_mode(make_bundle):
-    """A real real_imag, gridsize-2 bundle passes the ONNX check (the allow-list is not too tight)."""
-    from ptycho_runtime import load_bundle
+def test_onnx_allow_list_covers_the_exporter():
+    """Graphs exported for gridsize 2, real_imag, softplus (the widest op set) pass the runtime's checks."""
+    from ptycho_export import params
+    from ptycho_export.export import compile_graphs, eager_outputs, parity_inputs
+    from ptycho_export.model import create_torch_model_with_gridsize
 
-    b = load_bundle(make_bundle(N=64, gridsize=2, output_mode="real_imag"))
-    for (kind, model), rec in b.contents.graphs.items():
-        if kind == "onnx":
-            fmt.check_onnx_graph(rec.data, (kind, model), b.contents.params)
+    p = {**params.cfg, "N": 64, "gridsize": 2, "n_filters_scale": 1, "output_mode": "real_imag",
+         "amp_activation": "softplus"}
+    models = create_torch_model_with_gridsize(2, 64, p)
+    for m in models.values():
+        m.eval()
+    p["intensity_scale"] = float(models["diffraction_to_obj"].scaler.scale().detach())
+    cases = parity_inputs(p)
+    eager_outputs(models, p, cases)
+    graphs = compile_graphs(models, p, cases)
+    assert {(g.kind, g.model) for g in graphs} == {(k, m) for k in fmt.GRAPH_KINDS for m in fmt.MODEL_NAMES}
+    for g in graphs:
+        if g.kind == "onnx":
+            fmt.check_onnx_graph(g.data, (g.kind, g.model), p)
         else:
-            fmt.check_torchscript_archive(rec.data, model)
+            fmt.check_torchscript_archive(g.data, g.model)
+        fmt._check_graph_metadata(g.metadata, g.kind, g.model, p, g.data, "test", f"/graphs/{g.kind}/{g.model}")
