@@ -90,6 +90,7 @@ def save_torch_bundle(models_dict: Mapping[str, nn.Module], base_path: Union[str
     architecture = asdict(model_cfg)
     architecture["intensity_scale"] = float(intensity_scale)
     scalars, arrays = _split_params(values)
+    fmt.check_writable_params(scalars, arrays)  # never write a bundle the readers would refuse
 
     target = Path(base_path)
     with fmt.atomic_bundle_write(target) as f:

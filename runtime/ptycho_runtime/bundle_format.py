@@ -617,8 +617,9 @@ def _read_plan(policy: _Policy, plan: _DatasetPlan) -> Any:
         except UnicodeDecodeError:
             expected = None
     if not isinstance(expected, str) or not re.fullmatch(r"[0-9a-f]{64}", expected):
+        what = "has no" if expected is None else "has an invalid"
         raise BundleChecksumError(
-            f"{policy.path}: {where} has no valid {CHECKSUM_ATTR} attribute: the bundle was not written by "
+            f"{policy.path}: {where} {what} {CHECKSUM_ATTR} attribute: the bundle was not written by "
             "ptycho-export or was edited by hand. Re-create it with save_torch_bundle.", policy.path, where)
     if plan.kind == "json":
         raw = ds[()]
@@ -742,6 +743,11 @@ def validate_params(params: Mapping[str, Any], path: Any = None, where: str = "/
         return BundleParamsError(f"{path}: params '{key}' {what}. The bundle is damaged or was edited; re-export "
                                  "it with ptycho-export.", path, where)
 
+    missing = [k for k in ("N", "gridsize", "intensity_scale") if params.get(k) is None]
+    if missing:
+        raise BundleParamsError(f"Cannot reconstruct model architecture: the bundle {path} has no "
+                                f"{' or '.join(missing)} in its params. Re-save the model with save_torch_bundle.",
+                                path, where)
     N = params.get("N")
     if not _is_int(N) or N not in ALLOWED_N:
         raise fail("N", f"must be one of {', '.join(map(str, ALLOWED_N))} (got {_short(N)})")
@@ -770,6 +776,23 @@ def validate_params(params: Mapping[str, Any], path: Any = None, where: str = "/
             raise fail("probe", f"must be a complex [{N}, {N}] array (got {p.dtype} {list(p.shape)})")
         if not np.all(np.isfinite(p)):
             raise fail("probe", "contains NaN or inf")
+
+
+def check_writable_params(scalars: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+    """The writer's side of the policy: refuse to write params the reader would refuse (``BundleParamsError``)."""
+    merged = {**scalars, **arrays}
+    validate_params(merged, "the params to save")
+    shadow = sorted(set(scalars) & set(arrays))
+    if shadow:
+        raise BundleParamsError(f"params {shadow} are both scalars and arrays; store each key once.")
+    if len(arrays) > MAX_PARAM_ARRAYS:
+        raise BundleParamsError(f"{len(arrays)} array-valued params; a bundle holds at most {MAX_PARAM_ARRAYS}.")
+    cap = int(merged["N"]) ** 2 * 16
+    for key, arr in arrays.items():
+        a = np.asarray(arr)
+        if a.dtype.kind not in "biufc" or a.nbytes > cap:
+            raise BundleParamsError(f"param '{key}' ({a.dtype} {list(a.shape)}) cannot be stored: array params are "
+                                    f"numeric and at most N×N complex128 ({cap} bytes).")
 
 
 def _short(v: Any) -> str:

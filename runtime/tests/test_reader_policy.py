@@ -156,3 +156,15 @@ def test_atomic_write_fsyncs_the_folder(tmp_path, monkeypatch):
     with fmt.atomic_write_path(tmp_path / "out.bin") as tmp:
         tmp.write_bytes(b"data")
     assert synced == [tmp_path] and (tmp_path / "out.bin").read_bytes() == b"data"
+
+
+def test_writer_refuses_params_the_reader_would_refuse():
+    ok = {"N": 64, "gridsize": 1, "intensity_scale": 10.0, "output_mode": "amp_phase"}
+    probe = np.ones((64, 64), np.complex64)
+    fmt.check_writable_params(ok, {"probe": probe})
+    for bad_scalars, bad_arrays in (({**ok, "n_filters_scale": 16}, {"probe": probe}),
+                                    ({**ok, "intensity_scale": float("nan")}, {"probe": probe}),
+                                    (ok, {"probe": probe, "big": np.zeros((64, 64, 3), np.complex128)}),
+                                    (ok, {"probe": probe, "N": np.array(1)})):
+        with pytest.raises(fmt.BundleParamsError):
+            fmt.check_writable_params(bad_scalars, bad_arrays)
