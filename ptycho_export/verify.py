@@ -197,6 +197,13 @@ def verify_bundle(path: str | os.PathLike, backends: Optional[Iterable[str]] = N
             f"{bundle_path} holds no parity vectors, so there is nothing to verify against. "
             f"Add graphs (which stores them) with: ptycho-export {bundle_path}")
     report["cases"] = {name: case_batch(case) for name, case in sorted(cases.items())}
+    # the reader policy for every graph a requested backend will load, before any backend runs (raises)
+    kinds = {GRAPH_KIND[b] for b in wanted} - {None}
+    for (kind, model), rec in sorted(contents.graphs.items()):
+        if kind == "torchscript" and kind in kinds:
+            fmt.check_torchscript_archive(rec.data, model, bundle_path)
+        elif kind == "onnx" and kind in kinds:
+            fmt.check_onnx_graph(rec.data, (kind, model), contents.params, bundle_path)
     scale = float(contents.params["intensity_scale"])
 
     for backend in wanted:
@@ -249,11 +256,7 @@ def verify_bundle(path: str | os.PathLike, backends: Optional[Iterable[str]] = N
         from .export import parity_keys, torchscript_runner
 
         for model, rec in graphs.items():
-            tol = _graph_tolerance(tolerance)
-            if kind == "torchscript":  # the reader policy, before a deserializer sees the bytes (raises)
-                fmt.check_torchscript_archive(rec.data, model, bundle_path)
-            else:
-                fmt.check_onnx_graph(rec.data, (kind, model), contents.params, bundle_path)
+            tol = _graph_tolerance(tolerance)  # (the graph passed the reader policy above)
             try:
                 if kind == "torchscript":
                     run = torchscript_runner(rec.data, model)
