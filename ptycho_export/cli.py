@@ -195,22 +195,18 @@ def _history_summary(history: Mapping[str, np.ndarray], training: Mapping[str, A
 
 def inspect_bundle(path: str | os.PathLike) -> dict[str, Any]:
     """Everything ``inspect`` shows, as plain data."""
-    import h5py
     from ptycho_runtime import bundle_format as fmt
+    from ptycho_runtime.parity import case_batch
 
     bundle_path = fmt.resolve_bundle_path(path)
-    contents = fmt.read_bundle(bundle_path)
+    contents = fmt.read_bundle(bundle_path)  # the reader policy; the file is not opened again
     header = contents.header
-    n_params: dict[str, Optional[int]] = {}
-    with h5py.File(bundle_path, "r") as f:
-        for name in contents.state_dicts:
-            value = f["models"][name].attrs.get("n_parameters")
-            n_params[name] = None if value is None else int(value)
+    n_params: dict[str, Optional[int]] = dict(contents.n_parameters)
     params = contents.params
     probe = params.get("probe")
     info: dict[str, Any] = {
         "bundle": str(bundle_path),
-        "file_size_bytes": bundle_path.stat().st_size,
+        "file_size_bytes": contents.file_size,
         "format": header.get("format"),
         "format_version": header.get("format_version"),
         "producer": header.get("producer"),
@@ -224,8 +220,7 @@ def inspect_bundle(path: str | os.PathLike) -> dict[str, Any]:
                           "n_tensors": len(sd)}
                    for name, sd in sorted(contents.state_dicts.items())},
         "graphs": {},
-        "parity_cases": {case: int(np.asarray(v["input.diffraction"]).shape[0]) for case, v in
-                         sorted(contents.parity.items()) if "input.diffraction" in v},
+        "parity_cases": {case: case_batch(v) for case, v in sorted(contents.parity.items())},
         "training": _history_summary(contents.history, contents.training),
     }
     for (kind, model), rec in sorted(contents.graphs.items()):
@@ -893,14 +888,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _classify(exc: BaseException) -> tuple[int, str]:
-    from ptycho_runtime.bundle_format import BundleChecksumError, BundleFormatError
+    from ptycho_runtime.bundle_format import BundleChecksumError, BundleError, BundleIntegrityError
 
     if isinstance(exc, CliError):
         return exc.code, str(exc)
     if isinstance(exc, BundleChecksumError):
         return EXIT_CHECKSUM, f"checksum failure: {exc}"
-    if isinstance(exc, (BundleFormatError, FileNotFoundError, IsADirectoryError, NotADirectoryError)):
-        return EXIT_USAGE, str(exc)
+    if isinstance(exc, BundleIntegrityError):  # damaged or modified, caught by a self-test rather than a checksum
+        return EXIT_CHECKSUM, f"integrity failure: {exc}"
+    if isinstance(exc, (BundleError, FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return EXIT_USAGE, str(exc)  # every reader failure is a BundleError: bad input, not a bug
     try:
         from .export import ParityError
     except Exception:  # torch missing: no ParityError can have been raised

@@ -19,7 +19,10 @@ follows this contract (ptycho_runtime.Bundle.predict).
 
 Parity: each graph is run on fixed, simulated inputs (batches 1 and 7) and
 compared with the eager model; relative error = max|graph − eager| / max|eager|
-per output. Above the tolerance, export fails and nothing is written.
+per output. Above the tolerance, export fails and nothing is written. The
+inputs are stored as ``input.amplitude``, in the units ``Bundle.predict``
+takes (before ``intensity_scale``), so readers re-run the whole inference
+path, scale included (``ptycho_runtime.parity.graph_feeds``).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import torch
 from torch import nn
 
 from ptycho_runtime import bundle_format as fmt
+from ptycho_runtime import parity as parity_rules
 from ptycho_runtime.parity import parity_report
 
 from .data import make_groups, simulate_scan
@@ -123,18 +127,21 @@ def contract(params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def parity_inputs(params: Mapping[str, Any], seed: int = 1234) -> dict[str, dict[str, np.ndarray]]:
-    """A few real simulated patterns (with the bundle's probe), batches 1 and 7, in graph units."""
+    """A few real simulated patterns (with the bundle's probe), batches 1 and 7, in predict's units.
+
+    ``input.amplitude`` is the normalised amplitude (the NPZ contract) that
+    ``Bundle.predict`` takes; graphs get it × intensity_scale (``graph_feeds``).
+    """
     N, gridsize = int(params["N"]), int(params["gridsize"])
     probe = params.get("probe")
     scan = simulate_scan(N=N, object_size=3 * N, scan="random", n_positions=max(PARITY_BATCHES) * gridsize**2 + 8,
                          nphotons=float(params.get("nphotons", 1e9)), seed=seed,
                          probe=None if probe is None else np.asarray(probe, np.complex64))
     groups = make_groups(scan, gridsize, seed=seed)
-    scale = np.float32(params["intensity_scale"])
     cases = {}
     for b in PARITY_BATCHES:
         cases[f"b{b}"] = {
-            "input.diffraction": (groups.diffraction[:b].astype(np.float32) * scale),
+            "input.amplitude": groups.diffraction[:b].astype(np.float32),
             "input.offsets": groups.offsets[:b].astype(np.float32),
         }
     return cases
@@ -145,10 +152,12 @@ def eager_outputs(models: Mapping[str, nn.Module], params: Mapping[str, Any],
     """Add ``<model>.<output>`` eager results to each parity case, in place."""
     _, d2o_out = io_spec("diffraction_to_obj", params)
     _, ae_out = io_spec("autoencoder", params)
+    scale = float(params["intensity_scale"])
     with torch.inference_mode():
         for case in cases.values():
-            x = torch.from_numpy(case["input.diffraction"])
-            off = torch.from_numpy(case["input.offsets"])
+            feeds = graph_feeds(case, "autoencoder", scale)
+            x = torch.from_numpy(feeds["diffraction"])
+            off = torch.from_numpy(feeds["offsets"])
             for spec, value in zip(d2o_out, models["diffraction_to_obj"].forward_parts(x)):
                 case[f"diffraction_to_obj.{spec['name']}"] = value.numpy()
             for spec, value in zip(ae_out, models["autoencoder"].forward_parts(x, off)[:3]):
@@ -258,20 +267,18 @@ def torchscript_io(model_name: str, params: Mapping[str, Any]) -> list[dict]:
     return outs
 
 
-def graph_feeds(case: Mapping[str, np.ndarray], model_name: str) -> dict[str, np.ndarray]:
-    feeds = {"diffraction": case["input.diffraction"]}
-    if model_name == "autoencoder":
-        feeds["offsets"] = case["input.offsets"]
-    return feeds
+def graph_feeds(case: Mapping[str, np.ndarray], model_name: str, intensity_scale: float) -> dict[str, np.ndarray]:
+    """A parity case's graph feeds (the runtime's definition: amplitude × intensity_scale)."""
+    return parity_rules.graph_feeds(case, model_name, intensity_scale)
 
 
-def check_parity(graph: CompiledGraph, cases: Mapping[str, Mapping[str, np.ndarray]],
+def check_parity(graph: CompiledGraph, cases: Mapping[str, Mapping[str, np.ndarray]], intensity_scale: float,
                  tolerance: float = PARITY_TOLERANCE) -> dict[str, Any]:
     """Run a graph on every parity case; raise ParityError above tolerance; return the report."""
     outputs = parity_keys(graph.kind, graph.model, graph.metadata)
     got, ref = {}, {}
     for case_name, case in cases.items():
-        result = graph.run(graph_feeds(case, graph.model))
+        result = graph.run(graph_feeds(case, graph.model, intensity_scale))
         for name in outputs:
             key = f"{case_name}.{name}"
             got[key], ref[key] = result[name], case[f"{graph.model}.{name}"]
@@ -296,9 +303,10 @@ def compile_graphs(models: Mapping[str, nn.Module], params: Mapping[str, Any], c
                    tolerance: float = PARITY_TOLERANCE) -> list[CompiledGraph]:
     """Export, then parity-check, every requested graph. Raises ParityError on the first untrue graph."""
     versions = _versions()
-    example = cases[f"b{max(PARITY_BATCHES)}"]
-    x = torch.from_numpy(example["input.diffraction"])
-    off = torch.from_numpy(example["input.offsets"])
+    scale = float(params["intensity_scale"])
+    example = graph_feeds(cases[f"b{max(PARITY_BATCHES)}"], "autoencoder", scale)
+    x = torch.from_numpy(example["diffraction"])
+    off = torch.from_numpy(example["offsets"])
     graphs: list[CompiledGraph] = []
     for model_name in fmt.MODEL_NAMES:
         inputs, outputs = io_spec(model_name, params)
@@ -328,7 +336,7 @@ def compile_graphs(models: Mapping[str, nn.Module], params: Mapping[str, Any], c
                     else "none"}
             graphs.append(CompiledGraph("onnx", model_name, data, meta, _onnx_runner(data)))
     for g in graphs:
-        g.metadata["parity"] = check_parity(g, cases, tolerance)
+        g.metadata["parity"] = check_parity(g, cases, scale, tolerance)
         g.metadata["sha256"] = fmt.sha256_hex(g.data)
         g.metadata["size_bytes"] = len(g.data)
     return graphs

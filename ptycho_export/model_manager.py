@@ -90,6 +90,7 @@ def save_torch_bundle(models_dict: Mapping[str, nn.Module], base_path: Union[str
     architecture = asdict(model_cfg)
     architecture["intensity_scale"] = float(intensity_scale)
     scalars, arrays = _split_params(values)
+    fmt.check_writable_params(scalars, arrays)  # never write a bundle the readers would refuse
 
     target = Path(base_path)
     with fmt.atomic_bundle_write(target) as f:
@@ -115,8 +116,9 @@ def save_torch_bundle(models_dict: Mapping[str, nn.Module], base_path: Union[str
 def _check_architecture_keys(bundle_params: Mapping[str, Any], path: Path) -> None:
     missing = [k for k in ("N", "gridsize") if bundle_params.get(k) is None]
     if missing:
-        raise ValueError(f"Cannot reconstruct model architecture: the bundle {path} has no "
-                         f"{' or '.join(missing)} in its params. Re-save the model with save_torch_bundle.")
+        raise fmt.BundleParamsError(f"Cannot reconstruct model architecture: the bundle {path} has no "
+                                    f"{' or '.join(missing)} in its params. Re-save the model with save_torch_bundle.",
+                                    path, "/params/config_json")
 
 
 def _load_state(model: nn.Module, arrays: Mapping[str, np.ndarray], name: str, path: Path) -> None:
@@ -131,7 +133,12 @@ def _load_state(model: nn.Module, arrays: Mapping[str, np.ndarray], name: str, p
             f"{unexpected[:5]}{'…' if len(unexpected) > 5 else ''}. The bundle is from an incompatible version.")
     tensors = {}
     for key, ref in expected.items():
-        t = torch.from_numpy(np.array(arrays[key]))
+        arr = np.asarray(arrays[key])
+        try:
+            t = torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="), copy=True))
+        except (TypeError, ValueError):  # a dtype torch has no tensor type for
+            raise fmt.BundleFormatError(f"Tensor {name}.{key} in {path} has dtype {arr.dtype}; the architecture "
+                                        f"expects {ref.dtype}.", path, f"/models/{name}/state_dict/{key}") from None
         if t.shape != ref.shape or t.dtype != ref.dtype:
             raise fmt.BundleFormatError(
                 f"Tensor {name}.{key} in {path} has shape {tuple(t.shape)} {t.dtype}; the architecture "
@@ -145,9 +152,12 @@ def load_torch_bundle(base_path: Union[str, os.PathLike], model_name: Optional[s
     """Load a bundle: verify it, restore ``params.cfg`` (CONFIG-001), rebuild, load weights strictly.
 
     Returns ``(model, params)`` for a ``model_name``, or ``({"autoencoder", "diffraction_to_obj"}, params)``.
-    Models are in eval mode on the CPU.
+    Models are in eval mode on the CPU. The file is read under the reader
+    policy of ``ptycho_runtime.bundle_format`` (params validated, the model
+    size bounded by them); every problem with it raises a ``BundleError``
+    subclass, and ``params.cfg`` is only updated once the models load.
     """
-    if model_name is not None and model_name not in REQUIRED_MODELS:
+    if model_name is not None and model_name not in REQUIRED_MODELS:  # a caller's mistake, not the file's
         raise ValueError(f"model_name must be one of {', '.join(REQUIRED_MODELS)} or None (got {model_name!r})")
     contents = fmt.read_bundle(base_path)
     bundle_params = contents.params
@@ -159,10 +169,24 @@ def load_torch_bundle(base_path: Union[str, os.PathLike], model_name: Optional[s
                 f"{contents.path} has no eager weights for '{name}' (models present: "
                 f"{sorted(contents.state_dicts) or 'none'}); it cannot be loaded into PyTorch.")
 
-    params.restore_params(params.cfg, bundle_params)  # CONFIG-001: before any model is built
-    models = create_torch_model_with_gridsize(int(params.cfg["gridsize"]), int(params.cfg["N"]), params.cfg)
+    # CONFIG-001: the models are built from the bundle's params over the live params.cfg; params.cfg itself
+    # is updated only after they load, so a refused bundle leaves no trace in it
+    cfg = params.restore_params(copy.deepcopy(params.cfg), bundle_params)
+    try:
+        models = create_torch_model_with_gridsize(int(cfg["gridsize"]), int(cfg["N"]), cfg)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise fmt.BundleParamsError(f"The params of {contents.path} do not describe a model this version can build "
+                                    f"({exc}). Re-export the bundle.", contents.path, "/params/config_json") from None
     for name in names:
-        _load_state(models[name], contents.state_dicts[name], name, contents.path)
+        try:
+            _load_state(models[name], contents.state_dicts[name], name, contents.path)
+        except fmt.BundleError:
+            raise
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise fmt.BundleFormatError(f"The weights of '{name}' in {contents.path} cannot be loaded "
+                                        f"({type(exc).__name__}). Re-export the bundle.", contents.path,
+                                        f"/models/{name}/state_dict") from None
+    params.restore_params(params.cfg, bundle_params)
     for m in models.values():
         m.eval()
     returned_params = copy.deepcopy(bundle_params)

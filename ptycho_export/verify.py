@@ -13,8 +13,14 @@ same definition export used):
 - ``onnxruntime-cuda``: the same on the CUDA provider, only where onnxruntime
   offers it *and* a session really runs on it (no silent CPU fallback).
 
-Graph tolerances come from each graph's metadata (``parity.tolerance_rel``,
-default 1e-4), unless ``tolerance`` overrides them.
+Parity inputs are stored in the units ``Bundle.predict`` takes and fed as
+amplitude × the bundle's ``intensity_scale`` (``ptycho_runtime.parity``), so a
+bundle whose scale was changed fails here even with consistent checksums.
+Tolerances are this module's constants (1e-4 for graphs, 1e-5 eager), never
+the file's own metadata, unless the caller passes ``tolerance``. Graph bytes
+pass the reader policy (``check_onnx_graph`` / ``check_torchscript_archive``)
+before onnxruntime or torch sees them; a graph refused there raises its
+``BundleError`` (the bundle is unsafe, not merely inaccurate).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import numpy as np
 
 from ptycho_runtime import bundle_format as fmt
-from ptycho_runtime.parity import DEFAULT_TOLERANCE, parity_report
+from ptycho_runtime.parity import DEFAULT_TOLERANCE, case_batch, graph_feeds, parity_report
 
 BACKENDS = ("eager", "torchscript", "onnxruntime-cpu", "onnxruntime-cuda")
 EAGER_TOLERANCE = 1e-5
@@ -109,12 +115,10 @@ def _cuda_probe() -> Optional[str]:
 
 
 def _compare(run: Runner, model: str, keys: Iterable[str], cases: Mapping[str, Mapping[str, np.ndarray]],
-             tolerance: float) -> dict[str, Any]:
-    from .export import graph_feeds
-
+             tolerance: float, intensity_scale: float) -> dict[str, Any]:
     got, ref = {}, {}
     for case_name, case in cases.items():
-        result = run(graph_feeds(case, model))
+        result = run(graph_feeds(case, model, intensity_scale))
         for name in keys:
             stored = f"{model}.{name}"
             if stored not in case:
@@ -134,11 +138,9 @@ def _compare(run: Runner, model: str, keys: Iterable[str], cases: Mapping[str, M
                            for k, v in report["per_output"].items()}}
 
 
-def _graph_tolerance(metadata: Mapping[str, Any], override: Optional[float]) -> float:
-    if override is not None:
-        return float(override)
-    value = (metadata.get("parity") or {}).get("tolerance_rel")
-    return float(value) if value is not None else DEFAULT_TOLERANCE
+def _graph_tolerance(override: Optional[float]) -> float:
+    """The caller's tolerance, else the reader's constant (a file never sets its own tolerance)."""
+    return DEFAULT_TOLERANCE if override is None else float(override)
 
 
 def _row(backend: str, model: str, kind: Optional[str], **fields: Any) -> dict[str, Any]:
@@ -194,7 +196,15 @@ def verify_bundle(path: str | os.PathLike, backends: Optional[Iterable[str]] = N
         raise fmt.BundleFormatError(
             f"{bundle_path} holds no parity vectors, so there is nothing to verify against. "
             f"Add graphs (which stores them) with: ptycho-export {bundle_path}")
-    report["cases"] = {name: int(np.asarray(case["input.diffraction"]).shape[0]) for name, case in sorted(cases.items())}
+    report["cases"] = {name: case_batch(case) for name, case in sorted(cases.items())}
+    # the reader policy for every graph a requested backend will load, before any backend runs (raises)
+    kinds = {GRAPH_KIND[b] for b in wanted} - {None}
+    for (kind, model), rec in sorted(contents.graphs.items()):
+        if kind == "torchscript" and kind in kinds:
+            fmt.check_torchscript_archive(rec.data, model, bundle_path)
+        elif kind == "onnx" and kind in kinds:
+            fmt.check_onnx_graph(rec.data, (kind, model), contents.params, bundle_path)
+    scale = float(contents.params["intensity_scale"])
 
     for backend in wanted:
         info: dict[str, Any] = {"available": True, "reason": None, "provider": None}
@@ -215,7 +225,7 @@ def verify_bundle(path: str | os.PathLike, backends: Optional[Iterable[str]] = N
             for model in fmt.MODEL_NAMES:
                 run, keys = runners[model]
                 try:
-                    row = _row(backend, model, None, **_compare(run, model, keys, cases, tol))
+                    row = _row(backend, model, None, **_compare(run, model, keys, cases, tol, scale))
                 except Exception as exc:  # a crash while recomputing is a verification failure
                     row = _row(backend, model, None, tolerance_rel=tol, error=f"{type(exc).__name__}: {exc}")
                 report["results"].append(row)
@@ -246,7 +256,7 @@ def verify_bundle(path: str | os.PathLike, backends: Optional[Iterable[str]] = N
         from .export import parity_keys, torchscript_runner
 
         for model, rec in graphs.items():
-            tol = _graph_tolerance(rec.metadata, tolerance)
+            tol = _graph_tolerance(tolerance)  # (the graph passed the reader policy above)
             try:
                 if kind == "torchscript":
                     run = torchscript_runner(rec.data, model)
@@ -265,7 +275,7 @@ def verify_bundle(path: str | os.PathLike, backends: Optional[Iterable[str]] = N
                     info["provider"] = provider
                     run = _ort_runner(session)
                 keys = parity_keys(kind, model, rec.metadata)
-                row = _row(backend, model, kind, **_compare(run, model, keys, cases, tol))
+                row = _row(backend, model, kind, **_compare(run, model, keys, cases, tol, scale))
             except Exception as exc:  # graph bytes that pass the checksum but do not load/run
                 row = _row(backend, model, kind, tolerance_rel=tol, error=f"{type(exc).__name__}: {exc}")
             report["results"].append(row)

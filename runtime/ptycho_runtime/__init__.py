@@ -11,7 +11,9 @@ it lazily, only when asked for).
 
 from .alignment import align_patch_phases, stitch_scan
 from .bundle import BACKENDS, Bundle, BundleInfo, load_bundle
-from .bundle_format import BundleChecksumError, BundleFormatError
+from .bundle_format import (BundleChecksumError, BundleError, BundleFormatError, BundleGraphMissingError,
+                            BundleIntegrityError,
+                            BundleLimitError, BundleNotFoundError, BundleParamsError, BundleUnsafeError)
 from .backends import DeviceUnavailableError
 from .geometry import DEFAULT_CENTRE, frame_centre, to_default_centre
 from .inputs import positions_from_metres
@@ -25,7 +27,14 @@ __all__ = [
     "DEFAULT_CENTRE",
     "Bundle",
     "BundleChecksumError",
+    "BundleError",
     "BundleFormatError",
+    "BundleGraphMissingError",
+    "BundleIntegrityError",
+    "BundleLimitError",
+    "BundleNotFoundError",
+    "BundleParamsError",
+    "BundleUnsafeError",
     "BundleInfo",
     "DeviceUnavailableError",
     "Reconstruction",

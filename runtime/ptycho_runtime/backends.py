@@ -105,7 +105,14 @@ class OnnxBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads:
             options.intra_op_num_threads = int(intra_op_threads)
-        self.session = ort.InferenceSession(graph, sess_options=options, providers=providers)
+        try:
+            self.session = ort.InferenceSession(graph, sess_options=options, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types (Fail, InvalidGraph, ...)
+            from .bundle_format import BundleFormatError
+
+            raise BundleFormatError(f"onnxruntime cannot load the bundle's ONNX graph ({type(exc).__name__}); "
+                                    "the graph is damaged or was not written by ptycho-export. Re-export it with "
+                                    "ptycho-export --force BUNDLE.") from None
         self.providers = self.session.get_providers()
         self.on_gpu = self.providers[0] in (CUDA, TENSORRT)
         if want_gpu and not self.on_gpu:
@@ -192,9 +199,16 @@ class TorchScriptBackend:
         use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
         self._torch = torch
         self._device = torch.device("cuda" if use_cuda else "cpu")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.module = torch.jit.load(io.BytesIO(graph), map_location=self._device)
+        try:  # torch.jit.load trusts the archive (see bundle_format.check_torchscript_archive, run before this)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.module = torch.jit.load(io.BytesIO(graph), map_location=self._device)
+        except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError and others for a bad archive
+            from .bundle_format import BundleFormatError
+
+            raise BundleFormatError(f"torch.jit.load cannot load the bundle's TorchScript archive "
+                                    f"({type(exc).__name__}); it is damaged or was not written by ptycho-export. "
+                                    "Re-export it with ptycho-export --force BUNDLE, or use backend='onnx'.") from None
         self.amp_phase = amp_phase
         self.device = self._device.type
         self.precision = "fp32"

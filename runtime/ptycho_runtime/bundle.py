@@ -7,6 +7,14 @@ the bundle's ``intensity_scale`` here, exactly as training multiplied its
 inputs) or, with ``counts=True``, raw detector counts (square root taken:
 sqrt(counts) is already in photon units).
 
+Trust: ``load_bundle`` reads the file under the reader policy of
+``bundle_format`` (nothing outside the file is followed, every size is
+bounded, every checksum verified, params checked), checks the chosen graph
+against the params and, for ONNX, op by op before onnxruntime sees it, and
+then (``self_test=True``, the default) re-runs the stored parity cases through
+``predict``: a bundle whose params no longer match its graph — e.g. an edited
+``intensity_scale`` with every checksum recomputed — fails to load.
+
 Thread safety: a ``Bundle`` holds no per-call state. ``predict`` and
 ``reconstruct`` may be called from several threads at once (onnxruntime
 sessions are thread-safe; each call gets its own buffers and IOBinding).
@@ -24,6 +32,7 @@ import numpy as np
 from . import bundle_format as fmt
 from .alignment import DEFAULT_PHASE_ITERATIONS, stitch_scan
 from .backends import DEVICES, PRECISIONS, OnnxBackend, TorchScriptBackend
+from .parity import SELF_TEST_TOLERANCE, graph_input, relative_error
 from .grouping import group_neighbors
 from .inputs import check_positions, prepare_diffraction
 from .stitching import Reconstruction, probe_window
@@ -52,7 +61,7 @@ class Bundle:
 
     def __init__(self, contents: fmt.BundleContents, backend: str = "auto", device: str = "auto",
                  precision: str = "fp32", tensorrt: bool = False, intra_op_threads: Optional[int] = None,
-                 cuda_graph_batch: Optional[int] = None) -> None:
+                 cuda_graph_batch: Optional[int] = None, self_test: bool = True) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
         if device not in DEVICES:
@@ -62,10 +71,7 @@ class Bundle:
         self.contents = contents
         self.path = contents.path
         p = contents.params
-        missing = [k for k in ("N", "gridsize", "intensity_scale") if p.get(k) is None]
-        if missing:
-            raise fmt.BundleFormatError(f"{self.path} has no {', '.join(missing)} in its params; the runtime "
-                                        "cannot apply the normalisation contract. Re-save the bundle.")
+        fmt.validate_params(p, self.path)  # read_bundle did too; a caller may hand in edited contents
         self.N = int(p["N"])
         self.gridsize = int(p["gridsize"])
         self.channels = self.gridsize**2
@@ -77,13 +83,17 @@ class Bundle:
             backend = "onnx" if ("onnx", INFERENCE_MODEL) in contents.graphs else "torchscript"
         record = contents.graph(backend, INFERENCE_MODEL)  # clear error if the graph is absent
         if backend == "onnx":
+            fmt.check_onnx_graph(record.data, ("onnx", INFERENCE_MODEL), p, self.path)
             self._backend = OnnxBackend(record.data, device, precision, tensorrt, intra_op_threads,
                                         cuda_graph_batch=cuda_graph_batch)
             self._pair = self.output_mode
         else:
+            fmt.check_torchscript_archive(record.data, INFERENCE_MODEL, self.path)
             self._backend = TorchScriptBackend(record.data, device, precision)
             self._pair = "real_imag"
         self.backend = backend
+        if self_test:  # at load: the smallest stored case is enough to catch params that do not fit the graph
+            self.self_test(smallest_only=True)
 
     # ------------------------------------------------------------------ metadata
 
@@ -114,6 +124,56 @@ class Bundle:
     def __repr__(self) -> str:
         return (f"Bundle({str(self.path)!r}, N={self.N}, gridsize={self.gridsize}, backend={self.backend!r}, "
                 f"device={self.device!r})")
+
+    # ------------------------------------------------------------------ self-test
+
+    def self_test(self, smallest_only: bool = False) -> dict[str, float]:
+        """Re-run the stored parity cases through ``predict`` and compare with the stored eager outputs.
+
+        Cheap (batches 1 and 7; at load only the smallest). The inputs are in ``predict``'s units, so the
+        bundle's ``intensity_scale``, the graph and the backend are all on the
+        path. The tolerance is the runtime's (``parity.SELF_TEST_TOLERANCE``),
+        never the file's. Returns the relative error per case; raises
+        ``BundleIntegrityError`` when a case disagrees.
+        """
+        cases = self.contents.parity
+        if not cases:
+            raise fmt.BundleIntegrityError(
+                f"{self.path} holds no parity vectors, so the runtime cannot check that its params match its "
+                f"graph. Add them with: ptycho-export --force {self.path} (or load with self_test=False).",
+                self.path, "/parity")
+        tol = SELF_TEST_TOLERANCE.get((self.device, self._backend.precision), max(SELF_TEST_TOLERANCE.values()))
+        errors: dict[str, float] = {}
+        chosen = sorted(cases.items(), key=lambda kv: (_case_size(kv[1]), kv[0]))[:1] if smallest_only else \
+            sorted(cases.items())
+        for name, case in chosen:
+            ref_re = case.get(f"{INFERENCE_MODEL}.object_real")
+            ref_im = case.get(f"{INFERENCE_MODEL}.object_imag")
+            if ref_re is None or ref_im is None:
+                raise fmt.BundleIntegrityError(
+                    f"{self.path}: /parity/{name} lacks the eager object of {INFERENCE_MODEL}; re-export with: "
+                    f"ptycho-export --force {self.path}", self.path, f"/parity/{name}")
+            try:
+                if "input.amplitude" in case:
+                    out = self.predict(case["input.amplitude"])
+                else:  # legacy cases, stored in graph units
+                    out = self._infer(graph_input(case, self.intensity_scale), None)
+            except fmt.BundleError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - stored inputs the model cannot run are a damaged bundle
+                raise fmt.BundleIntegrityError(
+                    f"{self.path}: the stored parity case {name} does not run ({type(exc).__name__}); the bundle is "
+                    f"damaged or was modified. Re-export it with: ptycho-export --force {self.path}",
+                    self.path, f"/parity/{name}") from None
+            rel = max(relative_error(ref_re, out.real)[1], relative_error(ref_im, out.imag)[1])
+            errors[name] = rel
+            if not rel <= tol:
+                raise fmt.BundleIntegrityError(
+                    f"{self.path}: self-test failed on parity case {name}: relative error {rel:.3g} exceeds the "
+                    f"runtime's tolerance {tol:g}. The params (e.g. intensity_scale) do not match the graph: the "
+                    f"bundle was modified after export. Re-export it, or copy it again from its source.",
+                    self.path, f"/parity/{name}")
+        return errors
 
     # ------------------------------------------------------------------ inference
 
@@ -205,6 +265,11 @@ class Bundle:
         return StreamingReconstructor(self, **kwargs)
 
 
+def _case_size(case: dict[str, np.ndarray]) -> int:
+    x = case.get("input.amplitude", case.get("input.diffraction"))
+    return int(np.shape(x)[0]) if x is not None else 0
+
+
 def _combine_into(out: np.ndarray, a: np.ndarray, b: np.ndarray, pair: str) -> None:
     """Fill complex64 ``out`` from the two real maps, without complex128 temporaries."""
     if pair == "amp_phase":
@@ -217,7 +282,7 @@ def _combine_into(out: np.ndarray, a: np.ndarray, b: np.ndarray, pair: str) -> N
 
 def load_bundle(path: str | os.PathLike, backend: str = "auto", device: str = "auto", precision: str = "fp32",
                 tensorrt: bool = False, intra_op_threads: Optional[int] = None,
-                cuda_graph_batch: Optional[int] = None) -> Bundle:
+                cuda_graph_batch: Optional[int] = None, self_test: bool = True) -> Bundle:
     """Open a bundle (file, or folder with ``wts.h5``), verify format and checksums, start a backend.
 
     ``backend``: "auto" (ONNX if the bundle has it, else TorchScript), "onnx"
@@ -225,5 +290,9 @@ def load_bundle(path: str | os.PathLike, backend: str = "auto", device: str = "a
     ``precision``: "fp32" | "fp16" (CUDA only). Checksums are verified before
     any graph bytes reach onnxruntime or torch. GPU options: ``tensorrt=True``
     (TensorRT provider first), ``cuda_graph_batch=B`` (CUDA graph for a fixed batch).
+    ``self_test``: re-run the stored parity cases through ``predict`` (cheap;
+    catches params that no longer match the graph). Every problem with the
+    file raises a ``BundleError`` subclass (see ``bundle_format``).
     """
-    return Bundle(fmt.read_bundle(path), backend, device, precision, tensorrt, intra_op_threads, cuda_graph_batch)
+    return Bundle(fmt.read_bundle(path), backend, device, precision, tensorrt, intra_op_threads, cuda_graph_batch,
+                  self_test)

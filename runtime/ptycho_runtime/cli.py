@@ -37,7 +37,7 @@ exit codes:
   1  unexpected error (a bug: please report it with the --debug traceback)
   2  bad input: missing file, not a bundle, bad NPZ, wrong shapes, unusable option
      (e.g. --device cuda without a usable GPU, --backend torchscript without torch)
-  4  checksum failure: the bundle is damaged or was modified
+  4  checksum failure: the bundle is damaged or was modified (a checksum or the load-time self-test failed)
 """
 
 PNG_HINT = "writing a PNG needs matplotlib: pip install 'ptycho-runtime[png]'"
@@ -285,6 +285,10 @@ def bundle_report(path: str) -> dict[str, Any]:
         b = Bundle(contents)  # the defaults of load_bundle, without reading the file again
         report["default_load"] = {"backend": b.backend, "device": b.device, "precision": b._backend.precision,
                                   "providers": b.providers}
+    except fmt.BundleError as exc:
+        if not isinstance(exc, fmt.BundleGraphMissingError):
+            raise  # a damaged, hostile or inconsistent bundle is an error (exit 2/4), not a report line
+        report["default_load"] = {"error": f"{type(exc).__name__}: {exc}"}
     except Exception as exc:  # reported, not fatal: info must work on bundles the runtime cannot run
         report["default_load"] = {"error": f"{type(exc).__name__}: {exc}"}
     return report
@@ -391,12 +395,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # runtime warnings (e.g. the CUDA → CPU fallback) reach stderr through logging's last-resort handler
     try:
         return int(args.func(args))
-    except fmt.BundleChecksumError as exc:
+    except fmt.BundleIntegrityError as exc:  # checksum mismatch or failed self-test: damaged or modified
         if debug:
             raise
         _error(exc)
         return EXIT_CHECKSUM
-    except (UsageError, fmt.BundleFormatError, FileNotFoundError, IsADirectoryError, DeviceUnavailableError,
+    except (UsageError, fmt.BundleError, FileNotFoundError, IsADirectoryError, DeviceUnavailableError,
             ValueError, TypeError) as exc:
         if debug:
             raise

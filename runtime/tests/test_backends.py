@@ -17,7 +17,8 @@ HAS_CUDA = backends.CUDA in REAL_PROVIDERS
 
 
 def _eager_tol(ref) -> float:
-    """1e-4 of the output's scale: float32 agreement with eager (as the parity checks define it)."""
+    """1e-4 of the output's scale: the graph-vs-eager contract (parity.DEFAULT_TOLERANCE; fixtures are retrained
+    on every CI run and a fresh model's ONNX graph may sit anywhere below it, e.g. 2e-5)."""
     return 1e-4 * max(1.0, float(np.abs(np.asarray(ref)).max()))
 
 
@@ -25,7 +26,7 @@ def _eager_tol(ref) -> float:
 def _parity(b: pr.Bundle):
     par = b.contents.parity["b7"]
     ref = par["diffraction_to_obj.amplitude"] * np.exp(1j * par["diffraction_to_obj.phase"])
-    return par["input.diffraction"] / np.float32(b.intensity_scale), ref
+    return par["input.amplitude"], ref
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@ NAMES = ("n64_g1", "n64_g2")
 
 
 def _eager_tol(ref) -> float:
-    """1e-4 of the output's scale: float32 agreement with eager (as the parity checks define it)."""
+    """1e-4 of the output's scale: the graph-vs-eager contract (parity.DEFAULT_TOLERANCE; fixtures are retrained
+    on every CI run and a fresh model's ONNX graph may sit anywhere below it, e.g. 2e-5)."""
     return 1e-4 * max(1.0, float(np.abs(np.asarray(ref)).max()))
 
 
@@ -24,7 +25,7 @@ def _eager_tol(ref) -> float:
 def _eager_parity(bundle: pr.Bundle, case: str = "b7") -> tuple[np.ndarray, np.ndarray]:
     """(normalised input [B, C, N, N], eager complex output) from the bundle's stored parity vectors."""
     par = bundle.contents.parity[case]
-    x = par["input.diffraction"] / np.float32(bundle.intensity_scale)
+    x = par["input.amplitude"]
     ref = par["diffraction_to_obj.amplitude"] * np.exp(1j * par["diffraction_to_obj.phase"].astype(np.float64))
     return x, ref
 

@@ -170,7 +170,8 @@ def test_graph_metadata(make_bundle):
             assert [o["name"] for o in meta["outputs"]] == expected
     # parity vectors: both cases, with inputs and eager outputs of every graph output
     assert sorted(contents.parity) == ["b1", "b7"]
-    assert contents.parity["b7"]["input.diffraction"].shape == (7, 1, 64, 64)
+    assert contents.parity["b7"]["input.amplitude"].shape == (7, 1, 64, 64)  # predict's units (before the scale)
+    assert "input.diffraction" not in contents.parity["b7"]
     assert "autoencoder.pred_amplitude" in contents.parity["b1"]
     assert "diffraction_to_obj.object_real" in contents.parity["b1"]
 
@@ -182,13 +183,14 @@ CHILD = textwrap.dedent("""
     out = {}
     with h5py.File(path, "r") as f:
         cases = {c: {k: f["parity"][c][k][()] for k in f["parity"][c]} for c in f["parity"]}
+        scale = np.float32(json.loads(f["params/config_json"][()])["intensity_scale"])
         for model in ("diffraction_to_obj", "autoencoder"):
             ds = f["graphs/torchscript"][model]["bytes"]
             data = ds[()].tobytes()
             assert hashlib.sha256(data).hexdigest() == ds.attrs["sha256"]
             module = torch.jit.load(io.BytesIO(data), map_location="cpu")
             for name, case in cases.items():
-                args = [torch.from_numpy(case["input.diffraction"])]
+                args = [torch.from_numpy(case["input.amplitude"] * scale)]  # graph units, as predict feeds them
                 if model == "autoencoder":
                     args.append(torch.from_numpy(case["input.offsets"]))
                 with torch.inference_mode():

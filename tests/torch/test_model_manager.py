@@ -389,7 +389,8 @@ def test_wrong_dtype_tensor_is_rejected(bundle):
 def test_params_disagreeing_with_weights_is_rejected(bundle):
     """A bundle whose params say another architecture (with valid checksums) must not load silently."""
     _replace_json(bundle, "params/config_json", lambda d: d.update(n_filters_scale=2))
-    with pytest.raises(BundleFormatError, match="expects"):
+    # refused by the reader policy already (architecture_json vs params), before any model is built
+    with pytest.raises(BundleFormatError, match="n_filters_scale=1 but the params say 2"):
         load_torch_bundle(bundle, model_name="diffraction_to_obj")
 
 
