@@ -33,7 +33,7 @@ COMMANDS = ("bundle", "inspect", "verify", "train", "evaluate")
 DEFAULT_OPSET = 20
 PARITY_TOLERANCE = 1e-4
 DEFAULT_NPHOTONS = 1e9
-DEFAULT_PRETRAIN = 0.5
+DEFAULT_PRETRAIN = 0.9
 PARAM_KEYS = ("N", "gridsize", "intensity_scale", "n_filters_scale", "amp_activation", "output_mode", "nphotons",
               "object.big", "probe.big")
 
@@ -414,7 +414,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         try:
             model_cfg = ModelConfig(N=N, gridsize=args.gridsize, n_filters_scale=args.n_filters_scale,
                                     intensity_scale_trainable=not fixed_scale,
-                                    input_backprojection=args.backprojection)
+                                    input_backprojection=args.backprojection, output_mode=args.output_mode)
             budget = None if args.time_budget is None else args.time_budget * 60.0
             return TrainingConfig(model=model_cfg, nepochs=args.epochs, batch_size=args.batch_size,
                                   learning_rate=args.lr, nphotons=nphotons, seed=args.seed,
@@ -734,7 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ptycho_runtime.geometry import CENTRE_CONVENTIONS, DEFAULT_CENTRE
     from ptycho_runtime.npz import UNITS
 
-    from .config import LR_SCHEDULES
+    from .config import LR_SCHEDULES, OUTPUT_MODES
     from .verify import BACKENDS
 
     common = argparse.ArgumentParser(add_help=False)
@@ -814,6 +814,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of --time-budget spent on supervised pre-training with synthetic objects seen "
                         f"through this scan's probe, geometry and photon count (default {DEFAULT_PRETRAIN:g} with "
                         "--time-budget, else none)")
+    p.add_argument("--output-mode", choices=OUTPUT_MODES, default="real_imag",
+                   help="what the network outputs: amplitude/phase, or real/imaginary parts (with "
+                        "--backprojection: a correction added to the back-projection)")
     p.add_argument("--backprojection", action=argparse.BooleanOptionalAction, default=True,
                    help="give the network each pattern's probe-phase back-projection as extra input channels "
                         "(model.BackProjection)")

@@ -60,7 +60,8 @@ class ModelConfig:
     intensity_scale: float = 0.0  # 0 → computed from nphotons when the model is built
     intensity_scale_trainable: bool = True
     probe_trainable: bool = False
-    # Feed the U-Net the probe-phase back-projection of each pattern as two more input channels (model.py).
+    # Feed the U-Net the probe-phase back-projection O₀ of each pattern as two more input channels
+    # (model.BackProjection); with output_mode "real_imag" the network's output is a correction added to O₀.
     input_backprojection: bool = False
 
     def __post_init__(self) -> None:

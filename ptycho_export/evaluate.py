@@ -34,7 +34,6 @@ atomically.
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 import time
@@ -189,7 +188,7 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
         "n_patterns": int(data.n),
         "N": int(bundle.N),
         "gridsize": int(bundle.gridsize),
-        "stitching_window": "|probe|^2 (under 1e-3 of its peak: 0), patch phases aligned",
+        "stitching_window": "|probe|^2 (under 1e-3 of its peak: 0)",
         "min_weight_fraction": float(min_weight_fraction),
         "registration": (f"skimage.registration.phase_cross_correlation, 1/100 px, applied when within "
                          f"±{DEFAULT_MAX_SHIFT_PX:g} px") if register else "off",

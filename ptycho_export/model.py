@@ -130,6 +130,7 @@ class Generator(nn.Module):
         dec = decoder_filters(N, s)
         amp_phase = config.output_mode == "amp_phase"
         outer_act = "silu" if amp_phase else "identity"
+        self.residual = config.input_backprojection and not amp_phase
         self.encoder = Encoder(3 * C if config.input_backprojection else C, enc)
         self.decoder_a = Decoder(enc[-1], dec, C, N, s, config.amp_activation if amp_phase else "identity",
                                  outer_act, config.probe_big)
@@ -159,6 +160,8 @@ class Generator(nn.Module):
         for decoder in (self.decoder_a, self.decoder_b):
             nn.init.xavier_uniform_(decoder.central.weight)  # Glorot: sigmoid/π·tanh start unsaturated
             nn.init.zeros_(decoder.outer.weight)  # the unbounded outer (probe-tail) path starts at exactly 0
+            if self.residual:  # a correction to the back-projection starts at exactly 0: the model starts at O₀
+                nn.init.zeros_(decoder.central.weight)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         z = self.encoder(x)
@@ -253,9 +256,14 @@ class DiffractionToObject(nn.Module):
                 "diffraction must have shape [B, {}, {}, {}] (C = gridsize**2), got {}".format(
                     self.channels, self.N, self.N, list(x.shape)))
         x = x / self.scaler.scale()
-        if self.backprojection is not None:
-            x = self.backprojection(x)
-        return self.generator(x)
+        if self.backprojection is None:
+            return self.generator(x)
+        x = self.backprojection(x)
+        a, b = self.generator(x)
+        if self.amp_phase:
+            return a, b
+        C = self.channels  # real/imag output: the network learns a correction to the back-projection O₀
+        return x[:, C:2 * C] + a, x[:, 2 * C:] + b
 
     def to_real_imag(self, a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
         if self.amp_phase:

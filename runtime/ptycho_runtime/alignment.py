@@ -24,7 +24,7 @@ import numpy as np
 
 from .stitching import Reconstruction, StitchCanvas, _window, stitch_patches
 
-DEFAULT_PHASE_ITERATIONS = 20
+DEFAULT_PHASE_ITERATIONS = 20  # passes when alignment is asked for (Bundle.reconstruct(align_phase=...))
 
 
 def _binned(patches: np.ndarray, positions: np.ndarray, window: Optional[np.ndarray], crop: Optional[int],
@@ -86,7 +86,7 @@ def align_patch_phases(patches: np.ndarray, positions: np.ndarray, window: Optio
 
 
 def stitch_scan(patches: np.ndarray, positions: np.ndarray, window: Optional[np.ndarray] = None,
-                crop: Optional[int] = None, align_phase: int = DEFAULT_PHASE_ITERATIONS,
+                crop: Optional[int] = None, align_phase: int = 0,
                 object_shape: Optional[tuple[int, int]] = None) -> Reconstruction:
     """Phase-align (``align_phase`` passes, 0: off) and stitch patches [n, (C,) N, N] at positions [n, (C,) 2].
 

@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 
 from . import bundle_format as fmt
-from .alignment import DEFAULT_PHASE_ITERATIONS, stitch_scan
+from .alignment import stitch_scan
 from .backends import DEVICES, PRECISIONS, OnnxBackend, TorchScriptBackend
 from .parity import SELF_TEST_TOLERANCE, graph_input, relative_error
 from .grouping import group_neighbors
@@ -221,7 +221,7 @@ class Bundle:
     def reconstruct(self, diffraction: np.ndarray, positions: np.ndarray, counts: bool = False,
                     batch_size: Optional[int] = None, object_shape: Optional[tuple[int, int]] = None,
                     crop: Optional[int] = None, window: Union[str, np.ndarray, None] = "probe",
-                    align_phase: int = DEFAULT_PHASE_ITERATIONS,
+                    align_phase: int = 0,
                     progress: Optional[Callable[[int], None]] = None) -> Reconstruction:
         """Predict and stitch a scan into the full object.
 
@@ -236,9 +236,12 @@ class Bundle:
         crop because it trusts each patch where it was lit), an [N, N] array,
         or None for the ``crop`` (default N/2) central square; an explicit
         ``crop`` wins. ``align_phase`` passes of phase alignment
-        (``alignment.align_patch_phases``) put overlapping patches on one
-        phase first (0: off). ``progress(k)`` is called after each batch of k
-        groups.
+        (``alignment.align_patch_phases``, e.g. ``DEFAULT_PHASE_ITERATIONS``)
+        put overlapping patches on one phase first. Off by default: it undoes
+        random per-patch phase offsets (phase SSIM 0.72 → 0.95 on true
+        patches with ±1 rad offsets) but measured no gain on today's networks
+        and costs a few seconds per 1,000 patterns. ``progress(k)`` is called
+        after each batch of k groups.
         """
         x, pos = self._grouped(diffraction, positions, counts)
         patches = self._infer(x, batch_size, progress)

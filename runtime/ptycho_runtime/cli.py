@@ -369,8 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--counts", action="store_true", help="same as --units counts")
     p.add_argument("--position-centre", choices=CENTRE_CONVENTIONS, default=DEFAULT_CENTRE,
                    help="frame pixel the NPZ positions name: (N-1)/2 (PtychoPINN, ptychodus; default) or N/2")
-    p.add_argument("--align-phase", type=int, default=DEFAULT_PHASE_ITERATIONS, metavar="PASSES",
-                   help="passes of patch phase alignment before stitching (0: off; default %(default)s)")
+    p.add_argument("--align-phase", type=int, default=0, metavar="PASSES",
+                   help=f"passes of patch phase alignment before stitching (0: off, the default; "
+                        f"{DEFAULT_PHASE_ITERATIONS} is plenty)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=cmd_infer)
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 
@@ -36,7 +36,7 @@ class StreamingReconstructor:
 
     def __init__(self, bundle: "Bundle", *, scan_positions: Optional[np.ndarray] = None,
                  object_shape: Optional[tuple[int, int]] = None, batch_size: int = 16, max_latency_s: float = 0.05,
-                 counts: bool = False, crop: Optional[int] = None, window: Optional[np.ndarray] = None,
+                 counts: bool = False, crop: Optional[int] = None, window: Union[str, np.ndarray, None] = "probe",
                  background: bool = True) -> None:
         if (scan_positions is None) == (object_shape is None):
             raise ValueError("give exactly one of scan_positions (the planned scan, [n, 2] or [n, C, 2]) or "
@@ -49,6 +49,7 @@ class StreamingReconstructor:
         self.batch_size = int(batch_size)
         self.max_latency_s = float(max_latency_s)
         self.counts = counts
+        window = None if crop is not None else bundle.stitch_window(window)  # as Bundle.reconstruct weights
         if scan_positions is not None:
             planned = np.asarray(scan_positions, dtype=np.float64).reshape(-1, 2)
             self._canvas = StitchCanvas.for_positions(planned, bundle.N, crop=crop, window=window)

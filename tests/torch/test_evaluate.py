@@ -117,7 +117,7 @@ def test_evaluate_cli_json_report_and_figure(make_bundle, capsys, tmp_path):
     assert code == 0, err
     report = json.loads(out)
     assert json.loads(report_path.read_text()) == report
-    assert report["n_patterns"] == load_npz(scan).n and report["stitching_window"] == "|probe|^2"
+    assert report["n_patterns"] == load_npz(scan).n and report["stitching_window"].startswith("|probe|^2")
     net = report["network"]
     for key in ("phase_ssim", "amplitude_ssim", "phase_rmse_rad", "amplitude_rmse", "phase_psnr_db",
                 "amplitude_psnr_db", "frc_resolution_px"):
@@ -142,9 +142,13 @@ def test_evaluate_cli_scores_a_perfect_reconstruction_perfectly(make_bundle, mon
     bundle = make_bundle()
     scan = load_npz(bundle.parent / "scan.npz")
 
-    def perfect_infer(self, x, batch_size):  # the true patches, in the order the frames arrive
+    real_infer = Bundle._infer
+
+    def perfect_infer(self, x, batch_size, progress=None):  # the true patches, in the order the frames arrive
         from ptycho_export.data.simulate import extract_patches
 
+        if x.shape[0] != scan.n:  # the load-time self-test's parity batch: the real model
+            return real_infer(self, x, batch_size, progress)
         patches = extract_patches(scan.object, scan.xcoords, scan.ycoords, scan.N)
         return patches[:, None] * np.exp(0.7j)  # plus a global phase, which evaluate must remove
 
@@ -191,7 +195,7 @@ def test_evaluate_cli_reference_row_and_speedup(make_bundle, capsys, tmp_path):
     report = json.loads(out)
     ref = report["reference"]
     assert ref["engine"].startswith("pty-chi") and ref["engine"].endswith("ePIE")
-    assert ref["iterations"] == 3 and ref["batch_size"] == 16 and ref["probe_rescaled_by"] == 1.0
+    assert ref["iterations"] == 3 and ref["batch_size"] == 16
     assert isinstance(ref["metrics"]["phase_ssim"], float) and ref["wall_time_s"] > 0
     assert report["speedup"] == pytest.approx(ref["wall_time_s"] / report["network"]["wall_time_s"])
     assert fig.stat().st_size > 10_000

@@ -129,7 +129,8 @@ def test_true_object_is_a_minimum_of_the_training_loss(gridsize):
     assert best < (1.0 if gridsize == 1 else 2.0)
 
 
-def test_backprojection_model_round_trips_through_bundle_graphs_and_runtime(tmp_path):
+@pytest.mark.parametrize("output_mode", ["amp_phase", "real_imag"])
+def test_backprojection_model_round_trips_through_bundle_graphs_and_runtime(tmp_path, output_mode):
     """input_backprojection: saved, rebuilt from params (CONFIG-001), exported with parity, run by the runtime."""
     import ptycho_runtime as pr
 
@@ -137,7 +138,8 @@ def test_backprojection_model_round_trips_through_bundle_graphs_and_runtime(tmp_
     from ptycho_export.testing import make_test_bundle
     from ptycho_runtime.npz import read_npz_arrays
 
-    path = make_test_bundle(tmp_path / "bp", gridsize=2, n_positions=24, input_backprojection=True)
+    path = make_test_bundle(tmp_path / "bp", gridsize=2, n_positions=24, input_backprojection=True,
+                            output_mode=output_mode)
     model, params = load_torch_bundle(path, model_name="diffraction_to_obj")
     assert params["input_backprojection"] is True and model.backprojection is not None
     assert model.generator.encoder.stages[0].conv1.in_channels == 12  # 4 amplitudes + 4 × (Re, Im) of O₀
@@ -152,3 +154,21 @@ def test_backprojection_model_round_trips_through_bundle_graphs_and_runtime(tmp_
         eager = model(torch.from_numpy(groups.diffraction * np.float32(bundle.intensity_scale))).numpy()
     got = bundle.predict(groups.diffraction)
     assert np.abs(got - eager).max() <= 1e-4 * max(1.0, np.abs(eager).max())
+
+
+def test_untrained_residual_model_outputs_the_backprojection():
+    """real_imag + input_backprojection: the network learns a correction to O₀ and starts at exactly O₀."""
+    from ptycho_export import params
+    from ptycho_export.model import BackProjection, create_torch_model_with_gridsize
+
+    probe = zone_plate_probe(N)
+    p = dict(params.DEFAULTS, n_filters_scale=1, intensity_scale=10.0, probe=probe, output_mode="real_imag",
+             input_backprojection=True)
+    d2o = create_torch_model_with_gridsize(2, N, p)["diffraction_to_obj"]
+    x = torch.rand(3, 4, N, N) * 20
+    with torch.no_grad():
+        out = d2o(x)
+        o0 = BackProjection(probe)(x / 10.0)
+    np.testing.assert_allclose(out.real.numpy(), o0[:, 4:8].numpy(), atol=1e-6)
+    np.testing.assert_allclose(out.imag.numpy(), o0[:, 8:].numpy(), atol=1e-6)
+    assert float(torch.abs(o0[:, 4:]).max()) > 0.1  # a real signal, not zeros
