@@ -601,20 +601,10 @@ def _evaluate_table(report: Mapping[str, Any]) -> str:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    import tempfile
+    from ptycho_runtime.bundle_format import atomic_write_path
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

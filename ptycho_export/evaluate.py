@@ -35,7 +35,6 @@ atomically.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,20 +212,11 @@ def _masked_box(scored: ScoredReconstruction, values: np.ndarray) -> tuple[np.ma
 
 def _save_atomic(fig: Any, path: Path, dpi: int = 100) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from ptycho_runtime.bundle_format import atomic_write_path
 
     FigureCanvasAgg(fig)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_write_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _title(scored: ScoredReconstruction, name: str) -> str:
