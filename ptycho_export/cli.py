@@ -721,8 +721,7 @@ def _tolerance(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ptycho_runtime.geometry import CENTRE_CONVENTIONS, DEFAULT_CENTRE
-    from ptycho_runtime.npz import UNITS
+    from ptycho_runtime.cli import add_scan_arguments
 
     from .config import LR_SCHEDULES, OUTPUT_MODES
     from .verify import BACKENDS
@@ -782,12 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-data", type=Path, metavar="TEST.npz", default=None,
                    help="held-out scan to reconstruct and score (default: the bottom part of --data, see "
                         "--train-fraction)")
-    p.add_argument("--units", choices=UNITS, default="auto",
-                   help="what the NPZ 'diffraction' holds: counts, photons (sqrt of counts, the PtychoPINN and "
-                        "ptychodus convention), normalised (arbitrary-scale amplitude) or auto (told from the values)")
-    p.add_argument("--counts", action="store_true", help="same as --units counts")
-    p.add_argument("--position-centre", choices=CENTRE_CONVENTIONS, default=DEFAULT_CENTRE,
-                   help="frame pixel the NPZ positions name: (N-1)/2 (PtychoPINN, ptychodus) or N/2")
+    add_scan_arguments(p)
     p.add_argument("--output-dir", type=Path, required=True, metavar="DIR")
     p.add_argument("--N", type=int, default=None, help="patch size (default: the data's, or 64 when simulating)")
     p.add_argument("--gridsize", type=int, default=1)

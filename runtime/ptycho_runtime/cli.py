@@ -343,6 +343,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- main
 
 
+def add_scan_arguments(p: argparse.ArgumentParser) -> None:
+    """--units, --counts and --position-centre: how to read a user's NPZ (both CLIs, one wording; docs/data.md)."""
+    p.add_argument("--units", choices=UNITS, default="auto",
+                   help="what the NPZ 'diffraction' holds: counts, photons (sqrt of counts, the PtychoPINN and "
+                        "ptychodus convention), normalised (arbitrary-scale amplitude) or auto (told from the "
+                        "values; default)")
+    p.add_argument("--counts", action="store_true", help="same as --units counts")
+    p.add_argument("--position-centre", choices=CENTRE_CONVENTIONS, default=DEFAULT_CENTRE,
+                   help="frame pixel the NPZ positions name: (N-1)/2 (PtychoPINN, ptychodus; default) or N/2")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ptycho-runtime",
@@ -363,12 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="patterns (groups) per inference batch (default: 64 on CPU, 256 on GPU)")
-    p.add_argument("--units", choices=UNITS, default="auto",
-                   help="what the NPZ 'diffraction' holds: counts, photons (sqrt of counts), normalised, or auto "
-                        "(told from the values; default)")
-    p.add_argument("--counts", action="store_true", help="same as --units counts")
-    p.add_argument("--position-centre", choices=CENTRE_CONVENTIONS, default=DEFAULT_CENTRE,
-                   help="frame pixel the NPZ positions name: (N-1)/2 (PtychoPINN, ptychodus; default) or N/2")
+    add_scan_arguments(p)
     p.add_argument("--align-phase", type=int, default=0, metavar="PASSES",
                    help=f"passes of patch phase alignment before stitching (0: off, the default; "
                         f"{DEFAULT_PHASE_ITERATIONS} is plenty)")
