@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .data import GroupedData, extract_patches, far_field_amplitude, make_object
 from .data.realistic import dead_leaves_object
-from .training import channels_last
+from .training import channels_last, cosine_lr
 
 POOL_OBJECT_SIZE = 192
 
@@ -134,8 +134,7 @@ def pretrain_supervised(d2o: nn.Module, scans: SyntheticScans, intensity_scale: 
         elapsed = time.perf_counter() - start
         if elapsed >= time_budget_s:
             break
-        p = elapsed / time_budget_s
-        lr = learning_rate * min(1.0, 0.1 + 0.9 * p / 0.03) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * p)))
+        lr = cosine_lr(learning_rate, elapsed / time_budget_s)
         for group in optimizer.param_groups:
             group["lr"] = lr
         diff, truth = scans.batch(batch_size)

@@ -85,6 +85,18 @@ def _evaluate(autoencoder: nn.Module, x: torch.Tensor, off: torch.Tensor, config
     return total / max(count, 1)
 
 
+def stderr_log(line: str) -> None:
+    """The default progress sink: one flushed line on stderr (works in a file or a pipe, unlike a bar)."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def cosine_lr(base: float, progress: float, warmup: float = 0.03) -> float:
+    """Learning rate at ``progress`` ∈ [0, 1]: ramp from base/10 over ``warmup``, then cosine decay to base/50."""
+    p = min(max(progress, 0.0), 1.0)
+    warm = min(1.0, 0.1 + 0.9 * p / warmup)
+    return base * warm * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * p)))
+
+
 def _format_duration(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
     return f"{seconds // 60}:{seconds % 60:02d}"
@@ -98,8 +110,6 @@ class LearningRate:
     its budget still ends at a small learning rate instead of mid-plateau.
     """
 
-    WARMUP = 0.03  # fraction of training spent ramping up from lr/10
-
     def __init__(self, optimizer: torch.optim.Optimizer, config: TrainingConfig) -> None:
         self.optimizer, self.config = optimizer, config
         self.base = config.learning_rate
@@ -112,9 +122,7 @@ class LearningRate:
         """Set the rate for a step at ``progress`` ∈ [0, 1] (cosine only)."""
         if self.config.lr_schedule != "cosine":
             return
-        p = min(max(progress, 0.0), 1.0)
-        warm = min(1.0, 0.1 + 0.9 * p / self.WARMUP)
-        lr = self.base * warm * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * p)))
+        lr = cosine_lr(self.base, progress)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
@@ -140,8 +148,7 @@ def train_autoencoder(autoencoder: nn.Module, data: GroupedData, intensity_scale
     """
     device = device or resolve_device(config.device)
     if log is None and config.progress:
-        def log(line: str) -> None:
-            print(line, file=sys.stderr, flush=True)
+        log = stderr_log
     seed_everything(config.seed)
     channels_last(autoencoder.to(device))
     x, off = _tensors(data, intensity_scale, device)

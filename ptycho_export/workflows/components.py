@@ -21,7 +21,7 @@ from ..config import TrainingConfig
 from ..data import PtychoData, load_npz, make_groups
 from ..model import create_torch_model_with_gridsize, default_intensity_scale
 from ..model_manager import load_torch_bundle, save_torch_bundle
-from ..training import predict_patches, resolve_device, seed_everything, train_autoencoder
+from ..training import predict_patches, resolve_device, seed_everything, stderr_log, train_autoencoder
 
 DataLike = Union[PtychoData, str, os.PathLike]
 
@@ -77,22 +77,17 @@ def train_cdi_model_torch(train_data: DataLike, test_data: Optional[DataLike], c
 def _pretrain(d2o, train: PtychoData, container, intensity_scale: float, config: TrainingConfig, device
               ) -> dict[str, Any]:
     """Supervised pre-training on synthetic objects seen through this scan's probe, geometry and photons."""
-    import sys
-
     from ..pretraining import SyntheticScans, pretrain_supervised
-
-    def log(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
 
     scans = SyntheticScans(train.probe, config.nphotons, container, seed=config.seed)
     return pretrain_supervised(d2o, scans, intensity_scale, config.time_budget_s * config.pretrain_fraction,
                                batch_size=config.batch_size, learning_rate=config.learning_rate, device=device,
-                               log=log if config.progress else None)
+                               log=stderr_log if config.progress else None)
 
 
 def reconstruct_container(d2o, container, intensity_scale: float, batch_size: int = 64,
                           probe: Optional[np.ndarray] = None):
-    """Eager prediction of a grouped scan, stitched as the runtime does (|probe|² window, phase alignment)."""
+    """Eager prediction of a grouped scan, stitched as the runtime's ``reconstruct`` does (|probe|² window)."""
     patches = predict_patches(d2o, container.diffraction, intensity_scale, batch_size)
     window = None if probe is None else probe_window(probe)
     return stitch_scan(patches, container.positions, window=window), patches
