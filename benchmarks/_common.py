@@ -98,7 +98,7 @@ def runtime_on_gpu(bb, want: str, **kwargs):
         pytest.skip(f"onnxruntime has no {TRT_EP} (providers: {available})")
     try:
         rt = bb.runtime(backend="onnx", device="cuda", **kwargs)
-    except Exception as exc:  # DeviceUnavailableError, missing CUDA/TensorRT libraries, …
+    except Exception as exc:  # noqa: BLE001 - DeviceUnavailableError, missing CUDA/TensorRT libraries, …
         pytest.skip(f"{want} unusable: {type(exc).__name__}: {exc}")
     if rt.providers[0] != want:
         pytest.skip(f"{want} requested but the session runs on {rt.providers}")
@@ -110,7 +110,7 @@ def gpu_name() -> Optional[str]:
         import torch
 
         return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure: no GPU name to report
         return None
 
 
@@ -207,7 +207,7 @@ def cached_bundle(N: int, gridsize: int, n_filters_scale: int = N_FILTERS_SCALE)
         try:
             fmt.read_bundle(path)  # format + checksums
             return path
-        except Exception:  # corrupt or from an incompatible reader: rebuild
+        except Exception:  # noqa: BLE001 - corrupt or from an incompatible reader: rebuild
             path.unlink()
     for old in list(cache_dir().glob(f"{stem}_*.h5")) + list(cache_dir().glob(f"{stem}_*.json")):
         old.unlink(missing_ok=True)  # stale keys for the same settings

@@ -14,8 +14,18 @@ import copy
 
 import pytest
 
-from ._common import (BATCHES, N_FILTERS_SCALE, SIZES, SMOKE, THREADS, BenchBundle, cache_dir, cached_bundle,
-                      malloc_env, thread_info)
+from ._common import (
+    BATCHES,
+    N_FILTERS_SCALE,
+    SIZES,
+    SMOKE,
+    THREADS,
+    BenchBundle,
+    cache_dir,
+    cached_bundle,
+    malloc_env,
+    thread_info,
+)
 
 
 def pytest_configure(config):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU benchmark run, prepared to finish within ~5 minutes on one GPU. Installs nothing: it expects a Python
 # (PYTHON=..., the active venv, or python3 on PATH) with a CUDA build of torch, onnxruntime-gpu, onnx,
-# pytest-benchmark and this repository installed (pip install -e runtime -e .).
+# pytest-benchmark and this repository installed (pip install -e './runtime[gpu]' -e '.[gpu,test]').
 #
 #   bash benchmarks/gpu.sh OUT_DIR
 #

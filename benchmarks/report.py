@@ -71,7 +71,7 @@ class Entry:
 def load(paths: Iterable[str]) -> tuple[list[Entry], list[dict[str, Any]]]:
     entries, runs = [], []
     names = [Path(p).stem for p in paths]
-    for p, name in zip(paths, names):
+    for p, name in zip(paths, names, strict=True):
         tag = name if names.count(name) == 1 else p
         data = json.loads(Path(p).read_text())
         runs.append({"tag": tag, "file": p, "datetime": data.get("datetime"), "machine": data.get("machine_info", {}),
@@ -175,8 +175,8 @@ def section_header(runs: list[dict[str, Any]], entries: list[Entry]) -> list[str
         out.append(f"- **{r['tag']}** (`{r['file']}`): {r['datetime'] or '?'}; "
                    f"{cpu.get('brand_raw') or m.get('processor') or '?'}, {cpu.get('count', '?')} logical CPUs; "
                    f"torch threads {info.get('torch_threads', '?')}"
-                   f"{'' if not info.get('bench_threads') else ' (PTYCHO_BENCH_THREADS=' + str(info['bench_threads']) + ')'}"
-                   f"; {versions}"
+                   + (f" (PTYCHO_BENCH_THREADS={info['bench_threads']})" if info.get('bench_threads') else "")
+                   + f"; {versions}"
                    + (f"; {'; '.join(flags)}" if flags else ""))
     return out + [""]
 
@@ -236,7 +236,8 @@ def section_cold(entries: list[Entry]) -> list[str]:
         return []
     out = ["## Cold start (fresh process: import + load + first inference of 1 pattern)", "",
            "Wall = parent's `subprocess.run` time (median of rounds, includes interpreter start and exit); the "
-           "phases are the child's own `perf_counter` timings; peak RSS = the child's own VmHWM (`ru_maxrss` would report the parent's high-water mark).", ""]
+           "phases are the child's own `perf_counter` timings; peak RSS = the child's own VmHWM (`ru_maxrss` would "
+           "report the parent's high-water mark).", ""]
     groups: dict[tuple, list[Entry]] = defaultdict(list)
     for e in cold:
         groups[(e.run, e.info["N"], e.info["gridsize"], e.info["device"])].append(e)

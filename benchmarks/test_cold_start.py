@@ -28,8 +28,7 @@ import time
 import numpy as np
 import pytest
 
-from ._common import (COLD_SIZES, CUDA_EP, REPO, SMOKE, common_info, ort_providers,
-                      torch_cuda_available)
+from ._common import COLD_SIZES, CUDA_EP, REPO, SMOKE, common_info, ort_providers, torch_cuda_available
 
 CHILD_PRELUDE = r"""
 import json, resource, sys, time

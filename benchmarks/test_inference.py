@@ -13,8 +13,21 @@ import copy
 
 import pytest
 
-from ._common import (BATCHES, CUDA_EP, GPU_PATHS, PATHS, SIZES, TRT_EP, common_info, group_name, latency_info,
-                      gpu_name, runtime_on_gpu, timed_pedantic, torch_cuda_available)
+from ._common import (
+    BATCHES,
+    CUDA_EP,
+    GPU_PATHS,
+    PATHS,
+    SIZES,
+    TRT_EP,
+    common_info,
+    gpu_name,
+    group_name,
+    latency_info,
+    runtime_on_gpu,
+    timed_pedantic,
+    torch_cuda_available,
+)
 
 CASES = [
     pytest.param(N, g, b, path, id=f"{group_name(N, g, b)}-{path}",

@@ -22,8 +22,17 @@ import time
 import numpy as np
 import pytest
 
-from ._common import (CUDA_EP, RECON_BATCH, RECON_OBJECT, RECON_POSITIONS, common_info, latency_info,
-                      runtime_on_gpu, timed_pedantic, torch_cuda_available)
+from ._common import (
+    CUDA_EP,
+    RECON_BATCH,
+    RECON_OBJECT,
+    RECON_POSITIONS,
+    common_info,
+    latency_info,
+    runtime_on_gpu,
+    timed_pedantic,
+    torch_cuda_available,
+)
 
 N, GRIDSIZE = 64, 1
 PATHS = ("runtime_cpu", "runtime_cuda", "stitch", "eager_cpu", "eager_cuda")

@@ -5,4 +5,9 @@ Public entry points: ``create_torch_model_with_gridsize`` (models),
 ``ptycho_export.workflows.components`` (training workflows).
 """
 
-__version__ = "0.1.0"
+from importlib import metadata as _metadata
+
+try:  # the version is written once, in pyproject.toml
+    __version__ = _metadata.version("ptycho-export")
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"

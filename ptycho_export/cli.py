@@ -24,14 +24,14 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from ptycho_runtime.bundle_format import DEFAULT_OPSET  # torch-free homes: --help never imports torch
+from ptycho_runtime.parity import DEFAULT_TOLERANCE as PARITY_TOLERANCE
+
 from . import __version__
 
 PROG = "ptycho-export"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARITY, EXIT_CHECKSUM = 0, 1, 2, 3, 4
 COMMANDS = ("bundle", "inspect", "verify", "train", "evaluate")
-# export.DEFAULT_OPSET / PARITY_TOLERANCE, repeated here so --help and inspect never import torch (a test pins them)
-DEFAULT_OPSET = 20
-PARITY_TOLERANCE = 1e-4
 DEFAULT_NPHOTONS = 1e9
 DEFAULT_PRETRAIN = 0.9
 PARAM_KEYS = ("N", "gridsize", "intensity_scale", "n_filters_scale", "amp_activation", "output_mode", "nphotons",
@@ -55,6 +55,33 @@ exit codes:
   3  parity mismatch: a compiled graph does not reproduce the eager model
   4  checksum failure: the bundle is damaged or was modified
 """
+
+
+
+def _exit_codes(*lines: str) -> str:
+    """A subcommand's epilog: the exit codes it can return (0, 1 and 2 always)."""
+    return "\n".join(["exit codes:", "  0  success", "  1  unexpected error (run with --debug for the traceback)",
+                      *lines])
+
+
+BUNDLE_EXITS = _exit_codes(
+    "  2  bad input: missing file, not a bundle, no eager weights, unsupported --opset",
+    "  3  parity mismatch: a compiled graph does not reproduce the eager model (nothing is written)",
+    "  4  checksum failure: the bundle is damaged or was modified")
+INSPECT_EXITS = _exit_codes("  2  bad input: missing file, not a bundle",
+                            "  4  checksum failure: the bundle is damaged or was modified")
+VERIFY_EXITS = _exit_codes("  2  bad input: missing file, not a bundle, no parity vectors, nothing to verify",
+                           "  3  parity mismatch on some backend",
+                           "  4  checksum failure: the bundle is damaged or was modified")
+TRAIN_EXITS = _exit_codes("  2  bad input: an option, or an NPZ scan refused by a unit guard (docs/data.md)",
+                          "  3  trained and saved, but a compiled graph failed parity (stored without graphs)")
+EVALUATE_EXITS = _exit_codes("  2  bad input: not a bundle, bad NPZ, no objectGuess in the scan, --reference without "
+                             "pty-chi",
+                             "  4  checksum failure: the bundle is damaged or was modified")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's layout (exit-code tables); defaults are written into each option's help."""
 
 
 class CliError(Exception):
@@ -94,7 +121,7 @@ def _print_json(obj: Any) -> None:
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], indent: str = "") -> str:
     cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(indent + line for line in lines)
 
@@ -143,11 +170,13 @@ def _graph_rows(summary: Mapping[str, Any]) -> list[list[Any]]:
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
+    from ptycho_runtime.bundle_format import check_bundle_file
+
     if args.no_torchscript and args.no_onnx:
         raise CliError("--no-torchscript and --no-onnx together leave nothing to compile")
     if not args.no_onnx:
-        _check_opset(args.opset)
-    path = _resolve_bundle(args.bundle)
+        _check_opset(args.opset)  # options first (no file needed), then the file, then torch
+    path = check_bundle_file(args.bundle)  # a wrong file fails here, in milliseconds, before torch is imported
     from .export import add_graphs_to_bundle
 
     summary = add_graphs_to_bundle(path, opset=args.opset, torchscript=not args.no_torchscript,
@@ -289,7 +318,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    _resolve_bundle(args.bundle)
+    from ptycho_runtime.bundle_format import check_bundle_file
+
+    check_bundle_file(args.bundle)  # before torch is imported
     from .verify import verify_bundle
 
     report = verify_bundle(args.bundle, backends=args.backend, tolerance=args.tolerance)
@@ -589,7 +620,7 @@ def _evaluate_table(report: Mapping[str, Any]) -> str:
         cells = [_metric_cell(m["metrics"][key], fmt) for _, m in methods]
         if key == "frc_resolution_px":
             cells = [c + (" (Nyquist)" if m["metrics"]["frc_reaches_nyquist"] else "") for c, (_, m) in
-                     zip(cells, methods)]
+                     zip(cells, methods, strict=True)]
         rows.append([label] + cells)
     rows.append(["scored pixels"] + [str(m["metrics"]["n_pixels"]) for _, m in methods])
     rows.append(["shift found (rows, cols px)"] + [
@@ -608,10 +639,9 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import NoGroundTruthError, evaluate, write_figure
-    from .reference import DEFAULT_ITERATIONS, ReferenceUnavailableError
+    from ptycho_runtime.bundle_format import check_bundle_file
 
-    _resolve_bundle(args.bundle)
+    check_bundle_file(args.bundle)  # before torch is imported
     if not Path(args.scan).is_file():
         raise CliError(f"scan {args.scan} not found (give a PtychoPINN NPZ with diffraction, xcoords, ycoords, "
                        "probeGuess and objectGuess)")
@@ -622,6 +652,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise CliError("--figure needs matplotlib: pip install matplotlib") from None
+    from .evaluate import NoGroundTruthError, evaluate, write_figure
+    from .reference import DEFAULT_ITERATIONS, ReferenceUnavailableError
+
     if args.reference:
         its = args.reference_iterations or DEFAULT_ITERATIONS[args.reference]
         print(f"Reconstructing with the network, then with pty-chi {args.reference} ({its} iterations, "
@@ -664,16 +697,17 @@ def _add_evaluate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     from .reference import ALGORITHMS, DEFAULT_BATCH_SIZE, DEFAULT_ITERATIONS
 
     p = sub.add_parser("evaluate", parents=[common], help="score a bundle's reconstruction against the true object",
+                       formatter_class=_HelpFormatter, epilog=EVALUATE_EXITS,
                        description="Reconstruct SCAN.npz with the bundle (|probe|^2-weighted stitching), register it "
                                    "to the scan's objectGuess (sub-pixel, global phase removed) and report phase and "
                                    "amplitude RMSE, PSNR, SSIM and FRC resolution (1/7 threshold). With --reference, "
                                    "also reconstruct with pty-chi's ePIE or LSQML (known probe) and compare quality "
-                                   "and wall time. Exit 2: bad input, no objectGuess, or pty-chi missing.")
+                                   "and wall time.")
     p.add_argument("bundle", metavar="BUNDLE", help="bundle file, or a folder holding wts.h5")
     p.add_argument("scan", metavar="SCAN.npz", help="PtychoPINN NPZ that holds objectGuess (the true object)")
     p.add_argument("--reference", nargs="?", const="epie", default=None, choices=ALGORITHMS,
-                   help="also reconstruct with pty-chi (ePIE if no algorithm is named); needs "
-                        "pip install 'ptycho-export[reference]'")
+                   help="also reconstruct with pty-chi (ePIE if no algorithm is named; default: no reference); "
+                        "needs pip install 'ptycho-export[reference]'")
     p.add_argument("--reference-iterations", type=_positive_int, default=None, metavar="N",
                    help="pty-chi epochs (default: " + ", ".join(f"{a} {n}" for a, n in DEFAULT_ITERATIONS.items())
                         + ")")
@@ -681,13 +715,15 @@ def _add_evaluate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="positions per pty-chi update (default: " + ", ".join(
                        f"{a} {n}" for a, n in DEFAULT_BATCH_SIZE.items()) + ")")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
-    p.add_argument("-o", "--output", type=Path, default=None, metavar="REPORT.json", help="write the JSON report")
+    p.add_argument("-o", "--output", type=Path, default=None, metavar="REPORT.json",
+                   help="write the JSON report (default: none)")
     p.add_argument("--figure", type=Path, default=None, metavar="FIGURE.png",
-                   help="write truth / network / reference / error images")
+                   help="write truth / network / reference / error images (default: none)")
     p.add_argument("--min-weight", type=float, default=0.2, metavar="FRACTION",
                    help="score pixels lit by at least this fraction of one exposure's peak |probe|^2 (default 0.2)")
     p.add_argument("--no-register", action="store_true", help="skip the sub-pixel registration to the truth")
-    p.add_argument("--counts", action="store_true", help="the NPZ diffraction holds counts, not amplitudes")
+    p.add_argument("--counts", action="store_true", help="the NPZ diffraction holds counts, not amplitudes "
+                                                         "(default: told from the values)")
     p.add_argument("--backend", choices=("auto", "onnx", "torchscript"), default="auto",
                    help="runtime backend for the network (default auto: ONNX Runtime)")
     p.set_defaults(func=cmd_evaluate)
@@ -737,6 +773,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="command")
 
     p = sub.add_parser("bundle", parents=[common], help="add (or refresh) compiled graphs in a bundle",
+                       formatter_class=_HelpFormatter, epilog=BUNDLE_EXITS,
                        description="Compile the bundle's eager models to TorchScript and ONNX, check every graph "
                                    "against the eager model, and store graphs and parity vectors in the bundle "
                                    "(atomically). Graphs already present are kept unless --force.")
@@ -751,6 +788,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bundle)
 
     p = sub.add_parser("inspect", parents=[common], help="show what a bundle holds",
+                       formatter_class=_HelpFormatter, epilog=INSPECT_EXITS,
                        description="Show format, producer, params, models, graphs and training history "
                                    "(checksums are verified while reading).")
     p.add_argument("bundle", metavar="BUNDLE", help="bundle file, or a folder holding wts.h5")
@@ -758,9 +796,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("verify", parents=[common], help="re-check checksums and graph parity on this machine",
+                       formatter_class=_HelpFormatter, epilog=VERIFY_EXITS,
                        description="Verify every checksum, then recompute the stored parity cases with every "
                                    f"backend available here ({', '.join(BACKENDS)}) and compare with the stored "
-                                   "eager outputs. Exit 0: all pass, 3: parity mismatch, 4: checksum failure.")
+                                   "eager outputs.")
     p.add_argument("bundle", metavar="BUNDLE", help="bundle file, or a folder holding wts.h5")
     p.add_argument("--backend", action="append", choices=BACKENDS,
                    help="check only this backend (repeatable; default: all available)")
@@ -771,49 +810,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("train", parents=[common], help="train a model and write bundle, reconstruction and report",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       formatter_class=_HelpFormatter, epilog=TRAIN_EXITS,
                        description="Train PtychoPINN on an NPZ scan or a simulated one (split spatially into "
                                    "train/test), write OUTPUT_DIR/wts.h5 (with graphs unless --no-graphs), "
                                    "reconstruction.png, history.json and report.md.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", type=Path, metavar="SCAN.npz", help="PtychoPINN NPZ scan")
-    src.add_argument("--simulate", choices=("lines", "grf"), help="simulate a scan of this object kind")
+    src.add_argument("--data", type=Path, metavar="SCAN.npz",
+                     help="PtychoPINN NPZ scan (see docs/data.md; this or --simulate is required)")
+    src.add_argument("--simulate", choices=("lines", "grf"),
+                     help="simulate a scan of this object kind (this or --data is required)")
     p.add_argument("--test-data", type=Path, metavar="TEST.npz", default=None,
                    help="held-out scan to reconstruct and score (default: the bottom part of --data, see "
                         "--train-fraction)")
     add_scan_arguments(p)
-    p.add_argument("--output-dir", type=Path, required=True, metavar="DIR")
+    p.add_argument("--output-dir", type=Path, required=True, metavar="DIR",
+                   help="where wts.h5, reconstruction.png, history.json, report.md and test_scan.npz go (required)")
     p.add_argument("--N", type=int, default=None, help="patch size (default: the data's, or 64 when simulating)")
-    p.add_argument("--gridsize", type=int, default=1)
-    p.add_argument("--n-filters-scale", type=_positive_int, default=2)
-    p.add_argument("--epochs", type=_positive_int, default=10)
-    p.add_argument("--batch-size", type=_positive_int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    p.add_argument("--gridsize", type=int, default=1,
+                   help="patterns per group, gridsize² (1, 2 or 3; default %(default)s)")
+    p.add_argument("--n-filters-scale", type=_positive_int, default=2,
+                   help="width multiplier of the U-Net's filters (default %(default)s)")
+    p.add_argument("--epochs", type=_positive_int, default=10,
+                   help="training epochs; with --time-budget, the most allowed (default %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="groups per step (default %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default %(default)g)")
     p.add_argument("--nphotons", type=float, default=None,
                    help="photons per frame (default: the data's mean count when it holds counts or photons, "
                         f"else {DEFAULT_NPHOTONS:g})")
     p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
-                   help="train as many epochs as fit in this many minutes (pre-training included)")
+                   help="train as many epochs as fit in this many minutes, pre-training included (default: no "
+                        "budget, --epochs epochs)")
     p.add_argument("--pretrain", type=float, default=None, metavar="FRACTION",
                    help="share of --time-budget spent on supervised pre-training with synthetic objects seen "
                         f"through this scan's probe, geometry and photon count (default {DEFAULT_PRETRAIN:g} with "
                         "--time-budget, else none)")
     p.add_argument("--output-mode", choices=OUTPUT_MODES, default="real_imag",
                    help="what the network outputs: amplitude/phase, or real/imaginary parts (with "
-                        "--backprojection: a correction added to the back-projection)")
+                        "--backprojection: a correction added to the back-projection; default %(default)s)")
     p.add_argument("--backprojection", action=argparse.BooleanOptionalAction, default=True,
                    help="give the network each pattern's probe-phase back-projection as extra input channels "
-                        "(model.BackProjection)")
+                        "(model.BackProjection; default: on)")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="cosine",
                    help="cosine: warm-up then decay over the epochs or the time budget; plateau: halve on a "
-                        "stalled validation loss")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="share of training groups held for validation")
+                        "stalled validation loss; constant (default %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=0.05,
+                   help="share of training groups held for validation (default %(default)g)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads (default: torch's; 1 is often faster on a busy machine)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--seed", type=int, default=0, help="random seed of data split, init and batches "
+                                                       "(default %(default)s)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to train: auto picks CUDA when torch sees a GPU (default %(default)s)")
     p.add_argument("--train-fraction", type=float, default=0.75,
-                   help="fraction of the scan used for training when there is no --test-data (1: all of it)")
+                   help="fraction of the scan used for training when there is no --test-data (1: all of it; "
+                        "default %(default)g)")
     p.add_argument("--no-graphs", action="store_true", help="do not compile TorchScript/ONNX graphs")
     adv = p.add_argument_group("simulation (advanced)")
     adv.add_argument("--n-positions", type=_positive_int, default=None,
@@ -866,7 +916,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         _error_line("interrupted")
         return 130
-    except Exception as exc:  # one clear line per failure, traceback only with --debug
+    except Exception as exc:  # noqa: BLE001 - one clear line per failure, traceback only with --debug
         if debug:
             traceback.print_exc()
         code, message = _classify(exc)
@@ -887,7 +937,7 @@ def _classify(exc: BaseException) -> tuple[int, str]:
         return EXIT_USAGE, str(exc)  # every reader failure is a BundleError: bad input, not a bug
     try:
         from .export import ParityError
-    except Exception:  # torch missing: no ParityError can have been raised
+    except Exception:  # noqa: BLE001 - torch missing or broken: no ParityError can have been raised
         ParityError = ()  # type: ignore[assignment]
     if ParityError and isinstance(exc, ParityError):
         return EXIT_PARITY, f"parity mismatch: {exc}"

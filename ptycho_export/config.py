@@ -1,4 +1,4 @@
-"""Typed, validated configuration for models, training and inference.
+"""Typed, validated configuration for models and training.
 
 Frozen dataclasses so a config cannot drift after a model was built from it;
 validation in ``__post_init__`` so a bad value fails where it is written, with
@@ -55,8 +55,6 @@ class ModelConfig:
     object_big: bool = True
     probe_big: bool = True
     probe_mask: bool = False
-    pad_object: bool = True
-    probe_scale: float = 4.0
     intensity_scale: float = 0.0  # 0 → computed from nphotons when the model is built
     intensity_scale_trainable: bool = True
     probe_trainable: bool = False
@@ -70,7 +68,6 @@ class ModelConfig:
         _require_positive("n_filters_scale", self.n_filters_scale, integer=True)
         _require_choice("amp_activation", self.amp_activation, AMP_ACTIVATIONS)
         _require_choice("output_mode", self.output_mode, OUTPUT_MODES)
-        _require_positive("probe_scale", self.probe_scale)
         _require_positive("intensity_scale", self.intensity_scale, allow_zero=True)
 
     @property
@@ -100,7 +97,6 @@ class TrainingConfig:
     time_budget_s: Optional[float] = None  # stop before an epoch that would not finish within the budget
     pretrain_fraction: float = 0.0  # share of the time budget for supervised pre-training (pretraining.py)
     n_groups: Optional[int] = None
-    positions_provided: bool = True
     seed: int = 0
     device: str = "auto"
     progress: bool = True
@@ -135,28 +131,6 @@ class TrainingConfig:
             raise ValueError(f"lr_plateau_factor must be in (0, 1) (got {self.lr_plateau_factor!r})")
         if self.n_groups is not None:
             _require_positive("n_groups", self.n_groups, integer=True)
-        _require_choice("device", self.device, DEVICES)
-
-
-@dataclass(frozen=True)
-class InferenceConfig:
-    """How to run a trained model on new data."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    model_path: Optional[Path] = None
-    test_data_file: Optional[Path] = None
-    output_dir: Optional[Path] = None
-    batch_size: int = 64
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        for name in ("output_dir", "model_path", "test_data_file"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, Path):
-                object.__setattr__(self, name, Path(value))
-        if not isinstance(self.model, ModelConfig):
-            raise ValueError(f"model must be a ModelConfig (got {type(self.model).__name__})")
-        _require_positive("batch_size", self.batch_size, integer=True)
         _require_choice("device", self.device, DEVICES)
 
 

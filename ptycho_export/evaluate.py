@@ -41,9 +41,18 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+
 from ptycho_runtime.stitching import probe_window
 
-from .metrics import DEFAULT_MAX_SHIFT_PX, FRC_THRESHOLD, Alignment, align_to_truth, image_quality, sample_object, scanned_mask
+from .metrics import (
+    DEFAULT_MAX_SHIFT_PX,
+    FRC_THRESHOLD,
+    Alignment,
+    align_to_truth,
+    image_quality,
+    sample_object,
+    scanned_mask,
+)
 
 __all__ = ["DEFAULT_MIN_WEIGHT_FRACTION", "Evaluation", "NoGroundTruthError", "ScoredReconstruction", "evaluate",
            "illumination", "score_reconstruction", "write_figure"]
@@ -160,7 +169,8 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
         raise ValueError(f"the scan's frames are {data.N}×{data.N} but the bundle's model was trained with "
                          f"N={bundle.N}: evaluate it on a scan with {bundle.N}×{bundle.N} frames")
     t0 = time.perf_counter()
-    recon = bundle.reconstruct(data.diffraction, positions, batch_size=batch_size, window=probe_window(data.probe))
+    recon = bundle.reconstruct(data.diffraction, positions, counts=False, batch_size=batch_size,
+                               window=probe_window(data.probe))  # load_npz normalised the amplitudes
     net_s = time.perf_counter() - t0
     provider = bundle.providers[0] if bundle.providers else bundle.backend
     network = score_reconstruction(
@@ -212,6 +222,7 @@ def _masked_box(scored: ScoredReconstruction, values: np.ndarray) -> tuple[np.ma
 
 def _save_atomic(fig: Any, path: Path, dpi: int = 100) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     from ptycho_runtime.bundle_format import atomic_write_path
 
     FigureCanvasAgg(fig)

@@ -42,16 +42,16 @@ import torch
 from torch import nn
 
 from ptycho_runtime import bundle_format as fmt
-from ptycho_runtime import parity as parity_rules
-from ptycho_runtime.parity import parity_report
+from ptycho_runtime.backends import quiet_library_warnings
+from ptycho_runtime.bundle_format import DEFAULT_OPSET
+from ptycho_runtime.parity import DEFAULT_TOLERANCE as PARITY_TOLERANCE  # relative, float32: the readers' constant
+from ptycho_runtime.parity import graph_feeds, parity_report
 
 from .data import make_groups, simulate_scan
-from .model import OUTPUT_NAMES
-from .model_manager import load_torch_bundle
+from .model_manager import models_from_contents
 
-DEFAULT_OPSET = 20
-PARITY_TOLERANCE = 1e-4  # relative, float32
 PARITY_BATCHES = (1, 7)
+Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 log = logging.getLogger(__name__)
 
@@ -95,21 +95,23 @@ class AutoencoderParts(nn.Module):
         return a, b, pred_amplitude
 
 
-def io_spec(model_name: str, params: Mapping[str, Any]) -> tuple[list[dict], list[dict]]:
-    """Names, shapes (symbolic batch) and dtypes of a graph's inputs and outputs."""
-    N, C = int(params["N"]), int(params["gridsize"]) ** 2
-    mode = params.get("output_mode", "amp_phase")
-    patch = ["batch", C, N, N]
-    inputs = [{"name": "diffraction", "shape": patch, "dtype": "float32",
-               "doc": "diffraction amplitude in photon units (sqrt of counts = NPZ amplitude × intensity_scale)"}]
-    outputs = [{"name": n, "shape": patch, "dtype": "float32", "doc": f"object patch {n}"}
-               for n in OUTPUT_NAMES[mode]]
-    if model_name == "autoencoder":
-        inputs.append({"name": "offsets", "shape": ["batch", C, 1, 2], "dtype": "float32",
-                       "doc": "(x, y) pixel offsets of each patch from its group centre"})
-        outputs.append({"name": "pred_amplitude", "shape": patch, "dtype": "float32",
-                        "doc": "predicted far-field amplitude in photon units"})
-    return inputs, outputs
+IO_DOCS = {
+    "diffraction": "diffraction amplitude in photon units (sqrt of counts = NPZ amplitude × intensity_scale)",
+    "offsets": "(x, y) pixel offsets of each patch from its group centre",
+    "pred_amplitude": "predicted far-field amplitude in photon units",
+    "pred_intensity": "predicted intensity (counts)",
+    "object": "object patches",
+}
+
+
+def io_spec(model_name: str, params: Mapping[str, Any], kind: str = "onnx") -> tuple[list[dict], list[dict]]:
+    """Names, shapes (symbolic batch) and dtypes of a graph's inputs and outputs, with a doc string each.
+
+    The shapes are ``bundle_format.graph_io``'s (what readers check); this adds the words.
+    """
+    inputs, outputs = fmt.graph_io(kind, model_name, params)
+    return ([dict(i, doc=IO_DOCS[i["name"]]) for i in inputs],
+            [dict(o, doc=IO_DOCS.get(o["name"], f"object patch {o['name']}")) for o in outputs])
 
 
 def contract(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -147,27 +149,47 @@ def parity_inputs(params: Mapping[str, Any], seed: int = 1234) -> dict[str, dict
     return cases
 
 
+def eager_runners(models: Mapping[str, nn.Module], params: Mapping[str, Any]) -> dict[str, tuple[Runner, list[str]]]:
+    """One runner per model and the outputs it returns: the graph outputs' real maps and the complex object.
+
+    The one eager reference: export stores its outputs as parity vectors,
+    ``verify`` recomputes them. A runner takes graph feeds (photon units,
+    ``parity.graph_feeds``) and returns ``{output name: array}``.
+    """
+    d2o, ae = models["diffraction_to_obj"], models["autoencoder"]
+    d2o_names = [o["name"] for o in io_spec("diffraction_to_obj", params)[1]]
+    ae_names = [o["name"] for o in io_spec("autoencoder", params)[1]]
+
+    def run_d2o(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(np.ascontiguousarray(feeds["diffraction"]))
+        with torch.inference_mode():
+            out = {n: v.numpy() for n, v in zip(d2o_names, d2o.forward_parts(x), strict=True)}
+            obj = d2o(x)
+        out["object_real"], out["object_imag"] = obj.real.numpy(), obj.imag.numpy()
+        return out
+
+    def run_ae(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(np.ascontiguousarray(feeds["diffraction"]))
+        off = torch.from_numpy(np.ascontiguousarray(feeds["offsets"]))
+        with torch.inference_mode():
+            out = {n: v.numpy() for n, v in zip(ae_names, ae.forward_parts(x, off)[:3], strict=True)}
+            obj = ae(x, off)[0]
+        out["object_real"], out["object_imag"] = obj.real.numpy(), obj.imag.numpy()
+        return out
+
+    return {"diffraction_to_obj": (run_d2o, d2o_names + ["object_real", "object_imag"]),
+            "autoencoder": (run_ae, ae_names + ["object_real", "object_imag"])}
+
+
 def eager_outputs(models: Mapping[str, nn.Module], params: Mapping[str, Any],
                   cases: Mapping[str, dict[str, np.ndarray]]) -> None:
-    """Add ``<model>.<output>`` eager results to each parity case, in place."""
-    _, d2o_out = io_spec("diffraction_to_obj", params)
-    _, ae_out = io_spec("autoencoder", params)
+    """Add ``<model>.<output>`` eager results (``eager_runners``) to each parity case, in place."""
+    runners = eager_runners(models, params)
     scale = float(params["intensity_scale"])
-    with torch.inference_mode():
-        for case in cases.values():
-            feeds = graph_feeds(case, "autoencoder", scale)
-            x = torch.from_numpy(feeds["diffraction"])
-            off = torch.from_numpy(feeds["offsets"])
-            for spec, value in zip(d2o_out, models["diffraction_to_obj"].forward_parts(x)):
-                case[f"diffraction_to_obj.{spec['name']}"] = value.numpy()
-            for spec, value in zip(ae_out, models["autoencoder"].forward_parts(x, off)[:3]):
-                case[f"autoencoder.{spec['name']}"] = value.numpy()
-            # complex outputs, for graphs that keep them (TorchScript)
-            objects = {"diffraction_to_obj": models["diffraction_to_obj"](x),
-                       "autoencoder": models["autoencoder"](x, off)[0]}
-            for name, obj in objects.items():
-                case[f"{name}.object_real"] = obj.real.numpy()
-                case[f"{name}.object_imag"] = obj.imag.numpy()
+    for case in cases.values():
+        for name, (run, _) in runners.items():
+            for key, value in run(graph_feeds(case, name, scale)).items():
+                case[f"{name}.{key}"] = value
 
 
 # --------------------------------------------------------------------------- exporters
@@ -186,7 +208,7 @@ def _quiet():
             with contextlib.redirect_stdout(io.StringIO()):
                 yield
         finally:
-            for lg, lv in zip(loggers, levels):
+            for lg, lv in zip(loggers, levels, strict=True):
                 lg.setLevel(lv)
 
 
@@ -196,7 +218,7 @@ def export_torchscript(model: nn.Module, example: tuple[torch.Tensor, ...]) -> t
     with _quiet():
         try:
             compiled, method = torch.jit.script(model), "script"
-        except Exception as exc:  # scripting has many unsupported constructs; tracing is the fallback
+        except Exception as exc:  # noqa: BLE001 - scripting has many unsupported constructs; tracing is the fallback
             log.info("torch.jit.script failed (%s); tracing instead", exc)
             compiled, method = torch.jit.trace(model, example, check_trace=False), "trace"
         frozen = torch.jit.freeze(compiled)
@@ -221,24 +243,29 @@ def export_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], input_name
     return data
 
 
-def _onnx_runner(data: bytes) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
-    import onnxruntime as ort
+def _onnx_runner(data: bytes) -> Runner:
+    from ptycho_runtime.backends import import_onnxruntime
 
+    ort = import_onnxruntime()  # onnxruntime or onnxruntime-gpu, whichever extra was installed
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    return lambda feeds: dict(zip(names, session.run(None, feeds)))
+    return lambda feeds: dict(zip(names, session.run(None, feeds), strict=True))
 
 
-def torchscript_runner(data: bytes, model_name: str) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
-    """Load archive bytes; the runner returns the complex object as object_real/object_imag."""
-    with _quiet():
-        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+def torchscript_runner(data: bytes, model_name: str) -> Runner:
+    """Load archive bytes; the runner returns the complex object as object_real/object_imag.
+
+    TorchScript's deprecation warnings are filtered once (``quiet_library_warnings``),
+    not per call: ``warnings.catch_warnings`` is process-global and not thread-safe.
+    """
+    quiet_library_warnings()
+    module = torch.jit.load(io.BytesIO(data), map_location="cpu")
 
     def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         args = [torch.from_numpy(feeds["diffraction"])]
         if model_name == "autoencoder":
             args.append(torch.from_numpy(feeds["offsets"]))
-        with torch.inference_mode(), _quiet():
+        with torch.inference_mode():
             out = module(*args)
         obj = out[0] if model_name == "autoencoder" else out
         result = {"object_real": obj.real.numpy(), "object_imag": obj.imag.numpy()}
@@ -254,22 +281,6 @@ def parity_keys(graph_kind: str, model_name: str, metadata: Mapping[str, Any]) -
     if graph_kind == "onnx":
         return [o["name"] for o in metadata["outputs"]]
     return ["object_real", "object_imag"] + (["pred_amplitude"] if model_name == "autoencoder" else [])
-
-
-def torchscript_io(model_name: str, params: Mapping[str, Any]) -> list[dict]:
-    N, C = int(params["N"]), int(params["gridsize"]) ** 2
-    outs = [{"name": "object", "shape": ["batch", C, N, N], "dtype": "complex64", "doc": "object patches"}]
-    if model_name == "autoencoder":
-        outs += [{"name": "pred_amplitude", "shape": ["batch", C, N, N], "dtype": "float32",
-                  "doc": "predicted far-field amplitude, photon units"},
-                 {"name": "pred_intensity", "shape": ["batch", C, N, N], "dtype": "float32",
-                  "doc": "predicted intensity (counts)"}]
-    return outs
-
-
-def graph_feeds(case: Mapping[str, np.ndarray], model_name: str, intensity_scale: float) -> dict[str, np.ndarray]:
-    """A parity case's graph feeds (the runtime's definition: amplitude × intensity_scale)."""
-    return parity_rules.graph_feeds(case, model_name, intensity_scale)
 
 
 def check_parity(graph: CompiledGraph, cases: Mapping[str, Mapping[str, np.ndarray]], intensity_scale: float,
@@ -318,7 +329,7 @@ def compile_graphs(models: Mapping[str, nn.Module], params: Mapping[str, Any], c
             data, method = export_torchscript(models[model_name], args)
             meta = {**base, "kind": "torchscript", "method": method, "exporter": f"torch.jit.{method}",
                     "exporter_version": versions["torch"], "opset": None, "export_time_s": time.perf_counter() - t0,
-                    "outputs": torchscript_io(model_name, params)}
+                    "outputs": io_spec(model_name, params, "torchscript")[1]}
             graphs.append(CompiledGraph("torchscript", model_name, data, meta, torchscript_runner(data, model_name)))
         if onnx:
             t0 = time.perf_counter()
@@ -347,8 +358,10 @@ def add_graphs_to_bundle(path: str | os.PathLike, opset: int = DEFAULT_OPSET, to
                          ) -> dict[str, Any]:
     """Compile the bundle's eager models, check parity, and write graphs + parity vectors in place, atomically.
 
-    Idempotent: graphs already present are kept unless ``force``. Returns a
-    summary with each graph's size, parity and export time.
+    Idempotent: graphs already present are kept unless ``force``. The models
+    are rebuilt from the bundle's own params; the global ``params.cfg`` is
+    left as it was. Returns a summary with each graph's size, parity and
+    export time.
     """
     bundle_path = fmt.resolve_bundle_path(path)
     contents = fmt.read_bundle(bundle_path)
@@ -362,26 +375,15 @@ def add_graphs_to_bundle(path: str | os.PathLike, opset: int = DEFAULT_OPSET, to
     start = time.perf_counter()
     summary: dict[str, Any] = {"bundle": str(bundle_path), "graphs": {}, "written": False}
     if todo:
-        models, bundle_params = load_torch_bundle(bundle_path)
+        models = models_from_contents(contents)  # the bundle's own config; params.cfg is not touched
+        bundle_params = contents.params
         cases = parity_inputs(bundle_params)
         eager_outputs(models, bundle_params, cases)
         kinds = {k for k, _ in todo}
         graphs = [g for g in compile_graphs(models, bundle_params, cases, opset, "torchscript" in kinds,
                                             "onnx" in kinds, tolerance)
                   if (g.kind, g.model) in todo]
-        with fmt.atomic_bundle_write(bundle_path, copy_existing=True) as f:
-            ggroup = f.require_group("graphs")
-            for g in graphs:
-                group = ggroup.require_group(g.kind).require_group(g.model)
-                fmt.write_payload(group, "bytes", g.data)
-                fmt.write_json(group, "metadata_json", g.metadata)
-            if "parity" in f:
-                del f["parity"]
-            pgroup = f.create_group("parity")
-            for case_name, case in cases.items():
-                cgroup = pgroup.create_group(case_name)
-                for key, arr in case.items():
-                    fmt.write_payload(cgroup, key, arr)
+        fmt.write_graphs(bundle_path, [fmt.GraphRecord(g.kind, g.model, g.data, g.metadata) for g in graphs], cases)
         summary["written"] = True
     summary["export_time_s"] = time.perf_counter() - start
     for (kind, model), rec in sorted(fmt.read_bundle(bundle_path).graphs.items()):

@@ -32,7 +32,8 @@ from typing import Any, Optional
 import numpy as np
 
 __all__ = ["reconstruction_quality", "sample_object", "Alignment", "FRC_THRESHOLD", "align_to_truth", "bounding_box",
-           "DEFAULT_MAX_SHIFT_PX", "fourier_ring_correlation", "frc_resolution", "global_phase_offset", "image_quality", "register",
+           "DEFAULT_MAX_SHIFT_PX", "fourier_ring_correlation", "frc_resolution", "global_phase_offset", "image_quality",
+           "register",
            "scanned_mask", "shift_image", "soft_window"]
 
 

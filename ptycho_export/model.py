@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ModelConfig, model_config_from_params
-from .physics import PhysicsForward, shifted_dft_matrices
+from ptycho_runtime.bundle_format import OUTPUT_NAMES  # noqa: F401 - one definition, re-exported
 
-OUTPUT_NAMES = {"amp_phase": ("amplitude", "phase"), "real_imag": ("real", "imag")}
+from .config import ModelConfig, model_config_from_params
+from .data.simulate import intensity_scale_from_nphotons
+from .physics import PhysicsForward, shifted_dft_matrices
 
 
 def encoder_filters(N: int, n_filters_scale: int) -> list[int]:
@@ -39,10 +40,14 @@ def decoder_filters(N: int, n_filters_scale: int) -> list[int]:
 
 
 class Activation(nn.Module):
-    """A named activation, so the choice is data (config), not code."""
+    """A named activation, so the choice is data (config), not code. An unknown name is an error, not identity."""
+
+    NAMES = ("sigmoid", "swish", "silu", "softplus", "relu", "pi_tanh", "identity")
 
     def __init__(self, name: str) -> None:
         super().__init__()
+        if name not in self.NAMES:
+            raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(self.NAMES)}")
         self.name = name
 
     def forward(self, x: Tensor) -> Tensor:
@@ -75,7 +80,7 @@ class Encoder(nn.Module):
     def __init__(self, c_in: int, filters: list[int]) -> None:
         super().__init__()
         chans = [c_in] + filters
-        self.stages = nn.ModuleList(ConvPair(a, b) for a, b in zip(chans[:-1], chans[1:]))
+        self.stages = nn.ModuleList(ConvPair(a, b) for a, b in zip(chans[:-1], chans[1:], strict=True))
 
     def forward(self, x: Tensor) -> Tensor:
         for stage in self.stages:
@@ -98,7 +103,7 @@ class Decoder(nn.Module):
                  n_filters_scale: int, activation: str, outer_activation: str, probe_big: bool) -> None:
         super().__init__()
         chans = [c_in] + filters
-        self.stages = nn.ModuleList(ConvPair(a, b) for a, b in zip(chans[:-1], chans[1:]))
+        self.stages = nn.ModuleList(ConvPair(a, b) for a, b in zip(chans[:-1], chans[1:], strict=True))
         last = chans[-1]
         self.split = last - self.OUTER_CHANNELS
         self.central = nn.Conv2d(self.split, channels_out, 3, padding=1)
@@ -303,29 +308,19 @@ class Autoencoder(nn.Module):
         return torch.complex(re, im), pred_amplitude, pred_intensity
 
 
-def default_intensity_scale(nphotons: float, N: int) -> float:
-    """PtychoPINN's intensity scale: sqrt(nphotons) / (N/2)."""
-    return math.sqrt(nphotons) / (N / 2)
+default_intensity_scale = intensity_scale_from_nphotons  # PtychoPINN's name for sqrt(nphotons) / (N/2)
 
 
-def create_torch_model_with_gridsize(gridsize: int, N: int, params: Optional[Dict[str, Any]] = None
-                                     ) -> Dict[str, nn.Module]:
-    """Build ``{"autoencoder", "diffraction_to_obj"}`` sharing one generator.
+def build_models(config: ModelConfig, probe: Optional[np.ndarray] = None,
+                 intensity_scale: Optional[float] = None, nphotons: float = 1e9) -> Dict[str, nn.Module]:
+    """Build ``{"autoencoder", "diffraction_to_obj"}`` sharing one generator, from an explicit config.
 
-    ``params`` is a legacy params dict (default: the live ``params.cfg``); the
-    architecture keys are read from it (CONFIG-001: restore a bundle's params
-    first). ``gridsize`` and ``N`` arguments win over the dict. A missing
-    probe falls back to the default simulated probe; a missing intensity scale
-    is computed from ``nphotons``.
+    No global state is read: the architecture is ``config``; the intensity
+    scale is ``intensity_scale``, else ``config.intensity_scale``, else the
+    one ``nphotons`` implies; a missing probe is the default simulated probe.
     """
-    from . import params as params_module
-
-    p = dict(params_module.cfg if params is None else params)
-    p["gridsize"], p["N"] = gridsize, N
-    config = model_config_from_params(p)
-    scale = p.get("intensity_scale") or config.intensity_scale or default_intensity_scale(
-        float(p.get("nphotons", 1e9)), N)
-    probe = p.get("probe")
+    N = config.N
+    scale = intensity_scale or config.intensity_scale or default_intensity_scale(float(nphotons), N)
     if probe is None:
         from .data.simulate import default_probe
 
@@ -334,8 +329,24 @@ def create_torch_model_with_gridsize(gridsize: int, N: int, params: Optional[Dic
     generator = Generator(config)
     scaler = IntensityScaler(float(scale), config.intensity_scale_trainable)
     d2o = DiffractionToObject(config, generator, scaler, probe)
-    physics = PhysicsForward(N, gridsize, probe, config.object_big, config.probe_mask, config.probe_trainable)
+    physics = PhysicsForward(N, config.gridsize, probe, config.object_big, config.probe_mask, config.probe_trainable)
     return {"autoencoder": Autoencoder(d2o, physics), "diffraction_to_obj": d2o}
+
+
+def create_torch_model_with_gridsize(gridsize: int, N: int, params: Optional[Dict[str, Any]] = None
+                                     ) -> Dict[str, nn.Module]:
+    """PtychoPINN's entry point: ``build_models`` with the config read from a legacy params dict.
+
+    ``params`` defaults to the live ``params.cfg`` (read, never written: call
+    ``load_torch_bundle`` first to restore a bundle's params, CONFIG-001).
+    ``gridsize`` and ``N`` arguments win over the dict.
+    """
+    from . import params as params_module
+
+    p = dict(params_module.cfg if params is None else params)
+    p["gridsize"], p["N"] = gridsize, N
+    return build_models(model_config_from_params(p), p.get("probe"), p.get("intensity_scale"),
+                        float(p.get("nphotons", 1e9)))
 
 
 def count_parameters(model: nn.Module) -> int:

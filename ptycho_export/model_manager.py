@@ -11,7 +11,7 @@ import copy
 import os
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import h5py
 import numpy as np
@@ -21,8 +21,8 @@ from torch import nn
 from ptycho_runtime import bundle_format as fmt
 
 from . import __version__, params
-from .config import ModelConfig
-from .model import count_parameters, create_torch_model_with_gridsize
+from .config import ModelConfig, model_config_from_params
+from .model import build_models, count_parameters
 
 REQUIRED_MODELS = fmt.MODEL_NAMES
 
@@ -31,20 +31,9 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "numpy": np.__version__, "h5py": h5py.__version__}
 
 
-def _split_params(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Scalars go to JSON, arrays (the probe) to datasets, complex kept complex."""
-    scalars: dict[str, Any] = {}
-    arrays: dict[str, np.ndarray] = {}
-    for key, value in values.items():
-        if isinstance(value, torch.Tensor):
-            value = value.detach().cpu().numpy()
-        if isinstance(value, np.ndarray):
-            arrays[key] = value
-        elif isinstance(value, os.PathLike):
-            scalars[key] = os.fspath(value)
-        else:
-            scalars[key] = value
-    return scalars, arrays
+def _numpy_params(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Tensors → numpy; everything else as it is (``fmt.split_params`` decides JSON vs dataset)."""
+    return {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in values.items()}
 
 
 def _probe_of(models: Mapping[str, nn.Module]) -> np.ndarray:
@@ -52,12 +41,10 @@ def _probe_of(models: Mapping[str, nn.Module]) -> np.ndarray:
     return (pair[0] + 1j * pair[1]).astype(np.complex64)
 
 
-def _write_model(group: h5py.Group, model: nn.Module, architecture: dict[str, Any]) -> None:
-    fmt.write_json(group, "architecture_json", {**architecture, "class": type(model).__name__})
-    group.attrs["n_parameters"] = count_parameters(model)
-    sd_group = group.create_group("state_dict")
-    for key, tensor in model.state_dict().items():
-        fmt.write_payload(sd_group, key, tensor.detach().cpu().numpy())
+def _model_record(model: nn.Module, architecture: dict[str, Any]) -> fmt.ModelRecord:
+    return fmt.ModelRecord({**architecture, "class": type(model).__name__},
+                           {k: t.detach().cpu().numpy() for k, t in model.state_dict().items()},
+                           count_parameters(model))
 
 
 def save_torch_bundle(models_dict: Mapping[str, nn.Module], base_path: Union[str, os.PathLike], config: Any,
@@ -66,17 +53,19 @@ def save_torch_bundle(models_dict: Mapping[str, nn.Module], base_path: Union[str
                       training_summary: Optional[Mapping[str, Any]] = None) -> Path:
     """Write ``autoencoder`` and ``diffraction_to_obj`` with their params to one HDF5 bundle.
 
-    ``config`` is a TrainingConfig/InferenceConfig/ModelConfig; its fields are
-    written over the live ``params.cfg`` to form the bundle's params.
-    ``intensity_scale`` is the scale the training inputs were multiplied by
-    (the normalisation contract; default: params.cfg's, else the model's).
-    ``probe`` defaults to the probe inside the autoencoder. The write is
-    atomic: the previous file at ``base_path`` survives any failure.
+    ``config`` is a TrainingConfig or ModelConfig; its fields are written over
+    a copy of the live ``params.cfg`` (read, not changed) to form the
+    bundle's params, as PtychoPINN saves its params. ``intensity_scale`` is
+    the scale the training inputs were multiplied by (the normalisation
+    contract; default: params.cfg's, else the model's). ``probe`` defaults to
+    the probe inside the autoencoder. The layout is ``fmt.write_bundle``'s;
+    the write is atomic: the previous file at ``base_path`` survives any failure.
     """
     for name in REQUIRED_MODELS:
         if name not in models_dict:
             raise ValueError(f"save_torch_bundle needs both models; '{name}' is missing from models_dict "
-                             f"(got {sorted(models_dict)}). Pass the dict returned by create_torch_model_with_gridsize.")
+                             f"(got {sorted(models_dict)}). Pass the dict returned by "
+                             "create_torch_model_with_gridsize.")
     values = params.update_legacy_dict(copy.deepcopy(params.cfg), config)
     # the architecture comes from the model itself, so the bundle always rebuilds what was saved
     model_cfg: ModelConfig = models_dict["diffraction_to_obj"].model_config
@@ -89,28 +78,12 @@ def save_torch_bundle(models_dict: Mapping[str, nn.Module], base_path: Union[str
     values["probe"] = np.asarray(probe if probe is not None else _probe_of(models_dict)).astype(np.complex64)
     architecture = asdict(model_cfg)
     architecture["intensity_scale"] = float(intensity_scale)
-    scalars, arrays = _split_params(values)
-    fmt.check_writable_params(scalars, arrays)  # never write a bundle the readers would refuse
-
-    target = Path(base_path)
-    with fmt.atomic_bundle_write(target) as f:
-        fmt.write_header(f, producer=f"ptycho-export {__version__}", versions=_versions())
-        pgroup = f.create_group("params")
-        fmt.write_json(pgroup, "config_json", scalars)
-        agroup = pgroup.create_group("arrays")
-        for key, arr in arrays.items():
-            fmt.write_payload(agroup, key, arr)
-        mgroup = f.create_group("models")
-        for name in REQUIRED_MODELS:
-            _write_model(mgroup.create_group(name), models_dict[name], architecture)
-        tgroup = f.create_group("training")
-        summary = {"intensity_scale": float(intensity_scale), "trained_intensity_scale": trained_scale,
-                   **(dict(training_summary) if training_summary else {})}
-        fmt.write_json(tgroup, "summary_json", summary)
-        hgroup = tgroup.create_group("history")
-        for key, series in (history or {}).items():
-            fmt.write_payload(hgroup, key, np.asarray(series, dtype=np.float64))
-    return target
+    summary = {"intensity_scale": float(intensity_scale), "trained_intensity_scale": trained_scale,
+               **(dict(training_summary) if training_summary else {})}
+    return fmt.write_bundle(base_path, _numpy_params(values),
+                            {name: _model_record(models_dict[name], architecture) for name in REQUIRED_MODELS},
+                            producer=f"ptycho-export {__version__}", versions=_versions(), training=summary,
+                            history=history)
 
 
 def _check_architecture_keys(bundle_params: Mapping[str, Any], path: Path) -> None:
@@ -147,33 +120,25 @@ def _load_state(model: nn.Module, arrays: Mapping[str, np.ndarray], name: str, p
     model.load_state_dict(tensors, strict=True)
 
 
-def load_torch_bundle(base_path: Union[str, os.PathLike], model_name: Optional[str] = None
-                      ) -> tuple[Union[nn.Module, dict[str, nn.Module]], dict[str, Any]]:
-    """Load a bundle: verify it, restore ``params.cfg`` (CONFIG-001), rebuild, load weights strictly.
+def models_from_contents(contents: fmt.BundleContents, names: Sequence[str] = REQUIRED_MODELS
+                         ) -> dict[str, nn.Module]:
+    """Rebuild models from a read bundle's own params and load their weights strictly; ``params.cfg`` untouched.
 
-    Returns ``(model, params)`` for a ``model_name``, or ``({"autoencoder", "diffraction_to_obj"}, params)``.
-    Models are in eval mode on the CPU. The file is read under the reader
-    policy of ``ptycho_runtime.bundle_format`` (params validated, the model
-    size bounded by them); every problem with it raises a ``BundleError``
-    subclass, and ``params.cfg`` is only updated once the models load.
+    The path for library code (export, verify) that needs the eager models
+    but must not change the host's global state. Models are in eval mode on
+    the CPU. Every problem with the bundle raises a ``BundleError`` subclass.
     """
-    if model_name is not None and model_name not in REQUIRED_MODELS:  # a caller's mistake, not the file's
-        raise ValueError(f"model_name must be one of {', '.join(REQUIRED_MODELS)} or None (got {model_name!r})")
-    contents = fmt.read_bundle(base_path)
     bundle_params = contents.params
     _check_architecture_keys(bundle_params, contents.path)
-    names = REQUIRED_MODELS if model_name is None else (model_name,)
     for name in names:
         if name not in contents.state_dicts:
             raise fmt.BundleFormatError(
                 f"{contents.path} has no eager weights for '{name}' (models present: "
                 f"{sorted(contents.state_dicts) or 'none'}); it cannot be loaded into PyTorch.")
-
-    # CONFIG-001: the models are built from the bundle's params over the live params.cfg; params.cfg itself
-    # is updated only after they load, so a refused bundle leaves no trace in it
-    cfg = params.restore_params(copy.deepcopy(params.cfg), bundle_params)
     try:
-        models = create_torch_model_with_gridsize(int(cfg["gridsize"]), int(cfg["N"]), cfg)
+        config = model_config_from_params(bundle_params)
+        models = build_models(config, bundle_params.get("probe"), bundle_params.get("intensity_scale"),
+                              float(bundle_params.get("nphotons", 1e9)))
     except (ValueError, TypeError, KeyError) as exc:
         raise fmt.BundleParamsError(f"The params of {contents.path} do not describe a model this version can build "
                                     f"({exc}). Re-export the bundle.", contents.path, "/params/config_json") from None
@@ -186,10 +151,30 @@ def load_torch_bundle(base_path: Union[str, os.PathLike], model_name: Optional[s
             raise fmt.BundleFormatError(f"The weights of '{name}' in {contents.path} cannot be loaded "
                                         f"({type(exc).__name__}). Re-export the bundle.", contents.path,
                                         f"/models/{name}/state_dict") from None
-    params.restore_params(params.cfg, bundle_params)
     for m in models.values():
         m.eval()
-    returned_params = copy.deepcopy(bundle_params)
+    return models
+
+
+def load_torch_bundle(base_path: Union[str, os.PathLike], model_name: Optional[str] = None
+                      ) -> tuple[Union[nn.Module, dict[str, nn.Module]], dict[str, Any]]:
+    """Load a bundle: verify it, rebuild, load weights strictly, then restore ``params.cfg`` (CONFIG-001).
+
+    Returns ``(model, params)`` for a ``model_name``, or ``({"autoencoder", "diffraction_to_obj"}, params)``.
+    Models are in eval mode on the CPU. The file is read under the reader
+    policy of ``ptycho_runtime.bundle_format`` (params validated, the model
+    size bounded by them); every problem with it raises a ``BundleError``
+    subclass, and ``params.cfg`` is only updated once the models load, so a
+    refused bundle leaves no trace in it. Library code that must not touch
+    ``params.cfg`` uses ``models_from_contents``.
+    """
+    if model_name is not None and model_name not in REQUIRED_MODELS:  # a caller's mistake, not the file's
+        raise ValueError(f"model_name must be one of {', '.join(REQUIRED_MODELS)} or None (got {model_name!r})")
+    contents = fmt.read_bundle(base_path)
+    names = REQUIRED_MODELS if model_name is None else (model_name,)
+    models = models_from_contents(contents, names)
+    params.restore_params(params.cfg, contents.params)  # CONFIG-001
+    returned_params = copy.deepcopy(contents.params)
     if model_name is not None:
         return models[model_name], returned_params
     return models, returned_params

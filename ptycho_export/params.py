@@ -1,8 +1,11 @@
 """The legacy flat ``params.cfg`` dict that PtychoPINN code and users rely on.
 
 Much PtychoPINN-era code reads settings from a module-level dict rather than
-from the config objects. We keep that dict (same flat keys, same defaults) and
-one mapping from dataclass fields onto it, so both worlds agree. Rule
+from the config objects. We keep that dict (PtychoPINN's flat key names and
+defaults, for every key this code uses: keys that would change nothing here,
+such as ``pad_object`` or ``probe_scale``, are left out rather than saved
+into bundles as if they mattered) and one mapping from dataclass fields onto
+it, so both worlds agree. Rule
 CONFIG-001: the params a bundle was trained with are written back into this
 dict *before* a model is rebuilt from the bundle.
 """
@@ -15,11 +18,10 @@ from typing import Any
 
 from .config import config_to_flat_dict
 
-# Defaults follow PtychoPINN's; intensity_scale and probe are filled in by training.
+# Defaults follow PtychoPINN's; intensity_scale and probe are filled in by training. Only keys something reads.
 DEFAULTS: dict[str, Any] = {
     "N": 64,
     "gridsize": 1,
-    "offset": 4,
     "n_filters_scale": 2,
     "output_mode": "amp_phase",
     "object.big": True,
@@ -27,16 +29,11 @@ DEFAULTS: dict[str, Any] = {
     "probe.mask": False,
     "probe.trainable": False,
     "input_backprojection": False,
-    "pad_object": True,
     "amp_activation": "sigmoid",
     "nphotons": 1e9,
-    "probe_scale": 4.0,
-    "gaussian_smoothing_sigma": 0.0,
     "intensity_scale": None,
     "intensity_scale.trainable": True,
     "probe": None,
-    "max_position_jitter": 10,
-    "positions.provided": True,
     "batch_size": 16,
     "nepochs": 50,
     "learning_rate": 1e-3,
@@ -54,7 +51,6 @@ KEY_MAPPINGS: dict[str, str] = {
     "probe_mask": "probe.mask",
     "probe_trainable": "probe.trainable",
     "intensity_scale_trainable": "intensity_scale.trainable",
-    "positions_provided": "positions.provided",
     "output_dir": "output_prefix",
     "train_data_file": "train_data_file_path",
     "test_data_file": "test_data_file_path",

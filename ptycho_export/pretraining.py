@@ -19,7 +19,6 @@ on one phase when they are stitched (``ptycho_runtime.alignment``).
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Callable, Optional
 
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .data import GroupedData, extract_patches, far_field_amplitude, make_object
+from .data import GroupedData, extract_patches, far_field_amplitude, intensity_scale_from_nphotons, make_object
 from .data.realistic import dead_leaves_object
 from .training import channels_last, cosine_lr
 
@@ -71,7 +70,7 @@ class SyntheticScans:
                  pool: Optional[list[np.ndarray]] = None) -> None:
         self.probe = np.asarray(probe, np.complex64)
         self.N = self.probe.shape[-1]
-        self.scale = math.sqrt(nphotons) / (self.N / 2)
+        self.scale = intensity_scale_from_nphotons(nphotons, self.N)
         self.offsets = template.offsets[:, :, 0, :].astype(np.float64)  # [G, C, 2]
         self.rng = np.random.default_rng(seed)
         self.pool = pool if pool is not None else object_pool(seed)
@@ -138,7 +137,8 @@ def pretrain_supervised(d2o: nn.Module, scans: SyntheticScans, intensity_scale: 
         for group in optimizer.param_groups:
             group["lr"] = lr
         diff, truth = scans.batch(batch_size)
-        x = torch.from_numpy(diff * np.float32(intensity_scale)).to(device).contiguous(memory_format=torch.channels_last)
+        x = torch.from_numpy(diff * np.float32(intensity_scale)).to(device)
+        x = x.contiguous(memory_format=torch.channels_last)
         a, b = d2o.forward_parts(x)
         re, im = d2o.to_real_imag(a, b)
         t = torch.from_numpy(truth).to(device)

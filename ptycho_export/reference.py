@@ -60,6 +60,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import numpy as np
+
 from ptycho_runtime.stitching import Reconstruction, StitchCanvas, canvas_bounds
 
 __all__ = ["ALGORITHMS", "DEFAULT_BATCH_SIZE", "DEFAULT_ITERATIONS", "ReferenceResult", "ReferenceUnavailableError",
@@ -95,7 +96,7 @@ def _torchvision_importable() -> bool:
     try:
         importlib.import_module("torchvision.transforms")
         return True
-    except Exception:  # ImportError, or the RuntimeError a CUDA-built wheel raises next to CPU torch
+    except Exception:  # noqa: BLE001 - ImportError, or the RuntimeError a CUDA-built wheel raises next to CPU torch
         for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
             del sys.modules[name]
         return False

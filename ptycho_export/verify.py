@@ -6,8 +6,9 @@ cases with each backend and compares the results with the eager outputs
 stored at export time, using ``ptycho_runtime.parity.parity_report`` (the
 same definition export used):
 
-- ``eager``: the PyTorch models rebuilt from the bundle's weights
-  (``load_torch_bundle``), tolerance 1e-5 (same code, same weights);
+- ``eager``: the PyTorch models rebuilt from the bundle's weights and its own
+  params (``models_from_contents``: the global ``params.cfg`` is not
+  touched), tolerance 1e-5 (same code, same weights);
 - ``torchscript``: the stored TorchScript archives (``torchscript_runner``);
 - ``onnxruntime-cpu``: the stored ONNX graphs on onnxruntime's CPU provider;
 - ``onnxruntime-cuda``: the same on the CUDA provider, only where onnxruntime
@@ -27,12 +28,12 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import numpy as np
 
 from ptycho_runtime import bundle_format as fmt
+from ptycho_runtime.backends import import_onnxruntime, quiet_library_warnings
 from ptycho_runtime.parity import DEFAULT_TOLERANCE, case_batch, graph_feeds, parity_report
 
 BACKENDS = ("eager", "torchscript", "onnxruntime-cpu", "onnxruntime-cuda")
@@ -47,48 +48,21 @@ Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 # --------------------------------------------------------------------------- runners
 
 
-def _eager_runners(path: os.PathLike) -> dict[str, tuple[Runner, list[str]]]:
-    """One runner per model: every output export stored for it (real parts and the complex object)."""
-    import torch
+def _eager_runners(contents: fmt.BundleContents) -> dict[str, tuple[Runner, list[str]]]:
+    """The eager reference export used (``export.eager_runners``), rebuilt from the bundle; params.cfg untouched."""
+    from .export import eager_runners
+    from .model_manager import models_from_contents
 
-    from .export import io_spec
-    from .model_manager import load_torch_bundle
-
-    models, bundle_params = load_torch_bundle(path)
-    d2o, ae = models["diffraction_to_obj"], models["autoencoder"]
-    d2o_names = [o["name"] for o in io_spec("diffraction_to_obj", bundle_params)[1]]
-    ae_names = [o["name"] for o in io_spec("autoencoder", bundle_params)[1]]
-
-    def run_d2o(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x = torch.from_numpy(np.ascontiguousarray(feeds["diffraction"]))
-        with torch.inference_mode():
-            out = {n: v.numpy() for n, v in zip(d2o_names, d2o.forward_parts(x))}
-            obj = d2o(x)
-        out["object_real"], out["object_imag"] = obj.real.numpy(), obj.imag.numpy()
-        return out
-
-    def run_ae(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x = torch.from_numpy(np.ascontiguousarray(feeds["diffraction"]))
-        off = torch.from_numpy(np.ascontiguousarray(feeds["offsets"]))
-        with torch.inference_mode():
-            out = {n: v.numpy() for n, v in zip(ae_names, ae.forward_parts(x, off)[:3])}
-            obj = ae(x, off)[0]
-        out["object_real"], out["object_imag"] = obj.real.numpy(), obj.imag.numpy()
-        return out
-
-    return {"diffraction_to_obj": (run_d2o, d2o_names + ["object_real", "object_imag"]),
-            "autoencoder": (run_ae, ae_names + ["object_real", "object_imag"])}
+    return eager_runners(models_from_contents(contents), contents.params)
 
 
 def _ort_session(data: bytes, provider: str):
-    import onnxruntime as ort
-
+    ort = import_onnxruntime()
+    quiet_library_warnings()  # ort warns when a requested provider is missing; we report that ourselves
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # no warnings about provider fallbacks on stderr
-    with warnings.catch_warnings():  # ort warns when a requested provider is missing; we report that ourselves
-        warnings.simplefilter("ignore")
-        session = ort.InferenceSession(data, sess_options=opts, providers=providers)
+    session = ort.InferenceSession(data, sess_options=opts, providers=providers)
     if provider not in session.get_providers():
         raise RuntimeError(f"onnxruntime created the session on {session.get_providers()}, not on {provider}")
     return session
@@ -97,15 +71,16 @@ def _ort_session(data: bytes, provider: str):
 def _ort_runner(session) -> Runner:
     names = [o.name for o in session.get_outputs()]
     inputs = {i.name for i in session.get_inputs()}
-    return lambda feeds: dict(zip(names, session.run(None, {k: v for k, v in feeds.items() if k in inputs})))
+    return lambda feeds: dict(zip(names, session.run(None, {k: v for k, v in feeds.items() if k in inputs}),
+                                  strict=True))
 
 
 def _cuda_probe() -> Optional[str]:
     """None if onnxruntime really runs on CUDA here, else the reason it does not."""
     try:
-        import onnxruntime as ort
+        ort = import_onnxruntime()
     except ImportError as exc:
-        return f"onnxruntime is not importable ({exc})"
+        return str(exc)
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return "onnxruntime offers no CUDAExecutionProvider (CPU build or no GPU)"
     return None
@@ -216,7 +191,7 @@ def verify_bundle(path: str | os.PathLike, backends: Optional[Iterable[str]] = N
                 info.update(available=False, reason=f"no eager weights for {', '.join(missing)}")
                 continue
             try:
-                runners = _eager_runners(bundle_path)
+                runners = _eager_runners(contents)
             except ImportError as exc:
                 info.update(available=False, reason=f"torch is not importable ({exc})")
                 continue
@@ -226,7 +201,7 @@ def verify_bundle(path: str | os.PathLike, backends: Optional[Iterable[str]] = N
                 run, keys = runners[model]
                 try:
                     row = _row(backend, model, None, **_compare(run, model, keys, cases, tol, scale))
-                except Exception as exc:  # a crash while recomputing is a verification failure
+                except Exception as exc:  # noqa: BLE001 - a crash while recomputing is a verification failure
                     row = _row(backend, model, None, tolerance_rel=tol, error=f"{type(exc).__name__}: {exc}")
                 report["results"].append(row)
             continue
@@ -242,9 +217,9 @@ def verify_bundle(path: str | os.PathLike, backends: Optional[Iterable[str]] = N
                 continue
         elif backend == "onnxruntime-cpu":
             try:
-                import onnxruntime  # noqa: F401
+                import_onnxruntime()
             except ImportError as exc:
-                info.update(available=False, reason=f"onnxruntime is not importable ({exc})")
+                info.update(available=False, reason=str(exc))
                 continue
         else:
             try:
@@ -276,7 +251,7 @@ def verify_bundle(path: str | os.PathLike, backends: Optional[Iterable[str]] = N
                     run = _ort_runner(session)
                 keys = parity_keys(kind, model, rec.metadata)
                 row = _row(backend, model, kind, **_compare(run, model, keys, cases, tol, scale))
-            except Exception as exc:  # graph bytes that pass the checksum but do not load/run
+            except Exception as exc:  # noqa: BLE001 - graph bytes that pass the checksum but do not load/run
                 row = _row(backend, model, kind, tolerance_rel=tol, error=f"{type(exc).__name__}: {exc}")
             report["results"].append(row)
 

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # The whole test-suite, as CI runs it:
+#  0. ruff (the lint rules in pyproject.toml) over the whole tree;
 #  1. training side + runtime tests in .venv (torch installed);
 #  2. the runtime tests again in .venv-runtime, a venv WITHOUT torch (proves the runtime needs none);
 #  3. the benchmarks in smoke mode (they must stay runnable; speed is not asserted).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-export CUDA_VISIBLE_DEVICES="" MLFLOW_TRACKING_URI=memory
+export CUDA_VISIBLE_DEVICES=""
 bash scripts/setup.sh
+
+echo "== lint (ruff)"
+.venv/bin/ruff check .
 
 echo "== 1/3 tests (torch environment)"
 .venv/bin/python -m pytest -p no:cacheprovider -q
@@ -16,7 +20,7 @@ echo "== 2/3 runtime tests without torch"
 if [ ! -x .venv-runtime/bin/python ]; then
   "$PYTHON" -m venv .venv-runtime
 fi
-.venv-runtime/bin/python -m pip install -q --disable-pip-version-check -e ./runtime pytest matplotlib
+.venv-runtime/bin/python -m pip install -q --disable-pip-version-check -e "./runtime[cpu]" pytest matplotlib
 if .venv-runtime/bin/python -c "import torch" 2>/dev/null; then
   echo "torch is importable in .venv-runtime; the torch-free check would prove nothing" >&2
   exit 1

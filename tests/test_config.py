@@ -17,14 +17,12 @@ import pytest
 from ptycho_export import params
 from ptycho_export.config import (
     AMP_ACTIVATIONS,
-    InferenceConfig,
     ModelConfig,
     TrainingConfig,
     config_to_flat_dict,
     model_config_from_params,
 )
 from ptycho_export.params import DEFAULTS, KEY_MAPPINGS, legacy_key, restore_params, update_legacy_dict
-
 
 # --------------------------------------------------------------------------- torch-free import
 
@@ -75,8 +73,6 @@ def test_config_and_params_import_without_torch():
         (dict(amp_activation="tanh"),
          r"amp_activation must be one of 'sigmoid', 'swish', 'silu', 'softplus', 'relu' \(got 'tanh'\)"),
         (dict(output_mode="complex"), r"output_mode must be one of 'amp_phase', 'real_imag' \(got 'complex'\)"),
-        (dict(probe_scale=0), r"probe_scale must be > 0 \(got 0\)"),
-        (dict(probe_scale="4"), r"probe_scale must be a number \(got '4'\)"),
         (dict(intensity_scale=-1.0), r"intensity_scale must be >= 0 \(got -1.0\)"),
     ],
 )
@@ -148,28 +144,16 @@ def test_training_config_paths_become_paths(tmp_path):
     assert cfg.test_data_file == Path("b.npz")
 
 
-# --------------------------------------------------------------------------- InferenceConfig validation
+# --------------------------------------------------------------------------- inert options are gone
 
 
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        (dict(batch_size=0), r"batch_size must be > 0 \(got 0\)"),
-        (dict(batch_size=1.5), r"batch_size must be an integer \(got 1.5\)"),
-        (dict(device="tpu"), r"device must be one of 'auto', 'cpu', 'cuda' \(got 'tpu'\)"),
-    ],
-)
-def test_inference_config_rejects(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        InferenceConfig(**kwargs)
-
-
-def test_inference_config_paths_become_paths():
-    cfg = InferenceConfig(model_path="out/wts.h5", test_data_file="t.npz", output_dir="o")
-    assert cfg.model_path == Path("out/wts.h5")
-    assert cfg.test_data_file == Path("t.npz")
-    assert cfg.output_dir == Path("o")
-    assert cfg.batch_size == 64 and cfg.device == "auto"
+@pytest.mark.parametrize("cls, name", [(ModelConfig, "pad_object"), (ModelConfig, "probe_scale"),
+                                       (TrainingConfig, "positions_provided")])
+def test_options_that_changed_nothing_are_gone(cls, name):
+    """They were validated and saved into bundles but read by nothing: a setting that does nothing is a trap."""
+    with pytest.raises(TypeError, match=name):
+        cls(**{name: 1})
+    assert name not in DEFAULTS and legacy_key(name) not in DEFAULTS
 
 
 # --------------------------------------------------------------------------- frozen
@@ -181,7 +165,6 @@ def test_inference_config_paths_become_paths():
         (ModelConfig(), "N", 128),
         (TrainingConfig(), "nepochs", 1),
         (TrainingConfig(), "model", ModelConfig(N=128)),
-        (InferenceConfig(), "batch_size", 1),
     ],
 )
 def test_configs_are_frozen(obj, field_name, value):
@@ -204,7 +187,7 @@ def test_update_legacy_dict_maps_names():
     model = ModelConfig(N=128, gridsize=2, object_big=False, probe_big=False, probe_mask=True,
                         intensity_scale_trainable=False, probe_trainable=True)
     cfg = TrainingConfig(model=model, output_dir=Path("/tmp/somewhere"), train_data_file=Path("train.npz"),
-                         test_data_file="test.npz", positions_provided=False, nepochs=7, batch_size=4)
+                         test_data_file="test.npz", nepochs=7, batch_size=4)
     target: dict = {}
     out = update_legacy_dict(target, cfg)
     assert out is target  # in place, and returned
@@ -213,7 +196,6 @@ def test_update_legacy_dict_maps_names():
     assert target["probe.mask"] is True
     assert target["intensity_scale.trainable"] is False
     assert target["probe.trainable"] is True
-    assert target["positions.provided"] is False
     assert target["output_prefix"] == "/tmp/somewhere" and isinstance(target["output_prefix"], str)
     assert target["train_data_file_path"] == "train.npz" and isinstance(target["train_data_file_path"], str)
     assert target["test_data_file_path"] == "test.npz"
@@ -246,14 +228,14 @@ def test_update_legacy_dict_skips_uncomputed_intensity_scale():
     assert target["intensity_scale"] == 3.0
 
 
-def test_update_legacy_dict_on_live_cfg_and_inference_config():
-    update_legacy_dict(params.cfg, InferenceConfig(model=ModelConfig(N=256, n_filters_scale=1), batch_size=8,
-                                                   output_dir="inf_out"))
+def test_update_legacy_dict_on_live_cfg():
+    update_legacy_dict(params.cfg, TrainingConfig(model=ModelConfig(N=256, n_filters_scale=1), batch_size=8,
+                                                  output_dir="inf_out"))
     assert params.cfg["N"] == 256
     assert params.cfg["n_filters_scale"] == 1
     assert params.cfg["batch_size"] == 8
     assert params.cfg["output_prefix"] == "inf_out"
-    assert "model_path" not in params.cfg  # None skipped
+    assert params.cfg["train_data_file_path"] is None  # None skipped: the default stays
 
 
 def test_legacy_key():
@@ -280,7 +262,7 @@ def test_config_to_flat_dict_flattens_model():
     [
         ModelConfig(),
         ModelConfig(N=128, gridsize=2, n_filters_scale=1, amp_activation="softplus", output_mode="real_imag",
-                    object_big=False, probe_big=False, probe_mask=True, pad_object=False, probe_scale=2.5,
+                    object_big=False, probe_big=False, probe_mask=True,
                     intensity_scale=7.0, intensity_scale_trainable=False, probe_trainable=True),
         ModelConfig(N=256, gridsize=3, amp_activation="relu"),
     ],
@@ -308,11 +290,11 @@ def test_model_config_from_params_validates():
 
 def test_cfg_has_ptychopinn_default_keys():
     expected = {
-        "N": 64, "gridsize": 1, "offset": 4, "n_filters_scale": 2, "output_mode": "amp_phase",
+        "N": 64, "gridsize": 1, "n_filters_scale": 2, "output_mode": "amp_phase",
         "object.big": True, "probe.big": True, "probe.mask": False, "probe.trainable": False,
-        "pad_object": True, "amp_activation": "sigmoid", "nphotons": 1e9, "probe_scale": 4.0,
-        "gaussian_smoothing_sigma": 0.0, "intensity_scale": None, "intensity_scale.trainable": True,
-        "probe": None, "max_position_jitter": 10, "positions.provided": True, "batch_size": 16,
+        "amp_activation": "sigmoid", "nphotons": 1e9,
+        "intensity_scale": None, "intensity_scale.trainable": True,
+        "probe": None, "batch_size": 16,
         "nepochs": 50, "learning_rate": 1e-3, "nll_weight": 1.0, "mae_weight": 0.0,
         "output_prefix": "outputs", "train_data_file_path": None, "test_data_file_path": None,
     }
@@ -334,7 +316,7 @@ def test_cfg_defaults_agree_with_dataclass_defaults():
 def test_reset_cfg_restores_defaults_and_deep_copies():
     params.cfg["N"] = 256
     params.cfg["probe"] = [1, 2, 3]
-    del params.cfg["offset"]
+    del params.cfg["nphotons"]
     params.reset_cfg()
     assert params.cfg == DEFAULTS
     assert params.cfg is not DEFAULTS

@@ -14,8 +14,6 @@ try:
 except ImportError:  # running without an installed package / pytest pythonpath
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ptycho_runtime.npz import detect_units
-
 from ptycho_export.data import (
     OBJECT_KINDS,
     GroupedData,
@@ -33,6 +31,7 @@ from ptycho_export.data import (
     scan_positions,
     simulate_scan,
 )
+from ptycho_runtime.npz import detect_units
 
 
 @pytest.fixture(scope="module")
@@ -347,9 +346,62 @@ def test_npz_detect_units() -> None:
     assert detect_units(np.sqrt(counts) / 7.3) == "normalised"
 
 
-def test_npz_rescaled_counts_warn_with_the_right_advice(tmp_path: Path) -> None:
-    arrays = {**_minimal(), "diffraction": np.random.default_rng(4).uniform(900, 1100, (5, 8, 8)).astype(np.float32)}
-    with pytest.warns(UserWarning, match="units='counts' or units='photons'"):
+def test_npz_rescaled_counts_are_refused_unless_the_units_are_declared(tmp_path: Path) -> None:
+    """Background-subtracted counts (not whole, far above the normalised scale): refused, with the options."""
+    values = np.random.default_rng(4).uniform(900, 1100, (5, 8, 8)).astype(np.float32)
+    path = _write(tmp_path / "a.npz", **{**_minimal(), "diffraction": values})
+    with pytest.raises(ValueError, match=r"does not look like a normalised amplitude.*units='counts' or "
+                                         r"units='photons'.*units='normalised'"):
+        load_npz(path)
+    d = load_npz(path, units="counts")  # told: taken as counts
+    assert d.nphotons == pytest.approx(float(np.mean(values.astype(np.float64).sum(axis=(1, 2)))), rel=1e-6)
+    with pytest.warns(UserWarning, match="units='counts' or units='photons'"):  # told otherwise: used, with a warning
+        d = load_npz(path, units="normalised")
+    np.testing.assert_array_equal(d.diffraction, values)
+
+
+def test_npz_raw_counts_are_detected_not_read_as_amplitudes(tmp_path: Path) -> None:
+    counts = np.random.default_rng(5).poisson(200.0, (5, 8, 8)).astype(np.float32)
+    d = load_npz(_write(tmp_path / "a.npz", **{**_minimal(), "diffraction": counts}))
+    assert d.nphotons == pytest.approx(float(counts.sum(axis=(1, 2)).mean()), rel=1e-6)
+    np.testing.assert_allclose(np.mean(np.sum(d.diffraction.astype(float) ** 2, axis=(1, 2))), 16.0, rtol=1e-5)
+
+
+def test_npz_all_zero_or_constant_patterns_are_refused_with_their_indices(tmp_path: Path) -> None:
+    arrays = _minimal()
+    arrays["diffraction"][1] = 0.0
+    arrays["diffraction"][3] = 0.25
+    with pytest.raises(ValueError, match=r"2 of 5 patterns are all zero or constant \(indices \[1, 3\]\).*Remove"):
+        load_npz(_write(tmp_path / "a.npz", **arrays))
+    arrays["diffraction"][:] = 0.0
+    with pytest.raises(ValueError, match=r"every one of the 5 patterns is all zero or constant"):
+        load_npz(_write(tmp_path / "b.npz", **arrays))
+
+
+def test_npz_positions_in_metres_are_refused(tmp_path: Path) -> None:
+    arrays = _minimal()
+    arrays["xcoords"] = np.arange(5) * 50e-9  # 50 nm steps, stored in metres
+    arrays["ycoords"] = np.zeros(5)
+    with pytest.raises(ValueError, match=r"span only 2e-07 pixels.*look like metres.*positions_from_metres"):
+        load_npz(_write(tmp_path / "a.npz", **arrays))
+
+
+@pytest.mark.parametrize("outlier", [3e4, 1e9])
+def test_npz_one_outlier_position_is_refused_by_index(tmp_path: Path, outlier: float) -> None:
+    arrays = _minimal(n=40)
+    arrays["xcoords"] = np.tile(np.arange(8.0), 5) * 4
+    arrays["ycoords"] = np.repeat(np.arange(5.0), 8) * 4
+    arrays["xcoords"][17] = outlier
+    with pytest.raises(ValueError, match=r"1 of 40 scan position\(s\) \(indices 17; e.g. x=.*\) lie .* pixels in x "
+                                         r"from the rest.*an outlier or a wrong unit.*Drop those frames"):
+        load_npz(_write(tmp_path / "a.npz", **arrays))
+
+
+def test_npz_scan_in_nanometres_read_as_pixels_is_refused(tmp_path: Path) -> None:
+    arrays = _minimal(n=400)
+    grid = np.arange(20.0) * 1e3  # a 20 × 20 raster with 1000-pixel steps: nanometres read as pixels?
+    arrays["xcoords"], arrays["ycoords"] = np.tile(grid, 20), np.repeat(grid, 20)
+    with pytest.raises(ValueError, match=r"lie 1000 pixels"):
         load_npz(_write(tmp_path / "a.npz", **arrays))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
+
 from ptycho_runtime.grouping import group_neighbors
 
 from .container import GroupedData, PtychoData

@@ -21,6 +21,7 @@ import os
 from typing import Dict, Optional, Union
 
 import numpy as np
+
 from ptycho_runtime.geometry import DEFAULT_CENTRE
 from ptycho_runtime.npz import read_npz_arrays, write_npz_arrays
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
+
 from ptycho_runtime.geometry import frame_centre, frame_origin
 from ptycho_runtime.grouping import checked_coordinates
 from ptycho_runtime.npz import normalization_factor  # noqa: F401 - one definition, re-exported

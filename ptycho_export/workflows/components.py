@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
+
 from ptycho_runtime.alignment import stitch_scan
 from ptycho_runtime.stitching import probe_window
 
 from .. import params
 from ..config import TrainingConfig
 from ..data import PtychoData, load_npz, make_groups
-from ..model import create_torch_model_with_gridsize, default_intensity_scale
+from ..model import build_models, default_intensity_scale
 from ..model_manager import load_torch_bundle, save_torch_bundle
 from ..training import predict_patches, resolve_device, seed_everything, stderr_log, train_autoencoder
 
@@ -34,7 +35,11 @@ def _as_data(data: Optional[DataLike]) -> Optional[PtychoData]:
 
 def train_cdi_model_torch(train_data: DataLike, test_data: Optional[DataLike], config: TrainingConfig
                           ) -> dict[str, Any]:
-    """Group the scan, build both networks from ``params.cfg`` and train the autoencoder.
+    """Group the scan, build both networks from ``config.model`` and train the autoencoder.
+
+    ``params.cfg`` is synced with the config first (CONFIG-001, for
+    PtychoPINN-era code that reads it during training); the models are built
+    from the explicit config, not from it.
 
     Returns ``history``, ``models``, ``intensity_scale`` (the input scale of
     the normalisation contract), ``train_container``, ``test_container``
@@ -48,14 +53,15 @@ def train_cdi_model_torch(train_data: DataLike, test_data: Optional[DataLike], c
     if train.N != mcfg.N:
         raise ValueError(f"the training data has N={train.N} but config.model.N={mcfg.N}; they must match")
     seed_everything(config.seed)
-    params.update_legacy_dict(params.cfg, config)  # the model is built from params.cfg: make it match config
+    params.update_legacy_dict(params.cfg, config)  # CONFIG-001: params.cfg follows the config being trained
     intensity_scale = mcfg.intensity_scale or default_intensity_scale(config.nphotons, mcfg.N)
+    probe = train.probe.astype(np.complex64)
     params.cfg["intensity_scale"] = float(intensity_scale)
-    params.cfg["probe"] = train.probe.astype(np.complex64)
+    params.cfg["probe"] = probe.copy()
 
     train_container = make_groups(train, mcfg.gridsize, seed=config.seed, n_groups=config.n_groups)
     test_container = make_groups(test, mcfg.gridsize, seed=config.seed) if test is not None else None
-    models = create_torch_model_with_gridsize(mcfg.gridsize, mcfg.N, params.cfg)
+    models = build_models(mcfg, probe, intensity_scale)
     device = resolve_device(config.device)
     pretrain_summary = None
     if config.pretrain_fraction > 0:
@@ -71,7 +77,7 @@ def train_cdi_model_torch(train_data: DataLike, test_data: Optional[DataLike], c
         summary["pretraining"] = {k: v for k, v in pretrain_summary.items() if k != "loss"}
     return {"history": run["history"], "models": models, "intensity_scale": float(intensity_scale),
             "train_container": train_container, "test_container": test_container,
-            "probe": train.probe.astype(np.complex64), "training_summary": summary}
+            "probe": probe, "training_summary": summary}
 
 
 def _pretrain(d2o, train: PtychoData, container, intensity_scale: float, config: TrainingConfig, device

@@ -6,21 +6,35 @@
     recon = bundle.reconstruct(diffraction, positions)  # stitched object, amplitude, phase, grid
 
 Importing this package never imports torch (the TorchScript backend imports
-it lazily, only when asked for).
+it lazily, only when asked for), nor onnxruntime (imported when a bundle is
+loaded: install ``ptycho-runtime[cpu]`` or ``ptycho-runtime[gpu]``).
 """
 
+from importlib import metadata as _metadata
+
 from .alignment import align_patch_phases, stitch_scan
-from .bundle import BACKENDS, Bundle, BundleInfo, load_bundle
-from .bundle_format import (BundleChecksumError, BundleError, BundleFormatError, BundleGraphMissingError,
-                            BundleIntegrityError,
-                            BundleLimitError, BundleNotFoundError, BundleParamsError, BundleUnsafeError)
 from .backends import DeviceUnavailableError
+from .bundle import BACKENDS, Bundle, BundleInfo, load_bundle
+from .bundle_format import (
+    BundleChecksumError,
+    BundleError,
+    BundleFormatError,
+    BundleGraphMissingError,
+    BundleIntegrityError,
+    BundleLimitError,
+    BundleNotFoundError,
+    BundleParamsError,
+    BundleUnsafeError,
+)
 from .geometry import DEFAULT_CENTRE, frame_centre, to_default_centre
 from .inputs import positions_from_metres
 from .stitching import Reconstruction, StitchCanvas, probe_window, stitch_patches
 from .streaming import StreamingReconstructor
 
-__version__ = "0.1.0"
+try:  # the version is written once, in pyproject.toml
+    __version__ = _metadata.version("ptycho-runtime")
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "BACKENDS",

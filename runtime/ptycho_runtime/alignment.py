@@ -22,7 +22,7 @@ from typing import Optional
 
 import numpy as np
 
-from .stitching import Reconstruction, StitchCanvas, _window, stitch_patches
+from .stitching import MAX_CANVAS_PIXELS, Reconstruction, StitchCanvas, _window, stitch_patches
 
 DEFAULT_PHASE_ITERATIONS = 20  # passes when alignment is asked for (Bundle.reconstruct(align_phase=...))
 
@@ -87,12 +87,13 @@ def align_patch_phases(patches: np.ndarray, positions: np.ndarray, window: Optio
 
 def stitch_scan(patches: np.ndarray, positions: np.ndarray, window: Optional[np.ndarray] = None,
                 crop: Optional[int] = None, align_phase: int = 0,
-                object_shape: Optional[tuple[int, int]] = None) -> Reconstruction:
+                object_shape: Optional[tuple[int, int]] = None, max_pixels: int = MAX_CANVAS_PIXELS
+                ) -> Reconstruction:
     """Phase-align (``align_phase`` passes, 0: off) and stitch patches [n, (C,) N, N] at positions [n, (C,) 2].
 
     The one stitching path of ``Bundle.reconstruct`` and training's test
     reconstruction. The canvas is sized to the scan, or is ``object_shape``
-    with origin (0, 0).
+    with origin (0, 0); one above ``max_pixels`` is refused.
     """
     patches = np.asarray(patches)
     N = patches.shape[-1]
@@ -101,4 +102,5 @@ def stitch_scan(patches: np.ndarray, positions: np.ndarray, window: Optional[np.
     if align_phase:
         factors = align_patch_phases(flat, flat_pos, window=window, crop=crop, iterations=align_phase)
         flat = flat * factors[:, None, None].astype(np.complex64)
-    return stitch_patches(flat, flat_pos, object_shape=object_shape, crop=crop, window=window)
+    return stitch_patches(flat, flat_pos, object_shape=object_shape, crop=crop, window=window,
+                          max_pixels=max_pixels)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib
 import logging
 import threading
+import warnings
+from types import ModuleType
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -25,13 +27,57 @@ CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "fp16")
+ORT_MISSING = ("ptycho-runtime needs ONNX Runtime, and neither onnxruntime nor onnxruntime-gpu is installed. "
+               "Install exactly one: pip install 'ptycho-runtime[cpu]' (onnxruntime) or "
+               "pip install 'ptycho-runtime[gpu]' (onnxruntime-gpu, for CUDA).")
 
 _fallback_warned = False
 _fallback_lock = threading.Lock()
+_QUIET = ((r".*(TorchScript|torch\.jit)", DeprecationWarning),
+          (r"Specified provider .* is not in available provider names", UserWarning))
 
 
 class DeviceUnavailableError(RuntimeError):
     """device='cuda' was requested but no CUDA execution provider could be used."""
+
+
+def import_onnxruntime() -> ModuleType:
+    """The ``onnxruntime`` module, from whichever of onnxruntime / onnxruntime-gpu is installed.
+
+    Both distributions provide the same module and must not be installed
+    together, so the runtime depends on neither and the extras choose one
+    (``[cpu]`` or ``[gpu]``); without either, this raises an ImportError
+    that names both.
+    """
+    try:
+        return importlib.import_module("onnxruntime")
+    except ImportError as exc:
+        raise ImportError(ORT_MISSING) from exc
+
+
+def check_device_precision(device: str, precision: str) -> None:
+    """The one check of ``device`` and ``precision`` arguments (``Bundle`` and the backends)."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)} (got {device!r})")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
+
+
+def quiet_library_warnings() -> None:
+    """Install filters for the library warnings the runtime reports better itself; set once at load.
+
+    TorchScript's deprecation notices (torch.jit is deprecated upstream, and
+    the bundles still carry it) and onnxruntime's "provider not in available
+    provider names" (the runtime checks providers itself and says why). The
+    filters are appended (a host's own filters, e.g. warnings as errors, keep
+    priority) and appending an identical filter twice is a no-op. Never
+    ``warnings.catch_warnings()`` around each call: that context manager swaps
+    the process-global filter list and is not thread-safe, and a ``Bundle``
+    is used from many threads.
+    """
+    with _fallback_lock:
+        for message, category in _QUIET:
+            warnings.filterwarnings("ignore", message=message, category=category, append=True)
 
 
 def _warn_fallback_once(reason: str) -> None:
@@ -72,12 +118,9 @@ class OnnxBackend:
     def __init__(self, graph: bytes, device: str = "auto", precision: str = "fp32", tensorrt: bool = False,
                  intra_op_threads: Optional[int] = None, cuda_device_id: int = 0,
                  cuda_graph_batch: Optional[int] = None) -> None:
-        import onnxruntime as ort
-
-        if device not in DEVICES:
-            raise ValueError(f"device must be one of {', '.join(DEVICES)} (got {device!r})")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
+        check_device_precision(device, precision)
+        ort = import_onnxruntime()
+        quiet_library_warnings()
         self._ort = ort
         available = ort.get_available_providers()
         want_gpu = device in ("auto", "cuda") and CUDA in available
@@ -144,7 +187,7 @@ class OnnxBackend:
                            for _ in self.output_names]
         self._graph_binding = self.session.io_binding()
         self._graph_binding.bind_ortvalue_input(self.input_names[0], self._graph_in)
-        for name, value in zip(self.output_names, self._graph_out):
+        for name, value in zip(self.output_names, self._graph_out, strict=True):
             self._graph_binding.bind_ortvalue_output(name, value)
         self._graph_pad = np.zeros(shape, np.float32)
 
@@ -190,8 +233,8 @@ class TorchScriptBackend:
             raise ImportError("backend='torchscript' needs torch: pip install 'ptycho-runtime[torch]', "
                               "or use backend='onnx'") from exc
         import io
-        import warnings
 
+        check_device_precision(device, precision)
         if precision != "fp32":
             raise ValueError("backend='torchscript' runs in fp32 only; use backend='onnx' for fp16")
         if device == "cuda" and not torch.cuda.is_available():
@@ -199,10 +242,9 @@ class TorchScriptBackend:
         use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
         self._torch = torch
         self._device = torch.device("cuda" if use_cuda else "cpu")
+        quiet_library_warnings()
         try:  # torch.jit.load trusts the archive (see bundle_format.check_torchscript_archive, run before this)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self.module = torch.jit.load(io.BytesIO(graph), map_location=self._device)
+            self.module = torch.jit.load(io.BytesIO(graph), map_location=self._device)
         except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError and others for a bad archive
             from .bundle_format import BundleFormatError
 
@@ -216,17 +258,13 @@ class TorchScriptBackend:
         self.on_gpu = use_cuda
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        import warnings
-
         torch = self._torch
-        with torch.inference_mode(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with torch.inference_mode():
             obj = self.module(torch.from_numpy(x).to(self._device)).cpu()
         # return the real pair the ONNX graph would, so the Bundle treats backends alike
         return obj.real.numpy(), obj.imag.numpy()
 
 
 def available_providers() -> Sequence[str]:
-    import onnxruntime as ort
-
-    return ort.get_available_providers()
+    """The execution providers the installed onnxruntime offers (not all of them may really run)."""
+    return import_onnxruntime().get_available_providers()

@@ -31,11 +31,11 @@ import numpy as np
 
 from . import bundle_format as fmt
 from .alignment import stitch_scan
-from .backends import DEVICES, PRECISIONS, OnnxBackend, TorchScriptBackend
-from .parity import SELF_TEST_TOLERANCE, graph_input, relative_error
+from .backends import OnnxBackend, TorchScriptBackend, check_device_precision
 from .grouping import group_neighbors
-from .inputs import check_positions, prepare_diffraction
-from .stitching import Reconstruction, probe_window
+from .inputs import check_positions, check_scan_positions, prepare_diffraction
+from .parity import SELF_TEST_TOLERANCE, graph_input, relative_error
+from .stitching import MAX_CANVAS_PIXELS, Reconstruction, probe_window
 
 BACKENDS = ("auto", "onnx", "torchscript")
 INFERENCE_MODEL = "diffraction_to_obj"
@@ -64,10 +64,7 @@ class Bundle:
                  cuda_graph_batch: Optional[int] = None, self_test: bool = True) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
-        if device not in DEVICES:
-            raise ValueError(f"device must be one of {', '.join(DEVICES)} (got {device!r})")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
+        check_device_precision(device, precision)
         self.contents = contents
         self.path = contents.path
         p = contents.params
@@ -109,16 +106,28 @@ class Bundle:
 
     @property
     def device(self) -> str:
+        """Where inference really runs: "cuda" or "cpu" (after any fallback)."""
         return self._backend.device
 
     @property
+    def precision(self) -> str:
+        """The precision inference really runs at: "fp32" or "fp16" (fp16 only on CUDA)."""
+        return self._backend.precision
+
+    @property
     def providers(self) -> list[str]:
+        """The execution providers of the session, best first (ONNX), or ["torch-cpu"/"torch-cuda"]."""
         return list(self._backend.providers)
+
+    @property
+    def on_gpu(self) -> bool:
+        """True when inference runs on a GPU."""
+        return bool(self._backend.on_gpu)
 
     def info(self) -> BundleInfo:
         return BundleInfo(str(self.path), int(self.contents.header["format_version"]), self.N, self.gridsize,
                           self.intensity_scale, self.output_mode, self.backend, self.device,
-                          self._backend.precision, self.providers,
+                          self.precision, self.providers,
                           [f"{k}/{m}" for k, m in sorted(self.contents.graphs)])
 
     def __repr__(self) -> str:
@@ -142,7 +151,7 @@ class Bundle:
                 f"{self.path} holds no parity vectors, so the runtime cannot check that its params match its "
                 f"graph. Add them with: ptycho-export --force {self.path} (or load with self_test=False).",
                 self.path, "/parity")
-        tol = SELF_TEST_TOLERANCE.get((self.device, self._backend.precision), max(SELF_TEST_TOLERANCE.values()))
+        tol = SELF_TEST_TOLERANCE.get((self.device, self.precision), max(SELF_TEST_TOLERANCE.values()))
         errors: dict[str, float] = {}
         chosen = sorted(cases.items(), key=lambda kv: (_case_size(kv[1]), kv[0]))[:1] if smallest_only else \
             sorted(cases.items())
@@ -157,7 +166,7 @@ class Bundle:
                 if "input.amplitude" in case:
                     out = self.predict(case["input.amplitude"])
                 else:  # legacy cases, stored in graph units
-                    out = self._infer(graph_input(case, self.intensity_scale), None)
+                    out = self.infer(graph_input(case, self.intensity_scale))
             except fmt.BundleError:
                 raise
             except Exception as exc:  # noqa: BLE001 - stored inputs the model cannot run are a damaged bundle
@@ -178,27 +187,43 @@ class Bundle:
     # ------------------------------------------------------------------ inference
 
     def default_batch_size(self) -> int:
+        """Patterns per inference batch when none is given: 256 on a GPU, 64 on the CPU."""
         return 256 if self._backend.on_gpu else 64
 
+    def prepare(self, diffraction: np.ndarray, counts: Optional[bool] = None) -> np.ndarray:
+        """Check frames and convert them to the graph's input: float32 [n, C, N, N] in photon units.
+
+        ``diffraction`` is the normalised amplitude (NPZ contract) or, with
+        ``counts=True``, detector counts. With ``counts=None`` (the default)
+        whole-number data that look like raw counts are refused rather than
+        silently taken as amplitudes; ``counts=False`` says they are amplitudes.
+        """
+        return prepare_diffraction(diffraction, self.N, self.channels, counts, self.intensity_scale)
+
     def predict(self, diffraction: np.ndarray, offsets: Optional[np.ndarray] = None,
-                batch_size: Optional[int] = None, counts: bool = False) -> np.ndarray:
+                batch_size: Optional[int] = None, counts: Optional[bool] = None) -> np.ndarray:
         """Diffraction → complex64 object patches [n, C, N, N].
 
         ``diffraction``: [n, C, N, N] (or [n, N, N] when C = 1), normalised
-        amplitude (NPZ contract) or, with ``counts=True``, detector counts.
+        amplitude (NPZ contract) or, with ``counts=True``, detector counts
+        (see ``prepare`` for ``counts=None``).
         ``offsets`` [n, C, 1, 2] are accepted for PtychoPINN compatibility and
         checked, but the inference graph does not need them.
         """
-        x = prepare_diffraction(diffraction, self.N, self.channels, counts, self.intensity_scale)
+        x = self.prepare(diffraction, counts)
         if offsets is not None:
             off = np.asarray(offsets)
             if off.shape != (x.shape[0], self.channels, 1, 2):
                 raise ValueError(f"offsets must have shape [{x.shape[0]}, {self.channels}, 1, 2] to match the "
                                  f"diffraction (got {list(off.shape)})")
-        return self._infer(x, batch_size)
+        return self.infer(x, batch_size)
 
-    def _infer(self, x: np.ndarray, batch_size: Optional[int],
-               progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
+    def infer(self, x: np.ndarray, batch_size: Optional[int] = None,
+              progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
+        """Run the graph on prepared input (``prepare``'s output) in batches → complex64 patches [n, C, N, N].
+
+        ``progress(k)`` is called after each batch of k patterns (groups).
+        """
         bs = self.default_batch_size() if batch_size is None else int(batch_size)  # 0 is an error, not 'default'
         if bs < 1:
             raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
@@ -218,11 +243,11 @@ class Bundle:
             return None if self.probe is None else probe_window(self.probe)
         return window
 
-    def reconstruct(self, diffraction: np.ndarray, positions: np.ndarray, counts: bool = False,
+    def reconstruct(self, diffraction: np.ndarray, positions: np.ndarray, counts: Optional[bool] = None,
                     batch_size: Optional[int] = None, object_shape: Optional[tuple[int, int]] = None,
                     crop: Optional[int] = None, window: Union[str, np.ndarray, None] = "probe",
-                    align_phase: int = 0,
-                    progress: Optional[Callable[[int], None]] = None) -> Reconstruction:
+                    align_phase: int = 0, progress: Optional[Callable[[int], None]] = None,
+                    max_canvas_pixels: int = MAX_CANVAS_PIXELS) -> Reconstruction:
         """Predict and stitch a scan into the full object.
 
         ``positions`` (x, y) in object pixels, frame centre at pixel (N−1)/2
@@ -242,13 +267,21 @@ class Bundle:
         patches with ±1 rad offsets) but measured no gain on today's networks
         and costs a few seconds per 1,000 patterns. ``progress(k)`` is called
         after each batch of k groups.
+
+        Unit guards (before any inference, ValueError naming the fix): raw
+        counts without ``counts=`` (see ``prepare``), all-zero or constant
+        frames, positions that all land on one spot (metres given as pixels),
+        an outlier position far from the rest, and a canvas above
+        ``max_canvas_pixels`` (``inputs.check_scan_positions``).
         """
         x, pos = self._grouped(diffraction, positions, counts)
-        patches = self._infer(x, batch_size, progress)
+        check_scan_positions(pos.reshape(-1, 2), self.N, object_shape, max_canvas_pixels)
+        patches = self.infer(x, batch_size, progress)
         w = None if crop is not None else self.stitch_window(window)
-        return stitch_scan(patches, pos, window=w, crop=crop, align_phase=align_phase, object_shape=object_shape)
+        return stitch_scan(patches, pos, window=w, crop=crop, align_phase=align_phase, object_shape=object_shape,
+                           max_pixels=max_canvas_pixels)
 
-    def _grouped(self, diffraction: np.ndarray, positions: np.ndarray, counts: bool
+    def _grouped(self, diffraction: np.ndarray, positions: np.ndarray, counts: Optional[bool]
                  ) -> tuple[np.ndarray, np.ndarray]:
         d = np.asarray(diffraction)
         pos = np.asarray(positions)

@@ -1,9 +1,12 @@
-"""The one definition of the ptycho-export bundle, and the one policy for reading it.
+"""The one definition of the ptycho-export bundle: how it is written, and the one policy for reading it.
 
 Both the training side (`ptycho_export`, which writes bundles) and the runtime
 (which reads them) use this module, so the layout, the limits and the checks
-live in exactly one place. It needs only numpy and h5py (and the ``onnx``
-package, imported lazily, for ``check_onnx_graph``).
+live in exactly one place: ``write_bundle`` and ``write_graphs`` are the only
+code that names a group path for writing, ``read_bundle`` (→ ``BundleContents``)
+the only code that reads one. It needs only numpy and h5py (and the ``onnx``
+package, imported lazily, for ``check_onnx_graph``), so the write → read
+round trip is tested without torch.
 
 Layout (every dataset carries a ``sha256`` attribute over its bytes)::
 
@@ -51,7 +54,7 @@ import stat
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import h5py
 import numpy as np
@@ -64,7 +67,7 @@ MODEL_NAMES = ("autoencoder", "diffraction_to_obj")
 GRAPH_KINDS = ("onnx", "torchscript")
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
-# --------------------------------------------------------------------------- limits (documented in docs/bundle-format.md)
+# ---------------------------------------------------------------- limits (documented in docs/bundle-format.md)
 
 ALLOWED_N = (64, 128, 256)
 MAX_GRIDSIZE = 3
@@ -92,7 +95,7 @@ TORCHSCRIPT_PICKLE_GLOBALS = re.compile(r"^(torch\._utils\._rebuild_\w+|torch\.\
                                         r"|torch\.jit\._pickle\.\w+|__torch__(\.\w+)+|torch\.(device|Size)"
                                         r"|torch\._tensor\._rebuild_from_type_v2|builtins\.(set|frozenset))$")
 # ONNX: the ops torch.onnx.export(dynamo=True) emits for our two models, collected over gridsize 1-3, both output
-# modes, every amp_activation, object.big/probe.big/probe.mask/pad_object variants (+ Constant, Identity, Cast,
+# modes, every amp_activation, object.big/probe.big/probe.mask variants (+ Constant, Identity, Cast,
 # which other exporter versions may add). No control flow (Loop/Scan/If), nothing that makes shapes from data
 # (ConstantOfShape, Range, Tile). tests/hostile/test_limits.py pins the exporter's output to this list.
 ONNX_ALLOWED_DOMAINS = ("", "ai.onnx")
@@ -101,6 +104,9 @@ ONNX_ALLOWED_OPS = frozenset("""
     ReduceSum Relu Reshape Resize Shape Sigmoid Sin Slice Softplus Sqrt Squeeze Sub Tanh Unsqueeze Where
 """.split())
 ONNX_ELEM_FLOAT = 1
+# The opset ptycho-export writes ONNX graphs at (torch.export's exporter needs 18 or newer). Defined here, torch-free,
+# so the CLI's --help shows it without importing the exporter.
+DEFAULT_OPSET = 20
 
 
 # --------------------------------------------------------------------------- errors
@@ -178,6 +184,7 @@ def payload_bytes(value: np.ndarray | bytes | str) -> bytes:
 
 
 def sha256_hex(value: np.ndarray | bytes | str) -> str:
+    """The hex sha256 of ``payload_bytes(value)``: what every dataset's ``sha256`` attribute holds."""
     return hashlib.sha256(payload_bytes(value)).hexdigest()
 
 
@@ -204,6 +211,7 @@ def write_payload(group: h5py.Group, name: str, value: np.ndarray | bytes | str,
 
 
 def write_json(group: h5py.Group, name: str, value: Any) -> h5py.Dataset:
+    """Write ``value`` as an indented, key-sorted JSON string dataset (with its checksum)."""
     return write_payload(group, name, json.dumps(value, indent=1, sort_keys=True, default=_json_default))
 
 
@@ -217,7 +225,29 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"Cannot store a {type(obj).__name__} in a bundle's JSON metadata: {obj!r}")
 
 
-def write_header(f: h5py.File, producer: str, versions: dict[str, str]) -> None:
+def split_params(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Split a params dict into JSON scalars and array datasets: the one rule for writers.
+
+    Arrays with at least one dimension (the complex probe) become datasets,
+    kept complex; numpy scalars and 0-d arrays become Python numbers; paths
+    become strings. Callers convert framework tensors to numpy first.
+    """
+    scalars: dict[str, Any] = {}
+    arrays: dict[str, np.ndarray] = {}
+    for key, value in values.items():
+        if isinstance(value, np.ndarray) and value.ndim > 0:
+            arrays[key] = value
+        elif isinstance(value, (np.ndarray, np.generic)):
+            scalars[key] = value.item()
+        elif isinstance(value, os.PathLike):
+            scalars[key] = os.fspath(value)
+        else:
+            scalars[key] = value
+    return scalars, arrays
+
+
+def write_header(f: h5py.File, producer: str, versions: Mapping[str, str]) -> None:
+    """The root attributes every reader checks first (format name and version), plus provenance."""
     import datetime
 
     f.attrs["format"] = FORMAT_NAME
@@ -361,7 +391,12 @@ def atomic_bundle_write(path: str | os.PathLike, copy_existing: bool = False) ->
 
 @dataclass
 class GraphRecord:
-    """One compiled graph: its bytes (already checksum-verified) and its metadata (checked against params)."""
+    """One compiled graph: its bytes and its metadata.
+
+    Read back by ``read_bundle``, the bytes are checksum-verified and the
+    metadata checked against the params; handed to ``write_graphs``, they are
+    what gets stored.
+    """
 
     kind: str
     model: str
@@ -371,7 +406,14 @@ class GraphRecord:
 
 @dataclass
 class BundleContents:
-    """Everything in a bundle, read into memory and verified; the file is closed again."""
+    """Everything in a bundle, read into memory and verified; the file is closed again.
+
+    What every reader needs, so none opens the file itself: ``header`` (root
+    attributes), ``params`` (scalars and arrays merged, validated),
+    ``architectures`` and ``state_dicts`` per model, ``n_parameters`` per
+    model, ``training`` (summary) and ``history`` (per-epoch metrics),
+    ``graphs`` by (kind, model), ``parity`` cases, and ``file_size``.
+    """
 
     path: Path
     header: dict[str, Any]
@@ -394,6 +436,88 @@ class BundleContents:
                 f"The bundle {self.path} has no {kind} graph for {model} (graphs present: {have}). "
                 f"Add graphs with: ptycho-export {self.path}", self.path, f"/graphs/{kind}/{model}"
             ) from None
+
+
+# --------------------------------------------------------------------------- writing a bundle
+
+
+@dataclass
+class ModelRecord:
+    """One model as the writer stores it: the architecture it is rebuilt from and its tensors (numpy)."""
+
+    architecture: dict[str, Any]
+    state_dict: Mapping[str, np.ndarray]
+    n_parameters: int
+
+
+def write_bundle(path: str | os.PathLike, params: Mapping[str, Any], models: Mapping[str, ModelRecord],
+                 producer: str, versions: Mapping[str, str], training: Optional[Mapping[str, Any]] = None,
+                 history: Optional[Mapping[str, Any]] = None) -> Path:
+    """Write a new bundle (params, eager models, training record), atomically; return its path.
+
+    ``params`` is the flat params dict (``split_params`` decides what is JSON
+    and what is a dataset); it is checked first with the reader's own rules
+    (``check_writable_params``), so a bundle the readers would refuse is never
+    written. ``models`` maps names from ``MODEL_NAMES`` to ``ModelRecord``.
+    ``history`` maps a metric to its per-epoch values. Graphs and parity
+    vectors are added later by ``write_graphs``.
+    """
+    unknown = sorted(set(models) - set(MODEL_NAMES))
+    if unknown:
+        raise ValueError(f"model names must be among {', '.join(MODEL_NAMES)} (got {unknown})")
+    scalars, arrays = split_params(params)
+    check_writable_params(scalars, arrays)
+    target = Path(path)
+    with atomic_bundle_write(target) as f:
+        write_header(f, producer, versions)
+        pgroup = f.create_group("params")
+        write_json(pgroup, "config_json", scalars)
+        agroup = pgroup.create_group("arrays")
+        for key, arr in arrays.items():
+            write_payload(agroup, key, arr)
+        mgroup = f.create_group("models")
+        for name, record in models.items():
+            _write_model(mgroup.create_group(name), record)
+        tgroup = f.create_group("training")
+        write_json(tgroup, "summary_json", dict(training or {}))
+        hgroup = tgroup.create_group("history")
+        for key, series in (history or {}).items():
+            write_payload(hgroup, key, np.asarray(series, dtype=np.float64))
+    return target
+
+
+def _write_model(group: h5py.Group, record: ModelRecord) -> None:
+    write_json(group, "architecture_json", record.architecture)
+    group.attrs["n_parameters"] = int(record.n_parameters)
+    sd_group = group.create_group("state_dict")
+    for key, arr in record.state_dict.items():
+        write_payload(sd_group, key, np.asarray(arr))
+
+
+def write_graphs(path: str | os.PathLike, graphs: Iterable[GraphRecord],
+                 parity: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    """Store compiled graphs and the parity cases they were proven on in an existing bundle, atomically.
+
+    Graphs of the same kind and model are replaced; the parity cases replace
+    the old ones as a whole (they are the eager outputs every stored graph is
+    checked against, so they are written together with the graphs).
+    """
+    with atomic_bundle_write(path, copy_existing=True) as f:
+        ggroup = f.require_group("graphs")
+        for g in graphs:
+            if g.kind not in GRAPH_KINDS or g.model not in MODEL_NAMES:
+                raise ValueError(f"graph {g.kind}/{g.model} is not part of the bundle format (kinds "
+                                 f"{', '.join(GRAPH_KINDS)}, models {', '.join(MODEL_NAMES)})")
+            group = ggroup.require_group(g.kind).require_group(g.model)
+            write_payload(group, "bytes", g.data)
+            write_json(group, "metadata_json", g.metadata)
+        if "parity" in f:
+            del f["parity"]
+        pgroup = f.create_group("parity")
+        for case_name, case in parity.items():
+            cgroup = pgroup.create_group(case_name)
+            for key, arr in case.items():
+                write_payload(cgroup, key, arr)
 
 
 # --------------------------------------------------------------------------- opening
@@ -763,7 +887,7 @@ def validate_params(params: Mapping[str, Any], path: Any = None, where: str = "/
     nfs = params.get("n_filters_scale", 1)
     if not _is_int(nfs) or not 1 <= nfs <= MAX_FILTERS_SCALE:
         raise fail("n_filters_scale", f"must be an integer from 1 to {MAX_FILTERS_SCALE} (got {_short(nfs)})")
-    for key in ("nphotons", "probe_scale"):
+    for key in ("nphotons",):
         if key in params and (not _is_number(params[key]) or not math.isfinite(params[key]) or params[key] <= 0):
             raise fail(key, f"must be a finite number > 0 (got {_short(params[key])})")
     for key in ("amp_activation",):
@@ -852,6 +976,29 @@ def _check_graph_metadata(meta: Any, kind: str, model: str, params: Mapping[str,
 
 
 # --------------------------------------------------------------------------- read_bundle
+
+
+def check_bundle_file(path: str | os.PathLike) -> Path:
+    """Fail fast on anything that is not a bundle: a regular HDF5 file with this format's header.
+
+    Reads no payload (milliseconds), so commands can refuse a wrong file
+    before importing torch or onnx; ``read_bundle`` still checks everything
+    else. Returns the resolved path; raises only ``BundleError`` subclasses.
+    """
+    p = resolve_bundle_path(path)
+    f, _ = _open_h5(p)
+    try:
+        try:
+            check_header(f, p)
+        except BundleError:
+            raise
+        except _WRAPPED as exc:
+            raise BundleFormatError(f"{p} is damaged or incomplete ({type(exc).__name__}). {_fix_damaged(p)}",
+                                    p) from None
+    finally:
+        with contextlib.suppress(Exception):
+            f.close()
+    return p
 
 
 _WRAPPED = (OSError, KeyError, ValueError, TypeError, RuntimeError, IndexError, OverflowError, UnicodeError,
@@ -1041,7 +1188,7 @@ def _check_parity_shapes(contents: BundleContents, pol: _Policy) -> None:
             raise pol.bad(f"/parity/{case}", "has no input.amplitude")
 
 
-# --------------------------------------------------------------------------- graphs: checked before a deserializer sees them
+# ---------------------------------------------------------------- graphs: checked before a deserializer sees them
 
 
 def check_onnx_graph(data: bytes, kind_model: tuple[str, str], params: Mapping[str, Any], path: Any = None

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence, TextIO
@@ -51,44 +49,62 @@ class UsageError(Exception):
 
 
 class Progress:
-    """A minimal progress bar on a stream (stderr): drawn only when it is a TTY."""
+    """Progress on a stream (stderr) that works with and without a terminal.
+
+    On a TTY: one bar redrawn in place. Otherwise (a log file, CI, a pipe):
+    one plain line each time another tenth of the work is done, with rate and
+    ETA, so a long run is never silent.
+    """
 
     def __init__(self, total: int, unit: str = "patterns", stream: Optional[TextIO] = None,
-                 width: int = 30, min_interval_s: float = 0.1) -> None:
+                 width: int = 30, min_interval_s: float = 0.1, lines: int = 10) -> None:
         self.total = max(int(total), 0)
         self.unit = unit
         self.stream = sys.stderr if stream is None else stream
         self.width = width
         self.min_interval_s = min_interval_s
+        self.lines = max(int(lines), 1)
         self.done = 0
         self.start = time.perf_counter()
         self._last_draw = 0.0
+        self._last_line = 0  # tenths reported so far (no terminal)
         isatty = getattr(self.stream, "isatty", None)
         try:
-            self.enabled = bool(isatty and isatty())
+            self.tty = bool(isatty and isatty())
         except (ValueError, OSError):  # closed stream
-            self.enabled = False
+            self.tty = False
 
     def update(self, n: int) -> None:
+        """Count ``n`` more units done; draw the bar or print a line if due."""
         self.done += int(n)
         now = time.perf_counter()
-        if self.enabled and (now - self._last_draw >= self.min_interval_s or self.done >= self.total):
-            self._last_draw = now
-            self._draw(now)
+        if self.tty:
+            if now - self._last_draw >= self.min_interval_s or self.done >= self.total:
+                self._last_draw = now
+                self.stream.write("\r" + self._status(now, bar=True))
+                self.stream.flush()
+            return
+        step = self.done * self.lines // self.total if self.total else self.lines
+        if step > self._last_line:
+            self._last_line = step
+            self.stream.write(self._status(now, bar=False) + "\n")
+            self.stream.flush()
 
-    def _draw(self, now: float) -> None:
+    def _status(self, now: float, bar: bool) -> str:
         frac = min(1.0, self.done / self.total) if self.total else 1.0
-        filled = int(round(frac * self.width))
         elapsed = now - self.start
         rate = self.done / elapsed if elapsed > 0 else 0.0
-        bar = "#" * filled + "." * (self.width - filled)
-        self.stream.write(f"\r[{bar}] {self.done}/{self.total} {self.unit} {100 * frac:3.0f}% "
-                          f"{elapsed:6.1f} s {rate:8.1f}/s")
-        self.stream.flush()
+        eta = (self.total - self.done) / rate if rate > 0 and self.done < self.total else 0.0
+        text = (f"{self.done}/{self.total} {self.unit} {100 * frac:3.0f}% {elapsed:6.1f} s, {rate:8.1f} {self.unit}/s, "
+                f"ETA {eta:5.1f} s")
+        if bar:
+            filled = int(round(frac * self.width))
+            return f"[{'#' * filled}{'.' * (self.width - filled)}] {text}"
+        return text
 
     def close(self, final_line: Optional[str] = None) -> None:
         """End the bar (newline on a TTY) and print ``final_line`` (always, TTY or not)."""
-        if self.enabled:
+        if self.tty:
             self.stream.write("\r\033[K" if final_line else "\n")
         if final_line:
             self.stream.write(final_line + "\n")
@@ -114,23 +130,11 @@ def _check_png_support() -> None:
         raise UsageError(PNG_HINT) from None
 
 
-def _json_params(params: dict[str, Any]) -> tuple[str, dict[str, np.ndarray]]:
-    scalars: dict[str, Any] = {}
-    arrays: dict[str, np.ndarray] = {}
-    for key, value in params.items():
-        if isinstance(value, np.ndarray) and value.ndim > 0:
-            arrays[key] = value
-        elif isinstance(value, np.generic):
-            scalars[key] = value.item()
-        else:
-            scalars[key] = value
-    return json.dumps(scalars, sort_keys=True, default=str), arrays
-
-
 def write_reconstruction(path: Path, recon, positions: np.ndarray, bundle, patterns_per_second: float,
                          elapsed_s: float, scan_path: str) -> None:
     """The reconstruction as HDF5, written to a temporary file and renamed into place."""
-    params_json, arrays = _json_params(bundle.params)
+    scalars, arrays = fmt.split_params(bundle.params)
+    params_json = json.dumps(scalars, sort_keys=True, default=str)
     with fmt.atomic_bundle_write(path) as f:
         f.create_dataset("object", data=recon.object.astype(np.complex64, copy=False))
         f.create_dataset("amplitude", data=recon.amplitude.astype(np.float32))
@@ -164,12 +168,15 @@ def write_reconstruction(path: Path, recon, positions: np.ndarray, bundle, patte
 
 
 def write_png(path: Path, recon, title: str = "") -> None:
-    """Amplitude and phase side by side, with colour bars (matplotlib, Agg backend)."""
-    try:
-        import matplotlib
+    """Amplitude and phase side by side, with colour bars; written atomically.
 
-        matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt
+    A ``matplotlib.figure.Figure`` drawn on its own Agg canvas: no pyplot and
+    no ``matplotlib.use``, so a host application's backend and figure registry
+    are left alone.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         raise UsageError(PNG_HINT) from None
     x, y = recon.x_coords, recon.y_coords
@@ -180,34 +187,21 @@ def write_png(path: Path, recon, title: str = "") -> None:
     # an object near ±π does not wrap across the whole image (the HDF5 output keeps the raw phase)
     offset = np.angle(np.sum(recon.object[covered] * recon.weight[covered])) if covered.any() else 0.0
     phase = np.ma.masked_where(~covered, np.angle(recon.object * np.exp(-1j * offset)))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), constrained_layout=True)
-    try:
-        for ax, img, label, cmap in ((axes[0], amp, "amplitude", "gray"), (axes[1], phase, f"phase (rad, global offset {offset:+.2f} removed)", "viridis")):
-            im = ax.imshow(img, cmap=cmap, extent=extent, interpolation="nearest")
-            ax.set_title(label)
-            ax.set_xlabel("x (pixels)")
-            ax.set_ylabel("y (pixels)")
-            fig.colorbar(im, ax=ax, shrink=0.9)
-        if title:
-            fig.suptitle(title)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=path.parent)
-        os.close(fd)
-        try:
-            fig.savefig(tmp, dpi=110, format="png")
-            os.chmod(tmp, 0o666 & ~_umask())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    finally:
-        plt.close(fig)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    fig = Figure(figsize=(11, 4.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    panels = ((axes[0], amp, "amplitude", "gray"),
+              (axes[1], phase, f"phase (rad, global offset {offset:+.2f} removed)", "viridis"))
+    for ax, img, label, cmap in panels:
+        im = ax.imshow(img, cmap=cmap, extent=extent, interpolation="nearest")
+        ax.set_title(label)
+        ax.set_xlabel("x (pixels)")
+        ax.set_ylabel("y (pixels)")
+        fig.colorbar(im, ax=ax, shrink=0.9)
+    if title:
+        fig.suptitle(title)
+    with fmt.atomic_write_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
@@ -225,7 +219,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     n = positions.shape[0]
     progress = Progress(n, "patterns" if bundle.channels == 1 else "groups")  # every position anchors one group
     t0 = time.perf_counter()
-    recon = bundle.reconstruct(scan["diffraction"], positions, batch_size=args.batch_size,
+    recon = bundle.reconstruct(scan["diffraction"], positions, counts=False, batch_size=args.batch_size,
                                align_phase=args.align_phase, progress=progress.update)
     elapsed = time.perf_counter() - t0
     rate = n / elapsed if elapsed > 0 else float("inf")
@@ -243,7 +237,12 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 def bundle_report(path: str) -> dict[str, Any]:
     """What the runtime sees in a bundle (everything JSON-serialisable)."""
-    import onnxruntime as ort
+    from .backends import import_onnxruntime
+
+    try:
+        ort = import_onnxruntime()
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
 
     contents = fmt.read_bundle(path)
     p = contents.params
@@ -283,13 +282,13 @@ def bundle_report(path: str) -> dict[str, Any]:
 
     try:
         b = Bundle(contents)  # the defaults of load_bundle, without reading the file again
-        report["default_load"] = {"backend": b.backend, "device": b.device, "precision": b._backend.precision,
+        report["default_load"] = {"backend": b.backend, "device": b.device, "precision": b.precision,
                                   "providers": b.providers}
     except fmt.BundleError as exc:
         if not isinstance(exc, fmt.BundleGraphMissingError):
             raise  # a damaged, hostile or inconsistent bundle is an error (exit 2/4), not a report line
         report["default_load"] = {"error": f"{type(exc).__name__}: {exc}"}
-    except Exception as exc:  # reported, not fatal: info must work on bundles the runtime cannot run
+    except Exception as exc:  # noqa: BLE001 - reported, not fatal: info must work on bundles the runtime cannot run
         report["default_load"] = {"error": f"{type(exc).__name__}: {exc}"}
     return report
 
@@ -316,7 +315,7 @@ def _format_report(r: dict[str, Any]) -> str:
     for g in r["graphs"]:
         par = g["parity_max_rel"]
         par_s = "n/a" if par is None else f"{par:.2e}" + ("" if g["parity_passed"] in (None, True) else " FAILED")
-        lines.append(f"  {g['kind'] + '/' + g['model']:<32} {g['size_bytes'] / 1e6:8.2f} MB  parity max rel {par_s}")
+        lines.append(f"  {g['kind'] + '/' + g['model']:<32} {g['size_bytes'] / 2**20:8.2f} MiB  parity max rel {par_s}")
     rt = r["runtime"]
     lines += [
         f"onnxruntime      {rt['onnxruntime_version']}  providers: {', '.join(rt['available_providers'])}",
@@ -368,10 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", metavar="BUNDLE", help="bundle file (wts.h5) or the folder holding it")
     p.add_argument("scan", metavar="SCAN.npz", help="PtychoPINN NPZ: diffraction, xcoords, ycoords, probeGuess")
     p.add_argument("-o", "--output", required=True, metavar="RECON.h5", help="reconstruction to write (HDF5)")
-    p.add_argument("--png", metavar="RECON.png", help="also write amplitude and phase as a PNG (needs matplotlib)")
-    p.add_argument("--backend", choices=("auto", "onnx", "torchscript"), default="auto")
-    p.add_argument("--device", choices=DEVICES, default="auto")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--png", metavar="RECON.png",
+                   help="also write amplitude and phase as a PNG (needs matplotlib; default: none)")
+    p.add_argument("--backend", choices=("auto", "onnx", "torchscript"), default="auto",
+                   help="auto: ONNX if the bundle has it, else TorchScript (needs torch) (default %(default)s)")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="auto: CUDA if it really works here, else the CPU (default %(default)s)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp16 needs CUDA (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="patterns (groups) per inference batch (default: 64 on CPU, 256 on GPU)")
     add_scan_arguments(p)
@@ -383,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="what the runtime sees in a bundle, and where it would run",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("bundle", metavar="BUNDLE")
+    p.add_argument("bundle", metavar="BUNDLE", help="bundle file (wts.h5) or the folder holding it")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=cmd_info)

@@ -17,7 +17,6 @@ from typing import Optional
 
 import numpy as np
 
-
 # Distance rows computed at once: chunk * n float64 values (~2 MB, cache-friendly).
 _DIST_CHUNK_ELEMENTS = 1 << 18
 

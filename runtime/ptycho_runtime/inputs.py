@@ -8,12 +8,37 @@ message, so a bad frame never turns into a plausible-looking wrong image.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
+from .stitching import MAX_CANVAS_PIXELS
 
-def prepare_diffraction(diffraction: np.ndarray, N: int, channels: int, counts: bool,
+# Neighbouring scan positions further apart than this many frame widths split the scan into pieces that
+# share no pixel: in practice one outlier position, or positions in the wrong unit.
+MAX_GAP_FRAMES = 4
+
+
+def _indices(mask: np.ndarray, limit: int = 10) -> str:
+    idx = np.flatnonzero(mask)
+    return ", ".join(str(int(i)) for i in idx[:limit]) + (" …" if idx.size > limit else "")
+
+
+def looks_like_counts(x: np.ndarray) -> bool:
+    """Whole numbers above 1 everywhere: raw detector counts, not a (normalised or photon) amplitude."""
+    return bool(x.size) and float(x.max()) > 1.0 and bool(np.all(x == np.round(x)))
+
+
+def prepare_diffraction(diffraction: np.ndarray, N: int, channels: int, counts: Optional[bool],
                         intensity_scale: float) -> np.ndarray:
-    """→ float32 [n, C, N, N] in photon units (the graphs' input contract)."""
+    """→ float32 [n, C, N, N] in photon units (the graphs' input contract).
+
+    ``counts``: True (detector counts: square root taken), False (amplitudes
+    in the normalised NPZ units: × ``intensity_scale``) or None (amplitudes,
+    but whole-number frames that look like raw counts are refused: read as
+    amplitudes they give a noise image). Frames that are all zero or constant
+    (a dropped or saturated read-out) are refused with their indices.
+    """
     d = np.asarray(diffraction)
     expected = f"[n, {channels}, {N}, {N}]" + (f" or [n, {N}, {N}]" if channels == 1 else "")
     if d.dtype.kind not in "fiu":
@@ -41,6 +66,18 @@ def prepare_diffraction(diffraction: np.ndarray, N: int, channels: int, counts: 
         what = "counts" if counts else "amplitudes"
         raise ValueError(f"{bad.size} frame(s) have negative {what} (first: index {int(bad[0])}); subtract the "
                          "dark/background with clipping at 0 before inference")
+    flat = x.reshape(x.shape[0], -1)
+    constant = flat.min(axis=1) == flat.max(axis=1)
+    if constant.any():
+        zero = constant & (flat.max(axis=1) == 0)
+        what = "all zero" if zero[constant].all() else "all zero or constant"
+        raise ValueError(f"{int(constant.sum())} of {x.shape[0]} frame(s) are {what} (indices {_indices(constant)}): "
+                         "a dropped, blanked or saturated read-out carries no diffraction. Drop those frames (and "
+                         "their positions) before inference")
+    if counts is None and looks_like_counts(x):
+        raise ValueError(f"the frames hold whole numbers up to {float(x.max()):g}: they look like raw detector counts, "
+                         "which read as amplitudes give a noise image. Pass counts=True (CLI: --units counts), or "
+                         "counts=False if they really are amplitudes in the normalised units")
     if counts:
         np.sqrt(x, out=x)
     else:
@@ -63,6 +100,56 @@ def check_positions(positions: np.ndarray, n: int, channels: int) -> np.ndarray:
     if not np.all(np.isfinite(pos)):
         raise ValueError("positions contain NaN or inf")
     return pos
+
+
+def check_scan_positions(positions: np.ndarray, N: int, object_shape: Optional[tuple[int, int]] = None,
+                         max_canvas_pixels: int = MAX_CANVAS_PIXELS) -> None:
+    """Refuse scan positions [n, 2] (x, y) in object pixels that cannot be what the user meant.
+
+    - every position within one pixel of the others (n > 1): metres (or
+      another unit) given as pixels, every patch on one spot;
+    - neighbouring positions more than ``MAX_GAP_FRAMES`` frame widths apart
+      (without an ``object_shape``): one outlier, or a unit mistake, that
+      would stretch the canvas over empty space;
+    - a canvas (scan extent + one frame) above ``max_canvas_pixels``.
+
+    Each raises ValueError naming the positions and the fix.
+    """
+    pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
+    n = pos.shape[0]
+    if n < 2 or not np.all(np.isfinite(pos)):
+        return  # nothing to compare (NaN/inf are check_positions' error)
+    span = np.ptp(pos, axis=0)
+    if float(span.max()) < 1.0:
+        raise ValueError(
+            f"the {n} scan positions span only {float(span.max()):.3g} pixels, so every patch lands on one spot: "
+            "positions must be in object pixels, and these look like metres. Convert them with "
+            "ptycho_runtime.positions_from_metres(x_m, y_m, pixel_size_m) (NPZ files: store xcoords/ycoords in "
+            "pixels; see docs/data.md)")
+    if object_shape is None:
+        limit = MAX_GAP_FRAMES * N
+        for axis, label in ((0, "x"), (1, "y")):
+            order = np.argsort(pos[:, axis], kind="stable")
+            gaps = np.diff(pos[order, axis])
+            k = int(np.argmax(gaps))
+            if gaps[k] > limit:
+                low, high = order[: k + 1], order[k + 1:]
+                out = low if low.size <= high.size else high
+                mask = np.zeros(n, bool)
+                mask[out] = True
+                first = int(out[0])
+                raise ValueError(
+                    f"{out.size} of {n} scan position(s) (indices {_indices(mask)}; e.g. x={pos[first, 0]:.6g}, "
+                    f"y={pos[first, 1]:.6g}) lie {float(gaps[k]):.6g} pixels in {label} from the rest of the scan, "
+                    f"more than {MAX_GAP_FRAMES} frame widths ({limit} px): an outlier or a wrong unit. Drop those "
+                    "frames (crop the scan to the region you want), or give object_shape to place them explicitly")
+        extent = (span[1] + N + 2) * (span[0] + N + 2)
+        if extent > max_canvas_pixels:
+            raise ValueError(
+                f"the scan spans {span[0]:.6g} × {span[1]:.6g} pixels (x × y): its canvas would hold "
+                f"{extent:.3g} pixels, more than the cap of {max_canvas_pixels} ({MAX_CANVAS_PIXELS} by default). "
+                "Positions in the wrong unit (nanometres?) look like this; otherwise reconstruct the scan in parts "
+                "(crop it into regions) or raise max_canvas_pixels")
 
 
 def positions_from_metres(x_m: np.ndarray, y_m: np.ndarray, pixel_size_m: float | tuple[float, float],

@@ -24,7 +24,6 @@ runtime accept exactly the same files.
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -32,7 +31,9 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 import numpy as np
 
+from .bundle_format import atomic_write_path
 from .geometry import DEFAULT_CENTRE, check_centre, to_default_centre
+from .inputs import check_scan_positions
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -200,7 +201,12 @@ def read_npz_arrays(path: PathLike, counts: Optional[bool] = None, units: str = 
 
     Raises:
         ValueError: unreadable / non-NPZ file, missing or mis-shaped key,
-            NaN / infinite / negative diffraction values, unknown units.
+            NaN / infinite / negative diffraction values, unknown units;
+            and the unit guards: all-zero or constant patterns (with their
+            indices), counts-like values under ``units="auto"`` that are not
+            whole counts (declare the units), positions that all land on one
+            spot (metres given as pixels), an outlier position or a scan too
+            large for one canvas (``inputs.check_scan_positions``).
     """
     if counts:
         units = "counts"
@@ -238,7 +244,19 @@ def read_npz_arrays(path: PathLike, counts: Optional[bool] = None, units: str = 
             f"NPZ key {dkey!r} must hold finite, non-negative values: {_describe_bad(values)}. "
             "Check the detector mask / background subtraction (clip at 0) for those patterns."
         )
-    if units == "auto":
+    flat = values.reshape(n, -1)
+    constant = flat.min(axis=1) == flat.max(axis=1)
+    if constant.all():
+        raise ValueError(f"NPZ key {dkey!r}: every one of the {n} patterns is all zero or constant; the file holds "
+                         "no diffraction (check the detector read-out, mask and background subtraction)")
+    if constant.any():
+        idx = np.flatnonzero(constant)
+        shown = ", ".join(str(int(i)) for i in idx[:10]) + (" …" if idx.size > 10 else "")
+        raise ValueError(f"NPZ key {dkey!r}: {idx.size} of {n} patterns are all zero or constant (indices [{shown}]): "
+                         "dropped or saturated read-outs. Remove those patterns (and their xcoords/ycoords) from "
+                         "the file")
+    detected = units == "auto"
+    if detected:
         units = detect_units(values)
     amp = np.sqrt(values) if units == "counts" else values
     factor = normalization_factor(amp)
@@ -246,14 +264,15 @@ def read_npz_arrays(path: PathLike, counts: Optional[bool] = None, units: str = 
         diffraction = diff.astype(np.float32, copy=False)
         factor = 1.0
         ratio = 1.0 / normalization_factor(amp) ** 2
+        advice = (f"its mean Σ X² is {ratio:.3g}× the normalised value (N/2)² = {(N / 2) ** 2:g}; if it holds "
+                  "counts or sqrt(counts) that were rescaled or background-subtracted, declare "
+                  "units='counts' or units='photons' (CLI: --units counts / --units photons)")
+        if detected and ratio > 100:  # counts-like: refuse unless told
+            raise ValueError(f"{dkey!r} does not look like a normalised amplitude (its values are not whole photon "
+                             f"counts, nor their square roots, yet {advice}; or declare units='normalised' "
+                             "(--units normalised) to use the values as they are")
         if ratio > 100 or ratio < 0.01:
-            warnings.warn(
-                f"{dkey!r} is taken as a normalised amplitude (its squares are not whole photon counts) but "
-                f"its mean Σ X² is {ratio:.3g}× the normalised value (N/2)² = {(N / 2) ** 2:g}; if it holds "
-                "counts or sqrt(counts) that were rescaled or background-subtracted, declare "
-                "units='counts' or units='photons' (CLI: --units)",
-                stacklevel=_stacklevel,
-            )
+            warnings.warn(f"{dkey!r} is taken as a normalised amplitude but {advice}", stacklevel=_stacklevel)
         nphotons = None
     else:
         diffraction = (amp * factor).astype(np.float32)
@@ -268,6 +287,7 @@ def read_npz_arrays(path: PathLike, counts: Optional[bool] = None, units: str = 
         if not np.all(np.isfinite(arr)):
             raise ValueError(f"NPZ key {key!r} contains {int((~np.isfinite(arr)).sum())} NaN/inf value(s)")
         out[key] = to_default_centre(arr, N, position_centre)
+    check_scan_positions(np.stack([out["xcoords"], out["ycoords"]], axis=1), N)
 
     probe = _require(arrays, "probeGuess", f"complex array of shape (N, N) = ({N}, {N})")
     _check_numeric("probeGuess", probe, allow_complex=True)
@@ -301,37 +321,16 @@ def read_npz_arrays(path: PathLike, counts: Optional[bool] = None, units: str = 
 # --------------------------------------------------------------------------- writing
 
 
-def _default_file_mode() -> int:
-    """0666 minus the process umask, i.e. what ``open(path, "w")`` would create."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def write_npz_arrays(path: PathLike, arrays: Mapping[str, np.ndarray]) -> None:
-    """Write ``arrays`` as a compressed NPZ, atomically.
+    """Write ``arrays`` as a compressed NPZ, atomically (``bundle_format.atomic_write_path``).
 
-    The arrays go to a temporary file in the destination folder, which is
-    flushed and then renamed over ``path`` with ``os.replace``: a crash or a
-    full disk never leaves a half-written file under the final name.  The
-    name is used exactly as given (numpy's automatic ".npz" suffix does not
-    apply).
+    A crash or a full disk never leaves a half-written file under the final
+    name. The name is used exactly as given (numpy's automatic ".npz" suffix
+    does not apply).
     """
     dest = Path(path)
     folder = dest.parent if str(dest.parent) else Path(".")
     if not folder.is_dir():
         raise ValueError(f"cannot write {dest}: folder {folder} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=folder)
-    try:
-        os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600; match a normal open()
-        with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(fh, **dict(arrays))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_write_path(dest) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **dict(arrays))

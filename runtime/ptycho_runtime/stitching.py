@@ -27,6 +27,10 @@ import numpy as np
 
 from .geometry import frame_origin
 
+# A canvas larger than this many pixels is refused (an outlier position or a unit mistake: x = 1e9 once asked
+# for 678 GiB). 2**26 px = 8192 × 8192, 1.5 GiB of float64 accumulators; callers may pass a larger max_pixels.
+MAX_CANVAS_PIXELS = 2**26
+
 
 @dataclass
 class Reconstruction:
@@ -90,8 +94,16 @@ class StitchCanvas:
     """
 
     def __init__(self, shape: tuple[int, int], N: int, origin: tuple[int, int] = (0, 0),
-                 crop: Optional[int] = None, window: Optional[np.ndarray] = None) -> None:
+                 crop: Optional[int] = None, window: Optional[np.ndarray] = None,
+                 max_pixels: int = MAX_CANVAS_PIXELS) -> None:
         self.shape = (int(shape[0]), int(shape[1]))
+        if self.shape[0] < 1 or self.shape[1] < 1:
+            raise ValueError(f"canvas shape must be positive (got {self.shape})")
+        if self.shape[0] * self.shape[1] > max_pixels:
+            raise ValueError(
+                f"a {self.shape[0]}×{self.shape[1]} canvas holds more than {max_pixels} pixels (the cap): scan "
+                "positions far apart (an outlier, or a wrong unit such as nanometres) ask for this. Crop the scan to "
+                "the region you need, or raise max_pixels / max_canvas_pixels")
         self.N = int(N)
         self.origin = (int(origin[0]), int(origin[1]))
         w = _window(self.N, crop, window)
@@ -213,11 +225,12 @@ def probe_window(probe: np.ndarray, floor: float = 1e-3) -> np.ndarray:
 
 
 def stitch_patches(patches: np.ndarray, positions: np.ndarray, *, object_shape: Optional[tuple[int, int]] = None,
-                   crop: Optional[int] = None, window: Optional[np.ndarray] = None) -> Reconstruction:
+                   crop: Optional[int] = None, window: Optional[np.ndarray] = None,
+                   max_pixels: int = MAX_CANVAS_PIXELS) -> Reconstruction:
     """Stitch patches [n, N, N] (or [n, C, N, N]) at positions [n, 2] (or [n, C, 2]) in one call.
 
     With ``object_shape`` the canvas is the object frame itself (origin 0, 0);
-    otherwise it is sized to the scan.
+    otherwise it is sized to the scan. A canvas above ``max_pixels`` is refused.
     """
     patches = np.asarray(patches)
     if patches.ndim < 3:
@@ -226,8 +239,8 @@ def stitch_patches(patches: np.ndarray, positions: np.ndarray, *, object_shape: 
     flat_patches = patches.reshape(-1, *patches.shape[-2:])
     flat_pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
     if object_shape is None:
-        canvas = StitchCanvas.for_positions(flat_pos, N, crop=crop, window=window)
+        canvas = StitchCanvas.for_positions(flat_pos, N, crop=crop, window=window, max_pixels=max_pixels)
     else:
-        canvas = StitchCanvas(object_shape, N, (0, 0), crop=crop, window=window)
+        canvas = StitchCanvas(object_shape, N, (0, 0), crop=crop, window=window, max_pixels=max_pixels)
     canvas.add(flat_patches, flat_pos)
     return canvas.result()

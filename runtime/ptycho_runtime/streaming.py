@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 
-from .inputs import check_positions, prepare_diffraction
+from .inputs import check_positions, check_scan_positions
 from .stitching import Reconstruction, StitchCanvas
 
 if TYPE_CHECKING:
@@ -36,7 +36,8 @@ class StreamingReconstructor:
 
     def __init__(self, bundle: "Bundle", *, scan_positions: Optional[np.ndarray] = None,
                  object_shape: Optional[tuple[int, int]] = None, batch_size: int = 16, max_latency_s: float = 0.05,
-                 counts: bool = False, crop: Optional[int] = None, window: Union[str, np.ndarray, None] = "probe",
+                 counts: Optional[bool] = None, crop: Optional[int] = None,
+                 window: Union[str, np.ndarray, None] = "probe",
                  background: bool = True) -> None:
         if (scan_positions is None) == (object_shape is None):
             raise ValueError("give exactly one of scan_positions (the planned scan, [n, 2] or [n, C, 2]) or "
@@ -52,6 +53,7 @@ class StreamingReconstructor:
         window = None if crop is not None else bundle.stitch_window(window)  # as Bundle.reconstruct weights
         if scan_positions is not None:
             planned = np.asarray(scan_positions, dtype=np.float64).reshape(-1, 2)
+            check_scan_positions(planned, bundle.N)  # metres as pixels, outliers, a canvas too large to allocate
             self._canvas = StitchCanvas.for_positions(planned, bundle.N, crop=crop, window=window)
         else:
             self._canvas = StitchCanvas(object_shape, bundle.N, (0, 0), crop=crop, window=window)
@@ -80,7 +82,7 @@ class StreamingReconstructor:
         if self._closed:
             raise RuntimeError("feed() after close(): this StreamingReconstructor is finished")
         b = self.bundle
-        x = prepare_diffraction(frames, b.N, b.channels, self.counts, b.intensity_scale)
+        x = b.prepare(frames, self.counts)
         pos = check_positions(positions, x.shape[0], b.channels)
         self._canvas.check_inside(pos.reshape(-1, 2))  # a bad position must not kill the worker later
         with self._wake:
@@ -153,7 +155,7 @@ class StreamingReconstructor:
 
     def _run_batch(self, x: np.ndarray, pos: np.ndarray, queued_at: float) -> None:
         try:
-            patches = self.bundle._infer(x, self.batch_size)
+            patches = self.bundle.infer(x, self.batch_size)
             with self._lock:
                 self._canvas.add(patches.reshape(-1, self.bundle.N, self.bundle.N), pos.reshape(-1, 2))
                 self.frames_done += x.shape[0]
@@ -191,7 +193,7 @@ class StreamingReconstructor:
                     batch = self._take(force=self._closed)
                 if batch is not None:
                     self._run_batch(*batch)
-        except BaseException as exc:  # surfaced to the host on its next call, never lost
+        except BaseException as exc:  # noqa: BLE001 - surfaced to the host on its next call, never lost
             self._error = exc
 
     def _raise_worker_error(self) -> None:

@@ -274,7 +274,7 @@ def test_threads_share_one_bundle(bundles, name):
             for rep in range(3):
                 results[(t, rep)] = b.predict(inputs[(t + rep) % 4], batch_size=3)
             results[(t, "recon")] = b.reconstruct(d, p, batch_size=5)
-        except BaseException as exc:  # pragma: no cover - reported below
+        except BaseException as exc:  # noqa: BLE001 - pragma: no cover - reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]

@@ -121,7 +121,8 @@ def test_info_json_and_text(bundle_path, capsys):
                                       "providers": ["CPUExecutionProvider"]}
     assert cli.main(["info", str(path)]) == 0
     text = capsys.readouterr().out
-    assert "gridsize         2" in text and "onnx/diffraction_to_obj" in text and "default load     backend=onnx" in text
+    assert "gridsize         2" in text and "onnx/diffraction_to_obj" in text
+    assert "default load     backend=onnx" in text
 
 
 def test_info_reports_a_bundle_it_cannot_run(bundle_path, capsys, monkeypatch):
@@ -153,7 +154,8 @@ def test_bad_input_exits_2_with_one_line(bundle_path, tmp_path, capsys, case):
         scan_arg, expect = str(tmp_path / "nope.npz"), "does not exist"
     elif case == "wrong_N":
         small = tmp_path / "small.npz"
-        np.savez(small, diffraction=np.ones((4, 32, 32), np.float32), xcoords=np.arange(4.0) + 40,
+        np.savez(small, diffraction=np.random.default_rng(0).uniform(0, 1, (4, 32, 32)).astype(np.float32),
+                 xcoords=np.arange(4.0) + 40,
                  ycoords=np.arange(4.0) + 40, probeGuess=np.ones((32, 32), np.complex64))
         scan_arg, expect = str(small), "trained with N=64"
     elif case == "batch_size_0":
@@ -176,7 +178,8 @@ def test_checksum_failure_exits_4(bundle_path, tmp_path, capsys):
     with h5py.File(path, "r+") as f:
         ds = f["graphs/onnx/diffraction_to_obj/bytes"]
         ds[7] = np.uint8((int(ds[7]) + 1) % 256)
-    for argv in (["info", str(path)], ["infer", str(path), str(path.parent / "scan.npz"), "-o", str(tmp_path / "r.h5")]):
+    infer = ["infer", str(path), str(path.parent / "scan.npz"), "-o", str(tmp_path / "r.h5")]
+    for argv in (["info", str(path)], infer):
         assert cli.main(argv) == 4
         assert "Checksum mismatch" in _one_error_line(capsys.readouterr().err)
 
@@ -226,7 +229,7 @@ class _Tty(io.StringIO):
         return True
 
 
-def test_progress_bar_only_on_a_tty():
+def test_progress_bar_on_a_tty_plain_lines_otherwise():
     tty = _Tty()
     p = cli.Progress(10, stream=tty, min_interval_s=0.0)
     for _ in range(5):
@@ -234,11 +237,17 @@ def test_progress_bar_only_on_a_tty():
     p.close("reconstructed 10 patterns")
     out = tty.getvalue()
     assert "\r[" in out and "10/10 patterns 100%" in out and out.endswith("reconstructed 10 patterns\n")
+    # a log file or pipe: no carriage returns, one line per tenth of the work, each with rate and ETA
     plain = io.StringIO()
-    p = cli.Progress(10, stream=plain, min_interval_s=0.0)
-    p.update(10)
-    p.close("reconstructed 10 patterns")
-    assert plain.getvalue() == "reconstructed 10 patterns\n"
+    p = cli.Progress(1000, stream=plain)
+    for _ in range(100):
+        p.update(10)
+    p.close("reconstructed 1000 patterns")
+    lines = plain.getvalue().splitlines()
+    assert "\r" not in plain.getvalue() and "[" not in plain.getvalue()
+    assert len(lines) == 11 and lines[-1] == "reconstructed 1000 patterns"
+    assert lines[0].startswith("100/1000 patterns  10%") and "patterns/s" in lines[0] and "ETA" in lines[0]
+    assert lines[9].startswith("1000/1000 patterns 100%")
 
 
 def _console_script() -> str | None:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import ptycho_runtime as pr
-from ptycho_runtime.inputs import check_positions, prepare_diffraction
+from ptycho_runtime.inputs import check_positions, check_scan_positions, prepare_diffraction
+from ptycho_runtime.stitching import MAX_CANVAS_PIXELS, StitchCanvas
 
 
 @pytest.fixture(scope="module")
@@ -139,9 +140,77 @@ def test_object_shape_too_small(b1):
 
 
 def test_helpers_directly():
-    x = prepare_diffraction(np.full((2, 8, 8), 4, np.uint16), 8, 1, counts=True, intensity_scale=123.0)
-    assert x.dtype == np.float32 and x.shape == (2, 1, 8, 8) and np.all(x == 2.0)
-    x = prepare_diffraction(np.full((2, 8, 8), 0.5), 8, 1, counts=False, intensity_scale=10.0)
-    assert np.all(x == 5.0)
+    frames = np.full((2, 8, 8), 4, np.uint16)
+    frames[:, 0, 0] = 9
+    x = prepare_diffraction(frames, 8, 1, counts=True, intensity_scale=123.0)
+    assert x.dtype == np.float32 and x.shape == (2, 1, 8, 8) and np.all(x[:, 0, 1:] == 2.0) and x[0, 0, 0, 0] == 3
+    amp = np.full((2, 8, 8), 0.5)
+    amp[:, 3, 3] = 0.25
+    x = prepare_diffraction(amp, 8, 1, counts=False, intensity_scale=10.0)
+    assert np.all(x[:, 0, 0] == 5.0) and x[1, 0, 3, 3] == 2.5
     pos = check_positions(np.zeros((3, 2), np.int32), 3, 1)
     assert pos.dtype == np.float64 and pos.shape == (3, 1, 2)
+
+
+# --------------------------------------------------------------------------- unit guards
+
+
+def _raster(n_side: int = 6, step: float = 8.0) -> np.ndarray:
+    g = np.arange(n_side, dtype=float) * step + 40
+    return np.stack([np.tile(g, n_side), np.repeat(g, n_side)], axis=1)
+
+
+def test_raw_counts_are_refused_unless_told(b1):
+    counts = np.random.default_rng(0).poisson(50.0, (4, 64, 64)).astype(np.uint16)
+    with pytest.raises(ValueError, match=r"whole numbers up to \d+: they look like raw detector counts.*counts=True"):
+        b1.predict(counts)
+    with pytest.raises(ValueError, match="look like raw detector counts"):
+        b1.reconstruct(counts, _raster()[:4])
+    assert b1.predict(counts, counts=True).shape == (4, 1, 64, 64)  # told: counts
+    assert b1.predict(counts.astype(np.float32), counts=False).shape == (4, 1, 64, 64)  # told: amplitudes
+
+
+def test_all_zero_and_constant_frames_are_refused_by_index(b1):
+    x = _good(b1, 6)
+    x[2] = 0.0
+    with pytest.raises(ValueError, match=r"1 of 6 frame\(s\) are all zero \(indices 2\).*Drop those frames"):
+        b1.predict(x)
+    x[4] = 0.3
+    with pytest.raises(ValueError, match=r"2 of 6 frame\(s\) are all zero or constant \(indices 2, 4\)"):
+        b1.reconstruct(x[:, 0], _raster()[:6])
+
+
+def test_positions_in_metres_are_refused(b1):
+    x = _good(b1, 7)[:, 0]
+    metres = _raster()[:7] * 20e-9  # 20 nm pixels, positions left in metres
+    with pytest.raises(ValueError, match=r"span only .* pixels, so every patch lands on one spot.*look like "
+                                         r"metres.*positions_from_metres"):
+        b1.reconstruct(x, metres)
+    np.testing.assert_allclose(pr.positions_from_metres(metres[:, 0], metres[:, 1], 20e-9),
+                               _raster()[:7] - _raster()[:7].min(axis=0), atol=1e-9)
+
+
+@pytest.mark.parametrize("outlier", [3e4, 1e9])
+def test_one_outlier_position_is_refused_before_any_allocation(b1, outlier):
+    x = _good(b1, 7)[:, 0]
+    pos = _raster()[:7].copy()
+    pos[5, 0] = outlier
+    with pytest.raises(ValueError, match=r"1 of 7 scan position\(s\) \(indices 5; .*\) lie .* pixels in x from the "
+                                         r"rest of the scan.*Drop those frames"):
+        b1.reconstruct(x, pos)
+
+
+def test_canvas_cap(b1):
+    x = _good(b1, 7)[:, 0]
+    with pytest.raises(ValueError, match=r"its canvas would hold .* pixels, more than the cap of 1000"):
+        b1.reconstruct(x, _raster()[:7], max_canvas_pixels=1000)
+    with pytest.raises(ValueError, match=r"holds more than \d+ pixels \(the cap\).*Crop the scan"):
+        StitchCanvas((100_000, 100_000), 64)  # 80 GB of accumulators: refused before np.zeros
+    check_scan_positions(_raster(20, 30.0), 64)  # a 600-pixel scan: fine by default
+    with pytest.raises(ValueError, match=rf"more than the cap of 10000 \({MAX_CANVAS_PIXELS} by default\)"):
+        check_scan_positions(_raster(20, 30.0), 64, max_canvas_pixels=10_000)
+
+
+def test_stream_refuses_planned_positions_in_metres(b1):
+    with pytest.raises(ValueError, match="look like metres"):
+        b1.stream(scan_positions=_raster() * 1e-8)

@@ -17,12 +17,12 @@ pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
 from onnx import numpy_helper  # noqa: E402
-from ptycho_runtime import bundle_format as fmt  # noqa: E402
-from ptycho_runtime.stitching import Reconstruction  # noqa: E402
 
 from ptycho_export import cli, export  # noqa: E402
 from ptycho_export.metrics import reconstruction_quality  # noqa: E402
 from ptycho_export.verify import verify_bundle  # noqa: E402
+from ptycho_runtime import bundle_format as fmt  # noqa: E402
+from ptycho_runtime.stitching import Reconstruction  # noqa: E402
 
 GRAPHS = {"onnx/autoencoder", "onnx/diffraction_to_obj", "torchscript/autoencoder", "torchscript/diffraction_to_obj"}
 
@@ -79,7 +79,7 @@ def test_default_command_adds_graphs_prints_table_and_is_idempotent(make_bundle,
     assert set(rows) == GRAPHS
     assert all(line.rstrip().endswith("refreshed") for line in rows.values())
     assert "size MiB" in out and "max rel err vs eager" in out and "export s" in out
-    for name, line in rows.items():  # size and parity columns hold real numbers
+    for line in rows.values():  # size and parity columns hold real numbers
         cols = line.split()
         size, rel = float(cols[-4]), float(cols[-3])
         assert 1.0 < size < 20.0 and 0.0 <= rel <= 1e-4, line

@@ -23,13 +23,20 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 
 
 def easy_scan(N: int = 32, step: float = 6, phase_scale: float = 0.3, seed: int = 2):
-    """A noiseless raster scan (~80% overlap) of a smooth object, phase range ~0.9 rad: (amplitudes, positions, probe, object).
+    """A noiseless raster scan (~80% overlap) of a smooth object, phase range ~0.9 rad.
+
+    Returns (amplitudes, positions, probe, object).
 
     The positions sit at x.5 (frame starts on whole pixels), so the simulation needs no interpolation and
     any error an engine makes is its own.
     """
-    from ptycho_export.data.simulate import default_probe, extract_patches, far_field_amplitude, make_object, \
-        scan_positions
+    from ptycho_export.data.simulate import (
+        default_probe,
+        extract_patches,
+        far_field_amplitude,
+        make_object,
+        scan_positions,
+    )
 
     base = make_object("grf", 3 * N, seed=seed)
     phase = phase_scale * (np.angle(base) - np.angle(base).mean())
@@ -142,9 +149,9 @@ def test_evaluate_cli_scores_a_perfect_reconstruction_perfectly(make_bundle, mon
     bundle = make_bundle()
     scan = load_npz(bundle.parent / "scan.npz")
 
-    real_infer = Bundle._infer
+    real_infer = Bundle.infer
 
-    def perfect_infer(self, x, batch_size, progress=None):  # the true patches, in the order the frames arrive
+    def perfect_infer(self, x, batch_size=None, progress=None):  # the true patches, in the order the frames arrive
         from ptycho_export.data.simulate import extract_patches
 
         if x.shape[0] != scan.n:  # the load-time self-test's parity batch: the real model
@@ -152,7 +159,7 @@ def test_evaluate_cli_scores_a_perfect_reconstruction_perfectly(make_bundle, mon
         patches = extract_patches(scan.object, scan.xcoords, scan.ycoords, scan.N)
         return patches[:, None] * np.exp(0.7j)  # plus a global phase, which evaluate must remove
 
-    monkeypatch.setattr(Bundle, "_infer", perfect_infer)
+    monkeypatch.setattr(Bundle, "infer", perfect_infer)
     code, out, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--json")
     assert code == 0, err
     m = json.loads(out)["network"]["metrics"]

@@ -16,12 +16,11 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from ptycho_runtime import bundle_format as fmt  # noqa: E402
-from ptycho_runtime.parity import relative_error  # noqa: E402
-
 from ptycho_export import export  # noqa: E402
 from ptycho_export.data import make_groups, simulate_scan  # noqa: E402
 from ptycho_export.model_manager import load_torch_bundle  # noqa: E402
+from ptycho_runtime import bundle_format as fmt  # noqa: E402
+from ptycho_runtime.parity import relative_error  # noqa: E402
 
 # float32: a fresh random N=128 model has measured up to 1.1e-4 between oneDNN (eager) and onnxruntime on
 # one batch; the export contract itself (1e-4 on the stored batches) is what add_graphs enforces.
@@ -40,7 +39,7 @@ def _session(data: bytes):
 def _run(session, feeds):
     names = [o.name for o in session.get_outputs()]
     wanted = {i.name for i in session.get_inputs()}
-    return dict(zip(names, session.run(None, {k: v for k, v in feeds.items() if k in wanted})))
+    return dict(zip(names, session.run(None, {k: v for k, v in feeds.items() if k in wanted}), strict=True))
 
 
 def _simulated_inputs(params, batch: int, seed: int = 7):
@@ -89,12 +88,12 @@ def test_onnx_matches_eager_for_batches_1_7_64(make_bundle, cfg):
     for batch in (1, 7, 64):
         x, off = x64[:batch], off64[:batch]
         got = _run(d2o, {"diffraction": x})
-        for name, r in zip(("amplitude", "phase"), ref):
+        for name, r in zip(("amplitude", "phase"), ref, strict=False):
             assert got[name].shape == (batch, C, N, N)
             _, rel = relative_error(r[:batch], got[name])
             assert rel <= TOL, f"{cfg} batch {batch} diffraction_to_obj.{name}: relative error {rel:.3g}"
         got = _run(ae, {"diffraction": x, "offsets": off})
-        for name, r in zip(("amplitude", "phase", "pred_amplitude"), ref):
+        for name, r in zip(("amplitude", "phase", "pred_amplitude"), ref, strict=True):
             _, rel = relative_error(r[:batch], got[name])
             assert rel <= TOL, f"{cfg} batch {batch} autoencoder.{name}: relative error {rel:.3g}"
 
@@ -138,7 +137,7 @@ def test_autoencoder_onnx_dft_matches_torch_fft_on_random_inputs(make_bundle, cf
     with torch.inference_mode():
         ref = [t.numpy() for t in ae.forward_parts(torch.from_numpy(x), torch.from_numpy(off))[:3]]
     got = _run(_session(contents.graph("onnx", "autoencoder").data), {"diffraction": x, "offsets": off})
-    for name, r in zip(("amplitude", "phase", "pred_amplitude"), ref):
+    for name, r in zip(("amplitude", "phase", "pred_amplitude"), ref, strict=True):
         _, rel = relative_error(r, got[name])
         assert rel <= TOL, f"{name}: relative error {rel:.3g}"
     assert float(ref[2].max()) > 0
@@ -275,3 +274,22 @@ def test_add_graphs_is_idempotent_unless_forced(make_bundle):
     for case in old.parity:  # parity vectors are recomputed identically (fixed seed, same weights)
         for key, value in old.parity[case].items():
             np.testing.assert_array_equal(new.parity[case][key], value)
+
+
+def test_export_and_verify_leave_params_cfg_alone(make_bundle):
+    """Only the CONFIG-001 entry points write params.cfg; adding graphs and verifying build from the bundle."""
+    import copy
+
+    from ptycho_export import params
+    from ptycho_export.verify import verify_bundle
+
+    path = make_bundle()
+    params.cfg.update({"N": 128, "gridsize": 3, "n_filters_scale": 4, "intensity_scale": 99.0, "host_key": "mine"})
+    before = copy.deepcopy(params.cfg)
+    summary = export.add_graphs_to_bundle(path, onnx=False, force=True)  # rebuilds the eager models
+    assert summary["written"] and params.cfg == before
+    report = verify_bundle(path, backends=["eager", "torchscript"])
+    assert report["passed"], report["results"]
+    assert params.cfg == before
+    load_torch_bundle(path)  # the CONFIG-001 entry point does restore the bundle's params
+    assert params.cfg["N"] == 64 and params.cfg["gridsize"] == 1 and params.cfg["host_key"] == "mine"

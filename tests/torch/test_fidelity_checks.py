@@ -45,7 +45,7 @@ def _scene(probe_scale: float):
 @pytest.mark.parametrize("use_matmul", [False, True])
 def test_forward_model_matches_textbook_at_any_absolute_scale(probe_scale, use_matmul):
     obj, probe, x, y = _scene(probe_scale)
-    expected = np.stack([textbook_intensity(obj, probe, xi, yi) for xi, yi in zip(x, y)])
+    expected = np.stack([textbook_intensity(obj, probe, xi, yi) for xi, yi in zip(x, y, strict=True)])
     from ptycho_export.data import extract_patches
 
     patches = extract_patches(obj, x, y, N)
@@ -64,7 +64,7 @@ def test_file_to_loss_chain_reproduces_measured_intensities(tmp_path):
     photon intensities of the true object equal the file's intensities to 1e-3."""
     obj, probe, x, y = _scene(1.0)
     photons_per_frame = 1e6
-    raw = np.stack([textbook_intensity(obj, probe, xi, yi) for xi, yi in zip(x, y)])
+    raw = np.stack([textbook_intensity(obj, probe, xi, yi) for xi, yi in zip(x, y, strict=True)])
     k = photons_per_frame / np.mean(raw.sum(axis=(1, 2)))
     intensities = raw * k  # noiseless photon intensities; the probe in the same units is probe·sqrt(k)
     path = tmp_path / "scan.npz"
@@ -133,7 +133,6 @@ def test_true_object_is_a_minimum_of_the_training_loss(gridsize):
 def test_backprojection_model_round_trips_through_bundle_graphs_and_runtime(tmp_path, output_mode):
     """input_backprojection: saved, rebuilt from params (CONFIG-001), exported with parity, run by the runtime."""
     import ptycho_runtime as pr
-
     from ptycho_export.model_manager import load_torch_bundle
     from ptycho_export.testing import make_test_bundle
     from ptycho_runtime.npz import read_npz_arrays

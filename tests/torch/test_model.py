@@ -291,3 +291,27 @@ def test_reads_live_params_cfg_by_default():
     d2o = create_torch_model_with_gridsize(1, 64)["diffraction_to_obj"]
     assert d2o.generator.decoder_a.activation.name == "relu"
     assert d2o.generator.encoder.stages[0].conv2.out_channels == 32
+
+
+def test_build_models_reads_no_global_state():
+    """The explicit-config builder under create_torch_model_with_gridsize: params.cfg plays no part."""
+    from ptycho_export.config import ModelConfig
+    from ptycho_export.model import build_models
+
+    before = dict(params.cfg)
+    params.cfg.update({"n_filters_scale": 4, "amp_activation": "relu", "gridsize": 3, "intensity_scale": 99.0})
+    models = build_models(ModelConfig(N=64, gridsize=2, n_filters_scale=1), intensity_scale=2.0)
+    d2o = models["diffraction_to_obj"]
+    assert d2o.channels == 4 and d2o.generator.decoder_a.activation.name == "sigmoid"
+    assert float(d2o.scaler.scale()) == pytest.approx(2.0)
+    assert d2o.generator.encoder.stages[0].conv2.out_channels == 32  # n_filters_scale 1, not 4
+    same = create_torch_model_with_gridsize(2, 64, dict(before, n_filters_scale=1, intensity_scale=2.0))
+    assert count_parameters(same["autoencoder"]) == count_parameters(models["autoencoder"])
+    assert params.cfg["n_filters_scale"] == 4  # read by nobody, changed by nobody
+
+
+def test_unknown_activation_name_is_an_error_not_identity():
+    with pytest.raises(ValueError, match=r"unknown activation 'tanhh'; choose one of sigmoid, .*identity"):
+        Activation("tanhh")
+    x = torch.linspace(-2, 2, 5)
+    assert torch.equal(Activation("identity")(x), x)

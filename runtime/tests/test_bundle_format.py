@@ -1,0 +1,138 @@
+"""The writer and the reader of ``bundle_format`` agree: write → read round trip, without torch.
+
+``write_bundle`` and ``write_graphs`` are the only code that names a group path for writing and
+``read_bundle`` the only one that reads; this proves they describe the same file, byte for byte,
+in the torch-free environment too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ptycho_runtime import bundle_format as fmt
+
+N, GRIDSIZE = 64, 2
+C = GRIDSIZE**2
+
+
+def _params(rng: np.random.Generator) -> dict:
+    probe = (rng.normal(size=(N, N)) + 1j * rng.normal(size=(N, N))).astype(np.complex64)
+    return {"N": N, "gridsize": GRIDSIZE, "intensity_scale": np.float64(12.5), "n_filters_scale": 1,
+            "output_mode": "real_imag", "nphotons": 1e6, "nepochs": np.int64(3), "probe": probe,
+            "output_prefix": Path("out/run"), "object.big": True, "train_data_file_path": None}
+
+
+def _models(rng: np.random.Generator) -> dict[str, fmt.ModelRecord]:
+    arch = {"N": N, "gridsize": GRIDSIZE, "n_filters_scale": 1, "output_mode": "real_imag", "class": "Fake"}
+    out = {}
+    for i, name in enumerate(fmt.MODEL_NAMES):
+        sd = {"enc.weight": rng.normal(size=(8, C, 3, 3)).astype(np.float32),
+              "enc.bias": np.zeros(8, np.float32),
+              "scaler.log_scale": np.array(2.5, np.float32),  # 0-d stays 0-d
+              "steps": np.array([7 + i], np.int64)}
+        out[name] = fmt.ModelRecord(dict(arch), sd, 1000 + i)
+    return out
+
+
+def _graph(params: dict, rng: np.random.Generator) -> tuple[fmt.GraphRecord, dict]:
+    inputs, outputs = fmt.graph_io("onnx", "diffraction_to_obj", params)
+    data = rng.integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    meta = {"inputs": inputs, "outputs": outputs, "opset": fmt.DEFAULT_OPSET, "sha256": fmt.sha256_hex(data),
+            "contract": {"intensity_scale": float(params["intensity_scale"])}}
+    case = {"input.amplitude": rng.uniform(0, 1, (2, C, N, N)).astype(np.float32),
+            "input.offsets": rng.normal(size=(2, C, 1, 2)).astype(np.float32),
+            "diffraction_to_obj.real": rng.normal(size=(2, C, N, N)).astype(np.float32)}
+    return fmt.GraphRecord("onnx", "diffraction_to_obj", data, meta), {"b2": case}
+
+
+def test_write_read_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    params, models = _params(rng), _models(rng)
+    path = fmt.write_bundle(tmp_path / "wts.h5", params, models, producer="round-trip test",
+                            versions={"numpy": np.__version__}, training={"epochs_run": 3, "device": "cpu"},
+                            history={"loss": [3.0, 2.0, 1.5], "val_loss": np.array([3.5, 2.5, 2.0], np.float32)})
+    assert path == tmp_path / "wts.h5" and sorted(p.name for p in tmp_path.iterdir()) == ["wts.h5"]
+
+    c = fmt.read_bundle(path)
+    assert c.header["format"] == fmt.FORMAT_NAME and c.header["format_version"] == fmt.FORMAT_VERSION
+    assert c.header["producer"] == "round-trip test" and c.header["numpy_version"] == np.__version__
+    # params: numpy scalars come back as Python numbers, paths as strings, the probe as the same complex array
+    assert c.params["intensity_scale"] == 12.5 and type(c.params["intensity_scale"]) is float
+    assert c.params["nepochs"] == 3 and type(c.params["nepochs"]) is int
+    assert c.params["output_prefix"] == "out/run" and c.params["train_data_file_path"] is None
+    assert c.params["object.big"] is True and c.params["output_mode"] == "real_imag"
+    np.testing.assert_array_equal(c.params["probe"], params["probe"])
+    assert c.params["probe"].dtype == np.complex64
+    # models: architecture, every tensor with dtype and shape, the parameter count
+    for name, record in models.items():
+        assert c.architectures[name] == record.architecture
+        assert c.n_parameters[name] == record.n_parameters
+        assert set(c.state_dicts[name]) == set(record.state_dict)
+        for key, arr in record.state_dict.items():
+            got = c.state_dicts[name][key]
+            assert got.dtype == arr.dtype and got.shape == arr.shape
+            np.testing.assert_array_equal(got, arr)
+    assert c.training == {"epochs_run": 3, "device": "cpu"}
+    np.testing.assert_array_equal(c.history["loss"], [3.0, 2.0, 1.5])
+    assert c.history["val_loss"].dtype == np.float64
+    assert c.graphs == {} and c.parity == {}
+
+    graph, parity = _graph(c.params, rng)
+    fmt.write_graphs(path, [graph], parity)
+    c2 = fmt.read_bundle(path)
+    rec = c2.graph("onnx", "diffraction_to_obj")
+    assert rec.data == graph.data and rec.metadata == graph.metadata
+    for key, arr in parity["b2"].items():
+        np.testing.assert_array_equal(c2.parity["b2"][key], arr)
+    assert c2.n_parameters == c.n_parameters and c2.training == c.training  # the rest is kept
+    np.testing.assert_array_equal(c2.state_dicts["autoencoder"]["enc.weight"],
+                                  models["autoencoder"].state_dict["enc.weight"])
+    with pytest.raises(fmt.BundleGraphMissingError, match="no torchscript graph"):
+        c2.graph("torchscript", "diffraction_to_obj")
+
+    # graphs of the same kind and model are replaced, parity cases replaced as a whole
+    graph2 = fmt.GraphRecord(graph.kind, graph.model, graph.data[::-1],
+                             {**graph.metadata, "sha256": fmt.sha256_hex(graph.data[::-1])})
+    fmt.write_graphs(path, [graph2], {"b1": {k: v[:1] for k, v in parity["b2"].items()}})
+    c3 = fmt.read_bundle(path)
+    assert c3.graph("onnx", "diffraction_to_obj").data == graph.data[::-1] and sorted(c3.parity) == ["b1"]
+
+
+def test_writer_refuses_what_readers_refuse(tmp_path):
+    rng = np.random.default_rng(1)
+    target = tmp_path / "wts.h5"
+    with pytest.raises(fmt.BundleParamsError, match="'N' must be one of 64, 128, 256"):
+        fmt.write_bundle(target, {**_params(rng), "N": 100}, _models(rng), "t", {})
+    with pytest.raises(fmt.BundleParamsError, match="probe"):
+        fmt.write_bundle(target, {**_params(rng), "probe": np.ones((N, N), np.float32)}, _models(rng), "t", {})
+    with pytest.raises(ValueError, match="model names must be among"):
+        fmt.write_bundle(target, _params(rng), {"encoder": _models(rng)["autoencoder"]}, "t", {})
+    assert not target.exists() and list(tmp_path.iterdir()) == []  # nothing written, no temporary left
+    fmt.write_bundle(target, _params(rng), _models(rng), "t", {})
+    graph, parity = _graph(_params(rng), rng)
+    before = target.read_bytes()
+    with pytest.raises(ValueError, match="not part of the bundle format"):
+        fmt.write_graphs(target, [fmt.GraphRecord("tflite", graph.model, graph.data, graph.metadata)], parity)
+    assert target.read_bytes() == before  # atomic: the failed update left the bundle as it was
+
+
+def test_split_params():
+    scalars, arrays = fmt.split_params({"a": np.float32(1.5), "b": np.array(3), "c": Path("x/y"),
+                                        "d": np.arange(3), "e": "s", "f": None})
+    assert scalars == {"a": 1.5, "b": 3, "c": "x/y", "e": "s", "f": None}
+    assert type(scalars["b"]) is int and list(arrays) == ["d"]
+
+
+def test_check_bundle_file_fails_fast_on_non_bundles(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a bundle\n")
+    with pytest.raises(fmt.BundleFormatError, match="not an HDF5 file"):
+        fmt.check_bundle_file(text)
+    with pytest.raises(fmt.BundleNotFoundError):
+        fmt.check_bundle_file(tmp_path / "missing.h5")
+    rng = np.random.default_rng(2)
+    path = fmt.write_bundle(tmp_path / "wts.h5", _params(rng), _models(rng), "t", {})
+    assert fmt.check_bundle_file(tmp_path) == path  # a folder holding wts.h5
