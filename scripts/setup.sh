@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or update) .venv with ptycho-export, ptycho-runtime (with the CPU onnxruntime: the [cpu] extras) and the
-# test tools (pytest, ruff). torch is pinned to the CPU wheel; for a GPU see README "GPU install".
+# test tools (pytest, ruff). torch is pinned to the CPU wheel; for a GPU see README "Installs: CPU or GPU".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

@@ -97,6 +97,41 @@ def test_torchscript_without_torch_says_how_to_install(bundle_path, monkeypatch)
         pr.load_bundle(bundle_path("n64_g1"), backend="torchscript")
 
 
+def test_without_any_onnxruntime_the_error_names_both_extras(bundle_path, monkeypatch, capsys):
+    """The runtime depends on neither ORT distribution (installing both breaks both); missing, it says which to add."""
+    from ptycho_runtime import cli
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime → ImportError
+    with pytest.raises(ImportError, match=r"neither onnxruntime nor onnxruntime-gpu is installed.*"
+                                          r"'ptycho-runtime\[cpu\]'.*'ptycho-runtime\[gpu\]'"):
+        pr.load_bundle(bundle_path("n64_g1"))
+    rc = cli.main(["info", str(bundle_path("n64_g1"))])
+    err = capsys.readouterr().err
+    assert rc == 2 and "ptycho-runtime[cpu]" in err and "ptycho-runtime[gpu]" in err
+    import ptycho_runtime  # noqa: F401 - importing the package itself never needed onnxruntime
+
+
+def test_inference_sets_no_warning_filters_per_call(fixture_dir, monkeypatch):
+    """warnings.catch_warnings() swaps process-global state: not thread-safe, so never used around a call."""
+    import warnings
+
+    bundles = [pr.load_bundle(fixture_dir / "n64_g1" / "wts.h5", backend="onnx")]
+    try:  # without torch (the runtime-only venv) only the ONNX backend is checked
+        import torch  # noqa: F401
+
+        bundles.append(pr.load_bundle(fixture_dir / "n64_g1" / "wts.h5", backend="torchscript", device="cpu"))
+    except ImportError:
+        pass
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("warnings.catch_warnings() on the inference path")
+
+    monkeypatch.setattr(warnings, "catch_warnings", forbidden)
+    x, ref = _parity(bundles[0])
+    for b in bundles:
+        np.testing.assert_allclose(b.predict(x), ref, rtol=0, atol=_eager_tol(ref))
+
+
 @pytest.mark.parametrize("name", ["n64_g1", "n64_g2"])
 def test_torchscript_backend_equals_onnx(fixture_dir, name):
     pytest.importorskip("torch")

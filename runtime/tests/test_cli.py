@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import h5py
@@ -82,6 +83,30 @@ def test_infer_png(bundle_path, tmp_path):
                    "--png", str(png)])
     assert rc == 0
     assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_png_leaves_the_hosts_matplotlib_alone(bundle_path, tmp_path):
+    """write_png draws on its own Figure + Agg canvas: no pyplot import, no matplotlib.use() in the host process."""
+    pytest.importorskip("matplotlib")
+    path = bundle_path("n64_g1")
+    code = textwrap.dedent(f"""
+        import sys
+        import matplotlib
+        matplotlib.use("svg")  # the host's choice
+        import ptycho_runtime as pr
+        from ptycho_runtime import cli
+        b = pr.load_bundle({str(path)!r})
+        from ptycho_runtime.npz import read_npz_arrays
+        s = read_npz_arrays({str(path.parent / "scan.npz")!r})
+        import numpy as np
+        recon = b.reconstruct(s["diffraction"], np.stack([s["xcoords"], s["ycoords"]], 1), counts=False)
+        cli.write_png(__import__("pathlib").Path({str(tmp_path / "r.png")!r}), recon, "t")
+        print(matplotlib.get_backend(), "matplotlib.pyplot" in sys.modules)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["svg", "False"]
+    assert (tmp_path / "r.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_png_without_matplotlib_exits_2_before_inference(bundle_path, tmp_path, capsys, monkeypatch):

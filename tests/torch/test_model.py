@@ -303,7 +303,7 @@ def test_build_models_reads_no_global_state():
     models = build_models(ModelConfig(N=64, gridsize=2, n_filters_scale=1), intensity_scale=2.0)
     d2o = models["diffraction_to_obj"]
     assert d2o.channels == 4 and d2o.generator.decoder_a.activation.name == "sigmoid"
-    assert float(d2o.scaler.scale()) == pytest.approx(2.0)
+    assert float(d2o.scaler.scale().detach()) == pytest.approx(2.0)
     assert d2o.generator.encoder.stages[0].conv2.out_channels == 32  # n_filters_scale 1, not 4
     same = create_torch_model_with_gridsize(2, 64, dict(before, n_filters_scale=1, intensity_scale=2.0))
     assert count_parameters(same["autoencoder"]) == count_parameters(models["autoencoder"])
