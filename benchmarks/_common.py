@@ -12,7 +12,6 @@ Environment:
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import io
 import json
@@ -169,20 +168,17 @@ def build_bundle(path: Path, N: int, gridsize: int, n_filters_scale: int) -> dic
     """Freshly initialised default-architecture model → bundle with TorchScript + ONNX graphs (atomic)."""
     import torch
 
-    from ptycho_export import params
     from ptycho_export.config import ModelConfig
     from ptycho_export.export import add_graphs_to_bundle
-    from ptycho_export.model import create_torch_model_with_gridsize
+    from ptycho_export.model import build_models
     from ptycho_export.model_manager import save_torch_bundle
 
-    saved = copy.deepcopy(params.cfg)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
-        params.reset_cfg()
-        params.cfg.update({"N": N, "gridsize": gridsize, "n_filters_scale": n_filters_scale})
+        config = ModelConfig(N=N, gridsize=gridsize, n_filters_scale=n_filters_scale)
         torch.manual_seed(SEED)
-        models = create_torch_model_with_gridsize(gridsize, N)
-        save_torch_bundle(models, tmp, ModelConfig(N=N, gridsize=gridsize, n_filters_scale=n_filters_scale))
+        models = build_models(config)  # an explicit config: params.cfg plays no part
+        save_torch_bundle(models, tmp, config)
         t0 = time.perf_counter()
         summary = add_graphs_to_bundle(tmp)
         summary["wall_s"] = time.perf_counter() - t0
@@ -190,8 +186,6 @@ def build_bundle(path: Path, N: int, gridsize: int, n_filters_scale: int) -> dic
     finally:
         if tmp.exists():
             tmp.unlink()
-        params.cfg.clear()
-        params.cfg.update(saved)
     return summary
 
 
@@ -253,16 +247,9 @@ class BenchBundle:
     def eager(self):
         """The bundle's diffraction_to_obj rebuilt in eager PyTorch (CPU, eval)."""
         def make():
-            from ptycho_export import params
-            from ptycho_export.model_manager import load_torch_bundle
+            from ptycho_export.model_manager import models_from_contents
 
-            saved = copy.deepcopy(params.cfg)
-            try:
-                model, _ = load_torch_bundle(self.path, "diffraction_to_obj")
-            finally:
-                params.cfg.clear()
-                params.cfg.update(saved)
-            return model.eval()
+            return models_from_contents(self.contents, ["diffraction_to_obj"])["diffraction_to_obj"]  # no CONFIG-001
 
         return self._memo("eager", make)
 

@@ -978,18 +978,18 @@ def _check_graph_metadata(meta: Any, kind: str, model: str, params: Mapping[str,
 # --------------------------------------------------------------------------- read_bundle
 
 
-def check_bundle_file(path: str | os.PathLike) -> Path:
-    """Fail fast on anything that is not a bundle: a regular HDF5 file with this format's header.
+_WRAPPED = (OSError, KeyError, ValueError, TypeError, RuntimeError, IndexError, OverflowError, UnicodeError,
+            RecursionError, MemoryError, ZeroDivisionError, EOFError)
 
-    Reads no payload (milliseconds), so commands can refuse a wrong file
-    before importing torch or onnx; ``read_bundle`` still checks everything
-    else. Returns the resolved path; raises only ``BundleError`` subclasses.
-    """
+
+@contextlib.contextmanager
+def _opened(path: str | os.PathLike) -> Iterator[tuple[Path, h5py.File, int, dict[str, Any]]]:
+    """Resolve, open as a regular HDF5 file, check the header; any other failure inside becomes a BundleFormatError."""
     p = resolve_bundle_path(path)
-    f, _ = _open_h5(p)
+    f, size = _open_h5(p)
     try:
         try:
-            check_header(f, p)
+            yield p, f, size, check_header(f, p)
         except BundleError:
             raise
         except _WRAPPED as exc:
@@ -998,11 +998,17 @@ def check_bundle_file(path: str | os.PathLike) -> Path:
     finally:
         with contextlib.suppress(Exception):
             f.close()
-    return p
 
 
-_WRAPPED = (OSError, KeyError, ValueError, TypeError, RuntimeError, IndexError, OverflowError, UnicodeError,
-            RecursionError, MemoryError, ZeroDivisionError, EOFError)
+def check_bundle_file(path: str | os.PathLike) -> Path:
+    """Fail fast on anything that is not a bundle: a regular HDF5 file with this format's header.
+
+    Reads no payload (milliseconds), so commands can refuse a wrong file
+    before importing torch or onnx; ``read_bundle`` still checks everything
+    else. Returns the resolved path; raises only ``BundleError`` subclasses.
+    """
+    with _opened(path) as (p, *_):
+        return p
 
 
 def read_bundle(path: str | os.PathLike) -> BundleContents:
@@ -1014,20 +1020,8 @@ def read_bundle(path: str | os.PathLike) -> BundleContents:
     params, weights and graph metadata checked against each other. Raises only
     ``BundleError`` subclasses.
     """
-    p = resolve_bundle_path(path)
-    f, size = _open_h5(p)
-    try:
-        try:
-            header = check_header(f, p)
-            return _read_verified(f, p, header, size)
-        except BundleError:
-            raise
-        except _WRAPPED as exc:
-            raise BundleFormatError(f"{p} is damaged or incomplete ({type(exc).__name__}). {_fix_damaged(p)}",
-                                    p) from None
-    finally:
-        with contextlib.suppress(Exception):
-            f.close()
+    with _opened(path) as (p, f, size, header):
+        return _read_verified(f, p, header, size)
 
 
 def _read_verified(f: h5py.File, p: Path, header: dict[str, Any], file_size: int) -> BundleContents:
