@@ -50,7 +50,7 @@ from ptycho_runtime.parity import graph_feeds, parity_report
 from .data import make_groups, simulate_scan
 from .model_manager import models_from_contents
 
-PARITY_BATCHES = (1, 7)
+PARITY_BATCHES = (1, 3)
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 log = logging.getLogger(__name__)
