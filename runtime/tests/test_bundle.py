@@ -261,7 +261,8 @@ def test_threads_share_one_bundle(bundles, name):
     scan, pos = _scan(b.path)
     d = scan["diffraction"][:24]
     p = pos[:24]
-    inputs = [x[i % 7:] for i in range(4)]
+    x = np.concatenate([x] * 3)  # 9 parity frames: the 4 inputs differ in length (9, 8, 7, 6)
+    inputs = [x[i:] for i in range(4)]
     seq_predict = [b.predict(xi, batch_size=3) for xi in inputs]
     seq_recon = b.reconstruct(d, p, batch_size=5)
     results: dict = {}
