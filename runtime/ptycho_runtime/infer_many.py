@@ -1,0 +1,408 @@
+"""Reconstruct many scans on a Dask cluster (``ptycho-runtime infer-many``).
+
+Why Dask: reprocessing a beamtime is hundreds of scans of thousands of
+frames, on a cluster that scientific Python already drives with
+``dask.distributed`` (and ``dask-jobqueue`` on SLURM/PBS). Dask schedules,
+moves data, and retries work lost with a dead worker; this module only says
+what the work is.
+
+The work, per scan (every step a Dask task, so any of them can be re-run):
+
+1. ``load_scan``: read the NPZ exactly as ``ptycho-runtime infer`` does
+   (``read_npz_arrays``, the same units, centre and grouping decisions, made
+   on the whole scan) into the graph's input and the positions.
+2. ``take_chunk`` + ``reconstruct_chunk``: ``chunk_frames`` groups at a time
+   are predicted and stitched into a *partial canvas*: the float64 sums
+   Σw·patch and Σw over the chunk's bounding box (``StitchCanvas.sums``).
+3. ``merge_partials`` / ``finish_scan``: stitching is a weighted sum, so
+   the partial canvases add up to the whole scan's canvas exactly (up to
+   float64 summation order), in a fixed tree order; the object is
+   Σw·patch / Σw as in ``Bundle.reconstruct``.
+
+The driver then writes each scan's HDF5 exactly as ``infer`` writes it
+(``cli.write_reconstruction``, atomically), so a scan is either complete or
+absent, never partial.
+
+Each worker loads the bundle once, in ``BundleWorkerPlugin.setup`` (also
+when Dask restarts a killed worker); the plugin first checks that the file
+the worker sees has the SHA-256 the driver saw. A scan whose task raises
+(bad file, wrong N, …) fails alone: its error is reported and the other
+scans are written. Bundle, scans and the output folder are read by path:
+on a cluster they must be on a filesystem every worker (and the driver)
+sees under the same path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+
+from .geometry import DEFAULT_CENTRE
+from .remote import ClusterError
+from .stitching import Reconstruction, StitchCanvas, canvas_bounds
+from .triton_model import file_sha256
+
+log = logging.getLogger("ptycho_runtime")
+
+INSTALL_HINT = "infer-many needs Dask: pip install 'ptycho-runtime[dask]'"
+PLUGIN_PREFIX = "ptycho-runtime-bundle-"
+DEFAULT_CHUNK_FRAMES = 512
+MERGE_FAN_IN = 8
+CONNECT_TIMEOUT_S = 10.0
+WAIT_FOR_WORKERS_S = 120.0
+
+
+def _import_distributed() -> Any:
+    try:
+        import distributed
+    except ImportError as exc:
+        raise ImportError(INSTALL_HINT) from exc
+    return distributed
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+try:  # the plugin base class, when Dask is installed (this module imports without it)
+    from distributed.diagnostics.plugin import WorkerPlugin as _WorkerPlugin
+except ImportError:  # pragma: no cover - depends on the install
+    _WorkerPlugin = object  # type: ignore[assignment,misc]
+
+
+class BundleWorkerPlugin(_WorkerPlugin):  # type: ignore[misc,valid-type]
+    """Loads the bundle once per worker process, and checks it is the file the driver saw.
+
+    ``setup`` runs when the plugin is registered and again on every worker
+    that (re)joins, so a worker Dask restarts after a crash has the bundle
+    before it runs a task.
+    """
+
+    def __init__(self, path: str, sha256: str, device: str = "auto",
+                 intra_op_threads: Optional[int] = None) -> None:
+        self.path = str(path)
+        self.sha256 = sha256
+        self.device = device
+        self.intra_op_threads = intra_op_threads
+        self.name = PLUGIN_PREFIX + sha256[:16]
+        self.bundle: Any = None
+        self.error: Optional[str] = None
+
+    def setup(self, worker: Any = None) -> None:
+        from .bundle import load_bundle
+
+        try:
+            seen = file_sha256(self.path)
+        except OSError as exc:
+            self.error = (f"worker {getattr(worker, 'address', '?')} cannot read the bundle {self.path} "
+                          f"({exc.strerror or exc}): put it on a filesystem every worker sees under the same path")
+            raise ClusterError(self.error) from None
+        if seen != self.sha256:
+            self.error = (f"worker {getattr(worker, 'address', '?')} sees a different file at {self.path} (sha256 "
+                          f"{seen[:16]}…, the driver's is {self.sha256[:16]}…): give every worker the same bundle")
+            raise ClusterError(self.error)
+        self.bundle = load_bundle(self.path, backend="onnx", device=self.device,
+                                  intra_op_threads=self.intra_op_threads)
+
+    def teardown(self, worker: Any = None) -> None:
+        self.bundle = None
+
+
+def _bundle(plugin_name: str) -> Any:
+    from distributed import get_worker
+
+    worker = get_worker()
+    plugin = worker.plugins.get(plugin_name)
+    if plugin is None or plugin.bundle is None:
+        why = getattr(plugin, "error", None) or "the bundle plugin is not registered on this worker"
+        raise ClusterError(f"worker {worker.address} has no bundle loaded: {why}")
+    return plugin.bundle
+
+
+@dataclass
+class ScanPlan:
+    """What the driver needs to know about a loaded scan (small: no frames)."""
+
+    n_patterns: int
+    n_groups: int
+    origin: tuple[int, int]
+    shape: tuple[int, int]
+    positions: np.ndarray                 # [n, 2] as read (what infer writes)
+    params: dict[str, Any]
+    backend: str
+    device: str
+    providers: list[str]
+
+
+@dataclass
+class Partial:
+    """A partial canvas: Σw·Re, Σw·Im, Σw over a box whose pixel (0, 0) is object pixel ``origin``."""
+
+    origin: tuple[int, int]
+    re: np.ndarray
+    im: np.ndarray
+    wsum: np.ndarray
+    n_patches: int = 0
+
+
+def load_scan(plugin_name: str, scan_path: str, units: str = "auto", counts: bool = False,
+              position_centre: str = DEFAULT_CENTRE) -> tuple[ScanPlan, np.ndarray, np.ndarray]:
+    """Task: read a scan as ``infer`` does → (plan, graph input [g, C, N, N], positions [g, C, 2])."""
+    from .npz import read_npz_arrays
+
+    bundle = _bundle(plugin_name)
+    scan = read_npz_arrays(scan_path, counts=counts, units=units, position_centre=position_centre)
+    positions = np.stack([scan["xcoords"], scan["ycoords"]], axis=1)
+    x, pos = bundle._grouped(scan["diffraction"], positions, False)  # Bundle.reconstruct's own grouping
+    origin, shape = canvas_bounds(pos.reshape(-1, 2), bundle.N)
+    plan = ScanPlan(int(positions.shape[0]), int(x.shape[0]), origin, shape, positions, bundle.params,
+                    bundle.backend, bundle.device, bundle.providers)
+    return plan, x, pos
+
+
+def scan_plan(loaded: tuple[ScanPlan, np.ndarray, np.ndarray]) -> ScanPlan:
+    return loaded[0]
+
+
+def take_chunk(loaded: tuple[ScanPlan, np.ndarray, np.ndarray], start: int, stop: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Task: groups [start, stop) of a loaded scan (runs where the scan is; only the chunk travels)."""
+    return loaded[1][start:stop].copy(), loaded[2][start:stop].copy()
+
+
+def reconstruct_chunk(plugin_name: str, chunk: tuple[np.ndarray, np.ndarray],
+                      batch_size: Optional[int] = None) -> Partial:
+    """Task: predict a chunk and stitch it, with the bundle's window, into a partial canvas."""
+    bundle = _bundle(plugin_name)
+    x, pos = chunk
+    patches = bundle._infer(x, batch_size)
+    flat_pos = pos.reshape(-1, 2)
+    canvas = StitchCanvas.for_positions(flat_pos, bundle.N, window=bundle.stitch_window("probe"))
+    canvas.add(patches.reshape(-1, bundle.N, bundle.N), flat_pos)
+    return Partial(canvas.origin, *canvas.sums(), n_patches=canvas.n_patches)
+
+
+def merge_partials(*parts: Partial) -> Partial:
+    """Task: add partial canvases (in the order given) into one over their union box."""
+    x0 = min(p.origin[0] for p in parts)
+    y0 = min(p.origin[1] for p in parts)
+    x1 = max(p.origin[0] + p.wsum.shape[1] for p in parts)
+    y1 = max(p.origin[1] + p.wsum.shape[0] for p in parts)
+    shape = (y1 - y0, x1 - x0)
+    sums = [np.zeros(shape), np.zeros(shape), np.zeros(shape)]
+    for p in parts:
+        r, c = p.origin[1] - y0, p.origin[0] - x0
+        h, w = p.wsum.shape
+        for acc, arr in zip(sums, (p.re, p.im, p.wsum)):
+            acc[r:r + h, c:c + w] += arr
+    return Partial((x0, y0), *sums, n_patches=sum(p.n_patches for p in parts))
+
+
+def finish_scan(plan: ScanPlan, *parts: Partial) -> Reconstruction:
+    """Task: the whole scan's canvas from its partials → the stitched object, as ``Bundle.reconstruct`` returns it."""
+    N = int(plan.params["N"])
+    canvas = StitchCanvas(plan.shape, N, plan.origin, crop=N)  # the window was applied in the chunks
+    for p in parts:
+        canvas.add_sums(p.origin, p.re, p.im, p.wsum, p.n_patches)
+    return canvas.result()
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+@dataclass
+class ScanResult:
+    """One scan's outcome: its output file, or the error that stopped it (the other scans are unaffected)."""
+
+    scan: str
+    output: Path
+    n_patterns: int = 0
+    elapsed_s: float = 0.0
+    error: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class _BundleView:
+    """The bundle attributes ``write_reconstruction`` records, as the workers reported them."""
+
+    path: str
+    params: dict[str, Any]
+    backend: str
+    device: str
+    providers: list[str]
+    N: int = field(init=False)
+    gridsize: int = field(init=False)
+    intensity_scale: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.N = int(self.params["N"])
+        self.gridsize = int(self.params["gridsize"])
+        self.intensity_scale = float(self.params["intensity_scale"])
+
+
+def output_paths(scans: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> dict[str, Path]:
+    """``OUT_DIR/<scan stem>.h5`` per scan; two scans with one stem would overwrite each other: refused."""
+    out: dict[str, Path] = {}
+    seen: dict[str, str] = {}
+    for s in scans:
+        stem = Path(s).stem
+        if stem in seen:
+            raise ValueError(f"scans {seen[stem]} and {s} would both be written to {stem}.h5; rename one, or run "
+                             "them in separate infer-many calls with different output folders")
+        seen[stem] = str(s)
+        out[str(s)] = Path(out_dir) / f"{stem}.h5"
+    return out
+
+
+@contextlib.contextmanager
+def dask_client(scheduler: str = "local", workers: Optional[int] = None) -> Iterator[Any]:
+    """A ``distributed.Client``: a ``LocalCluster`` of ``workers`` processes, or the scheduler at ``tcp://…``.
+
+    For a remote scheduler, ``workers`` (if given) is waited for, at most
+    ``WAIT_FOR_WORKERS_S``. Errors reaching the scheduler are ``ClusterError``.
+    """
+    distributed = _import_distributed()
+    if scheduler == "local":
+        n = workers or 2
+        if n < 1:
+            raise ValueError(f"--workers must be >= 1 (got {n})")
+        with contextlib.ExitStack() as stack:
+            cluster = stack.enter_context(distributed.LocalCluster(
+                n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, host="127.0.0.1"))
+            yield stack.enter_context(distributed.Client(cluster))
+        return
+    if not scheduler.startswith(("tcp://", "tls://", "inproc://", "ucx://")):
+        raise ValueError(f"--scheduler must be 'local' or a scheduler address such as tcp://HOST:8786 "
+                         f"(got {scheduler!r})")
+    try:
+        client = distributed.Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s")
+    except (OSError, TimeoutError) as exc:
+        raise ClusterError(f"cannot reach the Dask scheduler at {scheduler} within {CONNECT_TIMEOUT_S:g} s "
+                           f"({type(exc).__name__}): start it (dask scheduler, or a dask-jobqueue cluster) or check "
+                           "the address", scheduler) from None
+    try:
+        if workers:
+            try:
+                client.wait_for_workers(workers, timeout=WAIT_FOR_WORKERS_S)
+            except (TimeoutError, OSError) as exc:
+                raise ClusterError(f"the Dask scheduler at {scheduler} has fewer than {workers} workers after "
+                                   f"{WAIT_FOR_WORKERS_S:g} s ({exc}); start more workers or lower --workers",
+                                   scheduler) from None
+        yield client
+    finally:
+        client.close()
+
+
+def _chunks(n: int, size: int) -> list[tuple[int, int]]:
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def _tree_merge(client: Any, parts: list[Any]) -> list[Any]:
+    """Merge futures of partials in fixed groups until at most ``MERGE_FAN_IN`` remain (deterministic order)."""
+    while len(parts) > MERGE_FAN_IN:
+        parts = [client.submit(merge_partials, *parts[i:i + MERGE_FAN_IN])
+                 for i in range(0, len(parts), MERGE_FAN_IN)]
+    return parts
+
+
+def _describe(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+def infer_many(client: Any, bundle_path: str | os.PathLike, scans: Sequence[str | os.PathLike],
+               out_dir: str | os.PathLike, chunk_frames: int = DEFAULT_CHUNK_FRAMES,
+               batch_size: Optional[int] = None, units: str = "auto", counts: bool = False,
+               position_centre: str = DEFAULT_CENTRE, device: str = "auto", intra_op_threads: Optional[int] = None,
+               on_result: Optional[Callable[[ScanResult], None]] = None) -> list[ScanResult]:
+    """Reconstruct every scan on the cluster behind ``client``; write ``OUT_DIR/<stem>.h5`` per scan.
+
+    Returns one ``ScanResult`` per scan, in the order given; a failed scan
+    carries its error and has no output file. ``on_result`` is called as each
+    scan finishes. Raises ``ClusterError`` when no worker can load the bundle.
+    """
+    from .cli import write_reconstruction
+
+    distributed = _import_distributed()
+    if isinstance(chunk_frames, bool) or int(chunk_frames) < 1:
+        raise ValueError(f"chunk_frames must be >= 1 (got {chunk_frames!r})")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+    from . import bundle_format as fmt
+
+    bundle_file = fmt.resolve_bundle_path(bundle_path).resolve()
+    scan_paths = [str(Path(s).resolve()) for s in scans]
+    outputs = output_paths(scan_paths, out_dir)
+    missing = [s for s in scan_paths if not Path(s).is_file()]
+    results = {s: ScanResult(s, outputs[s]) for s in scan_paths}
+    for s in missing:
+        results[s].error = f"FileNotFoundError: no scan file at {s}"
+        if on_result:
+            on_result(results[s])
+    plugin = BundleWorkerPlugin(str(bundle_file), file_sha256(bundle_file), device, intra_op_threads)
+    try:
+        client.register_plugin(plugin, name=plugin.name)
+    except Exception as exc:  # noqa: BLE001 - whatever setup raised on a worker, re-raised by Dask
+        raise ClusterError(f"the Dask workers cannot load the bundle: {_describe(exc)}") from None
+    try:
+        pending: dict[Any, tuple[str, str]] = {}  # future → (scan, stage)
+        held: dict[str, list[Any]] = {}
+        started: dict[str, float] = {}
+        plans: dict[str, ScanPlan] = {}
+        queue = distributed.as_completed()
+        for s in scan_paths:
+            if s in missing:
+                continue
+            started[s] = time.perf_counter()
+            loaded = client.submit(load_scan, plugin.name, s, units, counts, position_centre)
+            plan = client.submit(scan_plan, loaded)
+            held[s] = [loaded, plan]
+            pending[plan] = (s, "plan")
+            queue.add(plan)
+        for fut in queue:
+            s, stage = pending.pop(fut)
+            try:
+                value = fut.result()
+            except Exception as exc:  # noqa: BLE001 - the scan's own error (bad file, KilledWorker, ...)
+                results[s].error = _describe(exc)
+                held.pop(s, None)
+                if on_result:
+                    on_result(results[s])
+                continue
+            if stage == "plan":
+                plans[s] = value
+                loaded = held[s][0]
+                parts = [client.submit(reconstruct_chunk, plugin.name, client.submit(take_chunk, loaded, a, b),
+                                       batch_size) for a, b in _chunks(value.n_groups, int(chunk_frames))]
+                final = client.submit(finish_scan, value, *_tree_merge(client, parts))
+                held[s].append(final)
+                pending[final] = (s, "final")
+                queue.add(final)
+                continue
+            plan = plans[s]
+            elapsed = time.perf_counter() - started[s]
+            rate = plan.n_patterns / elapsed if elapsed > 0 else float("inf")
+            view = _BundleView(str(bundle_file), plan.params, plan.backend, plan.device, plan.providers)
+            try:
+                write_reconstruction(results[s].output, value, plan.positions, view, rate, elapsed, s)
+            except OSError as exc:
+                results[s].error = f"cannot write {results[s].output}: {_describe(exc)}"
+            else:
+                results[s].n_patterns = plan.n_patterns
+                results[s].elapsed_s = elapsed
+            held.pop(s, None)  # releases the scan's data on the workers
+            if on_result:
+                on_result(results[s])
+    finally:
+        with contextlib.suppress(Exception):
+            client.unregister_worker_plugin(plugin.name)
+    return [results[s] for s in scan_paths]
