@@ -277,8 +277,10 @@ def dask_client(scheduler: str = "local", workers: Optional[int] = None) -> Iter
         if n < 1:
             raise ValueError(f"--workers must be >= 1 (got {n})")
         with contextlib.ExitStack() as stack:
+            # silence_logs: a failing scan is reported once, by infer_many, not with each worker's traceback
             cluster = stack.enter_context(distributed.LocalCluster(
-                n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, host="127.0.0.1"))
+                n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0", host="127.0.0.1",
+                silence_logs=logging.CRITICAL))
             yield stack.enter_context(distributed.Client(cluster))
         return
     if not scheduler.startswith(("tcp://", "tls://", "inproc://", "ucx://")):
