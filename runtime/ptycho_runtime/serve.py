@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional, TextIO
 
 import numpy as np
 
+from .remote import RemoteError
 from .triton_model import (DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_DELAY_US, DEFAULT_MODEL_NAME, INPUT_NAME,
                            check_max_batch_size, check_model_name, check_queue_delay, model_spec,
                            preferred_batch_sizes)
@@ -100,7 +101,14 @@ def serve(bundle_path: str | os.PathLike, http_port: int = 8000, grpc_port: int 
                     outputs=[Tensor(name=n, dtype=np.float32, shape=shape) for n in spec.output_names],
                     config=model_config, strict=True)
         _add_parameters(triton, model_name, spec.parameters(device=bundle.device))
-        triton.run()
+        try:
+            triton.run()
+        except Exception as exc:  # noqa: BLE001 - PyTriton/tritonclient raise many types when startup fails
+            detail = " ".join(str(exc).split())[:600]
+            raise RemoteError(f"tritonserver could not start serving {model_name!r} ({type(exc).__name__}: "
+                              f"{detail}). Check that ports {http_port}, {grpc_port} and {metrics_port} are free "
+                              "(--http-port, --grpc-port, --metrics-port) and read the server log above.",
+                              f"{host}:{grpc_port}") from None
         out.write(f"serving {model_name!r} ({bundle.path}, N={bundle.N}, gridsize={bundle.gridsize}, "
                   f"{bundle.providers[0]}) on grpc {host}:{grpc_port}, http {host}:{http_port}; max batch "
                   f"{max_batch_size}, queue delay {max_queue_delay_us} us, {instances} instance(s). Ctrl-C stops.\n")

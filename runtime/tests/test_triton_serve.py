@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -52,8 +53,10 @@ class Server:
         self.http, self.grpc, self.metrics = _free_ports(3)
         self.url = f"127.0.0.1:{self.grpc}"
         self.log_path = log_path
-        # PyTriton's workspace (sockets, a copy of tritonserver) in the test's folder: a killed server leaves it
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTRITON_HOME=str(log_path.parent / "pytriton"))
+        # PyTriton's workspace (unix sockets, a copy of tritonserver): a killed server leaves it behind, so it goes
+        # in a folder of the test's own, with a short path (unix socket paths are limited to 107 bytes)
+        self.home = tempfile.mkdtemp(prefix="ptsrv")
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTRITON_HOME=self.home)
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ptycho_runtime.cli", "serve", str(bundle), "--host", "127.0.0.1",
@@ -80,7 +83,15 @@ class Server:
         self.signal_group(signal.SIGCONT)
         self.signal_group(signal.SIGKILL)
         self.proc.wait(30)
+        deadline = time.monotonic() + 30  # tritonserver and its stubs too (same group, or PDEATHSIG from PyTriton)
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
         self._log.close()
+        shutil.rmtree(self.home, ignore_errors=True)
 
     def stop(self) -> int:
         """SIGTERM to the serve process, as a service manager would; its exit status."""
