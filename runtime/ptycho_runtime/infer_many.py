@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from . import bundle_format as fmt
 from .geometry import DEFAULT_CENTRE
 from .remote import ClusterError
 from .stitching import Reconstruction, StitchCanvas, canvas_bounds
@@ -57,6 +58,8 @@ DEFAULT_CHUNK_FRAMES = 512
 MERGE_FAN_IN = 8
 CONNECT_TIMEOUT_S = 10.0
 WAIT_FOR_WORKERS_S = 120.0
+NO_WORKERS_TIMEOUT_S = 300.0  # a cluster left with no worker this long fails the scans still running
+WORKER_CHECK_INTERVAL_S = 1.0
 
 
 def _import_distributed() -> Any:
@@ -317,30 +320,129 @@ def _tree_merge(client: Any, parts: list[Any]) -> list[Any]:
     return parts
 
 
+def _completed(queue: Any, client: Any, no_workers_timeout_s: float) -> Iterator[Any]:
+    """Futures of ``queue`` as they finish (more may be added meanwhile); never waits forever on an empty cluster.
+
+    Dask queues tasks until a worker appears, so a cluster whose workers all
+    went away (jobs past their walltime, nodes lost) would wait for ever:
+    after ``no_workers_timeout_s`` without any worker this raises ``ClusterError``.
+    """
+    seen = checked = time.monotonic()
+    while not queue.is_empty():
+        if queue.has_ready():
+            yield from queue.next_batch(block=False)
+            continue
+        now = time.monotonic()
+        if now - checked >= WORKER_CHECK_INTERVAL_S:
+            checked = now
+            if client.scheduler_info().get("workers"):
+                seen = now
+            elif now - seen > no_workers_timeout_s:
+                raise ClusterError(f"the Dask cluster at {client.scheduler.address} has had no workers for "
+                                   f"{no_workers_timeout_s:g} s; start workers (cluster.scale(...), dask worker "
+                                   "ADDRESS) and run the failed scans again", client.scheduler.address)
+        time.sleep(0.02)
+
+
 def _describe(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+class _ScanRun:
+    """The driver's bookkeeping for one ``infer_many`` call: which future is which scan's which stage."""
+
+    def __init__(self, client: Any, plugin_name: str, bundle_file: str, results: dict[str, ScanResult],
+                 chunk_frames: int, batch_size: Optional[int],
+                 on_result: Optional[Callable[[ScanResult], None]]) -> None:
+        self.client = client
+        self.plugin_name = plugin_name
+        self.bundle_file = bundle_file
+        self.results = results
+        self.chunk_frames = chunk_frames
+        self.batch_size = batch_size
+        self.on_result = on_result
+        self.stage: dict[Any, tuple[str, str]] = {}   # future → (scan, "plan" | "final")
+        self.held: dict[str, list[Any]] = {}          # scan → its futures (keeps its data on the workers)
+        self.started: dict[str, float] = {}
+        self.plans: dict[str, ScanPlan] = {}
+
+    def submit(self, scan: str, units: str, counts: bool, position_centre: str) -> Any:
+        """Load the scan on a worker; return the future of its (small) plan."""
+        self.started[scan] = time.perf_counter()
+        loaded = self.client.submit(load_scan, self.plugin_name, scan, units, counts, position_centre)
+        plan = self.client.submit(scan_plan, loaded)
+        self.held[scan] = [loaded, plan]
+        self.stage[plan] = (scan, "plan")
+        return plan
+
+    def advance(self, fut: Any) -> Optional[Any]:
+        """Handle a finished future: a plan → submit the chunks and the reduction (returned); a result → write."""
+        scan, stage = self.stage.pop(fut)
+        try:
+            value = fut.result()
+        except Exception as exc:  # noqa: BLE001 - the scan's own error (bad file, KilledWorker, ...)
+            self._done(scan, _describe(exc))
+            return None
+        if stage == "plan":
+            self.plans[scan] = value
+            loaded = self.held[scan][0]
+            parts = [self.client.submit(reconstruct_chunk, self.plugin_name,
+                                        self.client.submit(take_chunk, loaded, a, b), self.batch_size)
+                     for a, b in _chunks(value.n_groups, self.chunk_frames)]
+            final = self.client.submit(finish_scan, value, *_tree_merge(self.client, parts))
+            self.held[scan].append(final)
+            self.stage[final] = (scan, "final")
+            return final
+        from .cli import write_reconstruction
+
+        plan = self.plans[scan]
+        elapsed = time.perf_counter() - self.started[scan]
+        rate = plan.n_patterns / elapsed if elapsed > 0 else float("inf")
+        view = _BundleView(self.bundle_file, plan.params, plan.backend, plan.device, plan.providers)
+        result = self.results[scan]
+        try:
+            write_reconstruction(result.output, value, plan.positions, view, rate, elapsed, scan)
+        except OSError as exc:
+            self._done(scan, f"cannot write {result.output}: {_describe(exc)}")
+            return None
+        result.n_patterns, result.elapsed_s = plan.n_patterns, elapsed
+        self._done(scan, None)
+        return None
+
+    def fail_unfinished(self, error: str) -> None:
+        """Mark every scan still in flight failed and cancel its work (the cluster cannot finish it)."""
+        for scan in sorted({s for s, _ in self.stage.values()}):
+            self._done(scan, error)
+        self.stage.clear()
+
+    def _done(self, scan: str, error: Optional[str]) -> None:
+        self.results[scan].error = error
+        futures = self.held.pop(scan, [])  # dropping them releases the scan's data on the workers
+        if error is not None and futures:
+            self.client.cancel(futures)
+        if self.on_result:
+            self.on_result(self.results[scan])
 
 
 def infer_many(client: Any, bundle_path: str | os.PathLike, scans: Sequence[str | os.PathLike],
                out_dir: str | os.PathLike, chunk_frames: int = DEFAULT_CHUNK_FRAMES,
                batch_size: Optional[int] = None, units: str = "auto", counts: bool = False,
                position_centre: str = DEFAULT_CENTRE, device: str = "auto", intra_op_threads: Optional[int] = None,
-               on_result: Optional[Callable[[ScanResult], None]] = None) -> list[ScanResult]:
+               on_result: Optional[Callable[[ScanResult], None]] = None,
+               no_workers_timeout_s: Optional[float] = None) -> list[ScanResult]:
     """Reconstruct every scan on the cluster behind ``client``; write ``OUT_DIR/<stem>.h5`` per scan.
 
     Returns one ``ScanResult`` per scan, in the order given; a failed scan
     carries its error and has no output file. ``on_result`` is called as each
-    scan finishes. Raises ``ClusterError`` when no worker can load the bundle.
+    scan finishes. Raises ``ClusterError`` when no worker can load the bundle, or when the cluster has
+    had no worker for ``no_workers_timeout_s`` (default ``NO_WORKERS_TIMEOUT_S``; the scans not finished by
+    then are marked failed first).
     """
-    from .cli import write_reconstruction
-
     distributed = _import_distributed()
     if isinstance(chunk_frames, bool) or int(chunk_frames) < 1:
         raise ValueError(f"chunk_frames must be >= 1 (got {chunk_frames!r})")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
-    from . import bundle_format as fmt
-
     bundle_file = fmt.resolve_bundle_path(bundle_path).resolve()
     scan_paths = [str(Path(s).resolve()) for s in scans]
     outputs = output_paths(scan_paths, out_dir)
@@ -355,55 +457,21 @@ def infer_many(client: Any, bundle_path: str | os.PathLike, scans: Sequence[str 
         client.register_plugin(plugin, name=plugin.name)
     except Exception as exc:  # noqa: BLE001 - whatever setup raised on a worker, re-raised by Dask
         raise ClusterError(f"the Dask workers cannot load the bundle: {_describe(exc)}") from None
+    run = _ScanRun(client, plugin.name, str(bundle_file), results, int(chunk_frames), batch_size, on_result)
+    queue = distributed.as_completed()
     try:
-        pending: dict[Any, tuple[str, str]] = {}  # future → (scan, stage)
-        held: dict[str, list[Any]] = {}
-        started: dict[str, float] = {}
-        plans: dict[str, ScanPlan] = {}
-        queue = distributed.as_completed()
         for s in scan_paths:
-            if s in missing:
-                continue
-            started[s] = time.perf_counter()
-            loaded = client.submit(load_scan, plugin.name, s, units, counts, position_centre)
-            plan = client.submit(scan_plan, loaded)
-            held[s] = [loaded, plan]
-            pending[plan] = (s, "plan")
-            queue.add(plan)
-        for fut in queue:
-            s, stage = pending.pop(fut)
-            try:
-                value = fut.result()
-            except Exception as exc:  # noqa: BLE001 - the scan's own error (bad file, KilledWorker, ...)
-                results[s].error = _describe(exc)
-                held.pop(s, None)
-                if on_result:
-                    on_result(results[s])
-                continue
-            if stage == "plan":
-                plans[s] = value
-                loaded = held[s][0]
-                parts = [client.submit(reconstruct_chunk, plugin.name, client.submit(take_chunk, loaded, a, b),
-                                       batch_size) for a, b in _chunks(value.n_groups, int(chunk_frames))]
-                final = client.submit(finish_scan, value, *_tree_merge(client, parts))
-                held[s].append(final)
-                pending[final] = (s, "final")
-                queue.add(final)
-                continue
-            plan = plans[s]
-            elapsed = time.perf_counter() - started[s]
-            rate = plan.n_patterns / elapsed if elapsed > 0 else float("inf")
-            view = _BundleView(str(bundle_file), plan.params, plan.backend, plan.device, plan.providers)
-            try:
-                write_reconstruction(results[s].output, value, plan.positions, view, rate, elapsed, s)
-            except OSError as exc:
-                results[s].error = f"cannot write {results[s].output}: {_describe(exc)}"
-            else:
-                results[s].n_patterns = plan.n_patterns
-                results[s].elapsed_s = elapsed
-            held.pop(s, None)  # releases the scan's data on the workers
-            if on_result:
-                on_result(results[s])
+            if s not in missing:
+                queue.add(run.submit(s, units, counts, position_centre))
+        wait_s = NO_WORKERS_TIMEOUT_S if no_workers_timeout_s is None else float(no_workers_timeout_s)
+        try:
+            for fut in _completed(queue, client, wait_s):
+                follow_up = run.advance(fut)
+                if follow_up is not None:
+                    queue.add(follow_up)
+        except ClusterError as exc:
+            run.fail_unfinished(f"ClusterError: {exc}")
+            raise
     finally:
         with contextlib.suppress(Exception):
             client.unregister_worker_plugin(plugin.name)

@@ -205,6 +205,17 @@ def test_usage_errors_exit_2(cluster, scans, tmp_path, capsys):
     assert "chunk_frames must be >= 1" in capsys.readouterr().err
 
 
+def test_a_cluster_without_workers_fails_the_scans_instead_of_waiting_for_ever(scans, tmp_path):
+    bundle, scan_files = scans("n64_g1")
+    seen = []
+    with distributed.LocalCluster(n_workers=0, processes=True, dashboard_address=":0", host="127.0.0.1") as c, \
+            distributed.Client(c) as client:
+        with pytest.raises(pr.ClusterError, match="has had no workers for 2 s; start workers"):
+            im.infer_many(client, bundle, scan_files, tmp_path / "o", no_workers_timeout_s=2, on_result=seen.append)
+    assert [r.ok for r in seen] == [False, False] and all("no workers" in r.error for r in seen)
+    assert not (tmp_path / "o").exists()
+
+
 def test_worker_plugin_refuses_a_different_file(bundle_path):
     path = bundle_path("n64_g1")
     plugin = im.BundleWorkerPlugin(str(path), "0" * 64)
