@@ -9,11 +9,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${CLUSTER_PYTHON:-/usr/bin/python3.11}
-EXTRAS="serve,dask,test"
+EXTRAS="cpu,serve,dask,test"  # cpu: onnxruntime, where the runtime makes it an extra
 if [ ! -x "$PY" ] || ! "$PY" -c "import ensurepip, sysconfig, sys; sys.exit(not sysconfig.get_config_var('Py_ENABLE_SHARED'))" 2>/dev/null; then
   echo "no Python with a shared libpython at $PY: PyTriton (serve) tests will skip" >&2
   PY=${PYTHON:-python3}
-  EXTRAS="triton,dask,test"
+  EXTRAS="cpu,triton,dask,test"
 fi
 if [ ! -x .venv-cluster/bin/python ]; then
   "$PY" -m venv .venv-cluster

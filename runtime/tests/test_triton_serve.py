@@ -219,13 +219,14 @@ def test_hung_or_vanished_server_mid_scan_gives_a_clear_error_never_a_partial_ob
     diff, pos = _scan(path)
     server = Server(path, tmp_path / "serve.log")
     try:
-        b = pr.load_bundle(path, backend="triton", url=server.url, timeout_s=2, retries=2)
+        hasty = pr.load_bundle(path, backend="triton", url=server.url, timeout_s=2, retries=2)
         server.signal_group(signal.SIGSTOP)  # hung: accepts nothing, answers nothing
         t0 = time.monotonic()
         with pytest.raises(pr.ServerUnavailableError, match=r"did not answer inference \(batch 1 of 1\) within 2 s"):
-            b.reconstruct(diff, pos)
+            hasty.reconstruct(diff, pos)
         assert time.monotonic() - t0 < 10
-        server.signal_group(signal.SIGCONT)
+        server.signal_group(signal.SIGCONT)  # it recovers: the same server answers correctly again
+        b = pr.load_bundle(path, backend="triton", url=server.url, timeout_s=20, retries=2)
         _assert_same(b.reconstruct(diff, pos), pr.load_bundle(path, device="cpu").reconstruct(diff, pos))
 
         batches: list[int] = []
@@ -236,10 +237,10 @@ def test_hung_or_vanished_server_mid_scan_gives_a_clear_error_never_a_partial_ob
                 server.kill()  # the whole server, tritonserver included, goes away mid-scan
 
         t0 = time.monotonic()
-        with pytest.raises(pr.ServerUnavailableError, match=r"(unreachable|did not answer) during inference|did not "
-                                                            r"answer inference") as err:
+        with pytest.raises(pr.ServerUnavailableError, match=r"unreachable during inference|did not answer "
+                                                            r"inference") as err:
             b.reconstruct(diff, pos, batch_size=8, progress=kill_after_first_batch)
-        assert time.monotonic() - t0 < 15
+        assert time.monotonic() - t0 < 30  # bounded: retries with pauses, or one deadline
         assert batches == [8]  # nothing after the kill was reported done, and no object was returned
         assert "no partial result was kept" in str(err.value)
     finally:
