@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
         res["round_trip"] = []
         for b in (1, 16, 64):
             x = rng.uniform(0, 30, (b, C, local.N, local.N)).astype(np.float32)
-            t_local = timed(lambda: local._backend.run(x), args.repeats)
-            t_remote = timed(lambda: remote._backend.run(x), args.repeats)
+            t_local = timed(lambda x=x: local._backend.run(x), args.repeats)
+            t_remote = timed(lambda x=x: remote._backend.run(x), args.repeats)
             res["round_trip"].append({"batch": b, "onnx_ms": 1e3 * t_local, "triton_ms": 1e3 * t_remote,
                                       "ratio": t_remote / t_local})
         d, pos, _ = synthetic_scan(scan_file, args.frames, 1)

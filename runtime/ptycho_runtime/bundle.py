@@ -312,7 +312,7 @@ def load_bundle(path: str | os.PathLike, backend: str = "auto", device: str = "a
     ``backend="triton"`` runs the graph on a Triton server at ``url``
     ("HOST:GRPC_PORT") as ``model_name`` (default "ptycho"), with per-call
     ``timeout_s`` and ``retries`` (``triton_client``); everything else runs
-    here. The server's model config must match this bundle (else
+    here, and ``device``/``precision`` are the server's. The server's model config must match this bundle (else
     ``ServerModelMismatchError``); an unreachable server raises
     ``ServerUnavailableError``. Needs ``pip install 'ptycho-runtime[triton]'``.
     """

@@ -100,8 +100,7 @@ def add_cluster_commands(sub: Any) -> None:
     """Add ``triton-repo``, ``serve`` and ``infer-many`` to the ``ptycho-runtime`` sub-command parser."""
     from .cli import add_scan_arguments
     from .infer_many import DEFAULT_CHUNK_FRAMES
-    from .triton_model import (DEFAULT_INSTANCES, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_DELAY_US,
-                               DEFAULT_MODEL_NAME)
+    from .triton_model import DEFAULT_INSTANCES, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_DELAY_US, DEFAULT_MODEL_NAME
 
     fmt_class = argparse.RawDescriptionHelpFormatter
 

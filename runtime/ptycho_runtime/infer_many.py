@@ -202,7 +202,7 @@ def merge_partials(*parts: Partial) -> Partial:
     for p in parts:
         r, c = p.origin[1] - y0, p.origin[0] - x0
         h, w = p.wsum.shape
-        for acc, arr in zip(sums, (p.re, p.im, p.wsum)):
+        for acc, arr in zip(sums, (p.re, p.im, p.wsum), strict=True):
             acc[r:r + h, c:c + w] += arr
     return Partial((x0, y0), *sums, n_patches=sum(p.n_patches for p in parts))
 

@@ -30,9 +30,17 @@ from typing import Any, Callable, Optional, TextIO
 import numpy as np
 
 from .remote import RemoteError
-from .triton_model import (DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_DELAY_US, DEFAULT_MODEL_NAME, INPUT_NAME,
-                           check_max_batch_size, check_model_name, check_queue_delay, model_spec,
-                           preferred_batch_sizes)
+from .triton_model import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_QUEUE_DELAY_US,
+    DEFAULT_MODEL_NAME,
+    INPUT_NAME,
+    check_max_batch_size,
+    check_model_name,
+    check_queue_delay,
+    model_spec,
+    preferred_batch_sizes,
+)
 
 log = logging.getLogger("ptycho_runtime")
 
