@@ -20,6 +20,7 @@ table and writes JSON with ``-o``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -60,7 +61,8 @@ def start_server(bundle: Path, home: str, instances: int, threads: int) -> tuple
     deadline = time.monotonic() + 180
     while "\nserving '" not in "\n" + (Path(home) / "serve.log").read_text(errors="replace"):
         if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             raise RuntimeError("serve did not start:\n" + (Path(home) / "serve.log").read_text()[-3000:])
         time.sleep(0.2)
     return proc, f"127.0.0.1:{grpc}"
