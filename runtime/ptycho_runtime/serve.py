@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 from typing import Any, Callable, Optional, TextIO
 
@@ -88,6 +89,7 @@ def serve(bundle_path: str | os.PathLike, http_port: int = 8000, grpc_port: int 
     check_queue_delay(max_queue_delay_us)
     if isinstance(instances, bool) or not isinstance(instances, int) or not 1 <= instances <= 64:
         raise ValueError(f"instances must be 1..64 (got {instances!r})")
+    check_ports_free(host, {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port})
     batch, DynamicBatcher, ModelConfig, Tensor, Triton, TritonConfig = _import_pytriton()
     bundle = load_bundle(bundle_path, backend="onnx", device=device, intra_op_threads=intra_op_threads)
     spec = model_spec(bundle.contents)
@@ -128,6 +130,23 @@ def serve(bundle_path: str | os.PathLike, http_port: int = 8000, grpc_port: int 
         triton.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def check_ports_free(host: str, ports: dict[str, int]) -> None:
+    """Refuse ports already in use now: tritonserver would fail to bind and PyTriton wait minutes for it."""
+    seen: dict[int, str] = {}
+    for option, port in ports.items():
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise ValueError(f"{option} must be a TCP port 1..65535 (got {port!r})")
+        if port in seen:
+            raise ValueError(f"{seen[port]} and {option} are both {port}; give each its own port")
+        seen[port] = option
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                raise ValueError(f"cannot listen on {host}:{port} ({option}): {exc.strerror or exc}; another "
+                                 f"server may be using it: choose another port with {option}") from None
 
 
 def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:

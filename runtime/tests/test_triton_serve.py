@@ -50,6 +50,12 @@ class Server:
     """``ptycho-runtime serve`` in its own process group, so a test can stop, freeze or kill all of it."""
 
     def __init__(self, bundle: Path, log_path: Path, *extra: str) -> None:
+        for _ in range(3):  # free ports are picked, then released: another process may take one meanwhile
+            if self._start(bundle, log_path, *extra):
+                return
+        pytest.fail(f"ptycho-runtime serve found its ports taken 3 times:\n{self.log()[-2000:]}")
+
+    def _start(self, bundle: Path, log_path: Path, *extra: str) -> bool:
         self.http, self.grpc, self.metrics = _free_ports(3)
         self.url = f"127.0.0.1:{self.grpc}"
         self.log_path = log_path
@@ -67,8 +73,11 @@ class Server:
         while "\nserving '" not in "\n" + self.log():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.kill()
+                if "cannot listen on" in self.log():
+                    return False
                 pytest.fail(f"ptycho-runtime serve did not start:\n{self.log()[-4000:]}")
             time.sleep(0.2)
+        return True
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -203,6 +212,20 @@ def test_connect_refuses_a_server_model_that_is_not_this_bundle(served, bundle_p
         pr.load_bundle(path, backend="triton", url=f"http://127.0.0.1:{server.http}")
     with pytest.raises(ValueError, match="backend='triton' only"):
         pr.load_bundle(path, url=server.url)
+
+
+def test_serve_refuses_a_port_in_use_at_once(bundle_path, capsys):
+    from ptycho_runtime import cli
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        t0 = time.monotonic()
+        rc = cli.main(["serve", str(bundle_path("n64_g1")), "--host", "127.0.0.1", "--grpc-port", str(port)])
+    assert rc == 2 and time.monotonic() - t0 < 10
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port} (--grpc-port)" in err and "choose another port with --grpc-port" in err
 
 
 def test_no_server_fails_fast_and_clearly(bundle_path):
