@@ -18,7 +18,8 @@ fi
 if [ ! -x .venv-cluster/bin/python ]; then
   "$PY" -m venv .venv-cluster
 fi
-.venv-cluster/bin/python -m pip install -q --disable-pip-version-check -e "./runtime[$EXTRAS]" pytest-timeout
+# --no-compile: byte-compiling every installed file (PyTriton, onnx, grpc ...) took longer than the tests need
+.venv-cluster/bin/python -m pip install -q --disable-pip-version-check --no-compile -e "./runtime[$EXTRAS]" pytest-timeout
 OMP_NUM_THREADS=1 .venv-cluster/bin/python -m pytest -p no:cacheprovider -q -c runtime/pytest.ini --rootdir runtime \
   --timeout 300 -p no:logging runtime/tests/test_partial_canvas.py runtime/tests/test_triton_repo.py \
   runtime/tests/test_triton_serve.py runtime/tests/test_infer_many.py
