@@ -17,6 +17,7 @@ from .bundle_format import (BundleChecksumError, BundleError, BundleFormatError,
 from .backends import DeviceUnavailableError
 from .geometry import DEFAULT_CENTRE, frame_centre, to_default_centre
 from .inputs import positions_from_metres
+from .remote import ClusterError, RemoteError, ServerModelMismatchError, ServerUnavailableError
 from .stitching import Reconstruction, StitchCanvas, probe_window, stitch_patches
 from .streaming import StreamingReconstructor
 
@@ -36,8 +37,12 @@ __all__ = [
     "BundleParamsError",
     "BundleUnsafeError",
     "BundleInfo",
+    "ClusterError",
     "DeviceUnavailableError",
     "Reconstruction",
+    "RemoteError",
+    "ServerModelMismatchError",
+    "ServerUnavailableError",
     "StitchCanvas",
     "StreamingReconstructor",
     "align_patch_phases",

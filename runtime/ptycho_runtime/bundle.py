@@ -37,7 +37,7 @@ from .grouping import group_neighbors
 from .inputs import check_positions, prepare_diffraction
 from .stitching import Reconstruction, probe_window
 
-BACKENDS = ("auto", "onnx", "torchscript")
+BACKENDS = ("auto", "onnx", "torchscript", "triton")
 INFERENCE_MODEL = "diffraction_to_obj"
 
 
@@ -61,7 +61,9 @@ class Bundle:
 
     def __init__(self, contents: fmt.BundleContents, backend: str = "auto", device: str = "auto",
                  precision: str = "fp32", tensorrt: bool = False, intra_op_threads: Optional[int] = None,
-                 cuda_graph_batch: Optional[int] = None, self_test: bool = True) -> None:
+                 cuda_graph_batch: Optional[int] = None, self_test: bool = True, *, url: Optional[str] = None,
+                 model_name: Optional[str] = None, timeout_s: Optional[float] = None,
+                 retries: Optional[int] = None) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
         if device not in DEVICES:
@@ -81,13 +83,21 @@ class Bundle:
 
         if backend == "auto":
             backend = "onnx" if ("onnx", INFERENCE_MODEL) in contents.graphs else "torchscript"
-        record = contents.graph(backend, INFERENCE_MODEL)  # clear error if the graph is absent
-        if backend == "onnx":
+        if backend != "triton" and (url is not None or model_name is not None):
+            raise ValueError("url and model_name apply to backend='triton' only")
+        record = None if backend == "triton" else contents.graph(backend, INFERENCE_MODEL)  # clear error if absent
+        if backend == "triton":  # the graph runs on a Triton server; the rest stays here (triton_client)
+            from .triton_client import TritonBackend
+
+            self._backend = TritonBackend(contents, url, model_name, timeout_s, retries)
+            self._pair = self.output_mode
+        elif backend == "onnx":
             fmt.check_onnx_graph(record.data, ("onnx", INFERENCE_MODEL), p, self.path)
             self._backend = OnnxBackend(record.data, device, precision, tensorrt, intra_op_threads,
                                         cuda_graph_batch=cuda_graph_batch)
             self._pair = self.output_mode
         else:
+            assert record is not None
             fmt.check_torchscript_archive(record.data, INFERENCE_MODEL, self.path)
             self._backend = TorchScriptBackend(record.data, device, precision)
             self._pair = "real_imag"
@@ -285,7 +295,9 @@ def _combine_into(out: np.ndarray, a: np.ndarray, b: np.ndarray, pair: str) -> N
 
 def load_bundle(path: str | os.PathLike, backend: str = "auto", device: str = "auto", precision: str = "fp32",
                 tensorrt: bool = False, intra_op_threads: Optional[int] = None,
-                cuda_graph_batch: Optional[int] = None, self_test: bool = True) -> Bundle:
+                cuda_graph_batch: Optional[int] = None, self_test: bool = True, *, url: Optional[str] = None,
+                model_name: Optional[str] = None, timeout_s: Optional[float] = None,
+                retries: Optional[int] = None) -> Bundle:
     """Open a bundle (file, or folder with ``wts.h5``), verify format and checksums, start a backend.
 
     ``backend``: "auto" (ONNX if the bundle has it, else TorchScript), "onnx"
@@ -296,6 +308,13 @@ def load_bundle(path: str | os.PathLike, backend: str = "auto", device: str = "a
     ``self_test``: re-run the stored parity cases through ``predict`` (cheap;
     catches params that no longer match the graph). Every problem with the
     file raises a ``BundleError`` subclass (see ``bundle_format``).
+
+    ``backend="triton"`` runs the graph on a Triton server at ``url``
+    ("HOST:GRPC_PORT") as ``model_name`` (default "ptycho"), with per-call
+    ``timeout_s`` and ``retries`` (``triton_client``); everything else runs
+    here, and ``device``/``precision`` are the server's. The server's model config must match this bundle (else
+    ``ServerModelMismatchError``); an unreachable server raises
+    ``ServerUnavailableError``. Needs ``pip install 'ptycho-runtime[triton]'``.
     """
     return Bundle(fmt.read_bundle(path), backend, device, precision, tensorrt, intra_op_threads, cuda_graph_batch,
-                  self_test)
+                  self_test, url=url, model_name=model_name, timeout_s=timeout_s, retries=retries)

@@ -175,7 +175,7 @@ def _still_works(b: pr.Bundle) -> None:
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(backend="tensorrt"), ValueError, r"backend must be one of auto, onnx, torchscript \(got 'tensorrt'\)"),
+    (dict(backend="tensorrt"), ValueError, r"backend must be one of auto, onnx, torchscript, triton \(got 'tensorrt'\)"),
     (dict(device="gpu"), ValueError, r"device must be one of auto, cpu, cuda \(got 'gpu'\)"),
     (dict(precision="bf16"), ValueError, r"precision must be one of fp32, fp16"),
     (dict(precision="fp16", device="cpu"), ValueError, r"fp16.*needs a CUDA device"),
