@@ -68,7 +68,7 @@ def make_runner(bb, path: str, x):
         info["provider"] = "torch.jit (bundle bytes)"
     elif path == "ort_cpu":
         rt = bb.runtime(backend="onnx", device="cpu")
-        run = rt._backend.run
+        run = rt.run_graph
 
         def fn():
             return run(x)
@@ -89,7 +89,7 @@ def make_runner(bb, path: str, x):
                     cudnn_benchmark=bool(torch.backends.cudnn.benchmark))
     elif path == "ort_cuda":
         rt = runtime_on_gpu(bb, CUDA_EP)
-        run = rt._backend.run
+        run = rt.run_graph
 
         def fn():
             return run(x)  # IOBinding: one copy in, one copy out per output
@@ -97,7 +97,7 @@ def make_runner(bb, path: str, x):
         info.update(device="cuda", provider=rt.providers[0])
     elif path == "ort_tensorrt_fp16":
         rt = runtime_on_gpu(bb, TRT_EP, tensorrt=True, precision="fp16")
-        run = rt._backend.run
+        run = rt.run_graph
         # TensorRT builds an engine per input-shape range and rebuilds when a shape falls outside it: one
         # untimed call at the largest and one at the smallest batch make a single [min, max] profile, so the
         # cases below do not each pay (or time) an engine rebuild.

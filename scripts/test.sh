@@ -4,6 +4,7 @@
 #  1. training side + runtime tests in .venv (torch installed);
 #  2. the runtime tests again in .venv-runtime, a venv WITHOUT torch (proves the runtime needs none);
 #  3. the benchmarks in smoke mode (they must stay runnable; speed is not asserted).
+# Between 2 and 3, scripts/test_cluster.sh tests Triton and Dask in their own venv (.venv-cluster).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -30,6 +31,9 @@ trap 'rm -rf "$FIXTURES"' EXIT
 .venv/bin/python -m ptycho_export.testing "$FIXTURES"
 PTYCHO_TEST_BUNDLE_DIR="$FIXTURES" .venv-runtime/bin/python -m pytest -p no:cacheprovider -q \
   -c runtime/pytest.ini --rootdir runtime runtime/tests
+
+echo "== Triton and Dask: triton-repo, serve, the triton backend, infer-many (own venv)"
+PTYCHO_TEST_BUNDLE_DIR="$FIXTURES" bash scripts/test_cluster.sh
 
 echo "== 3/3 benchmarks, smoke mode"
 PTYCHO_BENCH_SMOKE=1 .venv/bin/python -m pytest -p no:cacheprovider -q benchmarks --benchmark-disable

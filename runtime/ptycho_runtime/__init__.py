@@ -28,6 +28,7 @@ from .bundle_format import (
 )
 from .geometry import DEFAULT_CENTRE, frame_centre, to_default_centre
 from .inputs import positions_from_metres
+from .remote import ClusterError, RemoteError, ServerModelMismatchError, ServerUnavailableError
 from .stitching import Reconstruction, StitchCanvas, probe_window, stitch_patches
 from .streaming import StreamingReconstructor
 
@@ -50,8 +51,12 @@ __all__ = [
     "BundleParamsError",
     "BundleUnsafeError",
     "BundleInfo",
+    "ClusterError",
     "DeviceUnavailableError",
     "Reconstruction",
+    "RemoteError",
+    "ServerModelMismatchError",
+    "ServerUnavailableError",
     "StitchCanvas",
     "StreamingReconstructor",
     "align_patch_phases",

@@ -37,7 +37,7 @@ from .inputs import check_positions, check_scan_positions, prepare_diffraction
 from .parity import SELF_TEST_TOLERANCE, graph_input, relative_error
 from .stitching import MAX_CANVAS_PIXELS, Reconstruction, probe_window
 
-BACKENDS = ("auto", "onnx", "torchscript")
+BACKENDS = ("auto", "onnx", "torchscript", "triton")
 INFERENCE_MODEL = "diffraction_to_obj"
 
 
@@ -61,7 +61,9 @@ class Bundle:
 
     def __init__(self, contents: fmt.BundleContents, backend: str = "auto", device: str = "auto",
                  precision: str = "fp32", tensorrt: bool = False, intra_op_threads: Optional[int] = None,
-                 cuda_graph_batch: Optional[int] = None, self_test: bool = True) -> None:
+                 cuda_graph_batch: Optional[int] = None, self_test: bool = True, *, url: Optional[str] = None,
+                 model_name: Optional[str] = None, timeout_s: Optional[float] = None,
+                 retries: Optional[int] = None) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
         check_device_precision(device, precision)
@@ -78,13 +80,21 @@ class Bundle:
 
         if backend == "auto":
             backend = "onnx" if ("onnx", INFERENCE_MODEL) in contents.graphs else "torchscript"
-        record = contents.graph(backend, INFERENCE_MODEL)  # clear error if the graph is absent
-        if backend == "onnx":
+        if backend != "triton" and (url is not None or model_name is not None):
+            raise ValueError("url and model_name apply to backend='triton' only")
+        record = None if backend == "triton" else contents.graph(backend, INFERENCE_MODEL)  # clear error if absent
+        if backend == "triton":  # the graph runs on a Triton server; the rest stays here (triton_client)
+            from .triton_client import TritonBackend
+
+            self._backend = TritonBackend(contents, url, model_name, timeout_s, retries)
+            self._pair = self.output_mode
+        elif backend == "onnx":
             fmt.check_onnx_graph(record.data, ("onnx", INFERENCE_MODEL), p, self.path)
             self._backend = OnnxBackend(record.data, device, precision, tensorrt, intra_op_threads,
                                         cuda_graph_batch=cuda_graph_batch)
             self._pair = self.output_mode
         else:
+            assert record is not None
             fmt.check_torchscript_archive(record.data, INFERENCE_MODEL, self.path)
             self._backend = TorchScriptBackend(record.data, device, precision)
             self._pair = "real_imag"
@@ -218,6 +228,14 @@ class Bundle:
                                  f"diffraction (got {list(off.shape)})")
         return self.infer(x, batch_size)
 
+    def run_graph(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The graph alone on one prepared batch [b, C, N, N] → its two real output maps (no batching, no combining).
+
+        What a server or a benchmark times: the verified, self-tested session without the normalisation or
+        complex assembly around it.
+        """
+        return self._backend.run(np.ascontiguousarray(x))
+
     def infer(self, x: np.ndarray, batch_size: Optional[int] = None,
               progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
         """Run the graph on prepared input (``prepare``'s output) in batches → complex64 patches [n, C, N, N].
@@ -274,15 +292,21 @@ class Bundle:
         an outlier position far from the rest, and a canvas above
         ``max_canvas_pixels`` (``inputs.check_scan_positions``).
         """
-        x, pos = self._grouped(diffraction, positions, counts)
+        x, pos = self.group(diffraction, positions, counts)
         check_scan_positions(pos.reshape(-1, 2), self.N, object_shape, max_canvas_pixels)
         patches = self.infer(x, batch_size, progress)
         w = None if crop is not None else self.stitch_window(window)
         return stitch_scan(patches, pos, window=w, crop=crop, align_phase=align_phase, object_shape=object_shape,
                            max_pixels=max_canvas_pixels)
 
-    def _grouped(self, diffraction: np.ndarray, positions: np.ndarray, counts: Optional[bool]
-                 ) -> tuple[np.ndarray, np.ndarray]:
+    def group(self, diffraction: np.ndarray, positions: np.ndarray, counts: Optional[bool] = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """Prepared graph input [g, C, N, N] and positions [g, C, 2], grouped as ``reconstruct`` groups them.
+
+        Flat frames [n, N, N] with positions [n, 2] are grouped with their nearest
+        neighbours when gridsize > 1 (as training's ``make_groups`` does);
+        pre-grouped input is checked and prepared as it is.
+        """
         d = np.asarray(diffraction)
         pos = np.asarray(positions)
         if d.ndim == 3 and self.channels > 1:
@@ -318,7 +342,9 @@ def _combine_into(out: np.ndarray, a: np.ndarray, b: np.ndarray, pair: str) -> N
 
 def load_bundle(path: str | os.PathLike, backend: str = "auto", device: str = "auto", precision: str = "fp32",
                 tensorrt: bool = False, intra_op_threads: Optional[int] = None,
-                cuda_graph_batch: Optional[int] = None, self_test: bool = True) -> Bundle:
+                cuda_graph_batch: Optional[int] = None, self_test: bool = True, *, url: Optional[str] = None,
+                model_name: Optional[str] = None, timeout_s: Optional[float] = None,
+                retries: Optional[int] = None) -> Bundle:
     """Open a bundle (file, or folder with ``wts.h5``), verify format and checksums, start a backend.
 
     ``backend``: "auto" (ONNX if the bundle has it, else TorchScript), "onnx"
@@ -329,6 +355,13 @@ def load_bundle(path: str | os.PathLike, backend: str = "auto", device: str = "a
     ``self_test``: re-run the stored parity cases through ``predict`` (cheap;
     catches params that no longer match the graph). Every problem with the
     file raises a ``BundleError`` subclass (see ``bundle_format``).
+
+    ``backend="triton"`` runs the graph on a Triton server at ``url``
+    ("HOST:GRPC_PORT") as ``model_name`` (default "ptycho"), with per-call
+    ``timeout_s`` and ``retries`` (``triton_client``); everything else runs
+    here, and ``device``/``precision`` are the server's. The server's model config must match this bundle (else
+    ``ServerModelMismatchError``); an unreachable server raises
+    ``ServerUnavailableError``. Needs ``pip install 'ptycho-runtime[triton]'``.
     """
     return Bundle(fmt.read_bundle(path), backend, device, precision, tensorrt, intra_op_threads, cuda_graph_batch,
-                  self_test)
+                  self_test, url=url, model_name=model_name, timeout_s=timeout_s, retries=retries)

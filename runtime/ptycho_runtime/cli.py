@@ -2,6 +2,7 @@
 
     ptycho-runtime infer BUNDLE SCAN.npz -o RECON.h5 [--png RECON.png] [--backend …] [--device …]
     ptycho-runtime info BUNDLE [--json]
+    ptycho-runtime triton-repo | serve | infer-many ...   (cli_cluster: Triton and Dask)
 
 Never imports torch unless ``--backend torchscript`` is asked for.
 """
@@ -23,10 +24,12 @@ from .alignment import DEFAULT_PHASE_ITERATIONS
 from .backends import DEVICES, PRECISIONS, DeviceUnavailableError
 from .geometry import CENTRE_CONVENTIONS, DEFAULT_CENTRE
 from .npz import UNITS
+from .remote import RemoteError
 
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
 EXIT_BAD_INPUT = 2
+EXIT_REMOTE = 3
 EXIT_CHECKSUM = 4
 
 EPILOG = """\
@@ -35,6 +38,7 @@ exit codes:
   1  unexpected error (a bug: please report it with the --debug traceback)
   2  bad input: missing file, not a bundle, bad NPZ, wrong shapes, unusable option
      (e.g. --device cuda without a usable GPU, --backend torchscript without torch)
+  3  remote failure: a Triton server or Dask scheduler is unreachable, went away or timed out
   4  checksum failure: the bundle is damaged or was modified (a checksum or the load-time self-test failed)
 """
 
@@ -390,6 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=cmd_info)
+
+    from .cli_cluster import add_cluster_commands
+
+    add_cluster_commands(sub)  # triton-repo, serve, infer-many
     return parser
 
 
@@ -410,6 +418,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         _error(exc)
         return EXIT_CHECKSUM
+    except RemoteError as exc:  # a Triton server or Dask cluster: the deployment, not the input
+        if debug:
+            raise
+        _error(exc)
+        return EXIT_REMOTE
     except (UsageError, fmt.BundleError, FileNotFoundError, IsADirectoryError, DeviceUnavailableError,
             ValueError, TypeError) as exc:
         if debug:

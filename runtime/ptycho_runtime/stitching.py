@@ -212,6 +212,28 @@ class StitchCanvas:
         y = self.origin[1] + np.arange(self.shape[0], dtype=np.float64)
         return Reconstruction(obj, np.where(covered, wsum, 0.0), x, y)
 
+    def sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The float64 sums Σw·Re(patch), Σw·Im(patch) and Σw, as [H, W] copies.
+
+        Stitching is a weighted sum, so canvases filled with disjoint sets of
+        patches on one pixel grid add up (``add_sums``) to the canvas of all of
+        them, exactly up to float64 summation order: how ``infer_many`` reduces
+        the partial canvases of many workers.
+        """
+        return tuple(a.reshape(self.shape).copy() for a in (self._re, self._im, self._wsum))  # type: ignore
+
+    def add_sums(self, origin: tuple[int, int], re: np.ndarray, im: np.ndarray, wsum: np.ndarray,
+                 n_patches: int = 0) -> None:
+        """Add another canvas's ``sums`` whose pixel (0, 0) is object pixel ``origin`` (x0, y0); it must fit."""
+        h, w = np.shape(wsum)
+        r0, c0 = int(origin[1]) - self.origin[1], int(origin[0]) - self.origin[0]
+        if r0 < 0 or c0 < 0 or r0 + h > self.shape[0] or c0 + w > self.shape[1]:
+            raise ValueError(f"a {h}×{w} partial canvas at origin {tuple(origin)} does not fit the {self.shape[0]}×"
+                             f"{self.shape[1]} canvas at origin {self.origin}")
+        for mine, theirs in ((self._re, re), (self._im, im), (self._wsum, wsum)):
+            mine.reshape(self.shape)[r0:r0 + h, c0:c0 + w] += theirs
+        self.n_patches += int(n_patches)
+
 
 def probe_window(probe: np.ndarray, floor: float = 1e-3) -> np.ndarray:
     """Stitching weights |probe|², with pixels lit at under ``floor`` of the peak set to 0.

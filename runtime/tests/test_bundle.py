@@ -175,7 +175,8 @@ def _still_works(b: pr.Bundle) -> None:
 
 
 @pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(backend="tensorrt"), ValueError, r"backend must be one of auto, onnx, torchscript \(got 'tensorrt'\)"),
+    (dict(backend="tensorrt"), ValueError,
+     r"backend must be one of auto, onnx, torchscript, triton \(got 'tensorrt'\)"),
     (dict(device="gpu"), ValueError, r"device must be one of auto, cpu, cuda \(got 'gpu'\)"),
     (dict(precision="bf16"), ValueError, r"precision must be one of fp32, fp16"),
     (dict(precision="fp16", device="cpu"), ValueError, r"fp16.*needs a CUDA device"),
@@ -261,7 +262,8 @@ def test_threads_share_one_bundle(bundles, name):
     scan, pos = _scan(b.path)
     d = scan["diffraction"][:24]
     p = pos[:24]
-    inputs = [x[i % len(x):] for i in range(4)]  # 4 different batches from the stored case
+    x = np.concatenate([x] * 3)  # 9 parity frames: the 4 inputs differ in length (9, 8, 7, 6)
+    inputs = [x[i:] for i in range(4)]
     seq_predict = [b.predict(xi, batch_size=3) for xi in inputs]
     seq_recon = b.reconstruct(d, p, batch_size=5)
     results: dict = {}
