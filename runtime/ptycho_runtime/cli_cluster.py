@@ -173,7 +173,8 @@ def add_cluster_commands(sub: Any) -> None:
                    help=f"frames (groups) per task (default {DEFAULT_CHUNK_FRAMES})")
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="patterns (groups) per inference batch inside a task (default: 64 on CPU, 256 on GPU)")
-    p.add_argument("--device", choices=DEVICES, default="auto", help="where each worker runs the graph")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="where each worker runs the graph (default %(default)s)")
     add_scan_arguments(p)
     common(p)
     p.set_defaults(func=cmd_infer_many)

@@ -46,7 +46,7 @@ def test_auto_falls_back_to_cpu_with_one_warning(fake_gpu_ort, bundle_path, capl
         second = pr.load_bundle(path)
     for b in (first, second):
         assert b.device == "cpu" and b.providers[0] == backends.CPU
-        assert not b._backend.on_gpu and b.default_batch_size() == 64
+        assert not b.on_gpu and b.default_batch_size() == 64
         x, ref = _parity(b)
         np.testing.assert_allclose(b.predict(x), ref, rtol=0, atol=_eager_tol(ref))
     warnings = [r for r in caplog.records if r.name == "ptycho_runtime" and r.levelno == logging.WARNING]
