@@ -583,6 +583,8 @@ def _metric_cell(value: Any, fmt: str) -> str:
 
 def _evaluate_table(report: Mapping[str, Any]) -> str:
     methods = [("network", report["network"])]
+    if "refined" in report:
+        methods.append((f"network + ePIE ({report['refined']['iterations']} it)", report["refined"]))
     if "reference" in report:
         ref = report["reference"]
         methods.append((f"{ref['engine']} ({ref['iterations']} it)", ref))
@@ -631,7 +633,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     try:
         ev = evaluate(args.bundle, args.scan, counts=args.counts, reference=args.reference,
                       reference_iterations=args.reference_iterations, reference_batch_size=args.reference_batch_size,
-                      min_weight_fraction=args.min_weight, backend=args.backend, register=not args.no_register)
+                      min_weight_fraction=args.min_weight, backend=args.backend, register=not args.no_register,
+                      refine=args.refine)
     except NoGroundTruthError as exc:
         raise CliError(str(exc)) from None
     except ReferenceUnavailableError as exc:
@@ -655,7 +658,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(_evaluate_table(report))
     if report.get("speedup") is not None:
         print(f"Speed: the network (inference + stitching) is {report['speedup']:.1f}x faster than "
-              f"{report['reference']['engine']} ({report['reference']['iterations']} iterations).")
+              f"{report['reference']['engine']} ({report['reference']['iterations']} iterations)"
+              + (f"; with its {report['refined']['iterations']} ePIE iterations, {report['refined_speedup']:.1f}x"
+                 if "refined_speedup" in report else "") + ".")
     written = [p for p in (args.output, args.figure) if p is not None]
     if written:
         print("Wrote " + ", ".join(str(p) for p in written))
@@ -663,6 +668,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    from ptycho_runtime.refinement import DEFAULT_REFINE_ITERATIONS
+
     from .reference import ALGORITHMS, DEFAULT_BATCH_SIZE, DEFAULT_ITERATIONS
 
     p = sub.add_parser("evaluate", parents=[common], help="score a bundle's reconstruction against the true object",
@@ -682,6 +689,9 @@ def _add_evaluate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--reference-batch-size", type=_positive_int, default=None, metavar="N",
                    help="positions per pty-chi update (default: " + ", ".join(
                        f"{a} {n}" for a, n in DEFAULT_BATCH_SIZE.items()) + ")")
+    p.add_argument("--refine", nargs="?", type=_positive_int, const=DEFAULT_REFINE_ITERATIONS, default=0,
+                   metavar="N", help="also score the network's object after N ePIE iterations with the known probe "
+                                     f"(ptycho_runtime.refinement; N defaults to {DEFAULT_REFINE_ITERATIONS})")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument("-o", "--output", type=Path, default=None, metavar="REPORT.json", help="write the JSON report")
     p.add_argument("--figure", type=Path, default=None, metavar="FIGURE.png",
