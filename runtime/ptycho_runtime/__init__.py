@@ -22,6 +22,7 @@ from .bundle_format import (BundleChecksumError, BundleError, BundleFormatError,
 from .backends import DeviceUnavailableError
 from .geometry import DEFAULT_CENTRE, ObjectGrid, frame_centre, to_default_centre
 from .inputs import positions_from_metres, repair_bad_pixels
+from .physics import HostPhysics, PhysicsMismatchError
 from .stitching import Reconstruction, StitchCanvas, probe_window, stitch_patches
 from .streaming import StreamingReconstructor
 
@@ -42,7 +43,9 @@ __all__ = [
     "BundleUnsafeError",
     "BundleInfo",
     "DeviceUnavailableError",
+    "HostPhysics",
     "ObjectGrid",
+    "PhysicsMismatchError",
     "Reconstruction",
     "ReconstructionCancelled",
     "StitchCanvas",

@@ -35,6 +35,7 @@ import numpy as np
 from . import bundle_format as fmt
 from .alignment import align_patch_phases
 from .backends import DEVICES, PRECISIONS, OnnxBackend, TorchScriptBackend
+from .physics import HostPhysics, check_host
 from .parity import SELF_TEST_TOLERANCE, graph_input, relative_error
 from .grouping import group_neighbors
 from .geometry import DEFAULT_CENTRE, ObjectGrid, make_grid, scan_positions_px
@@ -120,6 +121,15 @@ class Bundle:
     def params(self) -> dict[str, Any]:
         """The params the model was trained with (a copy: N, gridsize, intensity_scale, probe, …)."""
         return copy.deepcopy(self.contents.params)
+
+    @property
+    def physics(self) -> dict[str, Optional[float]]:
+        """The instrument the model was trained for (``bundle_format.PHYSICS_KEYS``; empty for older bundles)."""
+        return dict(self.contents.physics)
+
+    def check_host(self, host: HostPhysics, counts: Optional[np.ndarray] = None, strict: bool = False) -> list[str]:
+        """Compare a host's geometry, probe and counts with this bundle (``physics.check_host``)."""
+        return check_host(self.contents.physics, self.contents.params, host, counts=counts, strict=strict)
 
     def restore_params(self, cfg: dict[str, Any]) -> dict[str, Any]:
         """CONFIG-001 for hosts that keep a legacy ``params.cfg``-style dict: write every param into it."""
@@ -243,8 +253,8 @@ class Bundle:
                     object_centre_m: Optional[tuple[float, float]] = None, units: str = "pixels",
                     frame_centre: str = DEFAULT_CENTRE, bad_pixels: Optional[np.ndarray] = None,
                     out_of_grid: str = "clip", fill: complex = 0.0, cancel: Optional[Any] = None,
-                    on_batch: Optional[Callable[[int, int, Callable[[], Reconstruction]], None]] = None
-                    ) -> Reconstruction:
+                    on_batch: Optional[Callable[[int, int, Callable[[], Reconstruction]], None]] = None,
+                    host: Optional[HostPhysics] = None, strict: bool = False) -> Reconstruction:
         """Predict and stitch a scan into the full object, on the host's object grid.
 
         ``positions`` (x, y), one per frame: [n, 2] for n frames [n, N, N] —
@@ -282,8 +292,14 @@ class Bundle:
         snapshot)`` with ``snapshot()`` building the object so far (without
         phase alignment); ``cancel`` — an Event-like object (``is_set()``) or
         a callable returning True — stops the call with ``ReconstructionCancelled``.
+
+        ``host`` (a ``HostPhysics``): check the host's instrument, probe and
+        (with ``counts=True``) count level against the bundle first
+        (``check_host``): warnings, or ``PhysicsMismatchError`` with ``strict``.
         """
         t0 = time.perf_counter()
+        if host is not None:
+            self.check_host(host, counts=diffraction if counts else None, strict=strict)
         the_grid = make_grid(grid, object_shape, pixel_size_m, object_centre_m)
         pos_px = scan_positions_px(positions, self.N, units, the_grid, frame_centre)
         x, pos = self._grouped(diffraction, pos_px, counts)
