@@ -83,7 +83,7 @@ def _worker_main(conn: Any, cancel_id: Any, path: str, load_kwargs: dict[str, An
     """The worker process: load once, then serve jobs until told to stop or the pipe closes."""
     lock = threading.Lock()
     logger = logging.getLogger("ptycho_runtime")
-    logger.setLevel(log_level)
+    logger.setLevel(logging.DEBUG)  # everything goes to the parent, whose logger levels decide what is shown
     logger.addHandler(_LogForwarder(conn, lock))
     logger.propagate = False
 
