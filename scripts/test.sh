@@ -2,17 +2,18 @@
 # The whole test-suite, as CI runs it:
 #  1. training side + runtime tests in .venv (torch installed);
 #  2. the runtime tests again in .venv-runtime, a venv WITHOUT torch (proves the runtime needs none);
-#  3. the benchmarks in smoke mode (they must stay runnable; speed is not asserted).
+#  3. the ptychodus tests in .venv-ptychodus (ptychodus 1.7.0, no torch): a real ptychodus runs the runtime;
+#  4. the benchmarks in smoke mode (they must stay runnable; speed is not asserted).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 export CUDA_VISIBLE_DEVICES="" MLFLOW_TRACKING_URI=memory
 bash scripts/setup.sh
 
-echo "== 1/3 tests (torch environment)"
+echo "== 1/4 tests (torch environment)"
 .venv/bin/python -m pytest -p no:cacheprovider -q
 
-echo "== 2/3 runtime tests without torch"
+echo "== 2/4 runtime tests without torch"
 if [ ! -x .venv-runtime/bin/python ]; then
   "$PYTHON" -m venv .venv-runtime
 fi
@@ -27,5 +28,13 @@ trap 'rm -rf "$FIXTURES"' EXIT
 PTYCHO_TEST_BUNDLE_DIR="$FIXTURES" .venv-runtime/bin/python -m pytest -p no:cacheprovider -q \
   -c runtime/pytest.ini --rootdir runtime runtime/tests
 
-echo "== 3/3 benchmarks, smoke mode"
+echo "== 3/4 ptychodus tests (ptychodus 1.7.0, without torch)"
+if [ ! -x .venv-ptychodus/bin/python ]; then
+  "$PYTHON" -m venv .venv-ptychodus
+fi
+.venv-ptychodus/bin/python -m pip install -q --disable-pip-version-check -e './runtime[ptychodus]' pytest
+PTYCHO_TEST_BUNDLE_DIR="$FIXTURES" .venv-ptychodus/bin/python -m pytest -p no:cacheprovider -q \
+  -c runtime/pytest.ini --rootdir runtime runtime/tests/test_ptychodus.py runtime/tests/test_worker.py
+
+echo "== 4/4 benchmarks, smoke mode"
 PTYCHO_BENCH_SMOKE=1 .venv/bin/python -m pytest -p no:cacheprovider -q benchmarks --benchmark-disable
