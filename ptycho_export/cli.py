@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 import time
 import traceback
@@ -437,7 +438,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                                   test_data_file=args.test_data, progress=True, export_graphs=False,
                                   time_budget_s=budget, lr_schedule=args.lr_schedule,
                                   pretrain_fraction=args.pretrain if budget is not None else 0.0,
-                                  val_fraction=args.val_fraction)
+                                  val_fraction=args.val_fraction,
+                                  command=getattr(args, "command_line", None))
         except ValueError as exc:
             raise CliError(str(exc)) from None
 
@@ -897,6 +899,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.print_usage(sys.stderr)
             _error_line("give a bundle path or a command (run with --help for the list)")
             return EXIT_USAGE
+        args.command_line = "ptycho-export " + shlex.join(argv)  # recorded in what the command writes
         return int(args.func(args))
     except KeyboardInterrupt:
         _error_line("interrupted")

@@ -105,6 +105,7 @@ class TrainingConfig:
     device: str = "auto"
     progress: bool = True
     export_graphs: bool = True  # compile TorchScript/ONNX graphs into the bundle when one is written
+    command: Optional[str] = None  # the command line that made this run, kept in the bundle's training summary
 
     def __post_init__(self) -> None:
         for name in ("output_dir", "train_data_file", "test_data_file"):

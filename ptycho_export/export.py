@@ -51,7 +51,7 @@ from .model_manager import load_torch_bundle
 
 DEFAULT_OPSET = 20
 PARITY_TOLERANCE = 1e-4  # relative, float32
-PARITY_BATCHES = (1, 7)
+PARITY_BATCHES = (1, 3)
 
 log = logging.getLogger(__name__)
 

@@ -67,6 +67,8 @@ def train_cdi_model_torch(train_data: DataLike, test_data: Optional[DataLike], c
     for m in models.values():
         m.to("cpu").eval()
     summary = {k: v for k, v in run.items() if k != "history"}
+    if config.command:
+        summary["command"] = config.command
     if pretrain_summary is not None:
         summary["pretraining"] = {k: v for k, v in pretrain_summary.items() if k != "loss"}
     return {"history": run["history"], "models": models, "intensity_scale": float(intensity_scale),

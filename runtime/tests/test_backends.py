@@ -24,7 +24,7 @@ def _eager_tol(ref) -> float:
 
 
 def _parity(b: pr.Bundle):
-    par = b.contents.parity["b7"]
+    par = b.contents.parity["b3"]
     ref = par["diffraction_to_obj.amplitude"] * np.exp(1j * par["diffraction_to_obj.phase"])
     return par["input.amplitude"], ref
 

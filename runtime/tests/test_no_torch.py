@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent("""
 
     def check(path, scan_path, out):
         b = ptycho_runtime.load_bundle(path)
-        par = b.contents.parity["b7"]
+        par = b.contents.parity["b3"]
         got = b.predict(par["input.amplitude"])
         ref = par["diffraction_to_obj.amplitude"] * np.exp(1j * par["diffraction_to_obj.phase"])
         assert np.abs(got - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())

@@ -277,7 +277,7 @@ def make_cases(legit: Path, out_dir: Path, canary_dir: Path) -> list[Case]:
     case("shape_bomb_weight", "bombs", shape_bomb(f"models/diffraction_to_obj/state_dict/{weight_name}",
                                                   (10**10,), np.float32))
     case("shape_bomb_history", "bombs", shape_bomb("training/history/loss", (10**12,), np.float64))
-    case("shape_bomb_parity", "bombs", shape_bomb("parity/b7/input.amplitude", (10**9, 1, N, N), np.float32))
+    case("shape_bomb_parity", "bombs", shape_bomb("parity/b3/input.amplitude", (10**9, 1, N, N), np.float32))
 
     def gzip_bomb(name, nbytes):
         def edit(f):

@@ -137,7 +137,7 @@ def test_inspect_text_and_json(make_bundle, capsys):
     t = info["training"]
     assert t["epochs"] == 1 and t["first_loss"] == t["last_loss"] == t["best_loss"] > 0
     assert t["last_val_loss"] > 0 and t["wall_time_s"] > 0
-    assert info["parity_cases"] == {"b1": 1, "b7": 7}
+    assert info["parity_cases"] == {"b1": 1, "b3": 3}
 
 
 # --------------------------------------------------------------------------- verify
@@ -149,7 +149,7 @@ def test_verify_passes_on_a_good_bundle(make_bundle, capsys, monkeypatch):
     assert code == 0, err
     report = json.loads(out)
     assert report["passed"] is True and report["status"] == "ok" and report["checksum"]["ok"] is True
-    assert report["cases"] == {"b1": 1, "b7": 7}
+    assert report["cases"] == {"b1": 1, "b3": 3}
     pairs = {(r["backend"], r["graph"]) for r in report["results"]}
     assert pairs >= {(b, m) for b in ("eager", "torchscript", "onnxruntime-cpu") for m in fmt.MODEL_NAMES}
     for r in report["results"]:

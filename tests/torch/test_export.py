@@ -171,9 +171,9 @@ def test_graph_metadata(make_bundle):
             expected = ["object"] + (["pred_amplitude", "pred_intensity"] if model == "autoencoder" else [])
             assert [o["name"] for o in meta["outputs"]] == expected
     # parity vectors: both cases, with inputs and eager outputs of every graph output
-    assert sorted(contents.parity) == ["b1", "b7"]
-    assert contents.parity["b7"]["input.amplitude"].shape == (7, 1, 64, 64)  # predict's units (before the scale)
-    assert "input.diffraction" not in contents.parity["b7"]
+    assert sorted(contents.parity) == ["b1", "b3"]
+    assert contents.parity["b3"]["input.amplitude"].shape == (3, 1, 64, 64)  # predict's units (before the scale)
+    assert "input.diffraction" not in contents.parity["b3"]
     assert "autoencoder.pred_amplitude" in contents.parity["b1"]
     assert "diffraction_to_obj.object_real" in contents.parity["b1"]
 
