@@ -79,7 +79,7 @@ class _LogForwarder(logging.Handler):
             pass
 
 
-def _worker_main(conn: Any, cancel_id: Any, path: str, load_kwargs: dict[str, Any], log_level: int) -> None:
+def _worker_main(conn: Any, cancel_id: Any, path: str, load_kwargs: dict[str, Any]) -> None:
     """The worker process: load once, then serve jobs until told to stop or the pipe closes."""
     lock = threading.Lock()
     logger = logging.getLogger("ptycho_runtime")
@@ -174,9 +174,8 @@ class BundleWorker:
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe()
         self._cancel = ctx.Value("q", 0, lock=False)
-        level = logging.getLogger("ptycho_runtime").getEffectiveLevel()
         proc = ctx.Process(target=_worker_main, name="ptycho-runtime-worker", daemon=True,
-                           args=(child, self._cancel, self.path, self.load_kwargs, level))
+                           args=(child, self._cancel, self.path, self.load_kwargs))
         t0 = time.perf_counter()
         proc.start()
         child.close()
