@@ -354,6 +354,21 @@ def _load_training_data(args: argparse.Namespace):
     """(train data, held-out data or None, truth of the held-out scan or None, description)."""
     from .data import simulate_scan
 
+    if (args.product is None) != (args.patterns is None):
+        raise CliError("--product and --patterns go together: a ptychodus product file and its diffraction file")
+    if args.product is not None:
+        from .data.npz import load_ptychodus
+
+        if args.counts or args.units != "auto":
+            raise CliError("--counts and --units do not apply to --product: ptychodus patterns are counts")
+        try:
+            data = load_ptychodus(args.product, args.patterns)
+        except (ValueError, FileNotFoundError) as exc:
+            raise CliError(f"cannot use --product {args.product} --patterns {args.patterns}: {exc}") from None
+        desc = (f"ptychodus `{args.product}` + `{args.patterns}` ({data.n} patterns, N={data.N}, "
+                f"{data.nphotons:.3g} photons/frame on average)")
+        test = _read_scan(args.test_data, args, "--test-data") if args.test_data is not None else None
+        return data, test, desc
     if args.data is not None:
         if args.n_positions is not None or args.object_size is not None or args.step is not None:
             raise CliError("--n-positions, --object-size and --step only apply to --simulate")
@@ -446,6 +461,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise CliError(f"--train-fraction {args.train_fraction}: {exc}") from None
         split = f"spatial split {args.train_fraction:g}"
+    physics = dict(train.physics or {})
+    for key, value in (("photon_energy_eV", args.photon_energy_ev), ("detector_distance_m", args.detector_distance_m),
+                       ("detector_pixel_size_m", args.detector_pixel_size_m),
+                       ("object_pixel_size_m", args.object_pixel_size_m)):
+        if value is not None:
+            if not (np.isfinite(value) and value > 0):
+                raise CliError(f"--{key.replace('_', '-').lower()} must be > 0 (got {value})")
+            physics[key] = float(value)
+    train.physics = physics or None
     truth = test.object if test is not None else None
     # The data's own photon count, when its units tell it, is exact: the intensity scale is then fixed.
     nphotons = args.nphotons or train.nphotons or DEFAULT_NPHOTONS
@@ -790,6 +814,17 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", type=Path, metavar="SCAN.npz", help="PtychoPINN NPZ scan")
     src.add_argument("--simulate", choices=("lines", "grf"), help="simulate a scan of this object kind")
+    src.add_argument("--product", type=Path, metavar="PRODUCT.h5",
+                     help="ptychodus product file (positions, probe, object grid, metadata); with --patterns "
+                          "(needs pip install 'ptycho-runtime[ptychodus]')")
+    p.add_argument("--patterns", type=Path, metavar="DIFFRACTION.h5", default=None,
+                   help="ptychodus diffraction file (counts, bad pixels) that goes with --product")
+    phys = p.add_argument_group("instrument (written to the bundle so the runtime can check a host against it; "
+                                "default: what the data says)")
+    phys.add_argument("--photon-energy-ev", type=float, default=None, metavar="EV")
+    phys.add_argument("--detector-distance-m", type=float, default=None, metavar="M")
+    phys.add_argument("--detector-pixel-size-m", type=float, default=None, metavar="M")
+    phys.add_argument("--object-pixel-size-m", type=float, default=None, metavar="M")
     p.add_argument("--test-data", type=Path, metavar="TEST.npz", default=None,
                    help="held-out scan to reconstruct and score (default: the bottom part of --data, see "
                         "--train-fraction)")

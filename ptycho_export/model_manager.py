@@ -63,14 +63,17 @@ def _write_model(group: h5py.Group, model: nn.Module, architecture: dict[str, An
 def save_torch_bundle(models_dict: Mapping[str, nn.Module], base_path: Union[str, os.PathLike], config: Any,
                       intensity_scale: Optional[float] = None, probe: Optional[np.ndarray] = None,
                       history: Optional[Mapping[str, Any]] = None,
-                      training_summary: Optional[Mapping[str, Any]] = None) -> Path:
+                      training_summary: Optional[Mapping[str, Any]] = None,
+                      physics: Optional[Mapping[str, Optional[float]]] = None) -> Path:
     """Write ``autoencoder`` and ``diffraction_to_obj`` with their params to one HDF5 bundle.
 
     ``config`` is a TrainingConfig/InferenceConfig/ModelConfig; its fields are
     written over the live ``params.cfg`` to form the bundle's params.
     ``intensity_scale`` is the scale the training inputs were multiplied by
     (the normalisation contract; default: params.cfg's, else the model's).
-    ``probe`` defaults to the probe inside the autoencoder. The write is
+    ``probe`` defaults to the probe inside the autoencoder. ``physics``: the
+    instrument (``bundle_format.PHYSICS_KEYS``; written to ``/physics`` so
+    the runtime can check a host against it). The write is
     atomic: the previous file at ``base_path`` survives any failure.
     """
     for name in REQUIRED_MODELS:
@@ -110,6 +113,8 @@ def save_torch_bundle(models_dict: Mapping[str, nn.Module], base_path: Union[str
         hgroup = tgroup.create_group("history")
         for key, series in (history or {}).items():
             fmt.write_payload(hgroup, key, np.asarray(series, dtype=np.float64))
+        if physics:
+            fmt.write_physics(f, physics)
     return target
 
 
