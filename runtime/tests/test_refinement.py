@@ -119,3 +119,15 @@ def test_bad_inputs_are_refused_with_the_reason():
     far[0] = (500.0, 500.0)
     with pytest.raises(ValueError, match="outside"):
         refine_epie(start, amp, far, _probe())
+
+
+def test_momentum_converges_faster_than_plain_epie():
+    obj = _object(seed=5)
+    amp, pos = _scan(obj, fractional=True)
+    start = _flat_start(obj, pos)
+    lit = start.weight > 0.2 * start.weight.max()
+    plain = refine_epie(start, amp, pos, _probe(), iterations=8, momentum=0.0)
+    fast = refine_epie(start, amp, pos, _probe(), iterations=8)
+    assert _error(fast.object, obj, lit) < 0.8 * _error(plain.object, obj, lit)
+    with pytest.raises(ValueError, match="momentum"):
+        refine_epie(start, amp, pos, _probe(), momentum=1.0)

@@ -221,6 +221,6 @@ def test_evaluate_cli_refine_row_improves_on_the_network(make_bundle, capsys, tm
     assert fig.stat().st_size > 10_000
     code, out, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--refine")
     assert code == 0, err
-    assert "network + ePIE (10 it)" in out
+    assert "network + ePIE (20 it)" in out
     code, _, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--refine", "0")
     assert code == 2
