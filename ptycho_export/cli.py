@@ -609,6 +609,7 @@ def _evaluate_table(report: Mapping[str, Any]) -> str:
     methods = [("network", report["network"])]
     if "refined" in report:
         methods.append((f"network + ePIE ({report['refined']['iterations']} it)", report["refined"]))
+        methods.append((f"ePIE alone ({report['refine_control']['iterations']} it)", report["refine_control"]))
     if "reference" in report:
         ref = report["reference"]
         methods.append((f"{ref['engine']} ({ref['iterations']} it)", ref))
@@ -715,7 +716,8 @@ def _add_evaluate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                        f"{a} {n}" for a, n in DEFAULT_BATCH_SIZE.items()) + ")")
     p.add_argument("--refine", nargs="?", type=_positive_int, const=DEFAULT_REFINE_ITERATIONS, default=0,
                    metavar="N", help="also score the network's object after N ePIE iterations with the known probe "
-                                     f"(ptycho_runtime.refinement; N defaults to {DEFAULT_REFINE_ITERATIONS})")
+                                     "(ptycho_runtime.refinement), and the same N iterations from a flat object "
+                                     f"(what the network's start is worth; N defaults to {DEFAULT_REFINE_ITERATIONS})")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument("-o", "--output", type=Path, default=None, metavar="REPORT.json", help="write the JSON report")
     p.add_argument("--figure", type=Path, default=None, metavar="FIGURE.png",

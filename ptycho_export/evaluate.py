@@ -138,7 +138,9 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
 
     ``refine`` > 0 also scores the network's object after that many ePIE
     iterations with the known probe (``ptycho_runtime.refinement``), timed
-    from the start of the network's reconstruction.
+    from the start of the network's reconstruction, and, as the control that
+    shows what the network's start is worth, the same iterations from a flat
+    object (``refine_control``).
 
     Raises ``NoGroundTruthError`` when the NPZ has no ``objectGuess``,
     ``reference.ReferenceUnavailableError`` when ``reference`` is asked for
@@ -172,17 +174,24 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
         "network", recon, data.object, positions, data.probe, net_s, min_weight_fraction, register,
         details={"backend": bundle.backend, "provider": provider, "load_time_s": load_s,
                  "time_covers": "inference + |probe|^2-weighted stitching (not loading)"})
-    refined = None
+    refined = control = None
     if refine:
         from ptycho_runtime.refinement import refine_epie
+        from ptycho_runtime.stitching import Reconstruction
 
+        details = {"iterations": int(refine), "probe": "known (the scan's probeGuess), fixed"}
         t0 = time.perf_counter()
         polished = refine_epie(recon, data.diffraction, positions, data.probe, iterations=refine)
         refined = score_reconstruction(
             "network + ePIE", polished, data.object, positions, data.probe, net_s + time.perf_counter() - t0,
             min_weight_fraction, register,
-            details={"iterations": int(refine), "probe": "known (the scan's probeGuess), fixed",
-                     "time_covers": "the network's reconstruction, then the ePIE iterations started from it"})
+            details={**details, "time_covers": "the network's reconstruction, then the ePIE iterations from it"})
+        flat = Reconstruction(np.ones_like(recon.object), recon.weight, recon.x_coords, recon.y_coords)
+        t0 = time.perf_counter()
+        alone = refine_epie(flat, data.diffraction, positions, data.probe, iterations=refine)
+        control = score_reconstruction(
+            "ePIE from a flat object", alone, data.object, positions, data.probe, time.perf_counter() - t0,
+            min_weight_fraction, register, details={**details, "time_covers": "the ePIE iterations"})
     ref = None
     if reference is not None:
         from .reference import run_reference
@@ -212,6 +221,7 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
     }
     if refined is not None:
         report["refined"] = refined.summary()
+        report["refine_control"] = control.summary()
     if ref is not None:
         report["reference"] = ref.summary()
         report["speedup"] = ref.wall_time_s / network.wall_time_s if network.wall_time_s > 0 else None

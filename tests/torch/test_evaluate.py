@@ -218,9 +218,12 @@ def test_evaluate_cli_refine_row_improves_on_the_network(make_bundle, capsys, tm
     # the scan is noiseless with the known probe: the data must pull the object towards the truth
     assert refined["metrics"]["phase_rmse_rad"] < 0.8 * net["metrics"]["phase_rmse_rad"], (net, refined)
     assert refined["metrics"]["amplitude_rmse"] < net["metrics"]["amplitude_rmse"]
+    control = report["refine_control"]  # the same iterations from a flat object: scored, not compared here
+    assert control["iterations"] == 15 and control["label"] == "ePIE from a flat object"
+    assert 0 < control["metrics"]["phase_rmse_rad"] < net["metrics"]["phase_rmse_rad"]
     assert fig.stat().st_size > 10_000
     code, out, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--refine")
     assert code == 0, err
-    assert "network + ePIE (20 it)" in out
+    assert "network + ePIE (20 it)" in out and "ePIE alone (20 it)" in out
     code, _, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--refine", "0")
     assert code == 2
