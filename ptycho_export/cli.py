@@ -385,6 +385,21 @@ def _load_training_data(args: argparse.Namespace):
     """(train data, held-out data or None, truth of the held-out scan or None, description)."""
     from .data import simulate_scan
 
+    if (args.product is None) != (args.patterns is None):
+        raise CliError("--product and --patterns go together: a ptychodus product file and its diffraction file")
+    if args.product is not None:
+        from .data.npz import load_ptychodus
+
+        if args.counts or args.units != "auto":
+            raise CliError("--counts and --units do not apply to --product: ptychodus patterns are counts")
+        try:
+            data = load_ptychodus(args.product, args.patterns)
+        except (ValueError, FileNotFoundError) as exc:
+            raise CliError(f"cannot use --product {args.product} --patterns {args.patterns}: {exc}") from None
+        desc = (f"ptychodus `{args.product}` + `{args.patterns}` ({data.n} patterns, N={data.N}, "
+                f"{data.nphotons:.3g} photons/frame on average)")
+        test = _read_scan(args.test_data, args, "--test-data") if args.test_data is not None else None
+        return data, test, desc
     if args.data is not None:
         if args.n_positions is not None or args.object_size is not None or args.step is not None:
             raise CliError("--n-positions, --object-size and --step only apply to --simulate")
@@ -477,6 +492,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise CliError(f"--train-fraction {args.train_fraction}: {exc}") from None
         split = f"spatial split {args.train_fraction:g}"
+    physics = dict(train.physics or {})
+    for key, value in (("photon_energy_eV", args.photon_energy_ev), ("detector_distance_m", args.detector_distance_m),
+                       ("detector_pixel_size_m", args.detector_pixel_size_m),
+                       ("object_pixel_size_m", args.object_pixel_size_m)):
+        if value is not None:
+            if not (np.isfinite(value) and value > 0):
+                raise CliError(f"--{key.replace('_', '-').lower()} must be > 0 (got {value})")
+            physics[key] = float(value)
+    train.physics = physics or None
     truth = test.object if test is not None else None
     # The data's own photon count, when its units tell it, is exact: the intensity scale is then fixed.
     nphotons = args.nphotons or train.nphotons or DEFAULT_NPHOTONS
@@ -614,6 +638,9 @@ def _metric_cell(value: Any, fmt: str) -> str:
 
 def _evaluate_table(report: Mapping[str, Any]) -> str:
     methods = [("network", report["network"])]
+    if "refined" in report:
+        methods.append((f"network + ePIE ({report['refined']['iterations']} it)", report["refined"]))
+        methods.append((f"ePIE alone ({report['refine_control']['iterations']} it)", report["refine_control"]))
     if "reference" in report:
         ref = report["reference"]
         methods.append((f"{ref['engine']} ({ref['iterations']} it)", ref))
@@ -664,7 +691,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     try:
         ev = evaluate(args.bundle, args.scan, counts=args.counts, reference=args.reference,
                       reference_iterations=args.reference_iterations, reference_batch_size=args.reference_batch_size,
-                      min_weight_fraction=args.min_weight, backend=args.backend, register=not args.no_register)
+                      min_weight_fraction=args.min_weight, backend=args.backend, register=not args.no_register,
+                      refine=args.refine)
     except NoGroundTruthError as exc:
         raise CliError(str(exc)) from None
     except ReferenceUnavailableError as exc:
@@ -688,7 +716,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(_evaluate_table(report))
     if report.get("speedup") is not None:
         print(f"Speed: the network (inference + stitching) is {report['speedup']:.1f}x faster than "
-              f"{report['reference']['engine']} ({report['reference']['iterations']} iterations).")
+              f"{report['reference']['engine']} ({report['reference']['iterations']} iterations)"
+              + (f"; with its {report['refined']['iterations']} ePIE iterations, {report['refined_speedup']:.1f}x"
+                 if "refined_speedup" in report else "") + ".")
     written = [p for p in (args.output, args.figure) if p is not None]
     if written:
         print("Wrote " + ", ".join(str(p) for p in written))
@@ -696,6 +726,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    from ptycho_runtime.refinement import DEFAULT_REFINE_ITERATIONS
+
     from .reference import ALGORITHMS, DEFAULT_BATCH_SIZE, DEFAULT_ITERATIONS
 
     p = sub.add_parser("evaluate", parents=[common], help="score a bundle's reconstruction against the true object",
@@ -716,6 +748,10 @@ def _add_evaluate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--reference-batch-size", type=_positive_int, default=None, metavar="N",
                    help="positions per pty-chi update (default: " + ", ".join(
                        f"{a} {n}" for a, n in DEFAULT_BATCH_SIZE.items()) + ")")
+    p.add_argument("--refine", nargs="?", type=_positive_int, const=DEFAULT_REFINE_ITERATIONS, default=0,
+                   metavar="N", help="also score the network's object after N ePIE iterations with the known probe "
+                                     "(ptycho_runtime.refinement), and the same N iterations from a flat object "
+                                     f"(what the network's start is worth; N defaults to {DEFAULT_REFINE_ITERATIONS})")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument("-o", "--output", type=Path, default=None, metavar="REPORT.json",
                    help="write the JSON report (default: none)")
@@ -818,9 +854,24 @@ def build_parser() -> argparse.ArgumentParser:
                                    "reconstruction.png, history.json and report.md.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", type=Path, metavar="SCAN.npz",
-                     help="PtychoPINN NPZ scan (see docs/data.md; this or --simulate is required)")
+                     help="PtychoPINN NPZ scan (see docs/data.md; this, --simulate or --product is required)")
     src.add_argument("--simulate", choices=("lines", "grf"),
-                     help="simulate a scan of this object kind (this or --data is required)")
+                     help="simulate a scan of this object kind (this, --data or --product is required)")
+    src.add_argument("--product", type=Path, metavar="PRODUCT.h5",
+                     help="ptychodus product file (positions, probe, object grid, metadata); with --patterns "
+                          "(needs pip install 'ptycho-runtime[ptychodus]'; this, --data or --simulate is required)")
+    p.add_argument("--patterns", type=Path, metavar="DIFFRACTION.h5", default=None,
+                   help="ptychodus diffraction file (counts, bad pixels) that goes with --product (default: none)")
+    phys = p.add_argument_group("instrument (written to the bundle so the runtime can check a host against it; "
+                                "default: what the data says)")
+    phys.add_argument("--photon-energy-ev", type=float, default=None, metavar="EV",
+                      help="photon energy in eV (default: the data's)")
+    phys.add_argument("--detector-distance-m", type=float, default=None, metavar="M",
+                      help="sample-detector distance in metres (default: the data's)")
+    phys.add_argument("--detector-pixel-size-m", type=float, default=None, metavar="M",
+                      help="detector pixel size in metres (default: the data's)")
+    phys.add_argument("--object-pixel-size-m", type=float, default=None, metavar="M",
+                      help="object pixel size in metres (default: the data's, or λ·distance/(N·pixel))")
     p.add_argument("--test-data", type=Path, metavar="TEST.npz", default=None,
                    help="held-out scan to reconstruct and score (default: the bottom part of --data, see "
                         "--train-fraction)")

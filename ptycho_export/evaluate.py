@@ -98,6 +98,7 @@ class Evaluation:
     report: dict[str, Any]
     network: ScoredReconstruction
     reference: Optional[ScoredReconstruction] = None
+    refined: Optional[ScoredReconstruction] = None
 
 
 def illumination(positions: np.ndarray, probe: np.ndarray, x_coords: np.ndarray, y_coords: np.ndarray) -> np.ndarray:
@@ -141,8 +142,14 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
              reference: Optional[str] = None, reference_iterations: Optional[int] = None,
              reference_batch_size: Optional[int] = None, min_weight_fraction: float = DEFAULT_MIN_WEIGHT_FRACTION,
              backend: str = "auto", device: str = "auto", batch_size: Optional[int] = None,
-             register: bool = True) -> Evaluation:
+             register: bool = True, refine: int = 0) -> Evaluation:
     """Reconstruct ``scan_path`` with the bundle (and optionally pty-chi) and score both against the truth.
+
+    ``refine`` > 0 also scores the network's object after that many ePIE
+    iterations with the known probe (``ptycho_runtime.refinement``), timed
+    from the start of the network's reconstruction, and, as the control that
+    shows what the network's start is worth, the same iterations from a flat
+    object (``refine_control``).
 
     Raises ``NoGroundTruthError`` when the NPZ has no ``objectGuess``,
     ``reference.ReferenceUnavailableError`` when ``reference`` is asked for
@@ -177,6 +184,24 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
         "network", recon, data.object, positions, data.probe, net_s, min_weight_fraction, register,
         details={"backend": bundle.backend, "provider": provider, "load_time_s": load_s,
                  "time_covers": "inference + |probe|^2-weighted stitching (not loading)"})
+    refined = control = None
+    if refine:
+        from ptycho_runtime.refinement import refine_epie
+        from ptycho_runtime.stitching import Reconstruction
+
+        details = {"iterations": int(refine), "probe": "known (the scan's probeGuess), fixed"}
+        t0 = time.perf_counter()
+        polished = refine_epie(recon, data.diffraction, positions, data.probe, iterations=refine)
+        refined = score_reconstruction(
+            "network + ePIE", polished, data.object, positions, data.probe, net_s + time.perf_counter() - t0,
+            min_weight_fraction, register,
+            details={**details, "time_covers": "the network's reconstruction, then the ePIE iterations from it"})
+        flat = Reconstruction(np.ones_like(recon.object), recon.weight, recon.x_coords, recon.y_coords)
+        t0 = time.perf_counter()
+        alone = refine_epie(flat, data.diffraction, positions, data.probe, iterations=refine)
+        control = score_reconstruction(
+            "ePIE from a flat object", alone, data.object, positions, data.probe, time.perf_counter() - t0,
+            min_weight_fraction, register, details={**details, "time_covers": "the ePIE iterations"})
     ref = None
     if reference is not None:
         from .reference import run_reference
@@ -204,10 +229,15 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
         "frc_threshold": f"1/7 ({FRC_THRESHOLD:.4f})",
         "network": network.summary(),
     }
+    if refined is not None:
+        report["refined"] = refined.summary()
+        report["refine_control"] = control.summary()
     if ref is not None:
         report["reference"] = ref.summary()
         report["speedup"] = ref.wall_time_s / network.wall_time_s if network.wall_time_s > 0 else None
-    return Evaluation(report=report, network=network, reference=ref)
+        if refined is not None:
+            report["refined_speedup"] = ref.wall_time_s / refined.wall_time_s
+    return Evaluation(report=report, network=network, reference=ref, refined=refined)
 
 
 # --------------------------------------------------------------------------- figure
@@ -237,7 +267,7 @@ def _title(scored: ScoredReconstruction, name: str) -> str:
 
 
 def write_figure(path: str | os.PathLike, evaluation: Evaluation, title: str = "") -> Path:
-    """Truth / network / reference / error rows (amplitude, phase columns) as a PNG, written atomically.
+    """Truth / network / refined / reference / error rows (amplitude, phase columns) as a PNG, written atomically.
 
     Every image is cropped to its scored region (outside the mask is blank),
     with axes in object pixels; truth and reconstructions share colour limits
@@ -247,7 +277,7 @@ def write_figure(path: str | os.PathLike, evaluation: Evaluation, title: str = "
     from matplotlib.figure import Figure
 
     path = Path(path)
-    net, ref = evaluation.network, evaluation.reference
+    net, ref, refined = evaluation.network, evaluation.reference, evaluation.refined
     t, m = net.alignment.truth, net.alignment.mask
     amp_lim = (float(np.abs(t[m]).min()), float(np.abs(t[m]).max()))
     ph_t = np.angle(t)
@@ -262,11 +292,15 @@ def write_figure(path: str | os.PathLike, evaluation: Evaluation, title: str = "
 
     rows: list[tuple[str, ScoredReconstruction, np.ndarray, np.ndarray, str]] = [
         ("truth", net, np.abs(t), ph_t, "value")]
-    rows.append((_title(net, "network"), net, np.abs(net.alignment.recon), phase_near_truth(net), "value"))
+    methods = [(_title(net, "network"), "network", net)]
+    if refined is not None:
+        methods.append((_title(refined, f"network + {refined.details['iterations']} ePIE iterations"),
+                        "network + ePIE", refined))
     if ref is not None:
-        rows.append((_title(ref, ref.details.get("engine", "reference")), ref, np.abs(ref.alignment.recon),
-                     phase_near_truth(ref), "value"))
-    errors = [("network error (recon − truth)", net)] + ([("reference error (recon − truth)", ref)] if ref else [])
+        methods.append((_title(ref, ref.details.get("engine", "reference")), "reference", ref))
+    for title, _, s in methods:
+        rows.append((title, s, np.abs(s.alignment.recon), phase_near_truth(s), "value"))
+    errors = [(f"{name} error (recon − truth)", s) for _, name, s in methods]
     err_imgs = []
     for label, s in errors:
         a = np.abs(s.alignment.recon) - np.abs(s.alignment.truth)

@@ -50,7 +50,8 @@ def _model_record(model: nn.Module, architecture: dict[str, Any]) -> fmt.ModelRe
 def save_torch_bundle(models_dict: Mapping[str, nn.Module], base_path: Union[str, os.PathLike], config: Any,
                       intensity_scale: Optional[float] = None, probe: Optional[np.ndarray] = None,
                       history: Optional[Mapping[str, Any]] = None,
-                      training_summary: Optional[Mapping[str, Any]] = None) -> Path:
+                      training_summary: Optional[Mapping[str, Any]] = None,
+                      physics: Optional[Mapping[str, Optional[float]]] = None) -> Path:
     """Write ``autoencoder`` and ``diffraction_to_obj`` with their params to one HDF5 bundle.
 
     ``config`` is a TrainingConfig or ModelConfig; its fields are written over
@@ -58,7 +59,9 @@ def save_torch_bundle(models_dict: Mapping[str, nn.Module], base_path: Union[str
     bundle's params, as PtychoPINN saves its params. ``intensity_scale`` is
     the scale the training inputs were multiplied by (the normalisation
     contract; default: params.cfg's, else the model's). ``probe`` defaults to
-    the probe inside the autoencoder. The layout is ``fmt.write_bundle``'s;
+    the probe inside the autoencoder. ``physics``: the instrument
+    (``bundle_format.PHYSICS_KEYS``; written to ``/physics`` so the runtime can check a host
+    against it). The layout is ``fmt.write_bundle``'s;
     the write is atomic: the previous file at ``base_path`` survives any failure.
     """
     for name in REQUIRED_MODELS:
@@ -83,7 +86,7 @@ def save_torch_bundle(models_dict: Mapping[str, nn.Module], base_path: Union[str
     return fmt.write_bundle(base_path, _numpy_params(values),
                             {name: _model_record(models_dict[name], architecture) for name in REQUIRED_MODELS},
                             producer=f"ptycho-export {__version__}", versions=_versions(), training=summary,
-                            history=history)
+                            history=history, physics=physics)
 
 
 def _check_architecture_keys(bundle_params: Mapping[str, Any], path: Path) -> None:

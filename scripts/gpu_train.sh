@@ -29,11 +29,7 @@ stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 cat "$WORK/env.txt"
 
 stamp "writing the realistic scans"
-(cd "$WORK" && "$PY" -c "
-from ptycho_export.data.realistic import realistic_scan, save_realistic_npz
-for name, seed in (('train', 1), ('test', 2)):
-    save_realistic_npz(name + '.npz', realistic_scan(seed=seed))
-") || { echo "could not write the scans"; exit 2; }
+"$PY" -m ptycho_export.data.realistic "$WORK" || { echo "could not write the scans"; exit 2; }
 
 variant_args() {
   case "$1" in

@@ -3,8 +3,9 @@
 #  0. ruff (the lint rules in pyproject.toml) over the whole tree;
 #  1. training side + runtime tests in .venv (torch installed);
 #  2. the runtime tests again in .venv-runtime, a venv WITHOUT torch (proves the runtime needs none);
-#  3. the benchmarks in smoke mode (they must stay runnable; speed is not asserted).
-# Between 2 and 3, scripts/test_cluster.sh tests Triton and Dask in their own venv (.venv-cluster).
+#  3. the ptychodus tests in .venv-ptychodus (ptychodus 1.7.0, no torch): a real ptychodus runs the runtime;
+#  4. Triton and Dask in .venv-cluster (scripts/test_cluster.sh): a real tritonserver via PyTriton, a Dask cluster;
+#  5. the benchmarks in smoke mode (they must stay runnable; speed is not asserted).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -14,10 +15,10 @@ bash scripts/setup.sh
 echo "== lint (ruff)"
 .venv/bin/ruff check .
 
-echo "== 1/3 tests (torch environment)"
+echo "== 1/5 tests (torch environment)"
 .venv/bin/python -m pytest -p no:cacheprovider -q
 
-echo "== 2/3 runtime tests without torch"
+echo "== 2/5 runtime tests without torch"
 if [ ! -x .venv-runtime/bin/python ]; then
   "$PYTHON" -m venv .venv-runtime
 fi
@@ -32,8 +33,16 @@ trap 'rm -rf "$FIXTURES"' EXIT
 PTYCHO_TEST_BUNDLE_DIR="$FIXTURES" .venv-runtime/bin/python -m pytest -p no:cacheprovider -q \
   -c runtime/pytest.ini --rootdir runtime runtime/tests
 
-echo "== Triton and Dask: triton-repo, serve, the triton backend, infer-many (own venv)"
+echo "== 3/5 ptychodus tests (ptychodus 1.7.0, without torch)"
+if [ ! -x .venv-ptychodus/bin/python ]; then
+  "$PYTHON" -m venv .venv-ptychodus
+fi
+.venv-ptychodus/bin/python -m pip install -q --disable-pip-version-check -e './runtime[cpu,ptychodus]' pytest
+PTYCHO_TEST_BUNDLE_DIR="$FIXTURES" .venv-ptychodus/bin/python -m pytest -p no:cacheprovider -q \
+  -c runtime/pytest.ini --rootdir runtime runtime/tests/test_ptychodus.py runtime/tests/test_worker.py
+
+echo "== 4/5 Triton and Dask: triton-repo, serve, the triton backend, infer-many (own venv)"
 PTYCHO_TEST_BUNDLE_DIR="$FIXTURES" bash scripts/test_cluster.sh
 
-echo "== 3/3 benchmarks, smoke mode"
+echo "== 5/5 benchmarks, smoke mode"
 PTYCHO_BENCH_SMOKE=1 .venv/bin/python -m pytest -p no:cacheprovider -q benchmarks --benchmark-disable

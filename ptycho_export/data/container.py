@@ -50,6 +50,9 @@ class PtychoData:
         nphotons: mean photons (counts) per pattern when the data's units tell
             it (counts or photon-unit amplitudes), else None. It fixes the
             intensity scale, so the Poisson likelihood sees the real counts.
+        physics: the instrument (``ptycho_runtime.bundle_format.PHYSICS_KEYS``:
+            photon energy, detector distance and pixel, object pixel) when the
+            data says it, else None; training writes it into the bundle.
     """
 
     diffraction: np.ndarray
@@ -60,6 +63,7 @@ class PtychoData:
     patches: Optional[np.ndarray] = None
     scan_index: Optional[np.ndarray] = None
     nphotons: Optional[float] = None
+    physics: Optional[dict] = None
 
     def __post_init__(self) -> None:
         self.diffraction = _as_array(
@@ -132,6 +136,7 @@ class PtychoData:
             patches=None if self.patches is None else self.patches[idx],
             scan_index=None if self.scan_index is None else self.scan_index[idx],
             nphotons=self.nphotons,
+            physics=self.physics,
         )
 
     def split(

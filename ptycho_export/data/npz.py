@@ -29,7 +29,7 @@ from .container import PtychoData
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-__all__ = ["load_npz", "save_npz"]
+__all__ = ["load_npz", "load_ptychodus", "save_npz"]
 
 
 def load_npz(path: PathLike, counts: Optional[bool] = None, units: str = "auto",
@@ -53,6 +53,36 @@ def load_npz(path: PathLike, counts: Optional[bool] = None, units: str = "auto",
         scan_index=arrays.get("scan_index"),
         nphotons=arrays["nphotons"],
     )
+
+
+def load_ptychodus(product: PathLike, patterns: PathLike) -> PtychoData:
+    """Load a ptychodus product file + diffraction file (counts) into a ``PtychoData``, with its physics.
+
+    ptychodus's own readers and geometry do the work
+    (``ptycho_runtime.ptychodus.files``; needs ``pip install
+    'ptycho-runtime[ptychodus]'``); the counts are normalised as an NPZ of
+    counts would be (``normalization_factor``, ``normalise_probe``), and the
+    product's photon energy, detector distance and object pixel size become
+    the data's ``physics``.
+    """
+    try:
+        from ptycho_runtime.ptychodus.files import read_input, training_scan
+    except ImportError as exc:
+        raise ValueError(f"reading ptychodus files needs ptychodus: pip install 'ptycho-runtime[ptychodus]' ({exc})"
+                         ) from None
+    from ptycho_runtime.npz import normalise_probe, normalization_factor
+
+    scan = training_scan(read_input(product, patterns))
+    amp = scan["diffraction"]
+    factor = normalization_factor(amp)
+    probe, _ = normalise_probe(scan["probeGuess"], amp, factor)
+    host = scan["physics"]
+    physics = {"photon_energy_eV": host.photon_energy_eV, "detector_distance_m": host.detector_distance_m,
+               "object_pixel_size_m": host.object_pixel_size_m}
+    return PtychoData(diffraction=(amp * factor).astype(np.float32), xcoords=scan["xcoords"],
+                      ycoords=scan["ycoords"], probe=probe, object=scan["objectGuess"],
+                      nphotons=float(np.mean(np.sum(amp.reshape(amp.shape[0], -1).astype(np.float64) ** 2, axis=-1))),
+                      physics=physics)
 
 
 def save_npz(path: PathLike, data: PtychoData) -> None:

@@ -22,6 +22,8 @@ tests check it against an independent textbook model.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -147,3 +149,29 @@ def save_realistic_npz(path, data: PtychoData) -> None:
         "xcoords": data.xcoords, "ycoords": data.ycoords,
         "objectGuess": data.object.astype(np.complex64),
     })
+
+
+TRAIN_SEED, TEST_SEED = 1, 2  # the benchmark's training scan and its held-out scan (a different object)
+
+
+def write_benchmark_scans(folder: str | os.PathLike) -> tuple[Path, Path]:
+    """Write the benchmark's ``train.npz`` (seed 1) and held-out ``test.npz`` (seed 2) into ``folder``.
+
+    The scans every fidelity figure in docs/fidelity.md, the demo and the
+    shipped bundle (``models/``) are measured on.
+    """
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = (out / "train.npz", out / "test.npz")
+    for path, seed in zip(paths, (TRAIN_SEED, TEST_SEED), strict=True):
+        save_realistic_npz(path, realistic_scan(seed=seed))
+    return paths
+
+
+if __name__ == "__main__":  # python -m ptycho_export.data.realistic FOLDER
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m ptycho_export.data.realistic FOLDER  (writes FOLDER/train.npz, FOLDER/test.npz)")
+    for written in write_benchmark_scans(sys.argv[1]):
+        print(f"wrote {written}")

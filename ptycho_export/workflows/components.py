@@ -79,7 +79,7 @@ def train_cdi_model_torch(train_data: DataLike, test_data: Optional[DataLike], c
         summary["pretraining"] = {k: v for k, v in pretrain_summary.items() if k != "loss"}
     return {"history": run["history"], "models": models, "intensity_scale": float(intensity_scale),
             "train_container": train_container, "test_container": test_container,
-            "probe": probe, "training_summary": summary}
+            "probe": probe, "training_summary": summary, "physics": train.physics}
 
 
 def _pretrain(d2o, train: PtychoData, container, intensity_scale: float, config: TrainingConfig, device
@@ -118,7 +118,7 @@ def run_cdi_example_torch(train_data: DataLike, test_data: Optional[DataLike], c
         bundle_path = config.output_dir / "wts.h5"
         save_torch_bundle(results["models"], bundle_path, config, intensity_scale=results["intensity_scale"],
                           probe=results["probe"], history=results["history"],
-                          training_summary=results["training_summary"])
+                          training_summary=results["training_summary"], physics=results.get("physics"))
         results["bundle_path"] = bundle_path
         if config.export_graphs:
             from ..export import add_graphs_to_bundle

@@ -4,6 +4,11 @@
     bundle = pr.load_bundle("wts.h5")                 # verified, params restored, backend chosen
     patches = bundle.predict(diffraction)             # complex64 [n, C, N, N]
     recon = bundle.reconstruct(diffraction, positions)  # stitched object, amplitude, phase, grid
+    recon = bundle.reconstruct(counts, pos_m, counts=True, units="metres",   # on the host's object grid
+                               grid=pr.ObjectGrid((H, W), pixel_m, centre_m), fill=1)
+
+Logging: everything logs under the ``ptycho_runtime`` logger (load, each
+reconstruction, what was clipped at the grid's edge).
 
 Importing this package never imports torch (the TorchScript backend imports
 it lazily, only when asked for), nor onnxruntime (imported when a bundle is
@@ -14,7 +19,7 @@ from importlib import metadata as _metadata
 
 from .alignment import align_patch_phases, stitch_scan
 from .backends import DeviceUnavailableError
-from .bundle import BACKENDS, Bundle, BundleInfo, load_bundle
+from .bundle import BACKENDS, Bundle, BundleInfo, ReconstructionCancelled, load_bundle
 from .bundle_format import (
     BundleChecksumError,
     BundleError,
@@ -26,8 +31,9 @@ from .bundle_format import (
     BundleParamsError,
     BundleUnsafeError,
 )
-from .geometry import DEFAULT_CENTRE, frame_centre, to_default_centre
-from .inputs import positions_from_metres
+from .geometry import DEFAULT_CENTRE, ObjectGrid, frame_centre, to_default_centre
+from .inputs import positions_from_metres, repair_bad_pixels
+from .physics import HostPhysics, PhysicsMismatchError
 from .remote import ClusterError, RemoteError, ServerModelMismatchError, ServerUnavailableError
 from .stitching import Reconstruction, StitchCanvas, probe_window, stitch_patches
 from .streaming import StreamingReconstructor
@@ -53,7 +59,11 @@ __all__ = [
     "BundleInfo",
     "ClusterError",
     "DeviceUnavailableError",
+    "HostPhysics",
+    "ObjectGrid",
+    "PhysicsMismatchError",
     "Reconstruction",
+    "ReconstructionCancelled",
     "RemoteError",
     "ServerModelMismatchError",
     "ServerUnavailableError",
@@ -64,6 +74,7 @@ __all__ = [
     "load_bundle",
     "positions_from_metres",
     "probe_window",
+    "repair_bad_pixels",
     "stitch_patches",
     "stitch_scan",
     "to_default_centre",

@@ -23,22 +23,40 @@ sessions are thread-safe; each call gets its own buffers and IOBinding).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
 from . import bundle_format as fmt
-from .alignment import stitch_scan
+from .alignment import align_patch_phases
 from .backends import OnnxBackend, TorchScriptBackend, check_device_precision
+from .geometry import DEFAULT_CENTRE, ObjectGrid, make_grid, scan_positions_px
 from .grouping import group_neighbors
-from .inputs import check_positions, check_scan_positions, prepare_diffraction
+from .inputs import check_positions, check_scan_positions, prepare_diffraction, repair_bad_pixels
 from .parity import SELF_TEST_TOLERANCE, graph_input, relative_error
-from .stitching import MAX_CANVAS_PIXELS, Reconstruction, probe_window
+from .physics import HostPhysics, check_host
+from .stitching import MAX_CANVAS_PIXELS, Reconstruction, StitchCanvas, probe_window
 
 BACKENDS = ("auto", "onnx", "torchscript", "triton")
 INFERENCE_MODEL = "diffraction_to_obj"
+log = logging.getLogger(__name__)  # "ptycho_runtime.bundle": hosts configure the "ptycho_runtime" logger
+
+
+class ReconstructionCancelled(RuntimeError):
+    """A host cancelled ``Bundle.reconstruct`` (its ``cancel`` was set); raised between micro-batches."""
+
+
+def _check_cancel(cancel: Any) -> None:
+    if cancel is None:
+        return
+    stop = cancel.is_set() if hasattr(cancel, "is_set") else cancel()
+    if stop:
+        raise ReconstructionCancelled("reconstruction cancelled by the host")
 
 
 @dataclass(frozen=True)
@@ -101,6 +119,8 @@ class Bundle:
         self.backend = backend
         if self_test:  # at load: the smallest stored case is enough to catch params that do not fit the graph
             self.self_test(smallest_only=True)
+        log.info("loaded %s: N=%d, gridsize=%d, %s on %s (%s)", self.path, self.N, self.gridsize, self.backend,
+                 self.device, ", ".join(self.providers))
 
     # ------------------------------------------------------------------ metadata
 
@@ -108,6 +128,15 @@ class Bundle:
     def params(self) -> dict[str, Any]:
         """The params the model was trained with (a copy: N, gridsize, intensity_scale, probe, …)."""
         return copy.deepcopy(self.contents.params)
+
+    @property
+    def physics(self) -> dict[str, Optional[float]]:
+        """The instrument the model was trained for (``bundle_format.PHYSICS_KEYS``; empty for older bundles)."""
+        return dict(self.contents.physics)
+
+    def check_host(self, host: HostPhysics, counts: Optional[np.ndarray] = None, strict: bool = False) -> list[str]:
+        """Compare a host's geometry, probe and counts with this bundle (``physics.check_host``)."""
+        return check_host(self.contents.physics, self.contents.params, host, counts=counts, strict=strict)
 
     def restore_params(self, cfg: dict[str, Any]) -> dict[str, Any]:
         """CONFIG-001 for hosts that keep a legacy ``params.cfg``-style dict: write every param into it."""
@@ -242,9 +271,7 @@ class Bundle:
 
         ``progress(k)`` is called after each batch of k patterns (groups).
         """
-        bs = self.default_batch_size() if batch_size is None else int(batch_size)  # 0 is an error, not 'default'
-        if bs < 1:
-            raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+        bs = self._batch_size(batch_size)
         out = np.empty(x.shape, np.complex64)
         for i in range(0, x.shape[0], bs):
             a, b = self._backend.run(np.ascontiguousarray(x[i:i + bs]))
@@ -264,16 +291,43 @@ class Bundle:
     def reconstruct(self, diffraction: np.ndarray, positions: np.ndarray, counts: Optional[bool] = None,
                     batch_size: Optional[int] = None, object_shape: Optional[tuple[int, int]] = None,
                     crop: Optional[int] = None, window: Union[str, np.ndarray, None] = "probe",
-                    align_phase: int = 0, progress: Optional[Callable[[int], None]] = None,
+                    align_phase: int = 0, progress: Optional[Callable[[int], None]] = None, *,
+                    grid: Optional[ObjectGrid] = None, pixel_size_m: Optional[float | tuple[float, float]] = None,
+                    object_centre_m: Optional[tuple[float, float]] = None, units: str = "pixels",
+                    frame_centre: str = DEFAULT_CENTRE, bad_pixels: Optional[np.ndarray] = None,
+                    out_of_grid: str = "clip", fill: complex = 0.0, cancel: Optional[Any] = None,
+                    on_batch: Optional[Callable[[int, int, Callable[[], Reconstruction]], None]] = None,
+                    host: Optional[HostPhysics] = None, strict: bool = False,
                     max_canvas_pixels: int = MAX_CANVAS_PIXELS) -> Reconstruction:
-        """Predict and stitch a scan into the full object.
+        """Predict and stitch a scan into the full object, on the host's object grid.
 
-        ``positions`` (x, y) in object pixels, frame centre at pixel (N−1)/2
-        (see ``positions_from_metres``, ``geometry.to_default_centre``):
-        [n, 2] for n frames [n, N, N] — with gridsize > 1 the frames are grouped
-        with their nearest neighbours exactly as in training — or, for
-        pre-grouped input [n, C, N, N], [n, C, 2]. The canvas is sized to the
-        scan, or is ``object_shape`` with origin (0, 0).
+        ``positions`` (x, y), one per frame: [n, 2] for n frames [n, N, N] —
+        with gridsize > 1 the frames are grouped with their nearest neighbours
+        exactly as in training — or, for pre-grouped input [n, C, N, N],
+        [n, C, 2]. ``units``: "pixels" (object pixels) or "metres".
+        ``frame_centre``: the frame pixel a position names, "(N-1)/2" (the
+        default: PtychoPINN, ptychodus) or "N/2" (``geometry``).
+
+        The object grid: ``grid`` (an ``ObjectGrid``) or its parts
+        ``object_shape`` (H, W), ``pixel_size_m`` (x, y or one number) and
+        ``object_centre_m`` (x, y) — the ptychodus convention: metres
+        ``centre + pixel · (u − (W−1)/2)``. With a shape the result is that
+        array (origin 0, 0); without one the canvas is sized to the scan. A
+        patch partly outside the grid is clipped (``out_of_grid="clip"``) or
+        dropped ("drop"); wholly outside, dropped; counted in the result's
+        ``n_clipped``/``n_dropped``, never an error. Uncovered pixels are ``fill``.
+
+        Input: ``counts=True`` for detector counts, ``counts=False`` for the
+        normalised amplitude; ``counts=None`` (default) takes amplitudes but
+        refuses whole-number frames that look like raw counts (``prepare``);
+        ``bad_pixels`` [N, N] (True = bad) are filled from their neighbours
+        before inference (``inputs.repair_bad_pixels``).
+
+        Unit guards (before any inference, ValueError naming the fix): raw
+        counts without ``counts=``, all-zero or constant frames, positions
+        that all land on one spot (metres given as pixels), and, without a
+        grid shape, a position far from the rest or a canvas above
+        ``max_canvas_pixels`` (``inputs.check_scan_positions``).
 
         Weighting: ``window`` — "probe" (default: |probe|², which beats a
         crop because it trusts each patch where it was lit), an [N, N] array,
@@ -283,21 +337,77 @@ class Bundle:
         put overlapping patches on one phase first. Off by default: it undoes
         random per-patch phase offsets (phase SSIM 0.72 → 0.95 on true
         patches with ±1 rad offsets) but measured no gain on today's networks
-        and costs a few seconds per 1,000 patterns. ``progress(k)`` is called
-        after each batch of k groups.
+        and costs a few seconds per 1,000 patterns.
 
-        Unit guards (before any inference, ValueError naming the fix): raw
-        counts without ``counts=`` (see ``prepare``), all-zero or constant
-        frames, positions that all land on one spot (metres given as pixels),
-        an outlier position far from the rest, and a canvas above
-        ``max_canvas_pixels`` (``inputs.check_scan_positions``).
+        Host hooks, between micro-batches of ``batch_size`` groups:
+        ``progress(k)`` after each batch of k groups; ``on_batch(done, total,
+        snapshot)`` with ``snapshot()`` building the object so far (without
+        phase alignment); ``cancel`` — an Event-like object (``is_set()``) or
+        a callable returning True — stops the call with ``ReconstructionCancelled``.
+
+        ``host`` (a ``HostPhysics``): check the host's instrument, probe and
+        (with ``counts=True``) count level against the bundle first
+        (``check_host``): warnings, or ``PhysicsMismatchError`` with ``strict``.
         """
-        x, pos = self.group(diffraction, positions, counts)
-        check_scan_positions(pos.reshape(-1, 2), self.N, object_shape, max_canvas_pixels)
-        patches = self.infer(x, batch_size, progress)
+        t0 = time.perf_counter()
+        if host is not None:
+            self.check_host(host, counts=diffraction if counts else None, strict=strict)
+        the_grid = make_grid(grid, object_shape, pixel_size_m, object_centre_m)
+        pos_px = scan_positions_px(positions, self.N, units, the_grid, frame_centre)
+        x, pos = self.group(diffraction, pos_px, counts)
+        repair_bad_pixels(x, bad_pixels)
         w = None if crop is not None else self.stitch_window(window)
-        return stitch_scan(patches, pos, window=w, crop=crop, align_phase=align_phase, object_shape=object_shape,
-                           max_pixels=max_canvas_pixels)
+        flat_pos = pos.reshape(-1, 2)
+        fixed_shape = the_grid.shape if the_grid is not None else None
+        check_scan_positions(flat_pos, self.N, fixed_shape, max_canvas_pixels)
+        if fixed_shape is not None:
+            canvas = StitchCanvas(fixed_shape, self.N, (0, 0), crop=crop, window=w, out_of_grid=out_of_grid,
+                                  fill=fill, max_pixels=max_canvas_pixels)
+        else:
+            canvas = StitchCanvas.for_positions(flat_pos, self.N, crop=crop, window=w, fill=fill,
+                                                max_pixels=max_canvas_pixels)
+        bs = self._batch_size(batch_size)
+        total = x.shape[0]
+        # Unaligned: each batch goes onto the canvas as it comes (the live object is the result so far).
+        # Aligned: patches are kept, aligned at the end, and a second canvas shows the live object if asked for.
+        patches = np.empty(x.shape, np.complex64) if align_phase else None
+        live = canvas if patches is None else (
+            StitchCanvas(canvas.shape, self.N, canvas.origin, crop=crop, window=w, out_of_grid=out_of_grid,
+                         fill=fill, max_pixels=max_canvas_pixels) if on_batch is not None else None)
+        for i in range(0, total, bs):
+            _check_cancel(cancel)
+            out = self.infer(x[i:i + bs], bs)
+            if patches is not None:
+                patches[i:i + bs] = out
+            if live is not None:
+                live.add(out.reshape(-1, self.N, self.N), pos[i:i + bs].reshape(-1, 2))
+            if progress is not None:
+                progress(out.shape[0])
+            if on_batch is not None:
+                on_batch(min(i + bs, total), total, live.result)
+        _check_cancel(cancel)
+        if patches is not None:
+            flat = patches.reshape(-1, self.N, self.N)
+            factors = align_patch_phases(flat, flat_pos, window=w, crop=crop, iterations=align_phase)
+            canvas.add(flat * factors[:, None, None].astype(np.complex64), flat_pos)
+        rec = canvas.result()
+        if the_grid is not None and the_grid.pixel_size_m is not None:
+            rec = dataclasses.replace(rec, pixel_size_m=the_grid.pixel_size_m,
+                                      centre_m=the_grid.centre_of(canvas.origin, canvas.shape))
+        dt = time.perf_counter() - t0
+        log.info("reconstructed %d frame group(s) of %s on a %d×%d grid in %.3f s (%d clipped, %d dropped at "
+                 "the grid's edge)", total, self.path,
+                 rec.object.shape[0], rec.object.shape[1], dt, rec.n_clipped, rec.n_dropped)
+        if rec.n_dropped or rec.n_clipped:
+            log.warning("%d patch(es) were clipped and %d dropped: they lie partly or wholly outside the %d×%d "
+                        "object grid", rec.n_clipped, rec.n_dropped, *rec.object.shape)
+        return rec
+
+    def _batch_size(self, batch_size: Optional[int]) -> int:
+        bs = self.default_batch_size() if batch_size is None else int(batch_size)  # 0 is an error, not 'default'
+        if bs < 1:
+            raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+        return bs
 
     def group(self, diffraction: np.ndarray, positions: np.ndarray, counts: Optional[bool] = None
               ) -> tuple[np.ndarray, np.ndarray]:

@@ -20,6 +20,7 @@ Layout (every dataset carries a ``sha256`` attribute over its bytes)::
     /graphs/<kind>/<model>/bytes       uint8: a compiled graph (kind: onnx, torchscript)
     /graphs/<kind>/<model>/metadata_json
     /parity/<case>/<input or output>   fixed inputs (in the units ``Bundle.predict`` takes) and eager outputs
+    /physics/metadata_json             optional: the instrument the model was trained for (``PHYSICS_KEYS``)
 
 Why a reader policy: a bundle is a file users download, mail around and drop
 into acquisition software, so every reader treats it as hostile. HDF5 can
@@ -107,6 +108,14 @@ ONNX_ELEM_FLOAT = 1
 # The opset ptycho-export writes ONNX graphs at (torch.export's exporter needs 18 or newer). Defined here, torch-free,
 # so the CLI's --help shows it without importing the exporter.
 DEFAULT_OPSET = 20
+# /physics/metadata_json (optional; bundles before it load as "unknown"): the instrument a model was trained for,
+# so a host can be checked against it (ptycho_runtime.physics). Each value is a finite number > 0, or null.
+PHYSICS_KEYS = {
+    "photon_energy_eV": "photon energy (eV)",
+    "detector_distance_m": "sample-detector distance (m)",
+    "detector_pixel_size_m": "detector pixel size (m)",
+    "object_pixel_size_m": "object (probe) pixel size (m): lambda * distance / (N * detector pixel)",
+}
 
 
 # --------------------------------------------------------------------------- errors
@@ -426,6 +435,7 @@ class BundleContents:
     parity: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     n_parameters: dict[str, int] = field(default_factory=dict)
     file_size: int = 0
+    physics: dict[str, Optional[float]] = field(default_factory=dict)
 
     def graph(self, kind: str, model: str) -> GraphRecord:
         try:
@@ -452,15 +462,16 @@ class ModelRecord:
 
 def write_bundle(path: str | os.PathLike, params: Mapping[str, Any], models: Mapping[str, ModelRecord],
                  producer: str, versions: Mapping[str, str], training: Optional[Mapping[str, Any]] = None,
-                 history: Optional[Mapping[str, Any]] = None) -> Path:
+                 history: Optional[Mapping[str, Any]] = None, physics: Optional[Mapping[str, Any]] = None) -> Path:
     """Write a new bundle (params, eager models, training record), atomically; return its path.
 
     ``params`` is the flat params dict (``split_params`` decides what is JSON
     and what is a dataset); it is checked first with the reader's own rules
     (``check_writable_params``), so a bundle the readers would refuse is never
     written. ``models`` maps names from ``MODEL_NAMES`` to ``ModelRecord``.
-    ``history`` maps a metric to its per-epoch values. Graphs and parity
-    vectors are added later by ``write_graphs``.
+    ``history`` maps a metric to its per-epoch values. ``physics``: the
+    instrument (``PHYSICS_KEYS``), written to ``/physics`` when given. Graphs
+    and parity vectors are added later by ``write_graphs``.
     """
     unknown = sorted(set(models) - set(MODEL_NAMES))
     if unknown:
@@ -483,6 +494,8 @@ def write_bundle(path: str | os.PathLike, params: Mapping[str, Any], models: Map
         hgroup = tgroup.create_group("history")
         for key, series in (history or {}).items():
             write_payload(hgroup, key, np.asarray(series, dtype=np.float64))
+        if physics:
+            write_physics(f, physics)
     return target
 
 
@@ -902,6 +915,33 @@ def validate_params(params: Mapping[str, Any], path: Any = None, where: str = "/
             raise fail("probe", "contains NaN or inf")
 
 
+def validate_physics(meta: Any, path: Any = None, where: str = "/physics/metadata_json") -> dict[str, Optional[float]]:
+    """The physics metadata, checked: only ``PHYSICS_KEYS``, each a finite number > 0 or None.
+
+    Raises ``BundleParamsError`` naming the key.
+    """
+    if not isinstance(meta, Mapping):
+        raise BundleParamsError(f"{path}: {where} is not a JSON object. {_fix_damaged(path)}", path, where)
+    out: dict[str, Optional[float]] = {}
+    for key, value in meta.items():
+        if key not in PHYSICS_KEYS:
+            raise BundleParamsError(f"{path}: {where} has the unknown key {_short(key)} (known: "
+                                    f"{', '.join(PHYSICS_KEYS)}). {_fix_damaged(path)}", path, where)
+        if value is not None and (not _is_number(value) or not math.isfinite(float(value)) or float(value) <= 0):
+            raise BundleParamsError(f"{path}: {where} '{key}' must be a finite number > 0 or null (got "
+                                    f"{_short(value)}). {_fix_damaged(path)}", path, where)
+        out[key] = None if value is None else float(value)
+    return out
+
+
+def write_physics(f: h5py.File, meta: Mapping[str, Any]) -> None:
+    """Write ``/physics/metadata_json`` (validated first, so a bundle that saves also loads); None values are kept."""
+    clean = validate_physics(dict(meta), "the physics metadata to save")
+    if "physics" in f:
+        del f["physics"]
+    write_json(f.create_group("physics"), "metadata_json", clean)
+
+
 def check_writable_params(scalars: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
     """The writer's side of the policy: refuse to write params the reader would refuse (``BundleParamsError``)."""
     merged = {**scalars, **arrays}
@@ -1026,7 +1066,8 @@ def read_bundle(path: str | os.PathLike) -> BundleContents:
 
 def _read_verified(f: h5py.File, p: Path, header: dict[str, Any], file_size: int) -> BundleContents:
     pol = _Policy(f, p, file_size)
-    root = pol.children(f, lambda n: n in ("params", "models", "training", "graphs", "parity"), 5, "group")
+    root = pol.children(f, lambda n: n in ("params", "models", "training", "graphs", "parity", "physics"), 6,
+                        "group")
     if "params" not in root:
         raise BundleFormatError(f"{p} has no /params: the params it was trained with are missing. "
                                 f"{_fix_damaged(p)}", p, "/params")
@@ -1123,6 +1164,13 @@ def _read_verified(f: h5py.File, p: Path, header: dict[str, Any], file_size: int
             for key, ds in pol.children(g, _parity_key, MAX_PARITY_ENTRIES, "dataset").items():
                 array_plans.append(("parity", (case, key), pol.dataset(ds, "array", per, "f", ndim=4)))
 
+    if "physics" in root:
+        phg = root["physics"]
+        pol.check_attrs(phg, no_attrs)
+        kids = pol.children(phg, lambda n: n == "metadata_json", 1, "dataset")
+        if "metadata_json" in kids:
+            json_plans.append(("physics", (), pol.dataset(kids["metadata_json"], "json", 0)))
+
     # ---- read and verify
     for what, key, plan in json_plans:
         value = _read_plan(pol, plan)
@@ -1130,6 +1178,8 @@ def _read_verified(f: h5py.File, p: Path, header: dict[str, Any], file_size: int
             raise pol.bad(plan.ds.name, "is not a JSON object")
         if what == "arch":
             contents.architectures[key[0]] = value
+        elif what == "physics":
+            contents.physics = validate_physics(value, p)
         else:
             contents.graphs[key] = GraphRecord(key[0], key[1], b"", value)
     for what, key, plan in array_plans:

@@ -1,6 +1,7 @@
 """``ptycho-runtime``: reconstruct a scan with a bundle, or show what the runtime sees in one.
 
     ptycho-runtime infer BUNDLE SCAN.npz -o RECON.h5 [--png RECON.png] [--backend …] [--device …]
+    ptycho-runtime infer BUNDLE --product IN_product.h5 --patterns IN_diffraction.h5 -o OUT_product.h5
     ptycho-runtime info BUNDLE [--json]
     ptycho-runtime triton-repo | serve | infer-many ...   (cli_cluster: Triton and Dask)
 
@@ -211,6 +212,12 @@ def write_png(path: Path, recon, title: str = "") -> None:
 def cmd_infer(args: argparse.Namespace) -> int:
     from .npz import read_npz_arrays
 
+    if (args.scan is None) == (args.product is None):
+        raise UsageError("give a PtychoPINN NPZ scan, or a ptychodus product with --product and --patterns")
+    if args.product is not None:
+        return _infer_ptychodus(args)
+    if args.patterns is not None:
+        raise UsageError("--patterns goes with --product (a ptychodus diffraction file and its product file)")
     out = Path(args.output)
     png = Path(args.png) if args.png else None
     if png is not None:
@@ -233,6 +240,36 @@ def cmd_infer(args: argparse.Namespace) -> int:
                                     f"(N={bundle.N}, gridsize={bundle.gridsize})")
     provider = bundle.providers[0] if bundle.providers else bundle.backend
     progress.close(f"reconstructed {n} patterns in {elapsed:.2f} s ({rate:.1f} patterns/s) on {provider}")
+    return EXIT_OK
+
+
+def _infer_ptychodus(args: argparse.Namespace) -> int:
+    """ptychodus files in, a ptychodus product out: the object on the input product's grid (1+0j uncovered)."""
+    if args.patterns is None:
+        raise UsageError("--product needs --patterns: the ptychodus diffraction file (counts, bad pixels)")
+    if args.png or args.counts or args.units != "auto" or args.position_centre != DEFAULT_CENTRE:
+        raise UsageError("--png, --counts, --units and --position-centre apply to NPZ scans, not to --product "
+                         "(ptychodus patterns are counts; its positions are metres on the product's grid)")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    try:
+        from .ptychodus.files import host_scan, output_product, read_input, write_product
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
+    bundle = _load_bundle(args.bundle, args.backend, args.device, args.precision)
+    parameters = read_input(args.product, args.patterns)
+    scan = host_scan(parameters)
+    n = scan.counts.shape[0]
+    progress = Progress(n, "patterns" if bundle.channels == 1 else "groups")
+    t0 = time.perf_counter()
+    recon = bundle.reconstruct(scan.counts, scan.positions_px, batch_size=args.batch_size,
+                               align_phase=args.align_phase, progress=progress.update, **scan.reconstruct_kwargs())
+    elapsed = time.perf_counter() - t0
+    write_product(args.output, output_product(parameters.product, recon))
+    provider = bundle.providers[0] if bundle.providers else bundle.backend
+    progress.close(f"reconstructed {n} patterns in {elapsed:.2f} s on {provider} onto the {recon.object.shape[0]}×"
+                   f"{recon.object.shape[1]} object grid of {args.product} ({recon.n_clipped} patches clipped, "
+                   f"{recon.n_dropped} dropped at its edge); wrote {args.output}")
     return EXIT_OK
 
 
@@ -366,11 +403,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("infer", help="reconstruct a PtychoPINN NPZ scan into an object (HDF5, optional PNG)",
+    p = sub.add_parser("infer", help="reconstruct a PtychoPINN NPZ scan, or ptychodus files, into an object",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", metavar="BUNDLE", help="bundle file (wts.h5) or the folder holding it")
-    p.add_argument("scan", metavar="SCAN.npz", help="PtychoPINN NPZ: diffraction, xcoords, ycoords, probeGuess")
-    p.add_argument("-o", "--output", required=True, metavar="RECON.h5", help="reconstruction to write (HDF5)")
+    p.add_argument("scan", metavar="SCAN.npz", nargs="?", default=None,
+                   help="PtychoPINN NPZ: diffraction, xcoords, ycoords, probeGuess")
+    p.add_argument("--product", metavar="IN_product.h5", default=None,
+                   help="instead of SCAN.npz: a ptychodus product file (positions, probe, object grid); with "
+                        "--patterns, writes a ptychodus product (needs pip install 'ptycho-runtime[ptychodus]'; "
+                        "default: none)")
+    p.add_argument("--patterns", metavar="IN_diffraction.h5", default=None,
+                   help="the ptychodus diffraction file (counts, bad pixels) that goes with --product (default: none)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.h5",
+                   help="reconstruction to write (HDF5; a ptychodus product with --product)")
     p.add_argument("--png", metavar="RECON.png",
                    help="also write amplitude and phase as a PNG (needs matplotlib; default: none)")
     p.add_argument("--backend", choices=("auto", "onnx", "torchscript"), default="auto",

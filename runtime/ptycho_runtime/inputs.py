@@ -12,6 +12,7 @@ from typing import Optional
 
 import numpy as np
 
+from .geometry import ObjectGrid
 from .stitching import MAX_CANVAS_PIXELS
 
 # Neighbouring scan positions further apart than this many frame widths split the scan into pieces that
@@ -153,24 +154,66 @@ def check_scan_positions(positions: np.ndarray, N: int, object_shape: Optional[t
 
 
 def positions_from_metres(x_m: np.ndarray, y_m: np.ndarray, pixel_size_m: float | tuple[float, float],
-                          object_shape: tuple[int, int] | None = None) -> np.ndarray:
+                          object_shape: tuple[int, int] | None = None,
+                          centre_m: tuple[float, float] | None = (0.0, 0.0)) -> np.ndarray:
     """Scan positions in metres → (x, y) object pixels, [n, 2].
 
-    With ``object_shape`` (H, W) the ptychodus convention is used: position
-    (0 m, 0 m) is the object centre, pixel ((W−1)/2, (H−1)/2). Without it,
-    positions are relative to the scan's minimum plus nothing else (the
-    runtime then sizes the canvas to the scan).
+    With ``object_shape`` (H, W) the ptychodus convention is used
+    (``ObjectGrid``): ``centre_m`` (x, y) — the object's centre in stage
+    coordinates, default (0, 0); None: the middle of the scan's extent — is
+    object pixel ((W−1)/2, (H−1)/2). Without it, positions are relative to the
+    scan's minimum (the runtime then sizes the canvas to the scan).
     """
-    px, py = (pixel_size_m, pixel_size_m) if np.isscalar(pixel_size_m) else pixel_size_m
-    if not (px > 0 and py > 0):
-        raise ValueError(f"pixel_size_m must be > 0 (got {pixel_size_m!r})")
-    x = np.asarray(x_m, dtype=np.float64) / px
-    y = np.asarray(y_m, dtype=np.float64) / py
+    x = np.asarray(x_m, dtype=np.float64)
+    y = np.asarray(y_m, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 1:
         raise ValueError(f"x_m and y_m must be 1-D arrays of equal length (got {x.shape} and {y.shape})")
-    if object_shape is not None:
-        H, W = object_shape
-        x, y = x + (W - 1) / 2, y + (H - 1) / 2
-    else:
-        x, y = x - x.min(), y - y.min()
-    return np.stack([x, y], axis=1)
+    pos = np.stack([x, y], axis=1)
+    if object_shape is None:
+        grid = ObjectGrid(None, pixel_size_m)
+        px = grid.to_pixels(pos)
+        return px - px.min(axis=0) if px.shape[0] else px
+    if centre_m is None:
+        centre_m = ((x.min() + x.max()) / 2, (y.min() + y.max()) / 2) if x.size else (0.0, 0.0)
+    return ObjectGrid(tuple(object_shape), pixel_size_m, tuple(centre_m)).to_pixels(pos)
+
+
+def repair_bad_pixels(x: np.ndarray, bad_pixels: np.ndarray | None) -> np.ndarray:
+    """Fill the detector's bad pixels (True in ``bad_pixels`` [N, N]) of frames [..., N, N] in place.
+
+    Why fill rather than zero: the network was trained on complete frames, so a
+    dead pixel set to 0 reads as "no photons here" and a hot one as a bright
+    speckle. Each bad pixel gets the mean of its good (or already filled)
+    3×3 neighbours, from the outside of a bad region inwards, so a beam-stop
+    shadow is filled smoothly. Only the bad pixels are touched (O(frames ×
+    bad pixels)), so a mask costs little per call.
+    """
+    if bad_pixels is None:
+        return x
+    mask = np.asarray(bad_pixels)
+    if mask.shape != x.shape[-2:] or mask.dtype.kind not in "biu":
+        raise ValueError(f"bad_pixels must be a boolean [{x.shape[-2]}, {x.shape[-1]}] mask (True = bad) matching "
+                         f"the frames (got {mask.dtype} {list(mask.shape)})")
+    bad = mask.astype(bool)
+    if not bad.any():
+        return x
+    if bad.all():
+        raise ValueError("bad_pixels marks every detector pixel as bad; nothing is left to reconstruct from")
+    H, W = bad.shape
+    todo = bad.copy()
+    while todo.any():
+        rows, cols = np.nonzero(todo)
+        total = np.zeros(x.shape[:-2] + (rows.size,), np.float64)
+        count = np.zeros(rows.size)
+        for dr in (-1, 0, 1):
+            for dc in (-1, 0, 1):
+                r, c = rows + dr, cols + dc
+                ok = (r >= 0) & (r < H) & (c >= 0) & (c < W)
+                r, c = np.where(ok, r, 0), np.where(ok, c, 0)
+                use = ok & ~todo[r, c]
+                total += np.where(use, x[..., r, c], 0.0)
+                count += use
+        ready = count > 0  # pixels with at least one known neighbour are filled in this pass
+        x[..., rows[ready], cols[ready]] = (total[..., ready] / count[ready]).astype(x.dtype)
+        todo[rows[ready], cols[ready]] = False
+    return x

@@ -11,6 +11,14 @@ the stitched network object instead of from a flat one: the network then
 buys the first iterations, and every iteration after it makes the object
 agree more with the measured amplitudes, never less on average.
 
+Plain ePIE fixes the fine detail within a few sweeps but moves the slowly
+varying phase only slowly, which is what the network gets wrong. Momentum
+(the idea of mPIE, Maiden, Johnson & Li 2017, applied here once per sweep:
+``v ← η·v + ΔO``, ``O ← O + η·v``) speeds up exactly those slow modes.
+Measured on the realistic held-out scan (``docs/fidelity.md``), 20 sweeps
+from the network's object: phase SSIM 0.61 without momentum, 0.74 with
+η = 0.9.
+
 Conventions are the runtime's: positions (x, y) in object pixels with the
 frame centre at pixel (N−1)/2 (``geometry``), sub-pixel positions by
 bilinear interpolation (the same weights ``StitchCanvas`` splats with), and
@@ -27,7 +35,8 @@ import numpy as np
 from .geometry import frame_origin
 from .stitching import Reconstruction
 
-DEFAULT_REFINE_ITERATIONS = 10  # what `--refine` without a number runs: measured in docs/fidelity.md
+DEFAULT_REFINE_ITERATIONS = 20  # what `--refine` without a number runs: measured in docs/fidelity.md
+DEFAULT_MOMENTUM = 0.9
 
 
 def far_field_misfit(obj: np.ndarray, amplitude: np.ndarray, probe: np.ndarray, starts: np.ndarray) -> float:
@@ -57,7 +66,8 @@ def _read(obj: np.ndarray, start: np.ndarray, N: int) -> np.ndarray:
 
 
 def refine_epie(start: Reconstruction, amplitude: np.ndarray, positions: np.ndarray, probe: np.ndarray,
-                iterations: int = DEFAULT_REFINE_ITERATIONS, step: float = 1.0, seed: int = 0,
+                iterations: int = DEFAULT_REFINE_ITERATIONS, step: float = 1.0,
+                momentum: float = DEFAULT_MOMENTUM, seed: int = 0,
                 progress: Optional[Callable[[int, int], None]] = None) -> Reconstruction:
     """``iterations`` ePIE sweeps over all frames, starting from ``start``; returns the refined object.
 
@@ -67,7 +77,9 @@ def refine_epie(start: Reconstruction, amplitude: np.ndarray, positions: np.ndar
     Pixels ``start`` did not cover begin as 1 (free space). Each frame's
     update is ``O += step·P*(ψ' − ψ)/max|P|²`` with ψ' the exit wave given
     the measured amplitude (ePIE's object update; the probe is not updated).
-    Frames are visited in a fixed random order per sweep (``seed``).
+    After each sweep the object moves on by ``momentum`` times its running
+    velocity (0: plain ePIE). Frames are visited in a random order per sweep
+    (fixed by ``seed``).
     ``progress(i, iterations)`` is called after each sweep. The result
     keeps ``start``'s grid and weights.
     """
@@ -83,6 +95,8 @@ def refine_epie(start: Reconstruction, amplitude: np.ndarray, positions: np.ndar
         raise ValueError(f"iterations must be an integer >= 0 (got {iterations!r})")
     if not (np.isfinite(step) and step > 0):
         raise ValueError(f"step must be a positive number (got {step!r})")
+    if not (np.isfinite(momentum) and 0 <= momentum < 1):
+        raise ValueError(f"momentum must be in [0, 1) (got {momentum!r})")
     N = P.shape[0]
     obj = np.where(start.covered, start.object, np.complex64(1.0)).astype(np.complex64)
     x0, y0 = float(start.x_coords[0]), float(start.y_coords[0])
@@ -95,7 +109,9 @@ def refine_epie(start: Reconstruction, amplitude: np.ndarray, positions: np.ndar
     measured = np.fft.ifftshift(amp, axes=(-2, -1)) * np.float32(N)  # the unshifted |fft2| each frame should have
     gain = np.conj(P) * np.float32(step / float(np.max(np.abs(P)) ** 2))
     order_rng = np.random.default_rng(seed)
+    velocity = np.zeros_like(obj) if momentum else None
     for it in range(int(iterations)):
+        before = obj.copy() if momentum else None
         for j in order_rng.permutation(amp.shape[0]):
             r, c, (w00, w01, w10, w11) = _bilinear(starts[j])
             s = obj[r:r + N + 1, c:c + N + 1]
@@ -107,6 +123,10 @@ def refine_epie(start: Reconstruction, amplitude: np.ndarray, positions: np.ndar
             s[:-1, 1:] += w01 * delta
             s[1:, :-1] += w10 * delta
             s[1:, 1:] += w11 * delta
+        if momentum:
+            velocity *= np.float32(momentum)
+            velocity += obj - before
+            obj += np.float32(momentum) * velocity
         if progress is not None:
             progress(it + 1, int(iterations))
     return Reconstruction(obj, start.weight.copy(), start.x_coords.copy(), start.y_coords.copy())

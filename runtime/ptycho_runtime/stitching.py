@@ -11,7 +11,14 @@ Weighting: by default only the central ``N/2 × N/2`` crop of each patch is
 used (where the probe is bright and PtychoPINN's decoder puts its central
 path), each pixel with weight 1; pass ``window`` (an [N, N] array, e.g. the
 probe intensity |P|²) for a smooth weighting instead. The object is
-Σ w·patch / Σ w; pixels no patch reached are 0 with weight 0.
+Σ w·patch / Σ w; pixels no patch reached have weight 0 and the value
+``fill`` (0 by default; ptychodus expects 1+0j, free space).
+
+Out-of-grid patches (``out_of_grid``): a patch that lies partly outside a
+fixed canvas is "clip"ped (its inside pixels are used; the default) or
+"drop"ped; a patch wholly outside is always dropped. Both are counted
+(``n_clipped``, ``n_dropped``) and never stop a reconstruction; "raise"
+restores the strict check.
 
 The canvas accumulates in float64, so adding patches in any order or in
 any batch split gives the same object to ~1e-12: the streaming path and the
@@ -38,13 +45,22 @@ class Reconstruction:
 
     ``x_coords``/``y_coords`` are the object-pixel coordinates of the columns
     and rows of ``object`` (the scan positions' frame). ``weight`` is the sum
-    of stitching weights per pixel (0 = not covered).
+    of stitching weights per pixel (0 = not covered). When the positions were
+    placed on an object grid with a pixel size (``ObjectGrid``),
+    ``pixel_size_m`` (x, y) and ``centre_m`` — the metres of the array centre,
+    pixel ((W−1)/2, (H−1)/2) as in ptychodus — say where the object is;
+    otherwise they are None. ``n_clipped`` patches lay partly outside the
+    grid (their inside pixels were used) and ``n_dropped`` were not used at all.
     """
 
     object: np.ndarray
     weight: np.ndarray
     x_coords: np.ndarray
     y_coords: np.ndarray
+    pixel_size_m: Optional[tuple[float, float]] = None
+    centre_m: Optional[tuple[float, float]] = None
+    n_clipped: int = 0
+    n_dropped: int = 0
 
     @property
     def amplitude(self) -> np.ndarray:
@@ -85,17 +101,24 @@ def _window(N: int, crop: Optional[int], window: Optional[np.ndarray]) -> np.nda
     return w
 
 
+OUT_OF_GRID = ("clip", "drop", "raise")
+_CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))
+
+
 class StitchCanvas:
     """An object canvas that patches are added to as they arrive.
 
     ``origin`` (x0, y0) is the object-pixel coordinate of canvas pixel (0, 0).
     Adding is vectorised over all patches and pixels (np.bincount); only
-    the window's non-zero pixels are touched.
+    the window's non-zero pixels are touched. ``out_of_grid`` and ``fill``:
+    see the module docstring.
     """
 
     def __init__(self, shape: tuple[int, int], N: int, origin: tuple[int, int] = (0, 0),
-                 crop: Optional[int] = None, window: Optional[np.ndarray] = None,
-                 max_pixels: int = MAX_CANVAS_PIXELS) -> None:
+                 crop: Optional[int] = None, window: Optional[np.ndarray] = None, out_of_grid: str = "clip",
+                 fill: complex = 0.0, max_pixels: int = MAX_CANVAS_PIXELS) -> None:
+        if out_of_grid not in OUT_OF_GRID:
+            raise ValueError(f"out_of_grid must be one of {', '.join(map(repr, OUT_OF_GRID))} (got {out_of_grid!r})")
         self.shape = (int(shape[0]), int(shape[1]))
         if self.shape[0] < 1 or self.shape[1] < 1:
             raise ValueError(f"canvas shape must be positive (got {self.shape})")
@@ -106,6 +129,8 @@ class StitchCanvas:
                 "the region you need, or raise max_pixels / max_canvas_pixels")
         self.N = int(N)
         self.origin = (int(origin[0]), int(origin[1]))
+        self.out_of_grid = out_of_grid
+        self.fill = complex(fill)
         w = _window(self.N, crop, window)
         rows, cols = np.nonzero(w)
         self._rows, self._cols = rows, cols
@@ -115,14 +140,20 @@ class StitchCanvas:
         self._im = np.zeros(size)
         self._wsum = np.zeros(size)
         self.n_patches = 0
+        self.n_clipped = 0
+        self.n_dropped = 0
 
     @classmethod
     def for_positions(cls, positions: np.ndarray, N: int, **kwargs) -> "StitchCanvas":
         origin, shape = canvas_bounds(positions, N)
         return cls(shape, N, origin, **kwargs)
 
-    def _locate(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Integer and fractional canvas coordinates of patch pixel (0, 0); raise if a patch falls outside."""
+    def _locate(self, pos: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Canvas coordinates of patch pixel (0, 0) (integer, fraction) and which patches lie partly/wholly outside.
+
+        A patch's footprint is its window's bounding box, one pixel wider where
+        the bilinear splat has a fractional part.
+        """
         H, W = self.shape
         start = frame_origin(pos, self.N)
         cx = start[:, 0] - self.origin[0]
@@ -130,26 +161,43 @@ class StitchCanvas:
         ix, iy = np.floor(cx), np.floor(cy)
         fx, fy = cx - ix, cy - iy
         ix, iy = ix.astype(np.int64), iy.astype(np.int64)
-        rmin, rmax = iy + self._rows.min(), iy + self._rows.max() + 1
-        cmin, cmax = ix + self._cols.min(), ix + self._cols.max() + 1
-        outside = (rmin < 0) | (cmin < 0) | (rmax >= H) | (cmax >= W)
-        if outside.any():
+        r_lo, r_hi = iy + self._rows.min(), iy + self._rows.max() + (fy > 0)
+        c_lo, c_hi = ix + self._cols.min(), ix + self._cols.max() + (fx > 0)
+        partial = (r_lo < 0) | (c_lo < 0) | (r_hi >= H) | (c_hi >= W)
+        outside = (r_hi < 0) | (c_hi < 0) | (r_lo >= H) | (c_lo >= W)
+        if self.out_of_grid == "raise" and partial.any():
             raise ValueError(
-                f"{int(outside.sum())} patch(es) fall outside the {H}×{W} canvas (origin {self.origin}); "
-                "give an object_shape/extent that covers every scan position ± N/2, or let the canvas "
-                "be sized from the positions")
-        return ix, iy, fx, fy
+                f"{int(partial.sum())} patch(es) fall outside the {H}×{W} canvas (origin {self.origin}); "
+                "give an object grid that covers every scan position ± N/2, let the canvas be sized from the "
+                "positions, or use out_of_grid='clip' or 'drop'")
+        return ix, iy, fx, fy, partial, outside
 
     def check_inside(self, positions: np.ndarray) -> None:
-        """Raise ValueError if a patch at any of these (x, y) positions [n, 2] would not fit on the canvas."""
+        """Validate positions [n, 2] (x, y) before they are queued: finite, and inside with out_of_grid='raise'."""
         pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
         if not np.all(np.isfinite(pos)):
             raise ValueError("positions contain NaN or inf")
         if pos.shape[0]:
             self._locate(pos)
 
+    def _corners(self, ix: np.ndarray, iy: np.ndarray, fx: np.ndarray, fy: np.ndarray, clip: bool):
+        """Per bilinear corner: flat canvas indices [n, K] and weights [n, K] (0 where a pixel is off the canvas)."""
+        H, W = self.shape
+        for dy, dx in _CORNERS:
+            wgt = (fy if dy else 1 - fy) * (fx if dx else 1 - fx)
+            if not np.any(wgt):
+                continue
+            r = iy[:, None] + self._rows[None, :] + dy
+            c = ix[:, None] + self._cols[None, :] + dx
+            w = wgt[:, None] * self._w[None, :]
+            if clip:
+                inside = (r >= 0) & (r < H) & (c >= 0) & (c < W)
+                w = np.where(inside, w, 0.0)
+                r, c = np.where(inside, r, 0), np.where(inside, c, 0)
+            yield r * W + c, w
+
     def add(self, patches: np.ndarray, positions: np.ndarray) -> None:
-        """Add patches [n, N, N] (complex) at positions [n, 2] (x, y)."""
+        """Add patches [n, N, N] (complex) at positions [n, 2] (x, y); out-of-grid ones per ``out_of_grid``."""
         patches = np.asarray(patches)
         pos = np.asarray(positions, dtype=np.float64)
         if patches.ndim != 3 or patches.shape[1:] != (self.N, self.N):
@@ -161,40 +209,36 @@ class StitchCanvas:
             raise ValueError("positions contain NaN or inf")
         if patches.shape[0] == 0:
             return
-        H, W = self.shape
-        ix, iy, fx, fy = self._locate(pos)
+        ix, iy, fx, fy, partial, outside = self._locate(pos)
+        keep = ~(outside | partial) if self.out_of_grid == "drop" else ~outside
+        self.n_dropped += int((~keep).sum())
+        self.n_clipped += int((partial & keep).sum())
+        self.n_patches += int(keep.sum())
+        if not keep.all():
+            patches, ix, iy, fx, fy, partial = patches[keep], ix[keep], iy[keep], fx[keep], fy[keep], partial[keep]
         values = patches[:, self._rows, self._cols]  # [n, K]
-        base = (iy[:, None] + self._rows[None, :]) * W + (ix[:, None] + self._cols[None, :])
-        size = H * W
-        for dy, dx, wgt in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx),
-                            (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
-            if not np.any(wgt):
-                continue
-            w = wgt[:, None] * self._w[None, :]
-            idx = (base + dy * W + dx).ravel()
+        size = self.shape[0] * self.shape[1]
+        for idx, w in self._corners(ix, iy, fx, fy, clip=bool(partial.any())):
+            idx = idx.ravel()
             self._re += np.bincount(idx, weights=(w * values.real).ravel(), minlength=size)
             self._im += np.bincount(idx, weights=(w * values.imag).ravel(), minlength=size)
             self._wsum += np.bincount(idx, weights=w.ravel(), minlength=size)
-        self.n_patches += patches.shape[0]
 
     def sample(self, positions: np.ndarray) -> np.ndarray:
         """The current object read back at each patch's window pixels: complex128 [n, K].
 
         Bilinear sampling, the adjoint of ``add``'s splat, so a patch that was
-        added alone reads back as itself. ``K`` pixels per patch are the
-        window's non-zero pixels, in the order of ``window_values``.
+        added alone reads back as itself (pixels off the canvas read 0). ``K``
+        pixels per patch are the window's non-zero pixels, in the order of
+        ``window_values``.
         """
         pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
-        W = self.shape[1]
-        ix, iy, fx, fy = self._locate(pos)
+        ix, iy, fx, fy, partial, _ = self._locate(pos)
         wsum = np.where(self._wsum > 1e-12, self._wsum, 1.0)
         obj = (self._re + 1j * self._im) / wsum
-        base = (iy[:, None] + self._rows[None, :]) * W + (ix[:, None] + self._cols[None, :])
-        out = np.zeros(base.shape, np.complex128)
-        for dy, dx, wgt in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx),
-                            (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
-            if np.any(wgt):
-                out += wgt[:, None] * obj[base + dy * W + dx]
+        out = np.zeros((pos.shape[0], self._rows.size), np.complex128)
+        for idx, w in self._corners(ix, iy, fx, fy, clip=bool(partial.any())):
+            out += w / self._w[None, :] * obj[idx]
         return out
 
     def window_values(self, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -205,12 +249,13 @@ class StitchCanvas:
         """The current object (a copy; safe to read while more patches arrive)."""
         wsum = self._wsum.reshape(self.shape)
         covered = wsum > 1e-12
-        obj = np.zeros(self.shape, np.complex64)
+        obj = np.full(self.shape, self.fill, np.complex64)
         safe = np.where(covered, wsum, 1.0)
         obj[covered] = ((self._re.reshape(self.shape) + 1j * self._im.reshape(self.shape)) / safe)[covered]
         x = self.origin[0] + np.arange(self.shape[1], dtype=np.float64)
         y = self.origin[1] + np.arange(self.shape[0], dtype=np.float64)
-        return Reconstruction(obj, np.where(covered, wsum, 0.0), x, y)
+        return Reconstruction(obj, np.where(covered, wsum, 0.0), x, y, n_clipped=self.n_clipped,
+                              n_dropped=self.n_dropped)
 
     def sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The float64 sums Σw·Re(patch), Σw·Im(patch) and Σw, as [H, W] copies.
@@ -247,12 +292,13 @@ def probe_window(probe: np.ndarray, floor: float = 1e-3) -> np.ndarray:
 
 
 def stitch_patches(patches: np.ndarray, positions: np.ndarray, *, object_shape: Optional[tuple[int, int]] = None,
-                   crop: Optional[int] = None, window: Optional[np.ndarray] = None,
-                   max_pixels: int = MAX_CANVAS_PIXELS) -> Reconstruction:
+                   crop: Optional[int] = None, window: Optional[np.ndarray] = None, out_of_grid: str = "clip",
+                   fill: complex = 0.0, max_pixels: int = MAX_CANVAS_PIXELS) -> Reconstruction:
     """Stitch patches [n, N, N] (or [n, C, N, N]) at positions [n, 2] (or [n, C, 2]) in one call.
 
-    With ``object_shape`` the canvas is the object frame itself (origin 0, 0);
-    otherwise it is sized to the scan. A canvas above ``max_pixels`` is refused.
+    With ``object_shape`` the canvas is the object frame itself (origin 0, 0;
+    patches outside it per ``out_of_grid``); otherwise it is sized to the scan.
+    A canvas above ``max_pixels`` is refused.
     """
     patches = np.asarray(patches)
     if patches.ndim < 3:
@@ -261,8 +307,9 @@ def stitch_patches(patches: np.ndarray, positions: np.ndarray, *, object_shape: 
     flat_patches = patches.reshape(-1, *patches.shape[-2:])
     flat_pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
     if object_shape is None:
-        canvas = StitchCanvas.for_positions(flat_pos, N, crop=crop, window=window, max_pixels=max_pixels)
+        canvas = StitchCanvas.for_positions(flat_pos, N, crop=crop, window=window, fill=fill, max_pixels=max_pixels)
     else:
-        canvas = StitchCanvas(object_shape, N, (0, 0), crop=crop, window=window, max_pixels=max_pixels)
+        canvas = StitchCanvas(object_shape, N, (0, 0), crop=crop, window=window, out_of_grid=out_of_grid, fill=fill,
+                              max_pixels=max_pixels)
     canvas.add(flat_patches, flat_pos)
     return canvas.result()

@@ -9,8 +9,12 @@ object after all frames equals ``Bundle.reconstruct`` on the same frames and
 grid (to ~1e-7, the difference being summation order).
 
 The canvas grid must be known up front: pass the planned scan positions
-(``scan_positions``, the usual case: the scan is planned before it runs) or an
-``object_shape`` whose pixel frame the positions are given in.
+(``scan_positions``, the usual case: the scan is planned before it runs) or the
+host's object grid (``object_shape``, or ``grid``: an ``ObjectGrid`` with a
+shape) whose frame the positions are given in. Positions may be in metres
+(``units="metres"``, placed with the grid's pixel size and centre) and name
+frame pixel (N−1)/2 unless ``frame_centre="N/2"``; patches outside a fixed
+grid are clipped or dropped (``out_of_grid``), as in ``Bundle.reconstruct``.
 
 For gridsize > 1 models, feed pre-grouped frames [k, C, N, N] with positions
 [k, C, 2] (neighbour groups cannot be formed before the neighbours arrive).
@@ -18,13 +22,15 @@ For gridsize > 1 models, feed pre-grouped frames [k, C, N, N] with positions
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 
-from .inputs import check_positions, check_scan_positions
+from .geometry import DEFAULT_CENTRE, ObjectGrid, make_grid, scan_positions_px
+from .inputs import check_positions, check_scan_positions, repair_bad_pixels
 from .stitching import Reconstruction, StitchCanvas
 
 if TYPE_CHECKING:
@@ -38,10 +44,16 @@ class StreamingReconstructor:
                  object_shape: Optional[tuple[int, int]] = None, batch_size: int = 16, max_latency_s: float = 0.05,
                  counts: Optional[bool] = None, crop: Optional[int] = None,
                  window: Union[str, np.ndarray, None] = "probe",
-                 background: bool = True) -> None:
-        if (scan_positions is None) == (object_shape is None):
+                 background: bool = True, grid: Optional[ObjectGrid] = None,
+                 pixel_size_m: Optional[float | tuple[float, float]] = None,
+                 object_centre_m: Optional[tuple[float, float]] = None, units: str = "pixels",
+                 frame_centre: str = DEFAULT_CENTRE, bad_pixels: Optional[np.ndarray] = None,
+                 out_of_grid: str = "clip", fill: complex = 0.0) -> None:
+        self.grid = make_grid(grid, object_shape, pixel_size_m, object_centre_m)
+        fixed = self.grid is not None and self.grid.shape is not None
+        if (scan_positions is not None) == fixed:
             raise ValueError("give exactly one of scan_positions (the planned scan, [n, 2] or [n, C, 2]) or "
-                             "object_shape (H, W) to fix the canvas grid")
+                             "object_shape (H, W) / grid to fix the canvas grid")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
         if not max_latency_s > 0:
@@ -50,13 +62,17 @@ class StreamingReconstructor:
         self.batch_size = int(batch_size)
         self.max_latency_s = float(max_latency_s)
         self.counts = counts
+        self.units = units
+        self.frame_centre = frame_centre
+        self.bad_pixels = bad_pixels
         window = None if crop is not None else bundle.stitch_window(window)  # as Bundle.reconstruct weights
         if scan_positions is not None:
-            planned = np.asarray(scan_positions, dtype=np.float64).reshape(-1, 2)
+            planned = self._to_px(scan_positions).reshape(-1, 2)
             check_scan_positions(planned, bundle.N)  # metres as pixels, outliers, a canvas too large to allocate
-            self._canvas = StitchCanvas.for_positions(planned, bundle.N, crop=crop, window=window)
+            self._canvas = StitchCanvas.for_positions(planned, bundle.N, crop=crop, window=window, fill=fill)
         else:
-            self._canvas = StitchCanvas(object_shape, bundle.N, (0, 0), crop=crop, window=window)
+            self._canvas = StitchCanvas(self.grid.shape, bundle.N, (0, 0), crop=crop, window=window,
+                                        out_of_grid=out_of_grid, fill=fill)
         self._pending_x: list[np.ndarray] = []
         self._pending_pos: list[np.ndarray] = []
         self._pending_n = 0
@@ -82,8 +98,8 @@ class StreamingReconstructor:
         if self._closed:
             raise RuntimeError("feed() after close(): this StreamingReconstructor is finished")
         b = self.bundle
-        x = b.prepare(frames, self.counts)
-        pos = check_positions(positions, x.shape[0], b.channels)
+        x = repair_bad_pixels(b.prepare(frames, self.counts), self.bad_pixels)
+        pos = check_positions(self._to_px(positions), x.shape[0], b.channels)
         self._canvas.check_inside(pos.reshape(-1, 2))  # a bad position must not kill the worker later
         with self._wake:
             self._pending_x.append(x)
@@ -104,10 +120,17 @@ class StreamingReconstructor:
                 self._wake.wait(0.1)
         self._raise_worker_error()
 
+    def _to_px(self, positions: np.ndarray) -> np.ndarray:
+        return scan_positions_px(positions, self.bundle.N, self.units, self.grid, self.frame_centre)
+
     def snapshot(self) -> Reconstruction:
-        """The live object as it is now (a copy)."""
+        """The live object as it is now (a copy; with pixel size and centre when the grid has them)."""
         with self._lock:
-            return self._canvas.result()
+            rec = self._canvas.result()
+        if self.grid is not None and self.grid.pixel_size_m is not None:
+            rec = dataclasses.replace(rec, pixel_size_m=self.grid.pixel_size_m,
+                                      centre_m=self.grid.centre_of(self._canvas.origin, self._canvas.shape))
+        return rec
 
     def close(self) -> Reconstruction:
         """Flush, stop the worker, and return the final object."""

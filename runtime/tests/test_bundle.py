@@ -137,7 +137,12 @@ def test_positions_from_metres_both_conventions():
     # without an object shape: relative to the scan minimum
     pos = pr.positions_from_metres(x_m, y_m, (1e-7, 5e-8))
     np.testing.assert_allclose(pos, [[20.0, 0.0], [30.0, 10.0], [0.0, 60.0]])
-    with pytest.raises(ValueError, match="pixel_size_m must be > 0"):
+    # stage coordinates: the object centre (3 µm, -2 µm) is pixel ((W-1)/2, (H-1)/2), not (0 m, 0 m)
+    pos = pr.positions_from_metres(x_m + 3e-6, y_m - 2e-6, 1e-7, object_shape=(101, 51), centre_m=(3e-6, -2e-6))
+    np.testing.assert_allclose(pos, [[25.0, 50.0], [35.0, 55.0], [5.0, 80.0]], atol=1e-9)
+    pos = pr.positions_from_metres(x_m, y_m, 1e-7, object_shape=(101, 51), centre_m=None)  # the scan's middle
+    np.testing.assert_allclose(pos.min(axis=0) + pos.max(axis=0), [50.0, 100.0])
+    with pytest.raises(ValueError, match="pixel_size_m must be finite and > 0"):
         pr.positions_from_metres(x_m, y_m, 0.0)
     with pytest.raises(ValueError, match="1-D arrays of equal length"):
         pr.positions_from_metres(x_m, y_m[:2], 1e-7)

@@ -53,7 +53,8 @@ def test_write_read_round_trip(tmp_path):
     params, models = _params(rng), _models(rng)
     path = fmt.write_bundle(tmp_path / "wts.h5", params, models, producer="round-trip test",
                             versions={"numpy": np.__version__}, training={"epochs_run": 3, "device": "cpu"},
-                            history={"loss": [3.0, 2.0, 1.5], "val_loss": np.array([3.5, 2.5, 2.0], np.float32)})
+                            history={"loss": [3.0, 2.0, 1.5], "val_loss": np.array([3.5, 2.5, 2.0], np.float32)},
+                            physics={"photon_energy_eV": 8800, "detector_distance_m": 2.0, "object_pixel_size_m": None})
     assert path == tmp_path / "wts.h5" and sorted(p.name for p in tmp_path.iterdir()) == ["wts.h5"]
 
     c = fmt.read_bundle(path)
@@ -79,6 +80,7 @@ def test_write_read_round_trip(tmp_path):
     np.testing.assert_array_equal(c.history["loss"], [3.0, 2.0, 1.5])
     assert c.history["val_loss"].dtype == np.float64
     assert c.graphs == {} and c.parity == {}
+    assert c.physics == {"photon_energy_eV": 8800.0, "detector_distance_m": 2.0, "object_pixel_size_m": None}
 
     graph, parity = _graph(c.params, rng)
     fmt.write_graphs(path, [graph], parity)
@@ -88,6 +90,7 @@ def test_write_read_round_trip(tmp_path):
     for key, arr in parity["b2"].items():
         np.testing.assert_array_equal(c2.parity["b2"][key], arr)
     assert c2.n_parameters == c.n_parameters and c2.training == c.training  # the rest is kept
+    assert c2.physics == c.physics
     np.testing.assert_array_equal(c2.state_dicts["autoencoder"]["enc.weight"],
                                   models["autoencoder"].state_dict["enc.weight"])
     with pytest.raises(fmt.BundleGraphMissingError, match="no torchscript graph"):
@@ -108,6 +111,8 @@ def test_writer_refuses_what_readers_refuse(tmp_path):
         fmt.write_bundle(target, {**_params(rng), "N": 100}, _models(rng), "t", {})
     with pytest.raises(fmt.BundleParamsError, match="probe"):
         fmt.write_bundle(target, {**_params(rng), "probe": np.ones((N, N), np.float32)}, _models(rng), "t", {})
+    with pytest.raises(fmt.BundleParamsError, match="unknown key"):
+        fmt.write_bundle(target, _params(rng), _models(rng), "t", {}, physics={"wavelength_nm": 0.1})
     with pytest.raises(ValueError, match="model names must be among"):
         fmt.write_bundle(target, _params(rng), {"encoder": _models(rng)["autoencoder"]}, "t", {})
     assert not target.exists() and list(tmp_path.iterdir()) == []  # nothing written, no temporary left

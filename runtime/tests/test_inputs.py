@@ -135,9 +135,15 @@ def test_offsets_wrong_shape(b1, b2):
 
 
 def test_object_shape_too_small(b1):
-    x = _good(b1, 2)[:, 0]
+    """Patches beyond the host's grid are clipped or dropped and counted, never an error (unless asked for)."""
+    x = _good(b1, 3)[:, 0]
+    pos = np.array([[10.0, 10.0], [30.0, 30.0], [500.0, 30.0]])  # partly, partly, wholly outside 40×40
+    rec = b1.reconstruct(x, pos, object_shape=(40, 40), window=None)
+    assert rec.object.shape == (40, 40) and (rec.n_clipped, rec.n_dropped) == (2, 1) and rec.covered.any()
+    rec = b1.reconstruct(x, pos, object_shape=(40, 40), window=None, out_of_grid="drop", fill=1)
+    assert (rec.n_clipped, rec.n_dropped) == (0, 3) and not rec.covered.any() and np.all(rec.object == 1)
     with pytest.raises(ValueError, match=r"2 patch\(es\) fall outside the 40×40 canvas"):
-        b1.reconstruct(x, np.array([[10.0, 10.0], [30.0, 30.0]]), object_shape=(40, 40))
+        b1.reconstruct(x[:2], pos[:2], object_shape=(40, 40), out_of_grid="raise")
 
 
 def test_helpers_directly():

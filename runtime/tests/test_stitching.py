@@ -154,7 +154,7 @@ def test_canvas_bounds_cover_every_patch():
 
 
 def test_bad_shapes_and_values():
-    canvas = StitchCanvas((40, 40), N)
+    canvas = StitchCanvas((40, 40), N, out_of_grid="raise")
     good = np.ones((2, N, N), np.complex64)
     pos = np.array([[20.0, 20.0], [21.0, 19.0]])
     with pytest.raises(ValueError, match=r"patches must have shape \[n, 16, 16\] \(got \[2, 8, 8\]\)"):
@@ -179,3 +179,22 @@ def test_bad_shapes_and_values():
             StitchCanvas((40, 40), N, crop=crop)
     with pytest.raises(ValueError, match=r"patches must have shape \[n, N, N\] or \[n, C, N, N\]"):
         stitch_patches(np.ones((N, N)), np.zeros((1, 2)))
+
+
+def test_clipped_patches_keep_their_inside_pixels():
+    """A patch overhanging the grid's edge contributes exactly its inside pixels (as on a larger canvas)."""
+    rng = np.random.default_rng(3)
+    patches = (rng.normal(size=(3, N, N)) + 1j * rng.normal(size=(3, N, N))).astype(np.complex64)
+    pos = np.array([[2.25, 20.0], [20.0, 38.5], [200.0, 20.0]])  # over the left edge, the bottom edge, far away
+    small = StitchCanvas((40, 40), N, crop=N, fill=1 + 0j)
+    small.add(patches, pos)
+    big = StitchCanvas((80, 80), N, origin=(-20, -20), crop=N, out_of_grid="drop")
+    big.add(patches[:2], pos[:2])
+    got, ref = small.result(), big.result()
+    assert (got.n_clipped, got.n_dropped, got.object.shape) == (2, 1, (40, 40))
+    np.testing.assert_allclose(got.weight, ref.weight[20:60, 20:60], atol=1e-12)
+    inside = got.covered
+    np.testing.assert_allclose(got.object[inside], ref.object[20:60, 20:60][inside], rtol=1e-6)
+    assert np.all(got.object[~inside] == 1 + 0j)  # uncovered pixels take the fill value (ptychodus: 1+0j)
+    with pytest.raises(ValueError, match="out_of_grid must be one of"):
+        StitchCanvas((40, 40), N, out_of_grid="wrap")

@@ -117,7 +117,7 @@ def test_errors(b1, scan):
     with pytest.raises(ValueError, match="max_latency_s must be > 0"):
         b1.stream(scan_positions=pos, max_latency_s=0)
 
-    stream = b1.stream(object_shape=(128, 128), batch_size=4)
+    stream = b1.stream(object_shape=(128, 128), batch_size=4, out_of_grid="raise")
     try:
         # rejected at feed time (not later, in the worker): the stream stays usable
         with pytest.raises(ValueError, match=r"fall outside the 128×128 canvas"):

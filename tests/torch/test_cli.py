@@ -302,13 +302,17 @@ def test_console_script_entry_point(make_bundle):
 def test_train_simulated_writes_bundle_figure_history_and_report(tmp_path, capsys):
     out_dir = tmp_path / "run"
     code, out, err = run_cli(capsys, "train", "--simulate", "lines", "--epochs", "1", "--n-filters-scale", "1",
-                             "--no-graphs", "--n-positions", "24", "--batch-size", "8", "--output-dir", out_dir)
+                             "--no-graphs", "--n-positions", "24", "--batch-size", "8", "--output-dir", out_dir,
+                             "--photon-energy-ev", "8800", "--detector-distance-m", "2", "--detector-pixel-size-m",
+                             "75e-6")
     assert code == 0, err
     for name in ("wts.h5", "reconstruction.png", "history.json", "report.md"):
         assert (out_dir / name).is_file(), name
     contents = fmt.read_bundle(out_dir / "wts.h5")
     assert contents.params["N"] == 64 and contents.params["n_filters_scale"] == 1
     assert contents.graphs == {}  # --no-graphs
+    # the instrument, for the runtime's host checks
+    assert contents.physics == {"photon_energy_eV": 8800.0, "detector_distance_m": 2.0, "detector_pixel_size_m": 75e-6}
 
     history = json.loads((out_dir / "history.json").read_text())
     assert history["epochs"] == 1 and len(history["loss"]) == 1 and len(history["val_loss"]) == 1
@@ -341,6 +345,13 @@ def test_train_rejects_a_bad_npz(tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", "--simulate", "grf", "--N", "48", "--output-dir", tmp_path / "o")
     assert code == 2
     assert_one_line_error(err, "N must be one of")
+    code, _, err = run_cli(capsys, "train", "--product", tmp_path / "p.h5", "--output-dir", tmp_path / "o")
+    assert code == 2
+    assert_one_line_error(err, "--product and --patterns go together")
+    code, _, err = run_cli(capsys, "train", "--simulate", "grf", "--photon-energy-ev", "-1", "--output-dir",
+                           tmp_path / "o")
+    assert code == 2
+    assert_one_line_error(err, "--photon-energy-ev must be > 0")
 
 
 # --------------------------------------------------------------------------- metrics

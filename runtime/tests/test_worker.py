@@ -1,0 +1,92 @@
+"""BundleWorker: one warm process per bundle; progress, cancellation, errors and a dead worker, as a host sees them."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+
+import numpy as np
+import pytest
+
+import ptycho_runtime as pr
+from ptycho_runtime.npz import read_npz_arrays
+from ptycho_runtime.worker import BundleWorker, Done, Progress, WorkerError
+
+
+@pytest.fixture(scope="module")
+def scan(fixture_dir) -> tuple[np.ndarray, np.ndarray]:
+    s = read_npz_arrays(fixture_dir / "n64_g1" / "scan.npz")
+    return s["diffraction"], np.stack([s["xcoords"], s["ycoords"]], axis=1)
+
+
+@pytest.fixture(scope="module")
+def worker(fixture_dir):
+    with BundleWorker(fixture_dir / "n64_g1" / "wts.h5", device="cpu") as w:
+        yield w
+
+
+def test_same_result_as_in_process_and_loaded_once(worker, scan, fixture_dir, caplog):
+    d, pos = scan
+    ref = pr.load_bundle(fixture_dir / "n64_g1" / "wts.h5", device="cpu").reconstruct(d, pos, object_shape=(200, 200))
+    pid = worker.pid
+    caplog.set_level(logging.DEBUG, logger="ptycho_runtime")
+    for _ in range(2):
+        rec = worker.reconstruct(d, pos, object_shape=(200, 200))
+        np.testing.assert_array_equal(rec.object, ref.object)
+    assert (worker.pid, worker.starts) == (pid, 1) and worker.alive  # one process, one load, warm
+    assert worker.info.N == 64 and worker.load_seconds > 0
+    assert not any("loaded" in r.getMessage() for r in caplog.records)
+    assert sum("[worker] reconstructed 48 frame group" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_progress_snapshots_then_done(worker, scan):
+    d, pos = scan
+    events = list(worker.run(d, pos, batch_size=16))
+    assert [type(e) for e in events] == [Progress, Progress, Progress, Done]
+    assert [e.done for e in events[:3]] == [16, 32, 48] and events[0].total == 48
+    assert events[0].snapshot.covered.sum() < events[2].snapshot.covered.sum()
+    np.testing.assert_array_equal(events[2].snapshot.object, events[3].reconstruction.object)
+    assert all(e.snapshot is None for e in worker.run(d, pos, batch_size=16, snapshots=False)
+               if isinstance(e, Progress))
+
+
+def test_errors_keep_their_type_and_the_worker(worker, scan):
+    d, pos = scan
+    with pytest.raises(ValueError, match="trained with N=64"):
+        worker.reconstruct(d[:, :32, :32], pos)
+    with pytest.raises(TypeError, match="not available through a worker"):
+        worker.reconstruct(d, pos, progress=print)
+    assert worker.reconstruct(d, pos).covered.any()  # still serving
+
+
+def test_cancel_between_micro_batches(worker, scan):
+    d, pos = scan
+    events = worker.run(d, pos, batch_size=4)
+    assert isinstance(next(events), Progress)
+    events.close()  # the host stops listening: the job is cancelled and drained
+    events = worker.run(d, pos, batch_size=4)
+    next(events)
+    threading.Timer(0.0, worker.cancel).start()
+    with pytest.raises(pr.ReconstructionCancelled):
+        for _ in events:
+            pass
+    assert worker.reconstruct(d, pos).covered.any() and worker.starts == 1
+
+
+def test_a_dead_worker_is_reported_then_replaced(fixture_dir, scan):
+    d, pos = scan
+    with BundleWorker(fixture_dir / "n64_g1" / "wts.h5", device="cpu") as w:
+        first = w.pid
+        os.kill(first, signal.SIGKILL)
+        with pytest.raises(WorkerError, match="died|stopped"):
+            w.reconstruct(d, pos)
+        assert w.reconstruct(d, pos).covered.any() and w.starts == 2 and w.pid != first
+
+
+def test_a_bad_bundle_fails_at_start_with_its_own_error(tmp_path):
+    bad = tmp_path / "wts.h5"
+    bad.write_bytes(b"not a bundle")
+    with pytest.raises(pr.BundleFormatError, match="not an HDF5 file"):
+        BundleWorker(bad, device="cpu").start()
