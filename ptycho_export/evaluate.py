@@ -298,8 +298,8 @@ def write_figure(path: str | os.PathLike, evaluation: Evaluation, title: str = "
                         "network + ePIE", refined))
     if ref is not None:
         methods.append((_title(ref, ref.details.get("engine", "reference")), "reference", ref))
-    for title, _, s in methods:
-        rows.append((title, s, np.abs(s.alignment.recon), phase_near_truth(s), "value"))
+    for heading, _, s in methods:
+        rows.append((heading, s, np.abs(s.alignment.recon), phase_near_truth(s), "value"))
     errors = [(f"{name} error (recon − truth)", s) for _, name, s in methods]
     err_imgs = []
     for label, s in errors:

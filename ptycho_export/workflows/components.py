@@ -88,9 +88,11 @@ def _pretrain(d2o, train: PtychoData, container, intensity_scale: float, config:
     from ..pretraining import SyntheticScans, pretrain_supervised
 
     scans = SyntheticScans(train.probe, config.nphotons, container, seed=config.seed)
-    return pretrain_supervised(d2o, scans, intensity_scale, config.time_budget_s * config.pretrain_fraction,
-                               batch_size=config.batch_size, learning_rate=config.learning_rate, device=device,
-                               log=stderr_log if config.progress else None)
+    budget = config.time_budget_s * config.pretrain_fraction
+    return pretrain_supervised(d2o, scans, intensity_scale, budget, batch_size=config.batch_size,
+                               learning_rate=config.learning_rate, device=device,
+                               log=stderr_log if config.progress else None,
+                               log_every_s=min(30.0, max(5.0, budget / 10)))  # about ten lines per run
 
 
 def reconstruct_container(d2o, container, intensity_scale: float, batch_size: int = 64,

@@ -35,6 +35,7 @@ from .geometry import DEFAULT_CENTRE, ObjectGrid, frame_centre, to_default_centr
 from .inputs import positions_from_metres, repair_bad_pixels
 from .physics import HostPhysics, PhysicsMismatchError
 from .remote import ClusterError, RemoteError, ServerModelMismatchError, ServerUnavailableError
+from .refinement import refine_epie
 from .stitching import Reconstruction, StitchCanvas, probe_window, stitch_patches
 from .streaming import StreamingReconstructor
 
@@ -74,6 +75,7 @@ __all__ = [
     "load_bundle",
     "positions_from_metres",
     "probe_window",
+    "refine_epie",
     "repair_bad_pixels",
     "stitch_patches",
     "stitch_scan",

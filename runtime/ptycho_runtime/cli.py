@@ -25,6 +25,7 @@ from .alignment import DEFAULT_PHASE_ITERATIONS
 from .backends import DEVICES, PRECISIONS, DeviceUnavailableError
 from .geometry import CENTRE_CONVENTIONS, DEFAULT_CENTRE
 from .npz import UNITS
+from .refinement import DEFAULT_REFINE_ITERATIONS
 from .remote import RemoteError
 
 EXIT_OK = 0
@@ -224,6 +225,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
         _check_png_support()  # fail before the (possibly long) inference
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    if args.refine < 0:
+        raise UsageError(f"--refine must be >= 0 sweeps (got {args.refine})")
     bundle = _load_bundle(args.bundle, args.backend, args.device, args.precision)
     scan = read_npz_arrays(args.scan, counts=args.counts, units=args.units, position_centre=args.position_centre)
     positions = np.stack([scan["xcoords"], scan["ycoords"]], axis=1)
@@ -232,6 +235,12 @@ def cmd_infer(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     recon = bundle.reconstruct(scan["diffraction"], positions, counts=False, batch_size=args.batch_size,
                                align_phase=args.align_phase, progress=progress.update)
+    if args.refine:
+        from .refinement import refine_epie
+
+        # the file's probe is in the units of its (normalised) diffraction; the bundle's is the training one
+        probe = scan["probeGuess"] if scan.get("probeGuess") is not None else bundle.probe
+        recon = refine_epie(recon, scan["diffraction"], positions, probe, iterations=args.refine)
     elapsed = time.perf_counter() - t0
     rate = n / elapsed if elapsed > 0 else float("inf")
     write_reconstruction(out, recon, positions, bundle, rate, elapsed, args.scan)
@@ -427,6 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="patterns (groups) per inference batch (default: 64 on CPU, 256 on GPU)")
     add_scan_arguments(p)
+    p.add_argument("--refine", nargs="?", type=int, const=DEFAULT_REFINE_ITERATIONS, default=0, metavar="SWEEPS",
+                   help="after the network, run SWEEPS ePIE sweeps over the scan with the known probe (the NPZ's "
+                        f"probeGuess, else the bundle's), starting from the network's object (default "
+                        f"{DEFAULT_REFINE_ITERATIONS} when given without a number; docs/fidelity.md)")
     p.add_argument("--align-phase", type=int, default=0, metavar="PASSES",
                    help=f"passes of patch phase alignment before stitching (0: off, the default; "
                         f"{DEFAULT_PHASE_ITERATIONS} is plenty)")

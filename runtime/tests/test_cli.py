@@ -299,3 +299,28 @@ def test_console_script_subprocess(bundle_path, tmp_path):
     assert json.loads(proc.stdout)["gridsize"] == 2
     proc = subprocess.run([exe, "info", str(tmp_path / "missing.h5")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("ptycho-runtime: error: No bundle at")
+
+
+def test_infer_refine_runs_epie_from_the_network_object(bundle_path, tmp_path, capsys):
+    """--refine N: the written object is refine_epie(network object, N sweeps) with the scan's own probe."""
+    from ptycho_runtime.refinement import far_field_misfit, refine_epie
+    from ptycho_runtime.geometry import frame_origin
+
+    path = bundle_path("n64_g1")
+    scan_file = path.parent / "scan.npz"
+    out = tmp_path / "recon.h5"
+    rc = cli.main(["infer", str(path), str(scan_file), "-o", str(out), "--refine", "3"])
+    assert rc == 0, capsys.readouterr().err
+    capsys.readouterr()
+    b, pos, net = _reference(path, scan_file)
+    scan = read_npz_arrays(scan_file)
+    expected = refine_epie(net, scan["diffraction"], pos, scan["probeGuess"], iterations=3)
+    with h5py.File(out, "r") as f:
+        got = f["object"][()]
+    np.testing.assert_allclose(got, expected.object, atol=1e-5)
+    starts = frame_origin(pos, b.N) - np.array([net.x_coords[0], net.y_coords[0]])
+    filled = np.where(net.covered, net.object, 1)
+    assert far_field_misfit(got, scan["diffraction"], scan["probeGuess"], starts) < \
+        far_field_misfit(filled, scan["diffraction"], scan["probeGuess"], starts)
+    assert cli.main(["infer", str(path), str(scan_file), "-o", str(out), "--refine", "-1"]) == 2
+    assert "--refine" in _one_error_line(capsys.readouterr().err)
