@@ -34,8 +34,8 @@ from .bundle_format import (
 from .geometry import DEFAULT_CENTRE, ObjectGrid, frame_centre, to_default_centre
 from .inputs import positions_from_metres, repair_bad_pixels
 from .physics import HostPhysics, PhysicsMismatchError
-from .remote import ClusterError, RemoteError, ServerModelMismatchError, ServerUnavailableError
 from .refinement import refine_epie
+from .remote import ClusterError, RemoteError, ServerModelMismatchError, ServerUnavailableError
 from .stitching import Reconstruction, StitchCanvas, probe_window, stitch_patches
 from .streaming import StreamingReconstructor
 

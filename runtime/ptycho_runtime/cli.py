@@ -438,8 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_scan_arguments(p)
     p.add_argument("--refine", nargs="?", type=int, const=DEFAULT_REFINE_ITERATIONS, default=0, metavar="SWEEPS",
                    help="after the network, run SWEEPS ePIE sweeps over the scan with the known probe (the NPZ's "
-                        f"probeGuess, else the bundle's), starting from the network's object (default "
-                        f"{DEFAULT_REFINE_ITERATIONS} when given without a number; docs/fidelity.md)")
+                        f"probeGuess, else the bundle's), starting from the network's object (default: off; "
+                        f"{DEFAULT_REFINE_ITERATIONS} sweeps when given without a number; docs/fidelity.md)")
     p.add_argument("--align-phase", type=int, default=0, metavar="PASSES",
                    help=f"passes of patch phase alignment before stitching (0: off, the default; "
                         f"{DEFAULT_PHASE_ITERATIONS} is plenty)")

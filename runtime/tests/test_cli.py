@@ -303,8 +303,8 @@ def test_console_script_subprocess(bundle_path, tmp_path):
 
 def test_infer_refine_runs_epie_from_the_network_object(bundle_path, tmp_path, capsys):
     """--refine N: the written object is refine_epie(network object, N sweeps) with the scan's own probe."""
-    from ptycho_runtime.refinement import far_field_misfit, refine_epie
     from ptycho_runtime.geometry import frame_origin
+    from ptycho_runtime.refinement import far_field_misfit, refine_epie
 
     path = bundle_path("n64_g1")
     scan_file = path.parent / "scan.npz"
