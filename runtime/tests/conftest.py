@@ -46,3 +46,22 @@ def bundle_path(fixture_dir, tmp_path):
         return dst / "wts.h5"
 
     return get
+
+
+@pytest.fixture(scope="module")
+def g1_bundle(fixture_dir):
+    """The gridsize-1 fixture bundle, loaded once per module (read-only: do not write to it)."""
+    import ptycho_runtime as pr
+
+    return pr.load_bundle(fixture_dir / "n64_g1" / "wts.h5")
+
+
+@pytest.fixture(scope="module")
+def g1_scan(fixture_dir):
+    """The gridsize-1 fixture's scan: (normalised diffraction [48, 64, 64], positions [48, 2] as (x, y))."""
+    import numpy as np
+
+    from ptycho_runtime.npz import read_npz_arrays
+
+    s = read_npz_arrays(fixture_dir / "n64_g1" / "scan.npz")
+    return s["diffraction"], np.stack([s["xcoords"], s["ycoords"]], axis=1)

@@ -7,18 +7,16 @@ import pytest
 
 import ptycho_runtime as pr
 from ptycho_runtime.geometry import ObjectGrid, scan_positions_px
-from ptycho_runtime.npz import read_npz_arrays
 
 
 @pytest.fixture(scope="module")
-def b1(fixture_dir) -> pr.Bundle:
-    return pr.load_bundle(fixture_dir / "n64_g1" / "wts.h5")
+def b1(g1_bundle) -> pr.Bundle:
+    return g1_bundle
 
 
 @pytest.fixture(scope="module")
-def scan(fixture_dir) -> tuple[np.ndarray, np.ndarray]:
-    s = read_npz_arrays(fixture_dir / "n64_g1" / "scan.npz")
-    return s["diffraction"], np.stack([s["xcoords"], s["ycoords"]], axis=1)
+def scan(g1_scan) -> tuple[np.ndarray, np.ndarray]:
+    return g1_scan
 
 
 def test_object_grid_is_the_ptychodus_convention():

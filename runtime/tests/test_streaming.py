@@ -15,15 +15,14 @@ CHUNKS = (5, 1, 17, 3, 22)  # uneven, sums to 48 (the fixture scan)
 
 
 @pytest.fixture(scope="module")
-def b1(fixture_dir) -> pr.Bundle:
-    return pr.load_bundle(fixture_dir / "n64_g1" / "wts.h5")
+def b1(g1_bundle) -> pr.Bundle:
+    return g1_bundle
 
 
 @pytest.fixture(scope="module")
-def scan(fixture_dir) -> tuple[np.ndarray, np.ndarray]:
-    s = read_npz_arrays(fixture_dir / "n64_g1" / "scan.npz")
-    assert s["diffraction"].shape[0] == sum(CHUNKS)
-    return s["diffraction"], np.stack([s["xcoords"], s["ycoords"]], axis=1)
+def scan(g1_scan) -> tuple[np.ndarray, np.ndarray]:
+    assert g1_scan[0].shape[0] == sum(CHUNKS)
+    return g1_scan
 
 
 @pytest.fixture(scope="module")
