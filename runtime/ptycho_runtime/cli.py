@@ -248,7 +248,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
         write_png(png, recon, title=f"{Path(args.scan).name} — {Path(bundle.path).name} "
                                     f"(N={bundle.N}, gridsize={bundle.gridsize})")
     provider = bundle.providers[0] if bundle.providers else bundle.backend
-    progress.close(f"reconstructed {n} patterns in {elapsed:.2f} s ({rate:.1f} patterns/s) on {provider}")
+    progress.close(f"reconstructed {n} patterns in {elapsed:.2f} s ({rate:.1f} patterns/s) on {provider}"
+                   + (f", including {args.refine} ePIE sweeps" if args.refine else ""))
     return EXIT_OK
 
 
