@@ -22,11 +22,12 @@ which raises ``WorkerError``; the call after that starts a new one.
 
 from __future__ import annotations
 
+import builtins
+import importlib
 import itertools
 import logging
 import multiprocessing
 import os
-import pickle
 import threading
 import time
 import traceback
@@ -120,13 +121,41 @@ def _worker_main(conn: Any, cancel_id: Any, path: str, load_kwargs: dict[str, An
             send("error", job, *_pack(exc))
 
 
-def _pack(exc: BaseException) -> tuple[Optional[bytes], str, str]:
+ExceptionSpec = tuple[str, str, tuple]  # (module, class name, args): how the parent rebuilds an error
+
+
+def _pack(exc: BaseException) -> tuple[Optional[ExceptionSpec], str, str]:
+    """An error as plain data: its class (module, name) and its plain arguments, plus the traceback text.
+
+    No pickled objects cross back: the parent rebuilds only the runtime's
+    own and Python's built-in exception types (``_rebuild``).
+    """
+    cls = type(exc)
+    plain = all(isinstance(a, (str, int, float, bool, type(None))) for a in exc.args)
+    spec = (cls.__module__, cls.__qualname__, tuple(exc.args)) if plain else None
+    return spec, cls.__name__, "".join(traceback.format_exception(cls, exc, exc.__traceback__))
+
+
+def _rebuild(spec: ExceptionSpec) -> Optional[BaseException]:
+    """The exception ``spec`` names, if it is a built-in or a ``ptycho_runtime`` type that takes its args; else None."""
+    module, name, args = spec
+    if module == "builtins":
+        cls = getattr(builtins, name, None)
+    elif module == "ptycho_runtime" or module.startswith("ptycho_runtime."):
+        try:
+            cls = importlib.import_module(module)
+            for part in name.split("."):
+                cls = getattr(cls, part)
+        except (ImportError, AttributeError):
+            return None
+    else:
+        return None
+    if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+        return None
     try:
-        blob: Optional[bytes] = pickle.dumps(exc)
-        pickle.loads(blob)
-    except Exception:  # noqa: BLE001 - an exception that does not survive pickling is sent as text
-        blob = None
-    return blob, type(exc).__name__, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        return cls(*args)
+    except Exception:  # noqa: BLE001 - a constructor with another signature: the parent reports it as text
+        return None
 
 
 class BundleWorker:
@@ -292,13 +321,8 @@ class BundleWorker:
 
 
 def _raise(msg: tuple) -> None:
-    _, _, blob, name, text = msg
-    exc: Optional[BaseException] = None
-    if blob is not None:
-        try:
-            exc = pickle.loads(blob)
-        except Exception:  # noqa: BLE001
-            exc = None
+    _, _, spec, name, text = msg
+    exc = _rebuild(spec) if spec is not None else None
     if exc is None:
         raise WorkerError(f"the worker raised {name}:\n{text}")
     log.debug("worker traceback:\n%s", text)

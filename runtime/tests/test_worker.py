@@ -90,3 +90,19 @@ def test_a_bad_bundle_fails_at_start_with_its_own_error(tmp_path):
     bad.write_bytes(b"not a bundle")
     with pytest.raises(pr.BundleFormatError, match="not an HDF5 file"):
         BundleWorker(bad, device="cpu").start()
+
+
+def test_errors_cross_back_as_data_and_only_known_types_are_rebuilt():
+    """No pickled objects come back from the worker: only built-in and ptycho_runtime exception types are rebuilt."""
+    from ptycho_runtime.worker import _pack, _raise
+
+    spec, name, text = _pack(pr.BundleFormatError("not an HDF5 file: x.h5"))
+    assert spec == ("ptycho_runtime.bundle_format", "BundleFormatError", ("not an HDF5 file: x.h5",))
+    with pytest.raises(pr.BundleFormatError, match="not an HDF5 file"):
+        _raise(("error", 1, spec, name, text))
+    with pytest.raises(ValueError, match="plain"):
+        _raise(("error", 1, _pack(ValueError("plain"))[0], "ValueError", ""))
+    # a type from elsewhere is reported as text, never imported or built
+    with pytest.raises(WorkerError, match="the worker raised CalledProcessError"):
+        _raise(("error", 1, ("subprocess", "CalledProcessError", (1, "x")), "CalledProcessError", "tb"))
+    assert _pack(ValueError(object()))[0] is None  # arguments that are not plain data: text only
