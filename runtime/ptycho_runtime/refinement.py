@@ -28,6 +28,7 @@ frame is ``|fftshift(fft2(P·O))| / N``.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -59,10 +60,14 @@ def _bilinear(start: np.ndarray) -> tuple[int, int, tuple[float, float, float, f
     return r, c, ((1 - fy) * (1 - fx), (1 - fy) * fx, fy * (1 - fx), fy * fx)
 
 
+def _interpolate(s: np.ndarray, w: tuple[float, float, float, float]) -> np.ndarray:
+    """The N×N bilinear read of an (N+1)×(N+1) window ``s`` with corner weights ``w``."""
+    return w[0] * s[:-1, :-1] + w[1] * s[:-1, 1:] + w[2] * s[1:, :-1] + w[3] * s[1:, 1:]
+
+
 def _read(obj: np.ndarray, start: np.ndarray, N: int) -> np.ndarray:
-    r, c, (w00, w01, w10, w11) = _bilinear(start)
-    s = obj[r:r + N + 1, c:c + N + 1]
-    return w00 * s[:-1, :-1] + w01 * s[:-1, 1:] + w10 * s[1:, :-1] + w11 * s[1:, 1:]
+    r, c, w = _bilinear(start)
+    return _interpolate(obj[r:r + N + 1, c:c + N + 1], w)
 
 
 def refine_epie(start: Reconstruction, amplitude: np.ndarray, positions: np.ndarray, probe: np.ndarray,
@@ -81,7 +86,7 @@ def refine_epie(start: Reconstruction, amplitude: np.ndarray, positions: np.ndar
     velocity (0: plain ePIE). Frames are visited in a random order per sweep
     (fixed by ``seed``).
     ``progress(i, iterations)`` is called after each sweep. The result
-    keeps ``start``'s grid and weights.
+    keeps ``start``'s grid, weights, pixel size and centre.
     """
     amp = np.asarray(amplitude, dtype=np.float32)
     P = np.asarray(probe, dtype=np.complex64)
@@ -113,9 +118,10 @@ def refine_epie(start: Reconstruction, amplitude: np.ndarray, positions: np.ndar
     for it in range(int(iterations)):
         before = obj.copy() if momentum else None
         for j in order_rng.permutation(amp.shape[0]):
-            r, c, (w00, w01, w10, w11) = _bilinear(starts[j])
-            s = obj[r:r + N + 1, c:c + N + 1]
-            psi = P * (w00 * s[:-1, :-1] + w01 * s[:-1, 1:] + w10 * s[1:, :-1] + w11 * s[1:, 1:])
+            r, c, w = _bilinear(starts[j])
+            w00, w01, w10, w11 = w
+            s = obj[r:r + N + 1, c:c + N + 1]  # a view: the update below writes into the object
+            psi = P * _interpolate(s, w)
             spectrum = np.fft.fft2(psi)
             corrected = measured[j] * np.exp(1j * np.angle(spectrum))
             delta = gain * (np.fft.ifft2(corrected) - psi)
@@ -129,4 +135,4 @@ def refine_epie(start: Reconstruction, amplitude: np.ndarray, positions: np.ndar
             obj += np.float32(momentum) * velocity
         if progress is not None:
             progress(it + 1, int(iterations))
-    return Reconstruction(obj, start.weight.copy(), start.x_coords.copy(), start.y_coords.copy())
+    return replace(start, object=obj, weight=start.weight.copy())  # same grid, pixel size and centre

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -91,13 +93,14 @@ def test_iterations_move_a_flat_start_towards_the_data_and_the_object():
 def test_result_keeps_the_grid_and_reports_progress():
     obj = _object()
     amp, pos = _scan(obj, fractional=False)
-    start = _flat_start(obj, pos)
+    start = dataclasses.replace(_flat_start(obj, pos), pixel_size_m=(1e-8, 1e-8), centre_m=(2e-6, -1e-6))
     calls = []
     out = refine_epie(start, amp, pos, _probe(), iterations=3, progress=lambda i, n: calls.append((i, n)))
     assert calls == [(1, 3), (2, 3), (3, 3)]
     assert out.object.shape == start.object.shape and out.object.dtype == np.complex64
     np.testing.assert_array_equal(out.weight, start.weight)
     np.testing.assert_array_equal(out.x_coords, start.x_coords)
+    assert out.pixel_size_m == (1e-8, 1e-8) and out.centre_m == (2e-6, -1e-6)
     same = refine_epie(start, amp, pos, _probe(), iterations=0)
     np.testing.assert_array_equal(same.object[start.covered], start.object[start.covered])
     assert np.all(same.object[~start.covered] == 1)  # uncovered pixels start as free space
