@@ -146,14 +146,3 @@ def config_to_flat_dict(config: Any) -> dict[str, Any]:
             out[f.name] = value
     return out
 
-
-def model_config_from_params(params: dict[str, Any]) -> ModelConfig:
-    """Rebuild a ModelConfig from a legacy params dict (the inverse of update_legacy_dict)."""
-    from .params import legacy_key
-
-    kwargs = {}
-    for f in fields(ModelConfig):
-        key = legacy_key(f.name)
-        if key in params and params[key] is not None:
-            kwargs[f.name] = params[key]
-    return ModelConfig(**kwargs)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ptycho_runtime.bundle_format import OUTPUT_NAMES  # noqa: F401 - one definition, re-exported
 
-from .config import ModelConfig, model_config_from_params
+from .config import ModelConfig
 from .data.simulate import intensity_scale_from_nphotons
 from .physics import PhysicsForward, shifted_dft_matrices
 
@@ -345,7 +345,7 @@ def create_torch_model_with_gridsize(gridsize: int, N: int, params: Optional[Dic
 
     p = dict(params_module.cfg if params is None else params)
     p["gridsize"], p["N"] = gridsize, N
-    return build_models(model_config_from_params(p), p.get("probe"), p.get("intensity_scale"),
+    return build_models(params_module.model_config_from_params(p), p.get("probe"), p.get("intensity_scale"),
                         float(p.get("nphotons", 1e9)))
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from ptycho_runtime import bundle_format as fmt
 
 from . import __version__, params
-from .config import ModelConfig, model_config_from_params
+from .config import ModelConfig
 from .model import build_models, count_parameters
 
 REQUIRED_MODELS = fmt.MODEL_NAMES
@@ -139,7 +139,7 @@ def models_from_contents(contents: fmt.BundleContents, names: Sequence[str] = RE
                 f"{contents.path} has no eager weights for '{name}' (models present: "
                 f"{sorted(contents.state_dicts) or 'none'}); it cannot be loaded into PyTorch.")
     try:
-        config = model_config_from_params(bundle_params)
+        config = params.model_config_from_params(bundle_params)
         models = build_models(config, bundle_params.get("probe"), bundle_params.get("intensity_scale"),
                               float(bundle_params.get("nphotons", 1e9)))
     except (ValueError, TypeError, KeyError) as exc:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import fields
 from typing import Any
 
-from .config import config_to_flat_dict
+from .config import ModelConfig, config_to_flat_dict
 
 # Defaults follow PtychoPINN's; intensity_scale and probe are filled in by training. Only keys something reads.
 DEFAULTS: dict[str, Any] = {
@@ -93,3 +94,17 @@ def restore_params(target: dict[str, Any], params: dict[str, Any]) -> dict[str, 
     """CONFIG-001: overwrite ``target`` with a bundle's params (all keys, arrays included)."""
     target.update(copy.deepcopy(params))
     return target
+
+
+def model_config_from_params(params: dict[str, Any]) -> ModelConfig:
+    """Rebuild a ModelConfig from a legacy params dict (the inverse of ``update_legacy_dict``).
+
+    It lives here, not in ``config.py``, because it is the legacy key mapping's
+    inverse: ``config`` knows nothing of params.cfg, so imports go one way.
+    """
+    kwargs = {}
+    for f in fields(ModelConfig):
+        key = legacy_key(f.name)
+        if key in params and params[key] is not None:
+            kwargs[f.name] = params[key]
+    return ModelConfig(**kwargs)

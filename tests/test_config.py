@@ -20,9 +20,15 @@ from ptycho_export.config import (
     ModelConfig,
     TrainingConfig,
     config_to_flat_dict,
-    model_config_from_params,
 )
-from ptycho_export.params import DEFAULTS, KEY_MAPPINGS, legacy_key, restore_params, update_legacy_dict
+from ptycho_export.params import (
+    DEFAULTS,
+    KEY_MAPPINGS,
+    legacy_key,
+    model_config_from_params,
+    restore_params,
+    update_legacy_dict,
+)
 
 # --------------------------------------------------------------------------- torch-free import
 
