@@ -197,7 +197,12 @@ def eager_outputs(models: Mapping[str, nn.Module], params: Mapping[str, Any],
 
 @contextlib.contextmanager
 def _quiet():
-    """The exporters print progress and TorchScript warns on every call; keep the user's console clean."""
+    """TorchScript and the exporters warn and log on every call; keep the user's console clean.
+
+    ``sys.stdout`` is never swapped (that would silence every thread of a host
+    application while a graph compiles): the ONNX exporter's progress lines
+    are turned off at their source (``verbose=False`` in ``export_onnx``).
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript")]
@@ -205,8 +210,7 @@ def _quiet():
         for lg in loggers:
             lg.setLevel(logging.ERROR)
         try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                yield
+            yield
         finally:
             for lg, lv in zip(loggers, levels, strict=True):
                 lg.setLevel(lv)

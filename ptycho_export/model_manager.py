@@ -89,12 +89,23 @@ def save_torch_bundle(models_dict: Mapping[str, nn.Module], base_path: Union[str
                             history=history, physics=physics)
 
 
-def _check_architecture_keys(bundle_params: Mapping[str, Any], path: Path) -> None:
+def _check_required_params(bundle_params: Mapping[str, Any], path: Path) -> None:
+    """The params a model cannot be rebuilt without, the training probe included (the runtime needs it too).
+
+    Without this check ``build_models`` would fall back to the default
+    simulated probe and load a model whose physics is not the one it was
+    trained with.
+    """
     missing = [k for k in ("N", "gridsize") if bundle_params.get(k) is None]
     if missing:
         raise fmt.BundleParamsError(f"Cannot reconstruct model architecture: the bundle {path} has no "
                                     f"{' or '.join(missing)} in its params. Re-save the model with save_torch_bundle.",
                                     path, "/params/config_json")
+    if bundle_params.get("probe") is None:
+        raise fmt.BundleParamsError(f"The bundle {path} has no probe in its params (/params/arrays/probe): the "
+                                    "model's physics cannot be rebuilt without the probe it was trained with. "
+                                    "Re-save the model with save_torch_bundle, which stores it.", path,
+                                    "/params/arrays/probe")
 
 
 def _load_state(model: nn.Module, arrays: Mapping[str, np.ndarray], name: str, path: Path) -> None:
@@ -132,7 +143,7 @@ def models_from_contents(contents: fmt.BundleContents, names: Sequence[str] = RE
     the CPU. Every problem with the bundle raises a ``BundleError`` subclass.
     """
     bundle_params = contents.params
-    _check_architecture_keys(bundle_params, contents.path)
+    _check_required_params(bundle_params, contents.path)
     for name in names:
         if name not in contents.state_dicts:
             raise fmt.BundleFormatError(

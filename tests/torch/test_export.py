@@ -276,6 +276,49 @@ def test_add_graphs_is_idempotent_unless_forced(make_bundle):
             np.testing.assert_array_equal(new.parity[case][key], value)
 
 
+def test_compiling_graphs_never_swaps_sys_stdout_and_prints_nothing(make_bundle, capfd):
+    """A host's other threads keep their stdout while graphs compile (was: contextlib.redirect_stdout)."""
+    import threading
+
+    path = make_bundle()
+    capfd.readouterr()
+    original, seen, done = sys.stdout, set(), threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            if sys.stdout is not original:
+                seen.add(type(sys.stdout).__name__)
+            done.wait(0.0005)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        summary = export.add_graphs_to_bundle(path, force=True)
+    finally:
+        done.set()
+        watcher.join()
+    assert summary["written"] and sys.stdout is original
+    assert not seen, f"sys.stdout was replaced by {seen} while the graphs compiled"
+    assert capfd.readouterr().out == ""  # the exporters' progress lines are off at their source
+
+
+def test_load_torch_bundle_refuses_a_bundle_without_its_probe(make_bundle):
+    """The runtime needs the training probe (stitching window, host checks); the torch loader must refuse too."""
+    import h5py
+
+    from ptycho_export import params
+
+    path = make_bundle()
+    with h5py.File(path, "r+") as f:
+        del f["params/arrays/probe"]
+    params.reset_cfg()
+    before = dict(params.cfg)
+    with pytest.raises(fmt.BundleParamsError, match="probe") as info:
+        load_torch_bundle(path)
+    assert "re-save" in str(info.value).lower() or "re-export" in str(info.value).lower()
+    assert params.cfg == before  # a refused bundle leaves no trace in params.cfg
+
+
 def test_export_and_verify_leave_params_cfg_alone(make_bundle, monkeypatch):
     """Only the CONFIG-001 entry points write params.cfg; adding graphs and verifying build from the bundle."""
     import copy
