@@ -70,9 +70,14 @@ def test_train_help_shows_the_defaults_a_newcomer_asked_for(capsys):
 
 
 def test_size_units_are_mib_in_both_clis():
+    import importlib
     import inspect
+    import pkgutil
 
-    for module in (export_cli, runtime_cli):
+    modules = [runtime_cli, export_cli] + [importlib.import_module(f"{export_cli.__name__}.{m.name}")
+                                           for m in pkgutil.iter_modules(export_cli.__path__) if m.name != "__main__"]
+    assert len(modules) > 5  # every module of the ptycho_export.cli package, not only its __init__
+    for module in modules:
         src = inspect.getsource(module)
         assert " MB" not in src and "1e6:" not in src, module.__name__
 

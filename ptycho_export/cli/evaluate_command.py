@@ -1,0 +1,142 @@
+"""``ptycho-export evaluate BUNDLE SCAN``: score the bundle's reconstruction against the scan's true object.
+
+The scoring is ``ptycho_export.evaluate`` (the project's one scoring: the
+training report uses it too); this module checks the options, runs it
+(``run_evaluate``), and prints the comparison table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from .errors import EXIT_OK, CliError
+from .output import METRIC_ROWS, metric_cell, plain, print_json, table, write_text_atomic
+
+
+@dataclass(frozen=True)
+class EvaluateOptions:
+    """What ``ptycho-export evaluate`` takes (the parser's defaults are these)."""
+
+    bundle: str
+    scan: str
+    reference: Optional[str] = None
+    reference_iterations: Optional[int] = None
+    reference_batch_size: Optional[int] = None
+    refine: int = 0
+    output: Optional[Path] = None
+    figure: Optional[Path] = None
+    min_weight: float = 0.2
+    no_register: bool = False
+    counts: bool = False
+    backend: str = "auto"
+
+
+def _check(options: EvaluateOptions) -> None:
+    from ptycho_runtime.bundle_format import check_bundle_file
+
+    check_bundle_file(options.bundle)  # before torch is imported
+    if not Path(options.scan).is_file():
+        raise CliError(f"scan {options.scan} not found (give a PtychoPINN NPZ with diffraction, xcoords, ycoords, "
+                       "probeGuess and objectGuess)")
+    if not 0.0 <= options.min_weight < 1.0:
+        raise CliError(f"--min-weight must be in [0, 1) (got {options.min_weight})")
+    if options.figure is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise CliError("--figure needs matplotlib: pip install matplotlib") from None
+
+
+def run_evaluate(options: EvaluateOptions) -> dict[str, Any]:
+    """Evaluate, write the figure and JSON report where asked; return the report (plain data).
+
+    Raises ``CliError`` for every input the user can fix (no ground truth,
+    pty-chi missing, a scan that does not fit the bundle).
+    """
+    _check(options)
+    from ..evaluate import NoGroundTruthError, evaluate, write_figure
+    from ..reference import DEFAULT_ITERATIONS, ReferenceUnavailableError
+
+    if options.reference:
+        its = options.reference_iterations or DEFAULT_ITERATIONS[options.reference]
+        print(f"Reconstructing with the network, then with pty-chi {options.reference} ({its} iterations, "
+              "known probe) ...", file=sys.stderr, flush=True)
+    try:
+        ev = evaluate(options.bundle, options.scan, counts=options.counts, reference=options.reference,
+                      reference_iterations=options.reference_iterations,
+                      reference_batch_size=options.reference_batch_size, min_weight_fraction=options.min_weight,
+                      backend=options.backend, register=not options.no_register, refine=options.refine)
+    except NoGroundTruthError as exc:
+        raise CliError(str(exc)) from None
+    except ReferenceUnavailableError as exc:
+        raise CliError(f"--reference: {exc}") from None
+    except ValueError as exc:
+        raise CliError(f"cannot evaluate {options.bundle} on {options.scan}: {exc}") from None
+    report = ev.report
+    if options.figure is not None:
+        name = Path(report["bundle"]).name
+        write_figure(options.figure, ev, title=f"{Path(options.scan).name} reconstructed by {name}"
+                                               + (f" and {report['reference']['engine']}" if ev.reference else ""))
+        report["figure"] = str(options.figure)
+    if options.output is not None:
+        write_text_atomic(Path(options.output), json.dumps(plain(report), indent=2, allow_nan=False) + "\n")
+    return report
+
+
+def evaluate_table(report: Mapping[str, Any]) -> str:
+    """One column per scored method (network, refined, control, reference), one row per metric."""
+    methods = [("network", report["network"])]
+    if "refined" in report:
+        methods.append((f"network + ePIE ({report['refined']['iterations']} it)", report["refined"]))
+        methods.append((f"ePIE alone ({report['refine_control']['iterations']} it)", report["refine_control"]))
+    if "reference" in report:
+        ref = report["reference"]
+        methods.append((f"{ref['engine']} ({ref['iterations']} it)", ref))
+    rows = []
+    for label, key, fmt in METRIC_ROWS:
+        cells = [metric_cell(m["metrics"][key], fmt) for _, m in methods]
+        if key == "frc_resolution_px":
+            cells = [c + (" (Nyquist)" if m["metrics"]["frc_reaches_nyquist"] else "") for c, (_, m) in
+                     zip(cells, methods, strict=True)]
+        rows.append([label] + cells)
+    rows.append(["scored pixels"] + [str(m["metrics"]["n_pixels"]) for _, m in methods])
+    rows.append(["shift found (rows, cols px)"] + [
+        f"{m['alignment']['found_shift_px']['rows']:+.2f}, {m['alignment']['found_shift_px']['cols']:+.2f}"
+        + ("" if m["alignment"]["shift_applied"] or m["alignment"]["found_shift_px"] == {"rows": 0.0, "cols": 0.0}
+           else " (not applied)") for _, m in methods])
+    rows.append(["wall time (s)"] + [f"{m['wall_time_s']:.2f}" for _, m in methods])
+    return table(["metric"] + [label for label, _ in methods], rows)
+
+
+def print_evaluation(report: Mapping[str, Any], options: EvaluateOptions) -> None:
+    print(f"Evaluated {report['bundle']} on {report['scan']}: {report['n_patterns']} patterns, N={report['N']}, "
+          f"gridsize {report['gridsize']}; |probe|^2-weighted stitching; scored where the illumination is "
+          f">= {report['min_weight_fraction']:g} of one exposure's peak; registered, global phase removed")
+    print(evaluate_table(report))
+    if report.get("speedup") is not None:
+        print(f"Speed: the network (inference + stitching) is {report['speedup']:.1f}x faster than "
+              f"{report['reference']['engine']} ({report['reference']['iterations']} iterations)"
+              + (f"; with its {report['refined']['iterations']} ePIE iterations, {report['refined_speedup']:.1f}x"
+                 if "refined_speedup" in report else "") + ".")
+    written = [p for p in (options.output, options.figure) if p is not None]
+    if written:
+        print("Wrote " + ", ".join(str(p) for p in written))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    options = EvaluateOptions(bundle=args.bundle, scan=args.scan, reference=args.reference,
+                              reference_iterations=args.reference_iterations,
+                              reference_batch_size=args.reference_batch_size, refine=args.refine,
+                              output=args.output, figure=args.figure, min_weight=args.min_weight,
+                              no_register=args.no_register, counts=args.counts, backend=args.backend)
+    report = run_evaluate(options)
+    if args.json:
+        print_json(report)
+    else:
+        print_evaluation(report, options)
+    return EXIT_OK
