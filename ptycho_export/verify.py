@@ -125,7 +125,119 @@ def _row(backend: str, model: str, kind: Optional[str], **fields: Any) -> dict[s
     return base
 
 
+# --------------------------------------------------------------------------- one backend
+
+
+def _check_graph_policy(contents: fmt.BundleContents, wanted: Iterable[str], bundle_path: Any) -> None:
+    """The reader policy for every graph a requested backend will load, before any backend runs (raises)."""
+    kinds = {GRAPH_KIND[b] for b in wanted} - {None}
+    for (kind, model), rec in sorted(contents.graphs.items()):
+        if kind == "torchscript" and kind in kinds:
+            fmt.check_torchscript_archive(rec.data, model, bundle_path)
+        elif kind == "onnx" and kind in kinds:
+            fmt.check_onnx_graph(rec.data, (kind, model), contents.params, bundle_path)
+
+
+def _verify_eager(contents: fmt.BundleContents, info: dict[str, Any], tolerance: Optional[float],
+                  scale: float) -> list[dict[str, Any]]:
+    """Rows for the PyTorch models rebuilt from the bundle (``info`` says why none, when unavailable)."""
+    missing = [m for m in fmt.MODEL_NAMES if m not in contents.state_dicts]
+    if missing:
+        info.update(available=False, reason=f"no eager weights for {', '.join(missing)}")
+        return []
+    try:
+        runners = _eager_runners(contents)
+    except ImportError as exc:
+        info.update(available=False, reason=f"torch is not importable ({exc})")
+        return []
+    info["provider"] = "torch (CPU)"
+    tol = EAGER_TOLERANCE if tolerance is None else float(tolerance)
+    rows = []
+    for model in fmt.MODEL_NAMES:
+        run, keys = runners[model]
+        try:
+            rows.append(_row("eager", model, None, **_compare(run, model, keys, contents.parity, tol, scale)))
+        except Exception as exc:  # noqa: BLE001 - a crash while recomputing is a verification failure
+            rows.append(_row("eager", model, None, tolerance_rel=tol, error=f"{type(exc).__name__}: {exc}"))
+    return rows
+
+
+def _unavailable(backend: str) -> Optional[str]:
+    """Why a graph backend cannot run here (None when it can)."""
+    if backend == "onnxruntime-cuda":
+        return _cuda_probe()
+    if backend == "onnxruntime-cpu":
+        try:
+            import_onnxruntime()
+        except ImportError as exc:
+            return str(exc)
+        return None
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:
+        return f"torch is not importable ({exc})"
+    return None
+
+
+class _NotOnCuda(Exception):
+    """onnxruntime offers CUDA but created the session elsewhere (no driver or GPU): skip, as if not offered."""
+
+
+def _graph_runner(backend: str, kind: str, model: str, data: bytes, info: dict[str, Any]) -> Runner:
+    from .export import torchscript_runner
+
+    if kind == "torchscript":
+        info["provider"] = "torch.jit (CPU)"
+        return torchscript_runner(data, model)
+    provider = "CUDAExecutionProvider" if backend == "onnxruntime-cuda" else "CPUExecutionProvider"
+    try:
+        session = _ort_session(data, provider)
+    except RuntimeError as exc:
+        if backend == "onnxruntime-cuda" and "not on CUDAExecutionProvider" in str(exc):
+            raise _NotOnCuda(str(exc)) from None
+        raise
+    info["provider"] = provider
+    return _ort_runner(session)
+
+
+def _verify_graphs(backend: str, contents: fmt.BundleContents, info: dict[str, Any], tolerance: Optional[float],
+                   scale: float) -> list[dict[str, Any]]:
+    """Rows for the stored graphs of one backend (``info`` says why none, when unavailable)."""
+    kind = GRAPH_KIND[backend]
+    graphs = {m: contents.graphs[(kind, m)] for m in fmt.MODEL_NAMES if (kind, m) in contents.graphs}
+    if not graphs:
+        info.update(available=False, reason=f"the bundle holds no {kind} graphs")
+        return []
+    reason = _unavailable(backend)
+    if reason:
+        info.update(available=False, reason=reason)
+        return []
+    from .export import parity_keys
+
+    rows = []
+    tol = _graph_tolerance(tolerance)  # (the graphs passed the reader policy already)
+    for model, rec in graphs.items():
+        try:
+            run = _graph_runner(backend, kind, model, rec.data, info)
+            keys = parity_keys(kind, model, rec.metadata)
+            rows.append(_row(backend, model, kind, **_compare(run, model, keys, contents.parity, tol, scale)))
+        except _NotOnCuda as exc:  # offered but not usable (no driver/GPU): skipped, like a missing provider
+            info.update(available=False, reason=str(exc), provider=None)
+            return []
+        except Exception as exc:  # noqa: BLE001 - graph bytes that pass the checksum but do not load/run
+            rows.append(_row(backend, model, kind, tolerance_rel=tol, error=f"{type(exc).__name__}: {exc}"))
+    return rows
+
+
 # --------------------------------------------------------------------------- public
+
+
+def _wanted_backends(backends: Optional[Iterable[str]]) -> list[str]:
+    wanted = list(dict.fromkeys(BACKENDS if backends is None else backends))
+    unknown = [b for b in wanted if b not in BACKENDS]
+    if unknown:
+        raise ValueError(f"unknown backend(s) {', '.join(map(repr, unknown))}; choose from {', '.join(BACKENDS)}")
+    return wanted
 
 
 def verify_bundle(path: str | os.PathLike, backends: Optional[Iterable[str]] = None,
@@ -151,10 +263,7 @@ def verify_bundle(path: str | os.PathLike, backends: Optional[Iterable[str]] = N
         ValueError: an unknown backend name.
     """
     start = time.perf_counter()
-    wanted = list(dict.fromkeys(BACKENDS if backends is None else backends))
-    unknown = [b for b in wanted if b not in BACKENDS]
-    if unknown:
-        raise ValueError(f"unknown backend(s) {', '.join(map(repr, unknown))}; choose from {', '.join(BACKENDS)}")
+    wanted = _wanted_backends(backends)
     bundle_path = fmt.resolve_bundle_path(path)
     report: dict[str, Any] = {"bundle": str(bundle_path), "checksum": {"ok": True, "error": None}, "cases": {},
                               "backends": {}, "results": [], "passed": False, "status": "ok"}
@@ -165,96 +274,20 @@ def verify_bundle(path: str | os.PathLike, backends: Optional[Iterable[str]] = N
         report["status"] = "checksum_failure"
         report["wall_time_s"] = time.perf_counter() - start
         return report
-
-    cases = contents.parity
-    if not cases:
+    if not contents.parity:
         raise fmt.BundleFormatError(
             f"{bundle_path} holds no parity vectors, so there is nothing to verify against. "
             f"Add graphs (which stores them) with: ptycho-export {bundle_path}")
-    report["cases"] = {name: case_batch(case) for name, case in sorted(cases.items())}
-    # the reader policy for every graph a requested backend will load, before any backend runs (raises)
-    kinds = {GRAPH_KIND[b] for b in wanted} - {None}
-    for (kind, model), rec in sorted(contents.graphs.items()):
-        if kind == "torchscript" and kind in kinds:
-            fmt.check_torchscript_archive(rec.data, model, bundle_path)
-        elif kind == "onnx" and kind in kinds:
-            fmt.check_onnx_graph(rec.data, (kind, model), contents.params, bundle_path)
+    report["cases"] = {name: case_batch(case) for name, case in sorted(contents.parity.items())}
+    _check_graph_policy(contents, wanted, bundle_path)
     scale = float(contents.params["intensity_scale"])
-
     for backend in wanted:
         info: dict[str, Any] = {"available": True, "reason": None, "provider": None}
         report["backends"][backend] = info
-        kind = GRAPH_KIND[backend]
         if backend == "eager":
-            missing = [m for m in fmt.MODEL_NAMES if m not in contents.state_dicts]
-            if missing:
-                info.update(available=False, reason=f"no eager weights for {', '.join(missing)}")
-                continue
-            try:
-                runners = _eager_runners(contents)
-            except ImportError as exc:
-                info.update(available=False, reason=f"torch is not importable ({exc})")
-                continue
-            info["provider"] = "torch (CPU)"
-            tol = EAGER_TOLERANCE if tolerance is None else float(tolerance)
-            for model in fmt.MODEL_NAMES:
-                run, keys = runners[model]
-                try:
-                    row = _row(backend, model, None, **_compare(run, model, keys, cases, tol, scale))
-                except Exception as exc:  # noqa: BLE001 - a crash while recomputing is a verification failure
-                    row = _row(backend, model, None, tolerance_rel=tol, error=f"{type(exc).__name__}: {exc}")
-                report["results"].append(row)
-            continue
-
-        graphs = {m: contents.graphs[(kind, m)] for m in fmt.MODEL_NAMES if (kind, m) in contents.graphs}
-        if not graphs:
-            info.update(available=False, reason=f"the bundle holds no {kind} graphs")
-            continue
-        if backend == "onnxruntime-cuda":
-            reason = _cuda_probe()
-            if reason:
-                info.update(available=False, reason=reason)
-                continue
-        elif backend == "onnxruntime-cpu":
-            try:
-                import_onnxruntime()
-            except ImportError as exc:
-                info.update(available=False, reason=str(exc))
-                continue
+            report["results"] += _verify_eager(contents, info, tolerance, scale)
         else:
-            try:
-                import torch  # noqa: F401
-            except ImportError as exc:
-                info.update(available=False, reason=f"torch is not importable ({exc})")
-                continue
-
-        from .export import parity_keys, torchscript_runner
-
-        for model, rec in graphs.items():
-            tol = _graph_tolerance(tolerance)  # (the graph passed the reader policy above)
-            try:
-                if kind == "torchscript":
-                    run = torchscript_runner(rec.data, model)
-                    info["provider"] = "torch.jit (CPU)"
-                else:
-                    provider = "CUDAExecutionProvider" if backend == "onnxruntime-cuda" else "CPUExecutionProvider"
-                    try:
-                        session = _ort_session(rec.data, provider)
-                    except RuntimeError as exc:
-                        if backend == "onnxruntime-cuda" and "not on CUDAExecutionProvider" in str(exc):
-                            # offered but not usable (no driver/GPU): skipped, like a missing provider
-                            info.update(available=False, reason=str(exc), provider=None)
-                            report["results"] = [r for r in report["results"] if r["backend"] != backend]
-                            break
-                        raise
-                    info["provider"] = provider
-                    run = _ort_runner(session)
-                keys = parity_keys(kind, model, rec.metadata)
-                row = _row(backend, model, kind, **_compare(run, model, keys, cases, tol, scale))
-            except Exception as exc:  # noqa: BLE001 - graph bytes that pass the checksum but do not load/run
-                row = _row(backend, model, kind, tolerance_rel=tol, error=f"{type(exc).__name__}: {exc}")
-            report["results"].append(row)
-
+            report["results"] += _verify_graphs(backend, contents, info, tolerance, scale)
     report["passed"] = bool(report["results"]) and all(r["passed"] for r in report["results"])
     if not report["results"]:
         report["status"] = "nothing_verified"
