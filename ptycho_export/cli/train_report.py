@@ -81,7 +81,8 @@ def quality_section(scored: Any) -> list[str]:
              "(sub-pixel), global phase offset removed.", "",
              "| metric | network |", "|---|---|"]
     for label, key, fmt in METRIC_ROWS:
-        lines.append(f"| {label} | {metric_cell(m[key], fmt)} |")
+        nyquist = " (Nyquist)" if key == "frc_resolution_px" and m.get("frc_reaches_nyquist") else ""
+        lines.append(f"| {label} | {metric_cell(m[key], fmt)}{nyquist} |")
     lines.append(f"| scored pixels | {m['n_pixels']} |")
     lines.append(f"| shift found (rows, cols px) | {shift['rows']:+.2f}, {shift['cols']:+.2f}"
                  + ("" if summary["alignment"]["shift_applied"] or (shift["rows"], shift["cols"]) == (0.0, 0.0)
