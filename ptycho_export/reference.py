@@ -29,8 +29,8 @@ __all__ = ["ALGORITHMS", "DEFAULT_BATCH_SIZE", "DEFAULT_ITERATIONS", "ReferenceR
 
 ALGORITHMS = ("epie", "lsqml")
 DEFAULT_ITERATIONS = {"epie": 100, "lsqml": 200}
-"""Epochs (passes over all positions). ePIE 100: the comparison the project has always reported. LSQML 200: run
-to convergence on the realistic scan (its phase SSIM changes by < 0.005 over the last 50; docs/fidelity.md)."""
+"""Epochs (passes over all positions). ePIE 100: the comparison the project has always reported. LSQML 200: the
+issue-17 bar for "run to convergence" (docs/fidelity.md has the measured curve)."""
 DEFAULT_BATCH_SIZE = {"epie": 16, "lsqml": 32}
 """Positions per update. Mini-batch ePIE (16) converges almost as far per epoch as sequential ePIE (1) and
 runs ~4x faster per epoch in pty-chi on a CPU."""
