@@ -36,9 +36,9 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -59,6 +59,9 @@ __all__ = ["DEFAULT_MIN_WEIGHT_FRACTION", "Evaluation", "NoGroundTruthError", "S
 
 DEFAULT_MIN_WEIGHT_FRACTION = 0.2
 """Pixels lit by less than 20% of one exposure's peak intensity are scan edge, undetermined for any method."""
+GAIN_METRICS = ("phase_ssim", "amplitude_ssim", "phase_psnr_db", "amplitude_psnr_db")
+"""What ``network_start_gain`` compares between the network's start and the flat start."""
+
 
 class NoGroundTruthError(ValueError):
     """The scan has no ``objectGuess``: there is nothing to score against."""
@@ -76,6 +79,18 @@ class ScoredReconstruction:
     y_coords: np.ndarray
     details: dict[str, Any]
 
+    @property
+    def amplitude_ratio(self) -> float:
+        """Mean |recon| / mean |truth| over the scored pixels.
+
+        A file's probe has an arbitrary absolute scale, so the reader sets it by
+        assuming the brightest frames see transmission 1 (docs/data.md); a
+        ratio away from 1, shared by every method on a scan, is that assumption
+        (a uniform offset in the amplitude error), not a reconstruction error.
+        """
+        a, m = self.alignment, self.alignment.mask
+        return float(np.mean(np.abs(a.recon[m])) / max(float(np.mean(np.abs(a.truth[m]))), 1e-12))
+
     def summary(self) -> dict[str, Any]:
         """JSON-ready: metrics, alignment and timing (the FRC curve included)."""
         return {
@@ -85,7 +100,8 @@ class ScoredReconstruction:
                           "found_shift_px": {"rows": self.alignment.found_shift_px[0],
                                              "cols": self.alignment.found_shift_px[1]},
                           "shift_applied": self.alignment.shift_px != (0.0, 0.0),
-                          "phase_offset_rad": self.alignment.phase_offset_rad},
+                          "phase_offset_rad": self.alignment.phase_offset_rad,
+                          "amplitude_ratio": self.amplitude_ratio},
             "metrics": self.metrics,
             **self.details,
         }
@@ -99,6 +115,8 @@ class Evaluation:
     network: ScoredReconstruction
     reference: Optional[ScoredReconstruction] = None
     refined: Optional[ScoredReconstruction] = None
+    control: Optional[ScoredReconstruction] = None
+    references: list[ScoredReconstruction] = field(default_factory=list)
 
 
 def illumination(positions: np.ndarray, probe: np.ndarray, x_coords: np.ndarray, y_coords: np.ndarray) -> np.ndarray:
@@ -139,17 +157,26 @@ def score_reconstruction(label: str, recon: Any, truth_object: np.ndarray, posit
 
 
 def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, counts: bool = False,
-             reference: Optional[str] = None, reference_iterations: Optional[int] = None,
+             reference: Optional[str | Sequence[str]] = None,
+             reference_iterations: Optional[int | Mapping[str, int]] = None,
              reference_batch_size: Optional[int] = None, min_weight_fraction: float = DEFAULT_MIN_WEIGHT_FRACTION,
              backend: str = "auto", device: str = "auto", batch_size: Optional[int] = None,
-             register: bool = True, refine: int = 0) -> Evaluation:
+             register: bool = True, refine: int = 0,
+             progress: Optional[Callable[[str], None]] = None) -> Evaluation:
     """Reconstruct ``scan_path`` with the bundle (and optionally pty-chi) and score both against the truth.
 
     ``refine`` > 0 also scores the network's object after that many ePIE
     iterations with the known probe (``ptycho_runtime.refinement``), timed
     from the start of the network's reconstruction, and, as the control that
     shows what the network's start is worth, the same iterations from a flat
-    object (``refine_control``).
+    object (``refine_control``); ``report["network_start_gain"]`` is the
+    difference (refined − control) in each SSIM and PSNR.
+
+    ``reference`` names one pty-chi algorithm or several ("epie", "lsqml"),
+    each run from a flat object in this same call on the same cores;
+    ``reference_iterations`` is one epoch count for all or a mapping per
+    algorithm. ``progress(message)`` receives a line every ~5% of each
+    reference's epochs (they run minutes on a CPU).
 
     Raises ``NoGroundTruthError`` when the NPZ has no ``objectGuess``,
     ``reference.ReferenceUnavailableError`` when ``reference`` is asked for
@@ -164,7 +191,8 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
         raise NoGroundTruthError(f"{scan_path} has no objectGuess (the true object), so there is nothing to score "
                                  "against; evaluate needs a simulated scan or one with a known object "
                                  "(to just reconstruct it, use: ptycho-runtime infer BUNDLE SCAN -o RECON.h5)")
-    if reference is not None:
+    algorithms = [] if reference is None else [reference] if isinstance(reference, str) else list(reference)
+    if algorithms:
         from .reference import import_ptychi
 
         import_ptychi()  # fail before the inference if pty-chi is missing
@@ -202,20 +230,9 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
         control = score_reconstruction(
             "ePIE from a flat object", alone, data.object, positions, data.probe, time.perf_counter() - t0,
             min_weight_fraction, register, details={**details, "time_covers": "the ePIE iterations"})
-    ref = None
-    if reference is not None:
-        from .reference import run_reference
-
-        # load_npz put the probe in the units of the normalised diffraction: the reference needs no rescaling
-        result = run_reference(data.diffraction, positions, data.probe, reference, reference_iterations,
-                               reference_batch_size)
-        ref = score_reconstruction(
-            "reference", result.reconstruction, data.object, positions, data.probe, result.wall_time_s,
-            min_weight_fraction, register,
-            details={"engine": result.engine, "algorithm": result.algorithm, "iterations": result.iterations,
-                     "batch_size": result.batch_size, "probe": "known (the scan's probeGuess), fixed",
-                     "final_loss": result.loss[-1] if result.loss else None,
-                     "time_covers": "building the pty-chi task and its iterations (not the import)"})
+    refs = [_reference(data, positions, algorithm, reference_iterations, reference_batch_size,
+                       min_weight_fraction, register, progress) for algorithm in algorithms]
+    ref = refs[0] if refs else None
     report: dict[str, Any] = {
         "bundle": str(Path(bundle.path)),
         "scan": str(Path(scan_path)),
@@ -232,12 +249,41 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
     if refined is not None:
         report["refined"] = refined.summary()
         report["refine_control"] = control.summary()
+        report["network_start_gain"] = {key: refined.metrics[key] - control.metrics[key] for key in GAIN_METRICS}
     if ref is not None:
         report["reference"] = ref.summary()
+        report["references"] = [r.summary() for r in refs]
         report["speedup"] = ref.wall_time_s / network.wall_time_s if network.wall_time_s > 0 else None
         if refined is not None:
             report["refined_speedup"] = ref.wall_time_s / refined.wall_time_s
-    return Evaluation(report=report, network=network, reference=ref, refined=refined)
+    return Evaluation(report=report, network=network, reference=ref, refined=refined, control=control,
+                      references=refs)
+
+
+def _reference(data: Any, positions: np.ndarray, algorithm: str,
+               iterations: Optional[int | Mapping[str, int]], batch_size: Optional[int], min_weight_fraction: float,
+               register: bool, progress: Optional[Callable[[str], None]]) -> ScoredReconstruction:
+    """One pty-chi reconstruction of the scan from a flat object, scored like the network's."""
+    from .reference import DEFAULT_ITERATIONS, run_reference
+
+    its = iterations.get(algorithm) if isinstance(iterations, Mapping) else iterations
+    its = DEFAULT_ITERATIONS[algorithm] if its is None else int(its)
+    t0 = time.perf_counter()
+
+    def report_epochs(done: int, total: int) -> None:
+        if progress is not None:
+            progress(f"pty-chi {algorithm}: {done}/{total} iterations, {time.perf_counter() - t0:.0f} s")
+
+    # load_npz put the probe in the units of the normalised diffraction: the reference needs no rescaling
+    result = run_reference(data.diffraction, positions, data.probe, algorithm, its, batch_size,
+                           progress=report_epochs)
+    return score_reconstruction(
+        "reference", result.reconstruction, data.object, positions, data.probe, result.wall_time_s,
+        min_weight_fraction, register,
+        details={"engine": result.engine, "algorithm": result.algorithm, "iterations": result.iterations,
+                 "batch_size": result.batch_size, "probe": "known (the scan's probeGuess), fixed",
+                 "final_loss": result.loss[-1] if result.loss else None,
+                 "time_covers": "building the pty-chi task and its iterations (not the import)"})
 
 
 # --------------------------------------------------------------------------- figure
@@ -266,62 +312,84 @@ def _title(scored: ScoredReconstruction, name: str) -> str:
             f"phase {m['phase_ssim']:.3f}; phase RMSE {m['phase_rmse_rad']:.3f} rad")
 
 
-def write_figure(path: str | os.PathLike, evaluation: Evaluation, title: str = "") -> Path:
-    """Truth / network / refined / reference / error rows (amplitude, phase columns) as a PNG, written atomically.
+def _robust_range(values: np.ndarray, mask: np.ndarray, lo: float = 1.0, hi: float = 99.0) -> tuple[float, float]:
+    """The [lo, hi] percentiles of ``values`` over ``mask``: a few edge pixels must not set a colour scale."""
+    v = values[mask]
+    return float(np.percentile(v, lo)), float(np.percentile(v, hi))
 
-    Every image is cropped to its scored region (outside the mask is blank),
-    with axes in object pixels; truth and reconstructions share colour limits
-    (the truth's range), errors a symmetric one. Uses a matplotlib ``Figure``
-    with an Agg canvas: no global backend switch, no pyplot state.
+
+def _widened(limits: tuple[float, float], pad: float) -> tuple[float, float]:
+    return limits if limits[1] > limits[0] else (limits[0] - pad, limits[1] + pad)
+
+
+def write_figure(path: str | os.PathLike, evaluation: Evaluation, title: str = "") -> Path:
+    """Truth / each method / each method's error, in amplitude and phase columns, as a PNG written atomically.
+
+    Methods: the network, the network + refinement, the same refinement from a
+    flat object (the control), and every reference engine. Every image is
+    cropped to its scored region (outside the mask is blank), with axes in
+    object pixels. The truth's colour range is its own; a method's amplitude
+    range is the truth's widened to that method's 1-99th percentiles (so an
+    amplitude outside the truth's range shows, instead of clipping); phases
+    share the truth's range (they are drawn next to the truth's phase). Error
+    panels share a symmetric range per column, and the amplitude error's title
+    gives its mean and the method's amplitude ratio (a shared offset is the
+    file's probe-scale assumption, ``ScoredReconstruction.amplitude_ratio``).
+    Uses a matplotlib ``Figure`` with an Agg canvas: no pyplot state.
     """
     from matplotlib.figure import Figure
 
     path = Path(path)
-    net, ref, refined = evaluation.network, evaluation.reference, evaluation.refined
+    net, refined = evaluation.network, evaluation.refined
     t, m = net.alignment.truth, net.alignment.mask
-    amp_lim = (float(np.abs(t[m]).min()), float(np.abs(t[m]).max()))
+    truth_amp = _widened((float(np.abs(t[m]).min()), float(np.abs(t[m]).max())), 0.5)
     ph_t = np.angle(t)
-    ph_lim = (float(ph_t[m].min()), float(ph_t[m].max()))
-    if amp_lim[1] <= amp_lim[0]:
-        amp_lim = (amp_lim[0] - 0.5, amp_lim[1] + 0.5)
-    if ph_lim[1] <= ph_lim[0]:
-        ph_lim = (ph_lim[0] - 1.0, ph_lim[1] + 1.0)
+    ph_lim = _widened((float(ph_t[m].min()), float(ph_t[m].max())), 1.0)
 
     def phase_near_truth(s: ScoredReconstruction) -> np.ndarray:
         return np.angle(s.alignment.truth) + np.angle(s.alignment.recon * np.conj(s.alignment.truth))
 
-    rows: list[tuple[str, ScoredReconstruction, np.ndarray, np.ndarray, str]] = [
-        ("truth", net, np.abs(t), ph_t, "value")]
+    rows: list[tuple[str, ScoredReconstruction, np.ndarray, np.ndarray, str, tuple[float, float]]] = [
+        ("truth", net, np.abs(t), ph_t, "value", truth_amp)]
     methods = [(_title(net, "network"), "network", net)]
     if refined is not None:
-        methods.append((_title(refined, f"network + {refined.details['iterations']} ePIE iterations"),
-                        "network + ePIE", refined))
-    if ref is not None:
-        methods.append((_title(ref, ref.details.get("engine", "reference")), "reference", ref))
+        sweeps = refined.details.get("sweeps", refined.details.get("iterations"))
+        methods.append((_title(refined, f"network + {sweeps} refinement sweeps"), "network + refinement", refined))
+    if evaluation.control is not None:
+        sweeps = evaluation.control.details.get("sweeps", evaluation.control.details.get("iterations"))
+        methods.append((_title(evaluation.control, f"flat object + {sweeps} sweeps (control)"), "control",
+                        evaluation.control))
+    references = evaluation.references or ([evaluation.reference] if evaluation.reference is not None else [])
+    for ref in references:
+        engine = f"{ref.details.get('engine', 'reference')}, {ref.details.get('iterations', '?')} it"
+        methods.append((_title(ref, engine), ref.details.get("engine", "reference"), ref))
     for heading, _, s in methods:
-        rows.append((heading, s, np.abs(s.alignment.recon), phase_near_truth(s), "value"))
-    errors = [(f"{name} error (recon − truth)", s) for _, name, s in methods]
+        amp = np.abs(s.alignment.recon)
+        own = _robust_range(amp, s.alignment.mask)
+        rows.append((heading, s, amp, phase_near_truth(s), "value",
+                     (min(truth_amp[0], own[0]), max(truth_amp[1], own[1]))))
     err_imgs = []
-    for label, s in errors:
+    for _, name, s in methods:
         a = np.abs(s.alignment.recon) - np.abs(s.alignment.truth)
         p = np.angle(s.alignment.recon * np.conj(s.alignment.truth))
+        label = (f"{name} error (recon − truth)\nmean amplitude error {float(np.mean(a[s.alignment.mask])):+.3f}, "
+                 f"amplitude ratio {s.amplitude_ratio:.3f}")
         err_imgs.append((label, s, a, p))
     amp_err = max(float(np.percentile(np.abs(a[s.alignment.mask]), 99)) for _, s, a, _ in err_imgs) or 1e-6
     ph_err = max(float(np.percentile(np.abs(p[s.alignment.mask]), 99)) for _, s, _, p in err_imgs) or 1e-6
     for label, s, a, p in err_imgs:
-        rows.append((label, s, a, p, "error"))
+        rows.append((label, s, a, p, "error", (-amp_err, amp_err)))
 
     fig = Figure(figsize=(10, 3.4 * len(rows)), constrained_layout=True)
     axes = fig.subplots(len(rows), 2, squeeze=False)
-    for i, (label, s, amp, phase, kind) in enumerate(rows):
+    for i, (label, s, amp, phase, kind, amp_lim) in enumerate(rows):
         for j, (values, what) in enumerate(((amp, "amplitude"), (phase, "phase (rad)"))):
             ax = axes[i, j]
             img, extent = _masked_box(s, values)
             if kind == "value":
                 cmap, (lo, hi) = ("gray", amp_lim) if j == 0 else ("viridis", ph_lim)
             else:
-                lim = amp_err if j == 0 else ph_err
-                cmap, (lo, hi) = "RdBu_r", (-lim, lim)
+                cmap, (lo, hi) = "RdBu_r", amp_lim if j == 0 else (-ph_err, ph_err)
             im = ax.imshow(img, cmap=cmap, vmin=lo, vmax=hi, extent=extent, interpolation="nearest")
             ax.set_title(f"{label}\n{what}" if j == 0 else what, fontsize=9, loc="left" if j == 0 else "center")
             ax.set_xlabel("x (object pixels)", fontsize=8)

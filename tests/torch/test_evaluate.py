@@ -113,6 +113,69 @@ def test_importing_ptychi_leaves_torch_and_sys_modules_as_they_were():
     assert torch.get_default_dtype() == dtype and torch.get_default_device() == device
 
 
+@needs_ptychi
+def test_ptychi_engine_seeded_with_the_truth_stays_and_beats_a_flat_start():
+    """refine(engine="ptychi") starts from the given object: from the truth it stays there; from flat it is worse."""
+    from ptycho_runtime.ptychi_engine import run_ptychi
+    from ptycho_runtime.stitching import StitchCanvas, canvas_bounds
+
+    amp, pos, probe, obj = easy_scan()
+    N = probe.shape[0]
+    origin, shape = canvas_bounds(pos, N)
+    canvas = StitchCanvas(shape, N, origin, window=np.abs(probe) ** 2)
+    canvas.add(np.ones((len(pos), N, N), np.complex64), pos)
+    lit = canvas.result()
+    x0, y0 = origin
+    truth_start = type(lit)(object=obj[y0:y0 + shape[0], x0:x0 + shape[1]].copy(), weight=lit.weight,
+                            x_coords=lit.x_coords, y_coords=lit.y_coords)
+    flat_start = type(lit)(object=np.ones(shape, np.complex64), weight=lit.weight, x_coords=lit.x_coords,
+                           y_coords=lit.y_coords)
+    seen = []
+    from_truth, p_truth, record = run_ptychi(amp, pos, probe, truth_start, iterations=4,
+                                             progress=lambda d, t: seen.append((d, t)))
+    from_flat, _, _ = run_ptychi(amp, pos, probe, flat_start, iterations=4)
+    score = {name: score_reconstruction(name, r, obj, pos, probe, 0.0).metrics
+             for name, r in (("truth", from_truth), ("flat", from_flat))}
+    assert score["truth"]["phase_ssim"] > 0.95 and score["truth"]["phase_ssim"] > score["flat"]["phase_ssim"] + 0.1
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert record["sweeps"] == 4 and record["algorithm"] == "LSQML" and not record["probe_updated"]
+    assert not record["cancelled"] and len(record["loss"]) == 4
+    np.testing.assert_array_equal(p_truth, probe.astype(np.complex64))  # fixed unless asked
+    np.testing.assert_array_equal(from_truth.x_coords, truth_start.x_coords)  # the start's grid comes back
+    calls = iter([False, True])
+    _, _, record = run_ptychi(amp, pos, probe, flat_start, iterations=4, cancel=lambda: next(calls))
+    assert record["cancelled"] and record["sweeps"] == 1
+    with pytest.raises(ValueError, match="algorithm"):
+        run_ptychi(amp, pos, probe, flat_start, iterations=1, algorithm="dm")
+    with pytest.raises(ValueError, match="positions"):
+        run_ptychi(amp, pos[:-1], probe, flat_start, iterations=1)
+
+
+@needs_ptychi
+def test_ptychi_engine_refines_a_wrong_probe():
+    """refine_probe=True: pty-chi updates the probe, and the data fit beats keeping the wrong probe fixed."""
+    from ptycho_runtime.ptychi_engine import run_ptychi
+    from ptycho_runtime.refinement import far_field_misfit
+    from ptycho_runtime.stitching import StitchCanvas, canvas_bounds
+
+    amp, pos, probe, obj = easy_scan()
+    N = probe.shape[0]
+    yy, xx = np.mgrid[:N, :N] - (N - 1) / 2
+    wrong = (probe * np.exp(1j * 0.002 * (xx**2 + yy**2))).astype(np.complex64)  # a little defocus
+    origin, shape = canvas_bounds(pos, N)
+    canvas = StitchCanvas(shape, N, origin, window=np.abs(probe) ** 2)
+    canvas.add(np.ones((len(pos), N, N), np.complex64), pos)
+    flat = canvas.result()
+    results = {flag: run_ptychi(amp, pos, wrong, flat, iterations=30, refine_probe=flag) for flag in (False, True)}
+    misfit = {}
+    for flag, (recon, new_probe, record) in results.items():
+        assert record["probe_updated"] is flag
+        starts = np.asarray(pos) - (N - 1) / 2 - np.array([recon.x_coords[0], recon.y_coords[0]])
+        misfit[flag] = far_field_misfit(recon.object, amp, new_probe, starts)
+    assert not np.allclose(results[True][1], wrong)
+    assert misfit[True] < 0.5 * misfit[False], misfit
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -210,6 +273,32 @@ def test_evaluate_cli_reference_row_and_speedup(make_bundle, capsys, tmp_path):
                              "--reference-iterations", "2")
     assert code == 0, err
     assert "LSQML (2 it)" in out and "faster than pty-chi" in out
+
+
+@needs_ptychi
+def test_evaluate_runs_several_references_in_one_call_and_draws_every_method(make_bundle, tmp_path):
+    """ePIE and LSQML in one invocation (same data, same cores), progress lines, and a figure row per method."""
+    from matplotlib.image import imread
+
+    from ptycho_export.evaluate import evaluate, write_figure
+
+    bundle = make_bundle()
+    lines: list[str] = []
+    ev = evaluate(bundle, bundle.parent / "scan.npz", reference=("epie", "lsqml"),
+                  reference_iterations={"epie": 2, "lsqml": 3}, refine=2, progress=lines.append)
+    report = ev.report
+    assert [r["algorithm"] for r in report["references"]] == ["epie", "lsqml"]
+    assert [r["iterations"] for r in report["references"]] == [2, 3]
+    assert report["reference"] == report["references"][0]
+    assert any(line.startswith("pty-chi lsqml: 3/3 iterations") for line in lines), lines
+    gain = report["network_start_gain"]
+    assert gain["phase_ssim"] == pytest.approx(report["refined"]["metrics"]["phase_ssim"]
+                                               - report["refine_control"]["metrics"]["phase_ssim"])
+    ratio = report["network"]["alignment"]["amplitude_ratio"]
+    assert 0.2 < ratio < 5
+    fig = write_figure(tmp_path / "all.png", ev)
+    methods = 5  # network, network + refinement, the flat-start control, ePIE, LSQML
+    assert imread(fig).shape[0] == pytest.approx(340 * (1 + 2 * methods), abs=2)
 
 
 def test_evaluate_cli_refine_row_improves_on_the_network(make_bundle, capsys, tmp_path):
