@@ -251,6 +251,19 @@ def _add_train_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------- evaluate
 
 
+def _algorithms(allowed: tuple[str, ...]) -> Any:
+    """argparse type: a comma list of pty-chi algorithms, each in ``allowed``, as a tuple in the order given."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(dict.fromkeys(t.strip().lower() for t in text.split(",") if t.strip()))
+        bad = [n for n in names if n not in allowed]
+        if not names or bad:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(allowed)} (a comma list runs each)")
+        return names
+
+    return parse
+
+
 def _add_evaluate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     from ptycho_runtime.refinement import DEFAULT_REFINE_ITERATIONS
 
@@ -265,12 +278,14 @@ def _add_evaluate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                                    "and wall time.")
     p.add_argument("bundle", metavar="BUNDLE", help="bundle file, or a folder holding wts.h5")
     p.add_argument("scan", metavar="SCAN.npz", help="PtychoPINN NPZ that holds objectGuess (the true object)")
-    p.add_argument("--reference", nargs="?", const="epie", default=None, choices=ALGORITHMS,
-                   help="also reconstruct with pty-chi (ePIE if no algorithm is named; default: no reference); "
+    p.add_argument("--reference", nargs="?", const="epie", default=None, type=_algorithms(ALGORITHMS),
+                   metavar="{" + ",".join(ALGORITHMS) + "}",
+                   help="also reconstruct with pty-chi from a flat object, in the same run on the same cores: "
+                        "one algorithm or a comma list (epie,lsqml); ePIE if none is named; default: no reference; "
                         "needs pip install 'ptycho-export[reference]'")
     p.add_argument("--reference-iterations", type=positive_int, default=None, metavar="N",
-                   help="pty-chi epochs (default: " + ", ".join(f"{a} {n}" for a, n in DEFAULT_ITERATIONS.items())
-                        + ")")
+                   help="pty-chi epochs for every reference (default: "
+                        + ", ".join(f"{a} {n}" for a, n in DEFAULT_ITERATIONS.items()) + ")")
     p.add_argument("--reference-batch-size", type=positive_int, default=None, metavar="N",
                    help="positions per pty-chi update (default: " + ", ".join(
                        f"{a} {n}" for a, n in DEFAULT_BATCH_SIZE.items()) + ")")

@@ -273,6 +273,12 @@ def test_evaluate_cli_reference_row_and_speedup(make_bundle, capsys, tmp_path):
                              "--reference-iterations", "2")
     assert code == 0, err
     assert "LSQML (2 it)" in out and "faster than pty-chi" in out
+    code, out, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--reference", "epie,lsqml",
+                             "--reference-iterations", "2", "--refine", "2")
+    assert code == 0, err
+    assert "ePIE (2 it)" in out and "LSQML (2 it)" in out  # both in one table, from one invocation
+    assert "The network's start against a flat start, both after 2 sweeps: phase SSIM" in out
+    assert "pty-chi epie: 2/2 iterations" in err and "pty-chi lsqml: 2/2 iterations" in err  # progress lines
 
 
 @needs_ptychi
