@@ -79,18 +79,6 @@ class ScoredReconstruction:
     y_coords: np.ndarray
     details: dict[str, Any]
 
-    @property
-    def amplitude_ratio(self) -> float:
-        """Mean |recon| / mean |truth| over the scored pixels.
-
-        A file's probe has an arbitrary absolute scale, so the reader sets it by
-        assuming the brightest frames see transmission 1 (docs/data.md); a
-        ratio away from 1, shared by every method on a scan, is that assumption
-        (a uniform offset in the amplitude error), not a reconstruction error.
-        """
-        a, m = self.alignment, self.alignment.mask
-        return float(np.mean(np.abs(a.recon[m])) / max(float(np.mean(np.abs(a.truth[m]))), 1e-12))
-
     def summary(self) -> dict[str, Any]:
         """JSON-ready: metrics, alignment and timing (the FRC curve included)."""
         return {
@@ -101,7 +89,7 @@ class ScoredReconstruction:
                                              "cols": self.alignment.found_shift_px[1]},
                           "shift_applied": self.alignment.shift_px != (0.0, 0.0),
                           "phase_offset_rad": self.alignment.phase_offset_rad,
-                          "amplitude_ratio": self.amplitude_ratio},
+                          "amplitude_scale": self.alignment.amplitude_scale},
             "metrics": self.metrics,
             **self.details,
         }
@@ -140,8 +128,13 @@ def illumination(positions: np.ndarray, probe: np.ndarray, x_coords: np.ndarray,
 def score_reconstruction(label: str, recon: Any, truth_object: np.ndarray, positions: np.ndarray,
                          probe: np.ndarray, wall_time_s: float,
                          min_weight_fraction: float = DEFAULT_MIN_WEIGHT_FRACTION,
-                         register: bool = True, details: Optional[dict[str, Any]] = None) -> ScoredReconstruction:
-    """Mask, align and score one ``Reconstruction`` (object, weight, x_coords, y_coords) against the truth."""
+                         register: bool = True, details: Optional[dict[str, Any]] = None,
+                         remove_amplitude_scale: bool = True) -> ScoredReconstruction:
+    """Mask, align and score one ``Reconstruction`` (object, weight, x_coords, y_coords) against the truth.
+
+    The global phase and (unless ``remove_amplitude_scale`` is False) the
+    global amplitude scale are removed first (``metrics.align_to_truth``).
+    """
     truth, inside = sample_object(truth_object, recon.x_coords, recon.y_coords)
     light = illumination(positions, probe, recon.x_coords, recon.y_coords)
     peak = float(np.max(np.abs(np.asarray(probe)) ** 2))
@@ -150,7 +143,8 @@ def score_reconstruction(label: str, recon: Any, truth_object: np.ndarray, posit
         raise ValueError(f"{label}: no reconstructed pixel overlaps the truth object with at least "
                          f"{min_weight_fraction:g} of the peak illumination (check that the positions are in the "
                          "objectGuess's pixel frame, or lower --min-weight)")
-    alignment = align_to_truth(recon.object, truth, mask, register_shift=register)
+    alignment = align_to_truth(recon.object, truth, mask, register_shift=register,
+                               remove_amplitude_scale=remove_amplitude_scale)
     return ScoredReconstruction(label=label, alignment=alignment, metrics=image_quality(alignment),
                                 wall_time_s=float(wall_time_s), x_coords=np.asarray(recon.x_coords),
                                 y_coords=np.asarray(recon.y_coords), details=dict(details or {}))
@@ -162,7 +156,7 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
              reference_batch_size: Optional[int] = None, min_weight_fraction: float = DEFAULT_MIN_WEIGHT_FRACTION,
              backend: str = "auto", device: str = "auto", batch_size: Optional[int] = None,
              register: bool = True, refine: int = 0,
-             progress: Optional[Callable[[str], None]] = None) -> Evaluation:
+             progress: Optional[Callable[[str], None]] = None, remove_amplitude_scale: bool = True) -> Evaluation:
     """Reconstruct ``scan_path`` with the bundle (and optionally pty-chi) and score both against the truth.
 
     ``refine`` > 0 also scores the network's object after that many ePIE
@@ -176,7 +170,9 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
     each run from a flat object in this same call on the same cores;
     ``reference_iterations`` is one epoch count for all or a mapping per
     algorithm. ``progress(message)`` receives a line every ~5% of each
-    reference's epochs (they run minutes on a CPU).
+    reference's epochs (they run minutes on a CPU). ``remove_amplitude_scale``
+    (default) scores every method after removing one global amplitude factor
+    (``metrics.align_to_truth``; the factor is in each summary's alignment).
 
     Raises ``NoGroundTruthError`` when the NPZ has no ``objectGuess``,
     ``reference.ReferenceUnavailableError`` when ``reference`` is asked for
@@ -208,10 +204,13 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
                                window=probe_window(data.probe))  # load_npz normalised the amplitudes
     net_s = time.perf_counter() - t0
     provider = bundle.providers[0] if bundle.providers else bundle.backend
-    network = score_reconstruction(
-        "network", recon, data.object, positions, data.probe, net_s, min_weight_fraction, register,
-        details={"backend": bundle.backend, "provider": provider, "load_time_s": load_s,
-                 "time_covers": "inference + |probe|^2-weighted stitching (not loading)"})
+
+    def score(label: str, result: Any, wall_s: float, details: dict[str, Any]) -> ScoredReconstruction:
+        return score_reconstruction(label, result, data.object, positions, data.probe, wall_s, min_weight_fraction,
+                                    register, details=details, remove_amplitude_scale=remove_amplitude_scale)
+
+    network = score("network", recon, net_s, {"backend": bundle.backend, "provider": provider, "load_time_s": load_s,
+                                              "time_covers": "inference + |probe|^2-weighted stitching (not loading)"})
     refined = control = None
     if refine:
         from ptycho_runtime.refinement import refine_epie
@@ -220,18 +219,15 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
         details = {"iterations": int(refine), "probe": "known (the scan's probeGuess), fixed"}
         t0 = time.perf_counter()
         polished = refine_epie(recon, data.diffraction, positions, data.probe, iterations=refine)
-        refined = score_reconstruction(
-            "network + ePIE", polished, data.object, positions, data.probe, net_s + time.perf_counter() - t0,
-            min_weight_fraction, register,
-            details={**details, "time_covers": "the network's reconstruction, then the ePIE iterations from it"})
+        refined = score("network + ePIE", polished, net_s + time.perf_counter() - t0,
+                        {**details, "time_covers": "the network's reconstruction, then the ePIE iterations from it"})
         flat = Reconstruction(np.ones_like(recon.object), recon.weight, recon.x_coords, recon.y_coords)
         t0 = time.perf_counter()
         alone = refine_epie(flat, data.diffraction, positions, data.probe, iterations=refine)
-        control = score_reconstruction(
-            "ePIE from a flat object", alone, data.object, positions, data.probe, time.perf_counter() - t0,
-            min_weight_fraction, register, details={**details, "time_covers": "the ePIE iterations"})
+        control = score("ePIE from a flat object", alone, time.perf_counter() - t0,
+                        {**details, "time_covers": "the ePIE iterations"})
     refs = [_reference(data, positions, algorithm, reference_iterations, reference_batch_size,
-                       min_weight_fraction, register, progress) for algorithm in algorithms]
+                       min_weight_fraction, register, progress, remove_amplitude_scale) for algorithm in algorithms]
     ref = refs[0] if refs else None
     report: dict[str, Any] = {
         "bundle": str(Path(bundle.path)),
@@ -244,6 +240,7 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
         "registration": (f"skimage.registration.phase_cross_correlation, 1/100 px, applied when within "
                          f"±{DEFAULT_MAX_SHIFT_PX:g} px") if register else "off",
         "frc_threshold": f"1/7 ({FRC_THRESHOLD:.4f})",
+        "amplitude_scale_removed": bool(remove_amplitude_scale),
         "network": network.summary(),
     }
     if refined is not None:
@@ -262,7 +259,8 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
 
 def _reference(data: Any, positions: np.ndarray, algorithm: str,
                iterations: Optional[int | Mapping[str, int]], batch_size: Optional[int], min_weight_fraction: float,
-               register: bool, progress: Optional[Callable[[str], None]]) -> ScoredReconstruction:
+               register: bool, progress: Optional[Callable[[str], None]],
+               remove_amplitude_scale: bool) -> ScoredReconstruction:
     """One pty-chi reconstruction of the scan from a flat object, scored like the network's."""
     from .reference import DEFAULT_ITERATIONS, run_reference
 
@@ -279,7 +277,7 @@ def _reference(data: Any, positions: np.ndarray, algorithm: str,
                            progress=report_epochs)
     return score_reconstruction(
         "reference", result.reconstruction, data.object, positions, data.probe, result.wall_time_s,
-        min_weight_fraction, register,
+        min_weight_fraction, register, remove_amplitude_scale=remove_amplitude_scale,
         details={"engine": result.engine, "algorithm": result.algorithm, "iterations": result.iterations,
                  "batch_size": result.batch_size, "probe": "known (the scan's probeGuess), fixed",
                  "final_loss": result.loss[-1] if result.loss else None,
@@ -332,9 +330,10 @@ def write_figure(path: str | os.PathLike, evaluation: Evaluation, title: str = "
     range is the truth's widened to that method's 1-99th percentiles (so an
     amplitude outside the truth's range shows, instead of clipping); phases
     share the truth's range (they are drawn next to the truth's phase). Error
-    panels share a symmetric range per column, and the amplitude error's title
-    gives its mean and the method's amplitude ratio (a shared offset is the
-    file's probe-scale assumption, ``ScoredReconstruction.amplitude_ratio``).
+    panels share a symmetric range per column; the amplitude error's title
+    gives its mean and the global amplitude scale that was removed before
+    scoring (``metrics.align_to_truth``: the file's probe scale is arbitrary,
+    which made every method's amplitude error a uniform offset).
     Uses a matplotlib ``Figure`` with an Agg canvas: no pyplot state.
     """
     from matplotlib.figure import Figure
@@ -373,7 +372,7 @@ def write_figure(path: str | os.PathLike, evaluation: Evaluation, title: str = "
         a = np.abs(s.alignment.recon) - np.abs(s.alignment.truth)
         p = np.angle(s.alignment.recon * np.conj(s.alignment.truth))
         label = (f"{name} error (recon − truth)\nmean amplitude error {float(np.mean(a[s.alignment.mask])):+.3f}, "
-                 f"amplitude ratio {s.amplitude_ratio:.3f}")
+                 f"after removing a global amplitude scale ×{s.alignment.amplitude_scale:.3f}")
         err_imgs.append((label, s, a, p))
     amp_err = max(float(np.percentile(np.abs(a[s.alignment.mask]), 99)) for _, s, a, _ in err_imgs) or 1e-6
     ph_err = max(float(np.percentile(np.abs(p[s.alignment.mask]), 99)) for _, s, _, p in err_imgs) or 1e-6

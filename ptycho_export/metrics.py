@@ -67,8 +67,9 @@ class Alignment:
     """A reconstruction registered to the truth.
 
     ``recon`` is the reconstruction after the sub-pixel ``shift_px`` (rows,
-    cols: what was applied to it) and the global phase factor
-    exp(i·``phase_offset_rad``); ``truth`` the truth on the same grid;
+    cols: what was applied to it), the global phase factor
+    exp(i·``phase_offset_rad``) and the global amplitude factor
+    ``amplitude_scale`` (1.0 when not removed); ``truth`` the truth on the same grid;
     ``mask`` the pixels that are scored (scanned, inside the truth, valid
     after the shift); ``box`` the (row, col) slices of the mask's bounding box.
     ``found_shift_px`` is what the registration found; it is applied only
@@ -84,6 +85,7 @@ class Alignment:
     phase_offset_rad: float
     box: tuple[slice, slice]
     found_shift_px: tuple[float, float] = (0.0, 0.0)
+    amplitude_scale: float = 1.0
 
 
 def scanned_mask(weight: np.ndarray, inside: np.ndarray, min_weight_fraction: float = 0.2,
@@ -177,18 +179,34 @@ def global_phase_offset(truth: np.ndarray, recon: np.ndarray, mask: np.ndarray) 
     return float(np.angle(np.sum(truth[mask] * np.conj(recon[mask]))))
 
 
+def global_amplitude_scale(truth: np.ndarray, recon: np.ndarray, mask: np.ndarray) -> float:
+    """s = Σ|truth|·|recon| / Σ|recon|² over ``mask``: s·|recon| best fits |truth| (least squares); 1 for 0."""
+    a_r = np.abs(recon[mask])
+    denom = float(np.sum(a_r**2))
+    return float(np.sum(np.abs(truth[mask]) * a_r)) / denom if denom > 0 else 1.0
+
+
 DEFAULT_MAX_SHIFT_PX = 4.0
 """Registration corrects small misplacements (sub-pixel conventions, a pixel or two); larger "shifts" are rejected."""
 
 
 def align_to_truth(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray, register_shift: bool = True,
-                   upsample_factor: int = 100, max_shift_px: float = DEFAULT_MAX_SHIFT_PX) -> Alignment:
-    """Register ``recon`` to ``truth`` (sub-pixel), then remove the global phase; both on one grid.
+                   upsample_factor: int = 100, max_shift_px: float = DEFAULT_MAX_SHIFT_PX,
+                   remove_amplitude_scale: bool = True) -> Alignment:
+    """Register ``recon`` to ``truth`` (sub-pixel), then remove the global phase and amplitude scale.
 
     The shift is applied to the reconstruction (cubic spline on real and
     imaginary parts) when both components are within ``max_shift_px``;
     pixels whose source lay outside ``mask`` leave the mask, so only pixels
     that were scanned both before and after the shift are scored.
+
+    Ptychography determines the object up to one complex constant: its phase
+    always, and its amplitude whenever the probe's absolute scale is not
+    known (the data fix only the product P·O, and files write probes at an
+    arbitrary scale, which the reader sets by assuming the brightest frames
+    see transmission 1: docs/data.md). Like Fienup's invariant error metric,
+    the scoring therefore removes both (``remove_amplitude_scale=False``
+    keeps the amplitude as reconstructed, for a probe known in absolute units).
     """
     recon = np.asarray(recon, dtype=np.complex128)
     truth = np.asarray(truth, dtype=np.complex128)
@@ -204,8 +222,9 @@ def align_to_truth(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray, regis
         if (mask & moved).any():
             mask = mask & moved
     offset = global_phase_offset(truth, recon, mask)
-    return Alignment(recon=recon * np.exp(1j * offset), truth=truth, mask=mask, shift_px=shift,
-                     phase_offset_rad=offset, box=bounding_box(mask), found_shift_px=found)
+    scale = global_amplitude_scale(truth, recon, mask) if remove_amplitude_scale else 1.0
+    return Alignment(recon=recon * (scale * np.exp(1j * offset)), truth=truth, mask=mask, shift_px=shift,
+                     phase_offset_rad=offset, box=bounding_box(mask), found_shift_px=found, amplitude_scale=scale)
 
 
 def _data_range(values: np.ndarray, fallback: float) -> float:

@@ -57,6 +57,21 @@ def test_a_global_phase_offset_is_removed():
     assert M.image_quality(raw)["phase_rmse_rad"] == pytest.approx(1.0, abs=1e-9)
 
 
+def test_a_global_amplitude_scale_is_removed_unless_asked_to_keep_it():
+    """An object reconstructed 8% too bright (an assumed probe scale) scores as the truth; kept, it does not."""
+    obj = smooth_object()
+    al = M.align_to_truth(1.08 * obj, obj, central_mask(), register_shift=False)
+    assert al.amplitude_scale == pytest.approx(1 / 1.08, rel=1e-9)
+    q = M.image_quality(al)
+    assert q["amplitude_rmse"] < 1e-9 and q["amplitude_ssim"] == pytest.approx(1.0, abs=1e-9)
+    kept = M.align_to_truth(1.08 * obj, obj, central_mask(), register_shift=False, remove_amplitude_scale=False)
+    assert kept.amplitude_scale == 1.0
+    rms = np.sqrt(np.mean(np.abs(obj[central_mask()]) ** 2))
+    assert M.image_quality(kept)["amplitude_rmse"] == pytest.approx(0.08 * rms, rel=1e-6)
+    # the phase is untouched by the scale
+    assert M.image_quality(kept)["phase_rmse_rad"] < 1e-9
+
+
 @pytest.mark.parametrize("shift", [(1.3, -0.7), (-0.45, 2.2)])
 def test_a_known_subpixel_shift_is_recovered_to_a_tenth_of_a_pixel(shift):
     obj = smooth_object(seed=3)

@@ -32,6 +32,7 @@ class EvaluateOptions:
     figure: Optional[Path] = None
     min_weight: float = 0.2
     no_register: bool = False
+    keep_amplitude_scale: bool = False
     counts: bool = False
     backend: str = "auto"
 
@@ -73,7 +74,8 @@ def run_evaluate(options: EvaluateOptions) -> dict[str, Any]:
                       reference_iterations=options.reference_iterations,
                       reference_batch_size=options.reference_batch_size, min_weight_fraction=options.min_weight,
                       backend=options.backend, register=not options.no_register, refine=options.refine,
-                      progress=lambda line: print(line, file=sys.stderr, flush=True))
+                      progress=lambda line: print(line, file=sys.stderr, flush=True),
+                      remove_amplitude_scale=not options.keep_amplitude_scale)
     except NoGroundTruthError as exc:
         raise CliError(str(exc)) from None
     except ReferenceUnavailableError as exc:
@@ -112,6 +114,7 @@ def evaluate_table(report: Mapping[str, Any]) -> str:
         f"{m['alignment']['found_shift_px']['rows']:+.2f}, {m['alignment']['found_shift_px']['cols']:+.2f}"
         + ("" if m["alignment"]["shift_applied"] or m["alignment"]["found_shift_px"] == {"rows": 0.0, "cols": 0.0}
            else " (not applied)") for _, m in methods])
+    rows.append(["amplitude scale removed"] + [f"x{m['alignment']['amplitude_scale']:.3f}" for _, m in methods])
     rows.append(["wall time (s)"] + [f"{m['wall_time_s']:.2f}" for _, m in methods])
     return table(["metric"] + [label for label, _ in methods], rows)
 
@@ -119,7 +122,8 @@ def evaluate_table(report: Mapping[str, Any]) -> str:
 def print_evaluation(report: Mapping[str, Any], options: EvaluateOptions) -> None:
     print(f"Evaluated {report['bundle']} on {report['scan']}: {report['n_patterns']} patterns, N={report['N']}, "
           f"gridsize {report['gridsize']}; |probe|^2-weighted stitching; scored where the illumination is "
-          f">= {report['min_weight_fraction']:g} of one exposure's peak; registered, global phase removed")
+          f">= {report['min_weight_fraction']:g} of one exposure's peak; registered; global phase "
+          + ("and amplitude scale removed" if report.get("amplitude_scale_removed") else "removed"))
     print(evaluate_table(report))
     if report.get("speedup") is not None:
         print(f"Speed: the network (inference + stitching) is {report['speedup']:.1f}x faster than "
@@ -147,7 +151,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                               reference_iterations=args.reference_iterations,
                               reference_batch_size=args.reference_batch_size, refine=args.refine,
                               output=args.output, figure=args.figure, min_weight=args.min_weight,
-                              no_register=args.no_register, counts=args.counts, backend=args.backend)
+                              no_register=args.no_register, keep_amplitude_scale=args.keep_amplitude_scale,
+                              counts=args.counts, backend=args.backend)
     report = run_evaluate(options)
     if args.json:
         print_json(report)

@@ -302,6 +302,9 @@ def _add_evaluate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--min-weight", type=float, default=EvaluateOptions.min_weight, metavar="FRACTION",
                    help="score pixels lit by at least this fraction of one exposure's peak |probe|^2 (default 0.2)")
     p.add_argument("--no-register", action="store_true", help="skip the sub-pixel registration to the truth")
+    p.add_argument("--keep-amplitude-scale", action="store_true",
+                   help="score the amplitude as reconstructed (default: one global amplitude factor is removed, "
+                        "like the global phase, since a file's probe scale is arbitrary; the factor is reported)")
     p.add_argument("--counts", action="store_true", help="the NPZ diffraction holds counts, not amplitudes "
                                                          "(default: told from the values)")
     p.add_argument("--backend", choices=("auto", "onnx", "torchscript"), default=EvaluateOptions.backend,

@@ -79,9 +79,8 @@ def test_ptychi_reference_reconstructs_an_easy_scan(algorithm, iterations):
     assert m["amplitude_ssim"] > 0.85, m
     # no half-pixel error: pty-chi's own snapping puts even-N frames 0.5 px off unless the origin is shifted
     assert max(abs(v) for v in s.alignment.shift_px) < 0.1, s.alignment.shift_px
-    # the known probe fixes the object's absolute scale: amplitude comes out at the truth's level
-    a = s.alignment
-    assert np.mean(np.abs(a.recon[a.mask])) / np.mean(np.abs(a.truth[a.mask])) == pytest.approx(1.0, abs=0.03)
+    # the known probe fixes the object's absolute scale: the global amplitude factor the scoring removes is 1
+    assert s.alignment.amplitude_scale == pytest.approx(1.0, abs=0.03)
 
 
 @needs_ptychi
@@ -203,6 +202,13 @@ def test_evaluate_cli_json_report_and_figure(make_bundle, capsys, tmp_path):
     code, out, err = run_cli(capsys, "evaluate", bundle, scan)
     assert code == 0, err
     assert "phase SSIM" in out and "FRC resolution" in out and "network" in out
+    assert "amplitude scale removed" in out and report["amplitude_scale_removed"] is True
+
+    code, out, err = run_cli(capsys, "evaluate", bundle, scan, "--keep-amplitude-scale", "--json")
+    assert code == 0, err
+    kept = json.loads(out)
+    assert kept["amplitude_scale_removed"] is False and kept["network"]["alignment"]["amplitude_scale"] == 1.0
+    assert kept["network"]["metrics"]["phase_ssim"] == pytest.approx(net["metrics"]["phase_ssim"])  # phase unchanged
 
 
 def test_evaluate_cli_scores_a_perfect_reconstruction_perfectly(make_bundle, monkeypatch, capsys):
@@ -300,8 +306,8 @@ def test_evaluate_runs_several_references_in_one_call_and_draws_every_method(mak
     gain = report["network_start_gain"]
     assert gain["phase_ssim"] == pytest.approx(report["refined"]["metrics"]["phase_ssim"]
                                                - report["refine_control"]["metrics"]["phase_ssim"])
-    ratio = report["network"]["alignment"]["amplitude_ratio"]
-    assert 0.2 < ratio < 5
+    assert report["amplitude_scale_removed"] is True
+    assert 0.2 < report["network"]["alignment"]["amplitude_scale"] < 5
     fig = write_figure(tmp_path / "all.png", ev)
     methods = 5  # network, network + refinement, the flat-start control, ePIE, LSQML
     assert imread(fig).shape[0] == pytest.approx(340 * (1 + 2 * methods), abs=2)
