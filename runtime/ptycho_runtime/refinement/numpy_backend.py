@@ -1,0 +1,147 @@
+"""The reference backend: one batch of non-overlapping frames as a few numpy operations over [B, N, N].
+
+Every other backend (torch, onnxruntime) computes the same update and is
+tested against this one. The update per frame is ePIE's (Maiden & Rodenburg
+2009) with rPIE's regularised step (Maiden, Johnson & Li 2017): with ψ = P·O
+the exit wave, Ψ = F ψ its far field and Ψ' = A·Ψ/|Ψ| the far field given the
+measured amplitude A,
+
+    O ← O + conj(P)·F⁻¹(Ψ' − Ψ) / ((1 − α)|P|² + α·max|P|²)
+
+(α = 1: ePIE with step 1). The probe update, when asked for, is the same
+with the roles swapped, summed over the batch (which, for one frame, is ePIE's).
+Sub-pixel positions read the object by bilinear interpolation of an
+(N+1)² window and write the correction back with the same weights (the adjoint).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+
+class NumpyBackend:
+    """Holds the object canvas and probe as numpy arrays and updates them one batch at a time."""
+
+    name = "numpy"
+    device = "cpu"
+
+    def __init__(self, obj: np.ndarray, probe: np.ndarray, *, alpha: float, probe_alpha: float,
+                 refine_probe: bool) -> None:
+        self.obj = np.ascontiguousarray(obj, dtype=np.complex64)
+        self.probe = np.ascontiguousarray(probe, dtype=np.complex64)
+        self.alpha, self.probe_alpha, self.refine_probe = float(alpha), float(probe_alpha), bool(refine_probe)
+        self.N = self.probe.shape[0]
+        self._offsets = np.arange(self.N + 1)
+        self._velocity: Optional[np.ndarray] = None
+        self._before: Optional[np.ndarray] = None
+        self._accumulated: Optional[tuple[np.ndarray, np.ndarray]] = None
+
+    # ---------------------------------------------------------------- the canvas
+    def get_object(self) -> np.ndarray:
+        return self.obj.copy()
+
+    def set_object(self, obj: np.ndarray) -> None:
+        self.obj = np.ascontiguousarray(obj, dtype=np.complex64)
+        self._velocity = None
+
+    def get_probe(self) -> np.ndarray:
+        return self.probe.copy()
+
+    # ---------------------------------------------------------------- one sweep
+    def begin_sweep(self, momentum: float) -> None:
+        self._before = self.obj.copy() if momentum else None
+
+    def end_sweep(self, momentum: float) -> None:
+        """Sweep-level momentum (mPIE's idea once per sweep): v ← η·v + ΔO, O ← O + η·v."""
+        if not momentum or self._before is None:
+            return
+        change = self.obj - self._before
+        if self._velocity is None:
+            self._velocity = change
+        else:
+            self._velocity *= np.float32(momentum)
+            self._velocity += change
+        self.obj += np.float32(momentum) * self._velocity
+        self._before = None
+
+    def _indices(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        W = self.obj.shape[1]
+        o = self._offsets
+        return (rows[:, None, None] + o[None, :, None]) * W + cols[:, None, None] + o[None, None, :]
+
+    def _step(self, measured: np.ndarray, idx: np.ndarray, weights: np.ndarray):
+        """Read, project, and return (window correction numerator, probe-weight window, misfit, patches, dpsi)."""
+        s = self.obj.reshape(-1)[idx]  # [B, N+1, N+1]
+        w = weights[:, :, None, None]
+        o = w[:, 0] * s[:, :-1, :-1] + w[:, 1] * s[:, :-1, 1:] + w[:, 2] * s[:, 1:, :-1] + w[:, 3] * s[:, 1:, 1:]
+        P = self.probe
+        spectrum = np.fft.fft2(P * o)
+        mag = np.abs(spectrum)
+        misfit = float(np.sum(np.square(mag - measured), dtype=np.float64))
+        safe = np.where(mag > 0, mag, np.float32(1))
+        target = np.where(mag > 0, spectrum * (measured / safe), measured.astype(np.complex64))
+        dpsi = np.fft.ifft2(target - spectrum).astype(np.complex64)
+        return o, dpsi, misfit, w
+
+    def _spread(self, delta: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """The adjoint of the bilinear read: an [B, N] correction spread onto [B, N+1, N+1] windows."""
+        B, N = delta.shape[0], self.N
+        up = np.zeros((B, N + 1, N + 1), dtype=delta.dtype)
+        up[:, :-1, :-1] += w[:, 0] * delta
+        up[:, :-1, 1:] += w[:, 1] * delta
+        up[:, 1:, :-1] += w[:, 2] * delta
+        up[:, 1:, 1:] += w[:, 3] * delta
+        return up
+
+    def _probe_update(self, o: np.ndarray, dpsi: np.ndarray) -> None:
+        den = np.sum(np.abs(o) ** 2, axis=0)
+        a = self.probe_alpha
+        self.probe = self.probe + (np.sum(np.conj(o) * dpsi, axis=0)
+                                   / ((1 - a) * den + a * np.max(den))).astype(np.complex64)
+
+    def run_batch(self, measured: np.ndarray, rows: np.ndarray, cols: np.ndarray, weights: np.ndarray) -> float:
+        """Update the object (and probe) from one batch of mutually non-overlapping frames; returns Σ misfit."""
+        idx = self._indices(rows, cols)
+        o, dpsi, misfit, w = self._step(measured, idx, weights)
+        P = self.probe
+        p2 = np.abs(P) ** 2
+        gain = (np.conj(P) / ((1 - self.alpha) * p2 + self.alpha * np.max(p2))).astype(np.complex64)
+        flat = self.obj.reshape(-1)
+        flat[idx] += self._spread(gain * dpsi, w)  # no two windows of a batch share a pixel: no collisions
+        if self.refine_probe:
+            self._probe_update(o, dpsi)
+        return misfit
+
+    # ---------------------------------------------------------------- parallel (all frames, then one update)
+    def accumulate_batch(self, measured: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+                         weights: np.ndarray) -> float:
+        """Add one batch's corrections to the sweep's sums without touching the object (``parallel`` batching)."""
+        idx = self._indices(rows, cols)
+        o, dpsi, misfit, w = self._step(measured, idx, weights)
+        P = self.probe
+        size = self.obj.size
+        num = self._spread(np.conj(P) * dpsi, w)
+        den = self._spread(np.broadcast_to(np.abs(P) ** 2, dpsi.shape).astype(np.float32), w)
+        flat = idx.reshape(-1)
+        n_re = np.bincount(flat, weights=num.real.reshape(-1), minlength=size)
+        n_im = np.bincount(flat, weights=num.imag.reshape(-1), minlength=size)
+        d = np.bincount(flat, weights=den.reshape(-1), minlength=size)
+        if self._accumulated is None:
+            self._accumulated = (n_re + 1j * n_im, d)
+        else:
+            self._accumulated = (self._accumulated[0] + n_re + 1j * n_im, self._accumulated[1] + d)
+        if self.refine_probe:
+            self._probe_update(o, dpsi / len(rows))
+        return misfit
+
+    def apply_accumulated(self) -> None:
+        """O ← O + Σ conj(P)Δψ / ((1−α)Σ|P|² + α·max Σ|P|²): a per-pixel step, as in LSQML's preconditioner."""
+        if self._accumulated is None:
+            return
+        num, den = self._accumulated
+        a = self.alpha
+        step = num / ((1 - a) * den + a * np.max(den) + 1e-12)
+        self.obj += step.reshape(self.obj.shape).astype(np.complex64)
+        self._accumulated = None
