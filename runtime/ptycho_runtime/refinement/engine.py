@@ -81,8 +81,8 @@ class Refiner:
 
     def __init__(self, start: Reconstruction, probe: np.ndarray, *, backend: str = "auto", device: str = "cpu",
                  refine_probe: bool = False, momentum: float = DEFAULT_MOMENTUM, batching: str = "sparse",
-                 alpha: float = DEFAULT_ALPHA, probe_alpha: float = DEFAULT_PROBE_ALPHA, seed: int = 0,
-                 max_batch: Optional[int] = None) -> None:
+                 alpha: float = DEFAULT_ALPHA, probe_alpha: float = DEFAULT_PROBE_ALPHA, step: float = 1.0,
+                 seed: int = 0, max_batch: Optional[int] = None) -> None:
         P = np.asarray(probe)
         if P.ndim != 2 or P.shape[0] != P.shape[1] or P.shape[0] < 2:
             raise ValueError(f"probe must be a square [N, N] array (got shape {list(P.shape)})")
@@ -93,6 +93,7 @@ class Refiner:
         self.momentum = _number_in("momentum", momentum, 0, 1, high_open=True)
         self.alpha = _number_in("alpha", alpha, 0, 1, low_open=True)
         self.probe_alpha = _number_in("probe_alpha", probe_alpha, 0, 1, low_open=True)
+        step = _number_in("step", step, 0, 2, low_open=True)
         if max_batch is not None and (isinstance(max_batch, bool) or int(max_batch) < 1):
             raise ValueError(f"max_batch must be an integer >= 1 or None (got {max_batch!r})")
         self.max_batch = None if max_batch is None else int(max_batch)
@@ -101,7 +102,7 @@ class Refiner:
         self.refine_probe = bool(refine_probe)
         obj = np.where(start.covered, start.object, np.complex64(1.0)).astype(np.complex64)
         self._backend = make_backend(backend, device, obj, P.astype(np.complex64), alpha=self.alpha,
-                                     probe_alpha=self.probe_alpha, refine_probe=self.refine_probe)
+                                     probe_alpha=self.probe_alpha, refine_probe=self.refine_probe, step=step)
         self._measured: list[np.ndarray] = []
         self._rows = np.zeros(0, np.int64)
         self._cols = np.zeros(0, np.int64)
@@ -174,6 +175,8 @@ class Refiner:
             total = 0.0
             for g in (groups if parallel else [groups[i] for i in order.permutation(len(groups))]):
                 if cancel_requested(cancel):
+                    if hasattr(b, "take_misfit"):
+                        b.take_misfit()
                     raise RefinementCancelled(f"refinement cancelled by the host after {k} of {sweeps} sweeps",
                                               self._result(k, sweeps, t0, cancelled=True))
                 run = b.accumulate_batch if parallel else b.run_batch
@@ -181,6 +184,8 @@ class Refiner:
             if parallel:
                 b.apply_accumulated()
             b.end_sweep(self.momentum)
+            if hasattr(b, "take_misfit"):  # a device backend sums on the device and reads once per sweep
+                total += b.take_misfit()
             self.sweeps_run += 1
             self.misfit.append(total / norm)  # Σ(|F(P·O)|/N − A)²/(n·N²), as far_field_misfit, before each update
             if progress is not None:
@@ -194,7 +199,7 @@ class Refiner:
         record = {"engine": "builtin", "backend": b.name, "device": b.device, "sweeps": done,
                   "sweeps_requested": asked, "sweeps_total": self.sweeps_run, "batching": self.batching,
                   "batches": len(self._batches or []), "frames": self.n_frames, "momentum": self.momentum,
-                  "alpha": self.alpha, "probe_updated": self.refine_probe,
+                  "alpha": self.alpha, "step": b.step, "probe_updated": self.refine_probe,
                   "misfit": [float(m) for m in self.misfit[-done:]] if done else [],
                   "positions_refined": False, "cancelled": cancelled, "wall_s": time.perf_counter() - t0}
         return RefineResult(recon, b.get_probe(), record)

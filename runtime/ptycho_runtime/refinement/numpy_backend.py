@@ -28,10 +28,11 @@ class NumpyBackend:
     device = "cpu"
 
     def __init__(self, obj: np.ndarray, probe: np.ndarray, *, alpha: float, probe_alpha: float,
-                 refine_probe: bool) -> None:
+                 refine_probe: bool, step: float = 1.0) -> None:
         self.obj = np.ascontiguousarray(obj, dtype=np.complex64)
         self.probe = np.ascontiguousarray(probe, dtype=np.complex64)
         self.alpha, self.probe_alpha, self.refine_probe = float(alpha), float(probe_alpha), bool(refine_probe)
+        self.step = float(step)
         self.N = self.probe.shape[0]
         self._offsets = np.arange(self.N + 1)
         self._velocity: Optional[np.ndarray] = None
@@ -101,13 +102,17 @@ class NumpyBackend:
         self.probe = self.probe + (np.sum(np.conj(o) * dpsi, axis=0)
                                    / ((1 - a) * den + a * np.max(den))).astype(np.complex64)
 
+    def gain(self) -> np.ndarray:
+        """The object step's per-pixel factor: step·conj(P) / ((1 − α)|P|² + α·max|P|²)."""
+        P = self.probe
+        p2 = np.abs(P) ** 2
+        return (self.step * np.conj(P) / ((1 - self.alpha) * p2 + self.alpha * np.max(p2))).astype(np.complex64)
+
     def run_batch(self, measured: np.ndarray, rows: np.ndarray, cols: np.ndarray, weights: np.ndarray) -> float:
         """Update the object (and probe) from one batch of mutually non-overlapping frames; returns Σ misfit."""
         idx = self._indices(rows, cols)
         o, dpsi, misfit, w = self._step(measured, idx, weights)
-        P = self.probe
-        p2 = np.abs(P) ** 2
-        gain = (np.conj(P) / ((1 - self.alpha) * p2 + self.alpha * np.max(p2))).astype(np.complex64)
+        gain = self.gain()
         flat = self.obj.reshape(-1)
         flat[idx] += self._spread(gain * dpsi, w)  # no two windows of a batch share a pixel: no collisions
         if self.refine_probe:
