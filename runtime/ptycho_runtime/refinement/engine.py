@@ -76,13 +76,15 @@ class Refiner:
     ``start`` fixes the grid; pixels it does not cover begin as 1 (free
     space). ``add_frames`` appends measured frames; ``run(k)`` runs k sweeps
     over all frames added so far and returns a ``RefineResult``. See
-    ``refine`` for the parameters.
+    ``refine`` for the parameters; ``backend_options`` go to the backend
+    (onnx: ``threads``, ``canvas_in_graph``).
     """
 
     def __init__(self, start: Reconstruction, probe: np.ndarray, *, backend: str = "auto", device: str = "cpu",
                  refine_probe: bool = False, momentum: float = DEFAULT_MOMENTUM, batching: str = "sparse",
                  alpha: float = DEFAULT_ALPHA, probe_alpha: float = DEFAULT_PROBE_ALPHA, step: float = 1.0,
-                 seed: int = 0, max_batch: Optional[int] = None) -> None:
+                 seed: int = 0, max_batch: Optional[int] = None,
+                 backend_options: Optional[dict[str, Any]] = None) -> None:
         P = np.asarray(probe)
         if P.ndim != 2 or P.shape[0] != P.shape[1] or P.shape[0] < 2:
             raise ValueError(f"probe must be a square [N, N] array (got shape {list(P.shape)})")
@@ -102,7 +104,8 @@ class Refiner:
         self.refine_probe = bool(refine_probe)
         obj = np.where(start.covered, start.object, np.complex64(1.0)).astype(np.complex64)
         self._backend = make_backend(backend, device, obj, P.astype(np.complex64), alpha=self.alpha,
-                                     probe_alpha=self.probe_alpha, refine_probe=self.refine_probe, step=step)
+                                     probe_alpha=self.probe_alpha, refine_probe=self.refine_probe, step=step,
+                                     **(backend_options or {}))
         self._measured: list[np.ndarray] = []
         self._rows = np.zeros(0, np.int64)
         self._cols = np.zeros(0, np.int64)

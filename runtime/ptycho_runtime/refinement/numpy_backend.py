@@ -20,6 +20,8 @@ from typing import Optional
 
 import numpy as np
 
+TINY = 1e-20  # |Ψ| below this has no phase to keep: no correction there (every backend does the same)
+
 
 class NumpyBackend:
     """Holds the object canvas and probe as numpy arrays and updates them one batch at a time."""
@@ -67,23 +69,28 @@ class NumpyBackend:
         self.obj += np.float32(momentum) * self._velocity
         self._before = None
 
-    def _indices(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        W = self.obj.shape[1]
-        o = self._offsets
-        return (rows[:, None, None] + o[None, :, None]) * W + cols[:, None, None] + o[None, None, :]
+    def _windows(self) -> np.ndarray:
+        """A writeable [H−N, W−N, N+1, N+1] view of the canvas: [r, c] is the window with corner (r, c).
 
-    def _step(self, measured: np.ndarray, idx: np.ndarray, weights: np.ndarray):
-        """Read, project, and return (window correction numerator, probe-weight window, misfit, patches, dpsi)."""
-        s = self.obj.reshape(-1)[idx]  # [B, N+1, N+1]
+        Indexing it with a batch's corners copies whole window rows at once (several
+        times faster than a flat fancy index per pixel); writing through it is safe
+        because no two windows of a batch share a pixel.
+        """
+        H, W = self.obj.shape
+        side = self.N + 1
+        sr, sc = self.obj.strides
+        return np.lib.stride_tricks.as_strided(self.obj, (H - side + 1, W - side + 1, side, side), (sr, sc, sr, sc))
+
+    def _step(self, measured: np.ndarray, s: np.ndarray, weights: np.ndarray):
+        """From the batch's windows ``s`` [B, N+1, N+1]: (patches O, F⁻¹(Ψ' − Ψ), Σ misfit, weights)."""
         w = weights[:, :, None, None]
         o = w[:, 0] * s[:, :-1, :-1] + w[:, 1] * s[:, :-1, 1:] + w[:, 2] * s[:, 1:, :-1] + w[:, 3] * s[:, 1:, 1:]
         P = self.probe
         spectrum = np.fft.fft2(P * o)
         mag = np.abs(spectrum)
         misfit = float(np.sum(np.square(mag - measured), dtype=np.float64))
-        safe = np.where(mag > 0, mag, np.float32(1))
-        target = np.where(mag > 0, spectrum * (measured / safe), measured.astype(np.complex64))
-        dpsi = np.fft.ifft2(target - spectrum).astype(np.complex64)
+        # Ψ' − Ψ = Ψ·(A/|Ψ| − 1): the measured modulus, the model's phase; where Ψ = 0 (no phase), no change
+        dpsi = np.fft.ifft2(spectrum * (measured / np.maximum(mag, np.float32(TINY)) - 1)).astype(np.complex64)
         return o, dpsi, misfit, w
 
     def _spread(self, delta: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -110,11 +117,9 @@ class NumpyBackend:
 
     def run_batch(self, measured: np.ndarray, rows: np.ndarray, cols: np.ndarray, weights: np.ndarray) -> float:
         """Update the object (and probe) from one batch of mutually non-overlapping frames; returns Σ misfit."""
-        idx = self._indices(rows, cols)
-        o, dpsi, misfit, w = self._step(measured, idx, weights)
-        gain = self.gain()
-        flat = self.obj.reshape(-1)
-        flat[idx] += self._spread(gain * dpsi, w)  # no two windows of a batch share a pixel: no collisions
+        windows = self._windows()
+        o, dpsi, misfit, w = self._step(measured, windows[rows, cols], weights)
+        windows[rows, cols] += self._spread(self.gain() * dpsi, w)  # no two windows of a batch share a pixel
         if self.refine_probe:
             self._probe_update(o, dpsi)
         return misfit
@@ -123,8 +128,10 @@ class NumpyBackend:
     def accumulate_batch(self, measured: np.ndarray, rows: np.ndarray, cols: np.ndarray,
                          weights: np.ndarray) -> float:
         """Add one batch's corrections to the sweep's sums without touching the object (``parallel`` batching)."""
-        idx = self._indices(rows, cols)
-        o, dpsi, misfit, w = self._step(measured, idx, weights)
+        W = self.obj.shape[1]
+        off = self._offsets
+        idx = (rows[:, None, None] + off[None, :, None]) * W + cols[:, None, None] + off[None, None, :]
+        o, dpsi, misfit, w = self._step(measured, self.obj.reshape(-1)[idx], weights)
         P = self.probe
         size = self.obj.size
         num = self._spread(np.conj(P) * dpsi, w)

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-
+from .numpy_backend import TINY
 
 
 def _torch():
@@ -90,9 +90,7 @@ class TorchBackend:
         spectrum = torch.fft.fft2(P * o)
         mag = spectrum.abs()
         misfit = torch.sum(torch.square(mag - A), dtype=torch.float64)
-        lit = mag > 0
-        target = torch.where(lit, spectrum * (A / torch.where(lit, mag, torch.ones_like(mag))), A.to(spectrum.dtype))
-        dpsi = torch.fft.ifft2(target - spectrum)
+        dpsi = torch.fft.ifft2(spectrum * (A / mag.clamp_min(TINY) - 1))
         delta = self.gain() * dpsi
         up = torch.zeros_like(s)
         up[:, :-1, :-1] += w[:, 0] * delta
