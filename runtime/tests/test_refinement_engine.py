@@ -30,8 +30,8 @@ def _object(size: int = 80, seed: int = 0) -> np.ndarray:
 
 def _scan(obj: np.ndarray, probe: np.ndarray, step: int = 5) -> tuple[np.ndarray, np.ndarray]:
     """Noiseless amplitudes at fractional positions: patch = bilinear read of obj at frame origin (x, y) − (N−1)/2."""
-    starts = np.array([(c, r) for r in range(4, obj.shape[0] - N - 4, step) for c in range(4, obj.shape[1] - N - 4, step)],
-                      dtype=np.float64)
+    grid = [(c, r) for r in range(4, obj.shape[0] - N - 4, step) for c in range(4, obj.shape[1] - N - 4, step)]
+    starts = np.array(grid, dtype=np.float64)
     starts += np.random.default_rng(1).uniform(0, 1, starts.shape)
     amps = []
     for c, r in starts:
@@ -94,7 +94,8 @@ def test_onnx_graph_with_the_canvas_in_the_graph_agrees_too(problem):
     pytest.importorskip("onnxruntime")
     obj, amp, pos, start, _ = problem
     ref = Refiner(start, _probe(), backend="numpy").add_frames(amp, pos).run(20)
-    out = Refiner(start, _probe(), backend="onnx", backend_options={"canvas_in_graph": True}).add_frames(amp, pos).run(20)
+    out = Refiner(start, _probe(), backend="onnx", backend_options={"canvas_in_graph": True})
+    out = out.add_frames(amp, pos).run(20)
     a, b = ref.reconstruction.object, out.reconstruction.object
     assert np.linalg.norm(b - a) / np.linalg.norm(a) < 1e-4
 

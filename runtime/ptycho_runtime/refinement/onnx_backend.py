@@ -35,8 +35,8 @@ def _session(N: int, refine_probe: bool, canvas_in_graph: bool, device: str, thr
             opts.intra_op_num_threads = threads
         want = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
         if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise ValueError("backend='onnx' on device='cuda' needs onnxruntime-gpu (CUDAExecutionProvider); "
-                             f"this onnxruntime has {ort.get_available_providers()}: use backend='torch' or device='cpu'")
+            raise ValueError("backend='onnx' on device='cuda' needs onnxruntime-gpu (CUDAExecutionProvider); this "
+                             f"onnxruntime has {ort.get_available_providers()}: use backend='torch' or device='cpu'")
         sess = ort.InferenceSession(model.SerializeToString(), opts, providers=want)
         if device == "cuda" and sess.get_providers()[0] != "CUDAExecutionProvider":
             raise ValueError("onnxruntime's CUDAExecutionProvider did not load (CUDA/cuDNN libraries missing?); "
