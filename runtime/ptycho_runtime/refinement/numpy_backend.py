@@ -30,11 +30,13 @@ class NumpyBackend:
     device = "cpu"
 
     def __init__(self, obj: np.ndarray, probe: np.ndarray, *, alpha: float, probe_alpha: float,
-                 refine_probe: bool, step: float = 1.0) -> None:
+                 refine_probe: bool, step: float = 1.0, threads: int = 1) -> None:
         self.obj = np.ascontiguousarray(obj, dtype=np.complex64)
         self.probe = np.ascontiguousarray(probe, dtype=np.complex64)
         self.alpha, self.probe_alpha, self.refine_probe = float(alpha), float(probe_alpha), bool(refine_probe)
         self.step = float(step)
+        self.threads = max(1, int(threads))
+        self._pool = None
         self.N = self.probe.shape[0]
         self._offsets = np.arange(self.N + 1)
         self._velocity: Optional[np.ndarray] = None
@@ -115,11 +117,32 @@ class NumpyBackend:
         p2 = np.abs(P) ** 2
         return (self.step * np.conj(P) / ((1 - self.alpha) * p2 + self.alpha * np.max(p2))).astype(np.complex64)
 
-    def run_batch(self, measured: np.ndarray, rows: np.ndarray, cols: np.ndarray, weights: np.ndarray) -> float:
-        """Update the object (and probe) from one batch of mutually non-overlapping frames; returns Σ misfit."""
-        windows = self._windows()
+    def _part(self, windows: np.ndarray, gain: np.ndarray, measured: np.ndarray, rows: np.ndarray,
+              cols: np.ndarray, weights: np.ndarray):
         o, dpsi, misfit, w = self._step(measured, windows[rows, cols], weights)
-        windows[rows, cols] += self._spread(self.gain() * dpsi, w)  # no two windows of a batch share a pixel
+        windows[rows, cols] += self._spread(gain * dpsi, w)  # no two windows of a batch share a pixel
+        return o, dpsi, misfit
+
+    def run_batch(self, measured: np.ndarray, rows: np.ndarray, cols: np.ndarray, weights: np.ndarray) -> float:
+        """Update the object (and probe) from one batch of mutually non-overlapping frames; returns Σ misfit.
+
+        With ``threads`` > 1 the batch is split between threads: its frames are
+        independent, numpy's FFTs and array operations release the GIL, and the
+        windows they write are disjoint.
+        """
+        windows, gain = self._windows(), self.gain()
+        if self.threads > 1 and len(rows) >= 2 * self.threads:
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(self.threads)
+            parts = np.array_split(np.arange(len(rows)), self.threads)
+            done = list(self._pool.map(lambda i: self._part(windows, gain, measured[i], rows[i], cols[i],
+                                                              weights[i]), parts))
+            o, dpsi = np.concatenate([d[0] for d in done]), np.concatenate([d[1] for d in done])
+            misfit = sum(d[2] for d in done)
+        else:
+            o, dpsi, misfit = self._part(windows, gain, measured, rows, cols, weights)
         if self.refine_probe:
             self._probe_update(o, dpsi)
         return misfit
