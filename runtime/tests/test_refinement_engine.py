@@ -221,6 +221,25 @@ def test_a_refiner_takes_frames_as_they_come(problem):
     assert _error(second.reconstruction.object, obj, lit) < _error(first.reconstruction.object, obj, lit)
 
 
+def test_a_newer_start_fills_only_pixels_no_frame_has_refined(problem):
+    obj, amp, pos, start, _ = problem
+    left = pos[:, 0] < np.median(pos[:, 0])
+    r = Refiner(start, _probe(), backend="numpy")
+    r.add_frames(amp[left], pos[left])
+    before = r.run(2).reconstruction.object
+    newer = Reconstruction(np.full_like(start.object, 0.5), start.weight, start.x_coords, start.y_coords)
+    r.add_frames(amp[~left], pos[~left], start=newer)
+    after = r.run(0).reconstruction.object
+    touched = r._touched
+    assert touched.any() and not touched.all()
+    np.testing.assert_array_equal(after[touched], before[touched])  # refined pixels kept
+    fill = ~touched & start.covered
+    assert fill.any() and np.all(after[fill] == 0.5)  # the rest from the newer start
+    other = Reconstruction(start.object[:-1], start.weight[:-1], start.x_coords, start.y_coords[:-1])
+    with pytest.raises(ValueError, match="Refiner's grid"):
+        r.add_frames(amp[:1], pos[:1], start=other)
+
+
 def test_bad_inputs_are_refused_with_the_fix(problem):
     _, amp, pos, start, _ = problem
     P = _probe()

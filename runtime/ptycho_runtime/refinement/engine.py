@@ -120,14 +120,25 @@ class Refiner:
         self._measured_all: Optional[np.ndarray] = None
         self.sweeps_run = 0
         self.misfit: list[float] = []
+        self._touched = np.zeros(start.object.shape, dtype=bool)
+        self._n_marked = 0
 
     @property
     def n_frames(self) -> int:
         return int(self._rows.shape[0])
 
-    def add_frames(self, amplitude: np.ndarray, positions: np.ndarray) -> "Refiner":
-        """Append frames: ``amplitude`` [n, N, N] in the probe's units (DC at N/2), ``positions`` [n, 2] (x, y)."""
+    def add_frames(self, amplitude: np.ndarray, positions: np.ndarray,
+                   start: Optional[Reconstruction] = None) -> "Refiner":
+        """Append frames: ``amplitude`` [n, N, N] in the probe's units (DC at N/2), ``positions`` [n, 2] (x, y).
+
+        ``start``, for streaming: a newer starting reconstruction on the same
+        grid (the network's canvas with the new frames stitched in). Pixels no
+        refined frame has read yet take its values; refined pixels keep theirs.
+        The momentum restarts (the object changed under it).
+        """
         N = self.N
+        if start is not None:
+            self._merge_start(start)
         amp = np.asarray(amplitude, dtype=np.float32)
         if amp.ndim != 3 or amp.shape[1:] != (N, N):
             raise ValueError(f"amplitude must be [n, N, N] with the probe's N={N} (got {list(amp.shape)})")
@@ -152,6 +163,26 @@ class Refiner:
         self._measured_all = None
         return self
 
+    def _merge_start(self, start: Reconstruction) -> None:
+        old = self.start
+        if (start.object.shape != old.object.shape or not np.array_equal(start.x_coords, old.x_coords)
+                or not np.array_equal(start.y_coords, old.y_coords)):
+            raise ValueError("start must be on the Refiner's grid (same shape, x_coords and y_coords): keep one "
+                             "canvas for the whole scan (StreamingReconstructor with scan_positions)")
+        take = start.covered & ~self._touched
+        if take.any():
+            obj = self._backend.get_object()
+            obj[take] = start.object[take]
+            self._backend.set_object(obj)
+        self.start = start
+
+    def _mark_touched(self) -> None:
+        """Every pixel a frame's window reads is refined from now on (``_merge_start`` leaves it alone)."""
+        side = self.N + 1
+        for r, c in zip(self._rows[self._n_marked:], self._cols[self._n_marked:], strict=True):
+            self._touched[r:r + side, c:c + side] = True
+        self._n_marked = self.n_frames
+
     def batches(self) -> list[np.ndarray]:
         """The frame groups one sweep visits (computed once per set of frames)."""
         if self._batches is None:
@@ -175,6 +206,8 @@ class Refiner:
             self._measured_all = np.concatenate(self._measured) if len(self._measured) > 1 else self._measured[0]
             self._measured = [self._measured_all]
         groups = self.batches() if sweeps else []
+        if sweeps:
+            self._mark_touched()
         order = np.random.default_rng(self.seed + self.sweeps_run)
         b = self._backend
         parallel = self.batching == "parallel"
