@@ -65,13 +65,18 @@ class OnnxBackend(NumpyBackend):
 
     name = "onnx"
 
-    def __init__(self, obj: np.ndarray, probe: np.ndarray, *, device: str = "cpu", threads: int = 0,
+    def __init__(self, obj: np.ndarray, probe: np.ndarray, *, device: str = "cpu", threads: Optional[int] = None,
                  canvas_in_graph: Optional[bool] = None, **kwargs: Any) -> None:
         super().__init__(obj, probe, **kwargs)
         self.device = device
         self.canvas_in_graph = device == "cuda" if canvas_in_graph is None else bool(canvas_in_graph)
+        # one intra-op thread on the CPU unless asked: each batch call is a few hundred µs of small operators,
+        # and a second thread was measured to slow it down on 2 shared cores (docs/fidelity.md); 0 = onnxruntime's
+        if threads is None:
+            threads = 1 if device == "cpu" else 0
         self._sess = _session(self.N, self.refine_probe, self.canvas_in_graph, device, threads)
         self.providers = list(self._sess.get_providers())
+        self._factors: Optional[tuple[np.ndarray, ...]] = None
         self._split = to_split(self.obj)  # [H, 2, W]: what the graph updates; self.obj is refreshed on demand
         H, _, W = self._split.shape
         o = np.arange(self.N + 1)
@@ -109,8 +114,9 @@ class OnnxBackend(NumpyBackend):
 
     def run_batch(self, measured: np.ndarray, rows: np.ndarray, cols: np.ndarray, weights: np.ndarray) -> float:
         W = self._split.shape[2]
-        probe_a, probe_b = _factor(self.probe)
-        gain_a, gain_b = _factor(self.gain())
+        if self._factors is None or self.refine_probe:  # a fixed probe's factors are made once
+            self._factors = (*_factor(self.probe), *_factor(self.gain()))
+        probe_a, probe_b, gain_a, gain_b = self._factors
         feed = {"weights": np.ascontiguousarray(weights.T.reshape(4, -1, 1, 1, 1)),
                 "measured": np.ascontiguousarray(measured[:, :, None, :]),
                 "probe_a": probe_a, "probe_b": probe_b, "gain_a": gain_a, "gain_b": gain_b}
