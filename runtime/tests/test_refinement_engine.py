@@ -265,6 +265,9 @@ def test_bad_inputs_are_refused_with_the_fix(problem):
         kwargs.update(change)
         with pytest.raises(ValueError, match=message):
             refine(**kwargs)
+    broken = Reconstruction(np.full_like(start.object, np.nan), start.weight, start.x_coords, start.y_coords)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        refine(broken, amp, pos, P, sweeps=1, backend="numpy")
     if _onnx_available():
         with pytest.raises(ValueError, match="backend='numpy'"):
             refine(start, amp, pos, P, sweeps=1, backend="onnx", batching="parallel")

@@ -109,6 +109,9 @@ class Refiner:
         self.N = P.shape[0]
         self.refine_probe = bool(refine_probe)
         obj = np.where(start.covered, start.object, np.complex64(1.0)).astype(np.complex64)
+        if not np.all(np.isfinite(obj)):
+            raise ValueError("start's object has NaN or infinite pixels where it is covered: refine a finite "
+                             "reconstruction (check the network's output)")
         self._backend = make_backend(backend, device, obj, P.astype(np.complex64), alpha=self.alpha,
                                      probe_alpha=self.probe_alpha, refine_probe=self.refine_probe, step=step,
                                      **(backend_options or {}))
