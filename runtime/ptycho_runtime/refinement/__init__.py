@@ -11,9 +11,9 @@
 Positions stay fixed in every engine here.
 """
 
-from .engine import DEFAULT_MOMENTUM, DEFAULT_SWEEPS, Refiner, refine
+from .engine import DEFAULT_ALPHA, DEFAULT_MOMENTUM, DEFAULT_SWEEPS, Refiner, refine
 from .epie import DEFAULT_REFINE_ITERATIONS, far_field_misfit, refine_epie
 from .result import RefinementCancelled, RefineResult
 
-__all__ = ["DEFAULT_MOMENTUM", "DEFAULT_REFINE_ITERATIONS", "DEFAULT_SWEEPS", "RefineResult", "RefinementCancelled",
-           "Refiner", "far_field_misfit", "refine", "refine_epie"]
+__all__ = ["DEFAULT_ALPHA", "DEFAULT_MOMENTUM", "DEFAULT_REFINE_ITERATIONS", "DEFAULT_SWEEPS", "RefineResult",
+           "RefinementCancelled", "Refiner", "far_field_misfit", "refine", "refine_epie"]

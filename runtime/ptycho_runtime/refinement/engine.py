@@ -241,7 +241,8 @@ class Refiner:
         b = self._backend
         obj = b.get_object()
         recon = replace(self.start, object=obj, weight=self.start.weight.copy())  # same grid, pixel size, centre
-        record = {"engine": "builtin", "backend": b.name, "device": b.device, "sweeps": done,
+        record = {"engine": "builtin", "backend": b.name, "device": b.device,
+                  "provider": (getattr(b, "providers", None) or [b.name])[0], "sweeps": done,
                   "sweeps_requested": asked, "sweeps_total": self.sweeps_run, "batching": self.batching,
                   "batches": len(self._batches or []), "frames": self.n_frames, "momentum": self.momentum,
                   "alpha": self.alpha, "step": b.step, "probe_updated": self.refine_probe,
