@@ -293,6 +293,31 @@ def section_reconstruct(entries: list[Entry]) -> list[str]:
     return out
 
 
+def section_refine(entries: list[Entry]) -> list[str]:
+    ref = [e for e in entries if e.kind == "refine" and e.median]
+    if not ref:
+        return []
+    out = ["## Refinement sweeps (benchmarks/test_refinement.py)", "",
+           "One sweep = every frame's object update once. Ratio = the `epie_loop` median (refine_epie, one frame at "
+           "a time) / this path's median, same run.", ""]
+    groups: dict[tuple, list[Entry]] = defaultdict(list)
+    for e in ref:
+        groups[(e.run, e.group)].append(e)
+    refine_order = ["epie_loop", "numpy", "onnx_cpu", "torch_cpu", "torch_cuda", "onnx_cuda"]
+    for (run, group), es in sorted(groups.items()):
+        es.sort(key=lambda e: refine_order.index(e.path) if e.path in refine_order else len(refine_order))
+        loop = next((e.median for e in es if e.path == "epie_loop"), None)
+        rows = [[f"`{e.path}`", f"{e.info.get('device', '?')} / {e.info.get('provider', e.info.get('backend', '?'))}",
+                 str(e.info.get("batches", "?")), num(e.info.get("sweeps_per_s")), num(e.median),
+                 str(e.info.get("rounds", "?")), "—" if loop is None else ratio(loop, e.median), load_flag(e)]
+                for e in es]
+        i0 = es[0].info
+        out += [f"**{group}** — N={i0.get('N')}, {i0.get('frames')} frames ({run})", ""]
+        out += table(["path", "device / backend", "batches per sweep", "sweeps/s", "median s per sweep", "rounds",
+                      "speed-up vs epie_loop", "load"], rows)
+    return out
+
+
 def section_export(entries: list[Entry]) -> list[str]:
     exp = [e for e in entries if e.kind == "export"]
     if not exp:
@@ -377,7 +402,7 @@ def render(paths: list[str]) -> str:
     entries, runs = load(paths)
     out = ["# ptycho_export / ptycho_runtime benchmark report", ""]
     out += section_header(runs, entries)
-    for section in (section_inference, section_cold, section_reconstruct, section_export, section_flops,
+    for section in (section_inference, section_cold, section_reconstruct, section_refine, section_export, section_flops,
                     section_published):
         out += section(entries)
     return "\n".join(out).rstrip() + "\n"

@@ -34,7 +34,7 @@ from .bundle_format import (
 from .geometry import DEFAULT_CENTRE, ObjectGrid, frame_centre, to_default_centre
 from .inputs import positions_from_metres, repair_bad_pixels
 from .physics import HostPhysics, PhysicsMismatchError
-from .refinement import refine_epie
+from .refinement import RefinementCancelled, Refiner, RefineResult, refine, refine_epie
 from .remote import ClusterError, RemoteError, ServerModelMismatchError, ServerUnavailableError
 from .stitching import Reconstruction, StitchCanvas, probe_window, stitch_patches
 from .streaming import StreamingReconstructor
@@ -65,6 +65,9 @@ __all__ = [
     "PhysicsMismatchError",
     "Reconstruction",
     "ReconstructionCancelled",
+    "RefineResult",
+    "RefinementCancelled",
+    "Refiner",
     "RemoteError",
     "ServerModelMismatchError",
     "ServerUnavailableError",
@@ -75,6 +78,7 @@ __all__ = [
     "load_bundle",
     "positions_from_metres",
     "probe_window",
+    "refine",
     "refine_epie",
     "repair_bad_pixels",
     "stitch_patches",

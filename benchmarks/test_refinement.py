@@ -1,0 +1,107 @@
+"""Refinement sweeps per second: each backend of the batched engine against the one-frame-at-a-time numpy loop.
+
+One synthetic scan (``REFINE_FRAMES`` frames of 64², a Fermat spiral at the
+held-out scan's density, a smooth complex object, noiseless amplitudes: the
+timing does not depend on the values). One timed round = one sweep over all
+frames, continuing from the previous round's object (as refinement does).
+
+Paths (group ``refine_N64_n{frames}``):
+- ``epie_loop``: ``refine_epie(iterations=1)``, the original numpy loop (the reference for the ratios);
+- ``numpy`` / ``onnx_cpu`` / ``torch_cpu``: ``Refiner(..., backend=...).run(1)`` on the CPU;
+- ``torch_cuda`` / ``onnx_cuda``: the same on a GPU (skipped without one).
+report.py prints sweeps/s and the ratio to ``epie_loop`` of the same run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from ._common import SMOKE, common_info, latency_info, timed_pedantic, torch_cuda_available
+
+N = 64
+REFINE_FRAMES = 200 if SMOKE else 1000
+PATHS = ("epie_loop", "numpy", "onnx_cpu", "torch_cpu", "torch_cuda", "onnx_cuda")
+GROUP = f"refine_N{N}_n{REFINE_FRAMES}"
+
+
+@pytest.fixture(scope="module")
+def scan():
+    """Positions, amplitudes, probe and a flat start on a canvas sized to the scan (stitching's default)."""
+    from ptycho_runtime.stitching import StitchCanvas, canvas_bounds, probe_window
+
+    k = np.arange(REFINE_FRAMES)
+    radius = 5.6 * np.sqrt(k + 0.5)  # ≈ 1 position per 100 px², as the held-out scan (1,000 in ≈ 356² px)
+    angle = k * np.pi * (3 - np.sqrt(5))
+    positions = np.stack([radius * np.cos(angle), radius * np.sin(angle)], axis=1) + 250.0
+    (x0, y0), shape = canvas_bounds(positions, N)
+    y, x = np.mgrid[:N, :N] - (N - 1) / 2
+    r2 = (x**2 + y**2) / 12.0**2
+    probe = (np.exp(-r2) * np.exp(1j * 0.8 * r2)).astype(np.complex64)
+    rng = np.random.default_rng(3)
+    f = np.hypot(*np.meshgrid(np.fft.fftfreq(shape[1]), np.fft.fftfreq(shape[0])))
+    smooth = np.real(np.fft.ifft2(np.fft.fft2(rng.standard_normal(shape)) * np.exp(-(f / 0.05) ** 2)))
+    smooth /= np.abs(smooth).max()
+    obj = ((0.8 + 0.15 * smooth) * np.exp(1j * smooth)).astype(np.complex64)
+    starts = positions - (N - 1) / 2 - np.array([x0, y0])
+    patches = np.stack([obj[int(r):int(r) + N, int(c):int(c) + N] for c, r in starts])  # integer reads: timing only
+    amplitude = (np.abs(np.fft.fftshift(np.fft.fft2(probe * patches), axes=(-2, -1))) / N).astype(np.float32)
+    canvas = StitchCanvas(shape, N, origin=(x0, y0), window=probe_window(probe))
+    canvas.add(np.ones((REFINE_FRAMES, N, N), np.complex64), positions)
+    return {"positions": positions, "amplitude": amplitude, "probe": probe, "start": canvas.result()}
+
+
+def _skip_unless(path: str) -> None:
+    if path.startswith("torch") and importlib.util.find_spec("torch") is None:
+        pytest.skip("torch not installed")
+    if path.startswith("onnx") and importlib.util.find_spec("onnxruntime") is None:
+        pytest.skip("onnxruntime not installed")
+    if path == "torch_cuda" and not torch_cuda_available():
+        pytest.skip("torch sees no CUDA device")
+    if path == "onnx_cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            pytest.skip("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu on a CUDA host)")
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=[pytest.mark.gpu] if "cuda" in p else []) for p in PATHS])
+def test_refine_sweep(benchmark, scan, path):
+    from ptycho_runtime.refinement import Refiner, refine_epie
+
+    _skip_unless(path)
+    amp, pos, probe, start = scan["amplitude"], scan["positions"], scan["probe"], scan["start"]
+    info = {"device": "cuda" if "cuda" in path else "cpu"}
+    if path == "epie_loop":
+        state = [start]
+
+        def sweep():
+            state[0] = refine_epie(state[0], amp, pos, probe, iterations=1)
+
+        info.update(backend="numpy loop", batches=REFINE_FRAMES)
+    else:
+        backend = path.split("_")[0]
+        try:
+            refiner = Refiner(start, probe, backend=backend, device=info["device"]).add_frames(amp, pos)
+        except ValueError as exc:  # e.g. the CUDA provider did not load
+            pytest.skip(f"{path} unusable: {exc}")
+
+        def sweep():
+            refiner.run(1)
+
+        info.update(backend=backend, batches=len(refiner.batches()))
+        if backend == "onnx":
+            info["provider"] = refiner._backend.providers[0]
+    benchmark.group = GROUP
+    data = timed_pedantic(benchmark, sweep, min_rounds=3, slow_rounds=3)
+    if path != "epie_loop":  # functional check: the sweeps moved the object towards the data
+        sweep()
+        m = refiner.misfit
+        assert np.isfinite(m).all() and m[-1] < m[0]
+    stats = latency_info(data, REFINE_FRAMES)
+    benchmark.extra_info.update({
+        "kind": "refine", "path": path, **info, "N": N, "frames": REFINE_FRAMES,
+        "sweeps_per_s": (1e3 / stats["p50_ms"]) if stats else None, **stats, **common_info(),
+    })

@@ -1,0 +1,291 @@
+"""The batched refinement engine (ptycho_runtime.refinement.refine / Refiner): its backends, batches and API."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from ptycho_runtime.refinement import RefinementCancelled, Refiner, far_field_misfit, refine
+from ptycho_runtime.refinement.batching import make_batches, sparse_batches, window_corners, windows_overlap
+from ptycho_runtime.stitching import Reconstruction, StitchCanvas, probe_window
+
+N = 32
+
+
+def _probe(defocus: float = 0.8) -> np.ndarray:
+    y, x = np.mgrid[:N, :N] - (N - 1) / 2
+    r2 = (x**2 + y**2) / (N / 5) ** 2
+    return (np.exp(-r2) * np.exp(1j * defocus * r2)).astype(np.complex64)
+
+
+def _object(size: int = 80, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    f = np.hypot(*np.meshgrid(np.fft.fftfreq(size), np.fft.fftfreq(size)))
+    smooth = np.real(np.fft.ifft2(np.fft.fft2(rng.standard_normal((size, size))) * np.exp(-(f / 0.08) ** 2)))
+    smooth /= np.abs(smooth).max()
+    return ((0.8 + 0.15 * smooth) * np.exp(1j * 0.9 * smooth)).astype(np.complex64)
+
+
+def _scan(obj: np.ndarray, probe: np.ndarray, step: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Noiseless amplitudes at fractional positions: patch = bilinear read of obj at frame origin (x, y) − (N−1)/2."""
+    grid = [(c, r) for r in range(4, obj.shape[0] - N - 4, step) for c in range(4, obj.shape[1] - N - 4, step)]
+    starts = np.array(grid, dtype=np.float64)
+    starts += np.random.default_rng(1).uniform(0, 1, starts.shape)
+    amps = []
+    for c, r in starts:
+        c0, r0, fx, fy = int(c), int(r), c - int(c), r - int(r)
+        s = obj[r0:r0 + N + 1, c0:c0 + N + 1]
+        patch = ((1 - fy) * (1 - fx) * s[:-1, :-1] + (1 - fy) * fx * s[:-1, 1:]
+                 + fy * (1 - fx) * s[1:, :-1] + fy * fx * s[1:, 1:])
+        amps.append(np.abs(np.fft.fftshift(np.fft.fft2(probe * patch))) / N)
+    return np.array(amps, np.float32), starts + (N - 1) / 2
+
+
+def _flat_start(obj: np.ndarray, positions: np.ndarray) -> Reconstruction:
+    canvas = StitchCanvas(obj.shape, N, window=probe_window(_probe()))
+    canvas.add(np.ones((len(positions), N, N), np.complex64), positions)
+    return canvas.result()
+
+
+def _error(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    """Relative error after the best complex factor (global phase, and the object/probe scale trade-off)."""
+    a, b = a[mask], b[mask]
+    c = np.vdot(a, b) / np.vdot(a, a)
+    return float(np.linalg.norm(a * c - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def problem():
+    obj = _object(seed=3)
+    amp, pos = _scan(obj, _probe())
+    start = _flat_start(obj, pos)
+    return obj, amp, pos, start, start.weight > 0.2 * start.weight.max()
+
+
+def _backends() -> list:
+    out = []
+    for name in ("onnx", "torch"):
+        try:
+            __import__("onnxruntime" if name == "onnx" else "torch")
+            out.append(pytest.param(name))
+        except ImportError:
+            out.append(pytest.param(name, marks=pytest.mark.skip(reason=f"{name} backend's library not installed")))
+    return out
+
+
+@pytest.mark.parametrize("refine_probe", [False, True])
+@pytest.mark.parametrize("backend", _backends())
+def test_every_backend_agrees_with_the_numpy_reference_after_20_sweeps(problem, backend, refine_probe):
+    obj, amp, pos, start, lit = problem
+    probe = _probe(defocus=0.6) if refine_probe else _probe()  # a wrong probe gives the probe update work to do
+    ref = refine(start, amp, pos, probe, sweeps=20, backend="numpy", refine_probe=refine_probe)
+    out = refine(start, amp, pos, probe, sweeps=20, backend=backend, refine_probe=refine_probe)
+    a, b = ref.reconstruction.object, out.reconstruction.object
+    assert np.linalg.norm(b - a) / np.linalg.norm(a) < 1e-4
+    assert np.linalg.norm(out.probe - ref.probe) / np.linalg.norm(ref.probe) < 1e-4
+    np.testing.assert_allclose(out.record["misfit"], ref.record["misfit"], rtol=1e-3)
+    assert out.record["backend"] == backend and ref.record["backend"] == "numpy"
+    assert _error(a, obj, lit) < 0.7 * _error(np.ones_like(obj), obj, lit)  # and they did move (not a no-op match)
+
+
+def test_onnx_graph_with_the_canvas_in_the_graph_agrees_too(problem):
+    pytest.importorskip("onnxruntime")
+    obj, amp, pos, start, _ = problem
+    ref = Refiner(start, _probe(), backend="numpy").add_frames(amp, pos).run(20)
+    out = Refiner(start, _probe(), backend="onnx", backend_options={"canvas_in_graph": True})
+    out = out.add_frames(amp, pos).run(20)
+    a, b = ref.reconstruction.object, out.reconstruction.object
+    assert np.linalg.norm(b - a) / np.linalg.norm(a) < 1e-4
+
+
+def test_the_onnx_step_graph_is_valid_onnx():
+    onnx = pytest.importorskip("onnx")
+    from ptycho_runtime.refinement.onnx_graph import build_step_graph
+
+    for refine_probe in (False, True):
+        for in_graph in (False, True):
+            model = build_step_graph(16, refine_probe, in_graph)
+            onnx.checker.check_model(model, full_check=True)
+            assert {o.name for o in model.graph.output} >= {"misfit"}
+
+
+@pytest.mark.parametrize("batching", ["sparse", "sequential", "parallel"])
+def test_the_true_object_is_a_fixed_point(problem, batching):
+    obj, amp, pos, start, lit = problem
+    truth = Reconstruction(obj.copy(), np.ones_like(start.weight), start.x_coords, start.y_coords)  # all covered
+    kept = refine(truth, amp, pos, _probe(), sweeps=3, backend="numpy", batching=batching)
+    assert _error(kept.reconstruction.object, obj, lit) < 2e-3  # float32 round-off only
+    assert max(kept.record["misfit"]) < 1e-10
+
+
+@pytest.mark.parametrize("batching", ["sparse", "parallel"])
+def test_misfit_falls_and_the_object_approaches_the_truth(problem, batching):
+    obj, amp, pos, start, lit = problem
+    res = refine(start, amp, pos, _probe(), sweeps=15, backend="numpy", batching=batching,
+                 alpha=1.0 if batching == "sparse" else 0.1)
+    m = res.record["misfit"]
+    assert m[-1] < 0.2 * m[0] and m[-1] < m[len(m) // 2]
+    starts = pos - (N - 1) / 2
+    assert far_field_misfit(res.reconstruction.object, amp, _probe(), starts) < m[0]
+    assert _error(res.reconstruction.object, obj, lit) < 0.5 * _error(np.ones_like(obj), obj, lit)
+
+
+def test_probe_refinement_recovers_a_perturbed_probe_better_than_a_fixed_one(problem):
+    obj, amp, pos, start, lit = problem
+    wrong = _probe(defocus=0.5)  # the data were measured with defocus 0.8
+    fixed = refine(start, amp, pos, wrong, sweeps=20, backend="numpy")
+    moved = refine(start, amp, pos, wrong, sweeps=20, backend="numpy", refine_probe=True)
+    assert not fixed.record["probe_updated"] and moved.record["probe_updated"]
+    np.testing.assert_array_equal(fixed.probe, wrong)
+    true = _probe()
+    assert _error(moved.probe, true, np.abs(true) > 0.1) < 0.7 * _error(wrong, true, np.abs(true) > 0.1)
+    assert _error(moved.reconstruction.object, obj, lit) < 0.7 * _error(fixed.reconstruction.object, obj, lit)
+    assert moved.record["misfit"][-1] < 0.01 * fixed.record["misfit"][-1]
+
+
+def test_sparse_batches_never_overlap_and_cover_every_frame_once():
+    rng = np.random.default_rng(0)
+    starts = rng.uniform(0, 300, (400, 2))
+    rows, cols, weights = window_corners(starts)
+    np.testing.assert_allclose(weights.sum(axis=1), 1, rtol=1e-6)
+    for n in (16, 64):
+        groups = sparse_batches(rows, cols, n, seed=2)
+        assert sorted(np.concatenate(groups).tolist()) == list(range(400))
+        assert all(not windows_overlap(rows[g], cols[g], n) for g in groups)
+        assert len(groups) < 400 and max(len(g) for g in groups) > 1  # batches, not one frame each
+        capped = sparse_batches(rows, cols, n, seed=2, max_batch=3)
+        assert max(len(g) for g in capped) <= 3 and not any(windows_overlap(rows[g], cols[g], n) for g in capped)
+    # two windows N+1 apart in one axis do not overlap; N apart they do
+    assert not windows_overlap(np.array([0, 0]), np.array([0, 33]), 32)
+    assert windows_overlap(np.array([0, 0]), np.array([0, 32]), 32)
+    with pytest.raises(ValueError, match="batching must be one of"):
+        make_batches("compact", rows, cols, 16)
+
+
+def test_progress_is_reported_per_sweep_and_cancel_stops_between_batches(problem):
+    _, amp, pos, start, _ = problem
+    calls = []
+    res = refine(start, amp, pos, _probe(), sweeps=3, backend="numpy", progress=lambda i, n: calls.append((i, n)))
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+    assert res.record["sweeps"] == 3 and not res.record["cancelled"]
+    asked = []
+
+    def cancel() -> bool:
+        asked.append(1)
+        return len(asked) > 5  # after five batches
+
+    with pytest.raises(RefinementCancelled) as info:
+        refine(start, amp, pos, _probe(), sweeps=3, backend="numpy", cancel=cancel)
+    partial = info.value.partial
+    assert partial.record["cancelled"] and partial.record["sweeps"] == 0
+    assert partial.reconstruction.object.shape == start.object.shape
+    assert not np.array_equal(partial.reconstruction.object, np.where(start.covered, start.object, 1))  # 5 batches ran
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(RefinementCancelled):
+        refine(start, amp, pos, _probe(), sweeps=1, backend="numpy", cancel=stop)
+
+
+def test_the_result_keeps_the_grid_and_records_what_ran(problem):
+    import dataclasses
+
+    _, amp, pos, start, _ = problem
+    start = dataclasses.replace(start, pixel_size_m=(1e-8, 1e-8), centre_m=(2e-6, -1e-6))
+    res = refine(start, amp, pos, _probe(), sweeps=2, backend="numpy", momentum=0.5)
+    rec = res.reconstruction
+    assert rec.object.shape == start.object.shape and rec.object.dtype == np.complex64
+    np.testing.assert_array_equal(rec.x_coords, start.x_coords)
+    np.testing.assert_array_equal(rec.weight, start.weight)
+    assert rec.pixel_size_m == (1e-8, 1e-8) and rec.centre_m == (2e-6, -1e-6)
+    r = res.record
+    assert (r["engine"], r["backend"], r["device"], r["batching"], r["momentum"]) == ("builtin", "numpy", "cpu",
+                                                                                     "sparse", 0.5)
+    assert r["batches"] > 1 and r["frames"] == len(pos) and len(r["misfit"]) == 2
+    assert r["probe_updated"] is False and r["positions_refined"] is False and r["wall_s"] >= 0
+    zero = refine(start, amp, pos, _probe(), sweeps=0, backend="numpy")
+    np.testing.assert_array_equal(zero.reconstruction.object[start.covered], start.object[start.covered])
+
+
+def test_a_refiner_takes_frames_as_they_come(problem):
+    obj, amp, pos, start, lit = problem
+    half = len(pos) // 2
+    r = Refiner(start, _probe(), backend="numpy")
+    r.add_frames(amp[:half], pos[:half])
+    first = r.run(3)
+    assert first.record["frames"] == half
+    r.add_frames(amp[half:], pos[half:])
+    second = r.run(10)
+    assert second.record["frames"] == len(pos) and r.sweeps_run == 13 and second.record["sweeps_total"] == 13
+    assert _error(second.reconstruction.object, obj, lit) < _error(first.reconstruction.object, obj, lit)
+
+
+def test_a_newer_start_fills_only_pixels_no_frame_has_refined(problem):
+    obj, amp, pos, start, _ = problem
+    left = pos[:, 0] < np.median(pos[:, 0])
+    r = Refiner(start, _probe(), backend="numpy")
+    r.add_frames(amp[left], pos[left])
+    before = r.run(2).reconstruction.object
+    newer = Reconstruction(np.full_like(start.object, 0.5), start.weight, start.x_coords, start.y_coords)
+    r.add_frames(amp[~left], pos[~left], start=newer)
+    after = r.run(0).reconstruction.object
+    touched = r._touched
+    assert touched.any() and not touched.all()
+    np.testing.assert_array_equal(after[touched], before[touched])  # refined pixels kept
+    fill = ~touched & start.covered
+    assert fill.any() and np.all(after[fill] == 0.5)  # the rest from the newer start
+    other = Reconstruction(start.object[:-1], start.weight[:-1], start.x_coords, start.y_coords[:-1])
+    with pytest.raises(ValueError, match="Refiner's grid"):
+        r.add_frames(amp[:1], pos[:1], start=other)
+
+
+def test_bad_inputs_are_refused_with_the_fix(problem):
+    _, amp, pos, start, _ = problem
+    P = _probe()
+    cases = [
+        (dict(amplitude=amp[:, :-1]), "amplitude must be"),
+        (dict(positions=pos[:-1]), "positions must be"),
+        (dict(amplitude=-amp), "amplitude must be finite and >= 0"),
+        (dict(probe=P[:-1]), "probe must be a square"),
+        (dict(probe=np.zeros_like(P)), "probe must be finite and not all zero"),
+        (dict(sweeps=-1), "sweeps must be an integer"),
+        (dict(sweeps=2.5), "sweeps must be an integer"),
+        (dict(momentum=1.0), "momentum must be a number in"),
+        (dict(alpha=0.0), "alpha must be a number in"),
+        (dict(backend="cupy"), "backend must be one of"),
+        (dict(batching="compact"), "batching must be one of"),
+        (dict(engine="other"), "engine must be one of"),
+        (dict(device="gpu"), "device must be 'cpu' or 'cuda'"),
+        (dict(backend="numpy", device="cuda"), "numpy backend runs on the CPU only"),
+        (dict(positions=pos + 500), "outside the"),
+    ]
+    for change, message in cases:
+        kwargs = dict(start=start, amplitude=amp, positions=pos, probe=P, sweeps=1, backend="numpy")
+        kwargs.update(change)
+        with pytest.raises(ValueError, match=message):
+            refine(**kwargs)
+    broken = Reconstruction(np.full_like(start.object, np.nan), start.weight, start.x_coords, start.y_coords)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        refine(broken, amp, pos, P, sweeps=1, backend="numpy")
+    if _onnx_available():
+        with pytest.raises(ValueError, match="backend='numpy'"):
+            refine(start, amp, pos, P, sweeps=1, backend="onnx", batching="parallel")
+
+
+def _onnx_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_torch_is_not_imported_by_the_numpy_or_onnx_paths(problem):
+    import subprocess
+    import sys
+
+    code = ("import sys; import numpy as np; from ptycho_runtime.refinement import refine; "
+            "import ptycho_runtime.refinement.onnx_graph, ptycho_runtime.refinement.numpy_backend; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
