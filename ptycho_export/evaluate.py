@@ -156,13 +156,15 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
              reference_batch_size: Optional[int] = None, min_weight_fraction: float = DEFAULT_MIN_WEIGHT_FRACTION,
              backend: str = "auto", device: str = "auto", batch_size: Optional[int] = None,
              register: bool = True, refine: int = 0,
-             progress: Optional[Callable[[str], None]] = None, remove_amplitude_scale: bool = True) -> Evaluation:
+             progress: Optional[Callable[[str], None]] = None, remove_amplitude_scale: bool = True,
+             refine_options: Optional[Mapping[str, Any]] = None) -> Evaluation:
     """Reconstruct ``scan_path`` with the bundle (and optionally pty-chi) and score both against the truth.
 
-    ``refine`` > 0 also scores the network's object after that many ePIE
-    iterations with the known probe (``ptycho_runtime.refinement``), timed
-    from the start of the network's reconstruction, and, as the control that
-    shows what the network's start is worth, the same iterations from a flat
+    ``refine`` > 0 also scores the network's object after that many sweeps of
+    the runtime's refinement (``ptycho_runtime.refinement.refine`` with the
+    scan's probe and ``refine_options``: engine, backend, refine_probe, ...),
+    timed from the start of the network's reconstruction, and, as the control
+    that shows what the network's start is worth, the same sweeps from a flat
     object (``refine_control``); ``report["network_start_gain"]`` is the
     difference (refined − control) in each SSIM and PSNR.
 
@@ -213,19 +215,29 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
                                               "time_covers": "inference + |probe|^2-weighted stitching (not loading)"})
     refined = control = None
     if refine:
-        from ptycho_runtime.refinement import refine_epie
+        from ptycho_runtime.refinement import refine as run_refinement
         from ptycho_runtime.stitching import Reconstruction
 
-        details = {"iterations": int(refine), "probe": "known (the scan's probeGuess), fixed"}
-        t0 = time.perf_counter()
-        polished = refine_epie(recon, data.diffraction, positions, data.probe, iterations=refine)
-        refined = score("network + ePIE", polished, net_s + time.perf_counter() - t0,
-                        {**details, "time_covers": "the network's reconstruction, then the ePIE iterations from it"})
+        options = dict(refine_options or {})
+
+        def sweeps_from(start: Reconstruction) -> tuple[Any, float]:
+            t0 = time.perf_counter()
+            result = run_refinement(start, data.diffraction, positions, data.probe, sweeps=int(refine), **options)
+            return result, time.perf_counter() - t0
+
+        def refine_details(result: Any) -> dict[str, Any]:
+            rec = {k: v for k, v in result.record.items() if k != "misfit"}
+            return {**rec, "iterations": int(refine), "probe": "the scan's probeGuess, "
+                    + ("refined" if rec.get("probe_updated") else "fixed")}
+
+        polished, refine_s = sweeps_from(recon)
+        refined = score("network + refinement", polished.reconstruction, net_s + refine_s,
+                        {**refine_details(polished),
+                         "time_covers": "the network's reconstruction, then the refinement sweeps from it"})
         flat = Reconstruction(np.ones_like(recon.object), recon.weight, recon.x_coords, recon.y_coords)
-        t0 = time.perf_counter()
-        alone = refine_epie(flat, data.diffraction, positions, data.probe, iterations=refine)
-        control = score("ePIE from a flat object", alone, time.perf_counter() - t0,
-                        {**details, "time_covers": "the ePIE iterations"})
+        alone, alone_s = sweeps_from(flat)
+        control = score("refinement from a flat object", alone.reconstruction, alone_s,
+                        {**refine_details(alone), "time_covers": "the refinement sweeps"})
     refs = [_reference(data, positions, algorithm, reference_iterations, reference_batch_size,
                        min_weight_fraction, register, progress, remove_amplitude_scale) for algorithm in algorithms]
     ref = refs[0] if refs else None

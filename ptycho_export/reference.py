@@ -9,7 +9,7 @@ ptychodus uses as its iterative back end; it is an optional extra
 
 The pty-chi glue (units, the half-pixel origin, the torchvision stand-in,
 torch's global defaults) lives once, in the runtime's second refinement
-engine ``ptycho_runtime.ptychi_engine``; this module runs it from a flat
+engine ``ptycho_runtime.refinement.ptychi_engine``; this module runs it from a flat
 object on a canvas sized to the scan and reports what it cost.
 """
 
@@ -20,8 +20,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ptycho_runtime.ptychi_engine import PtychiUnavailableError, run_ptychi
-from ptycho_runtime.ptychi_engine import import_ptychi as _import_ptychi
+from ptycho_runtime.refinement.ptychi_engine import PtychiUnavailableError, run_ptychi
+from ptycho_runtime.refinement.ptychi_engine import import_ptychi as _import_ptychi
 from ptycho_runtime.stitching import Reconstruction, StitchCanvas, canvas_bounds
 
 __all__ = ["ALGORITHMS", "DEFAULT_BATCH_SIZE", "DEFAULT_ITERATIONS", "ReferenceResult", "ReferenceUnavailableError",

@@ -28,6 +28,9 @@ class EvaluateOptions:
     reference_iterations: Optional[int] = None
     reference_batch_size: Optional[int] = None
     refine: int = 0
+    refine_engine: str = "builtin"
+    refine_backend: str = "auto"
+    refine_probe: bool = False
     output: Optional[Path] = None
     figure: Optional[Path] = None
     min_weight: float = 0.2
@@ -75,7 +78,9 @@ def run_evaluate(options: EvaluateOptions) -> dict[str, Any]:
                       reference_batch_size=options.reference_batch_size, min_weight_fraction=options.min_weight,
                       backend=options.backend, register=not options.no_register, refine=options.refine,
                       progress=lambda line: print(line, file=sys.stderr, flush=True),
-                      remove_amplitude_scale=not options.keep_amplitude_scale)
+                      remove_amplitude_scale=not options.keep_amplitude_scale,
+                      refine_options={"engine": options.refine_engine, "backend": options.refine_backend,
+                                      "refine_probe": options.refine_probe})
     except NoGroundTruthError as exc:
         raise CliError(str(exc)) from None
     except ReferenceUnavailableError as exc:
@@ -94,12 +99,19 @@ def run_evaluate(options: EvaluateOptions) -> dict[str, Any]:
     return report
 
 
+def _refinement_name(summary: Mapping[str, Any]) -> str:
+    """"20 sweeps, numpy" / "20 sweeps, pty-chi LSQML": what ran, for a column heading."""
+    engine = summary.get("engine", "builtin")
+    what = f"pty-chi {summary.get('algorithm', '')}".strip() if engine == "ptychi" else summary.get("backend", "")
+    return f"{summary['iterations']} sweeps, {what}" + (", probe refined" if summary.get("probe_updated") else "")
+
+
 def evaluate_table(report: Mapping[str, Any]) -> str:
     """One column per scored method (network, refined, control, reference), one row per metric."""
     methods = [("network", report["network"])]
     if "refined" in report:
-        methods.append((f"network + ePIE ({report['refined']['iterations']} it)", report["refined"]))
-        methods.append((f"ePIE alone ({report['refine_control']['iterations']} it)", report["refine_control"]))
+        methods.append((f"network + {_refinement_name(report['refined'])}", report["refined"]))
+        methods.append((f"flat + {_refinement_name(report['refine_control'])}", report["refine_control"]))
     for ref in report.get("references", []):
         methods.append((f"{ref['engine']} ({ref['iterations']} it)", ref))
     rows = []
@@ -128,7 +140,7 @@ def print_evaluation(report: Mapping[str, Any], options: EvaluateOptions) -> Non
     if report.get("speedup") is not None:
         print(f"Speed: the network (inference + stitching) is {report['speedup']:.1f}x faster than "
               f"{report['reference']['engine']} ({report['reference']['iterations']} iterations)"
-              + (f"; with its {report['refined']['iterations']} ePIE iterations, {report['refined_speedup']:.1f}x"
+              + (f"; with its {report['refined']['iterations']} refinement sweeps, {report['refined_speedup']:.1f}x"
                  if "refined_speedup" in report else "") + ".")
     gain = report.get("network_start_gain")
     if gain is not None:
@@ -150,6 +162,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     options = EvaluateOptions(bundle=args.bundle, scan=args.scan, reference=args.reference,
                               reference_iterations=args.reference_iterations,
                               reference_batch_size=args.reference_batch_size, refine=args.refine,
+                              refine_engine=args.refine_engine, refine_backend=args.refine_backend,
+                              refine_probe=args.refine_probe,
                               output=args.output, figure=args.figure, min_weight=args.min_weight,
                               no_register=args.no_register, keep_amplitude_scale=args.keep_amplitude_scale,
                               counts=args.counts, backend=args.backend)

@@ -265,7 +265,8 @@ def _algorithms(allowed: tuple[str, ...]) -> Any:
 
 
 def _add_evaluate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    from ptycho_runtime.refinement import DEFAULT_REFINE_ITERATIONS
+    from ptycho_runtime.refinement import DEFAULT_SWEEPS
+    from ptycho_runtime.refinement.engine import BACKENDS, ENGINES
 
     from ..reference import ALGORITHMS, DEFAULT_BATCH_SIZE, DEFAULT_ITERATIONS
 
@@ -289,11 +290,17 @@ def _add_evaluate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--reference-batch-size", type=positive_int, default=None, metavar="N",
                    help="positions per pty-chi update (default: " + ", ".join(
                        f"{a} {n}" for a, n in DEFAULT_BATCH_SIZE.items()) + ")")
-    p.add_argument("--refine", nargs="?", type=positive_int, const=DEFAULT_REFINE_ITERATIONS,
+    p.add_argument("--refine", nargs="?", type=positive_int, const=DEFAULT_SWEEPS,
                    default=EvaluateOptions.refine, metavar="N",
-                   help="also score the network's object after N ePIE iterations with the known probe "
-                        "(ptycho_runtime.refinement), and the same N iterations from a flat object "
-                        f"(what the network's start is worth; N defaults to {DEFAULT_REFINE_ITERATIONS})")
+                   help="also score the network's object after N sweeps of the runtime's refinement with the scan's "
+                        "probe (ptycho_runtime.refinement.refine), and the same N sweeps from a flat object "
+                        f"(what the network's start is worth; N defaults to {DEFAULT_SWEEPS})")
+    p.add_argument("--refine-engine", choices=ENGINES, default=EvaluateOptions.refine_engine,
+                   help="builtin (batched rPIE, torch-free) or ptychi (pty-chi LSQML; N is its epochs) "
+                        "(default: %(default)s)")
+    p.add_argument("--refine-backend", choices=BACKENDS, default=EvaluateOptions.refine_backend,
+                   help="the builtin engine's backend (default: %(default)s: numpy on the CPU)")
+    p.add_argument("--refine-probe", action="store_true", help="refine the probe with the object (default: fixed)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument("-o", "--output", type=Path, default=None, metavar="REPORT.json",
                    help="write the JSON report (default: none)")

@@ -115,7 +115,7 @@ def test_importing_ptychi_leaves_torch_and_sys_modules_as_they_were():
 @needs_ptychi
 def test_ptychi_engine_seeded_with_the_truth_stays_and_beats_a_flat_start():
     """refine(engine="ptychi") starts from the given object: from the truth it stays there; from flat it is worse."""
-    from ptycho_runtime.ptychi_engine import run_ptychi
+    from ptycho_runtime.refinement.ptychi_engine import run_ptychi
     from ptycho_runtime.stitching import StitchCanvas, canvas_bounds
 
     amp, pos, probe, obj = easy_scan()
@@ -144,6 +144,18 @@ def test_ptychi_engine_seeded_with_the_truth_stays_and_beats_a_flat_start():
     calls = iter([False, True])
     _, _, record = run_ptychi(amp, pos, probe, flat_start, iterations=4, cancel=lambda: next(calls))
     assert record["cancelled"] and record["sweeps"] == 1
+    # through the runtime's one refinement entry point: a RefineResult, and a cancel raises with the partial result
+    from ptycho_runtime.refinement import RefinementCancelled, RefineResult, refine
+
+    result = refine(truth_start, amp, pos, probe, sweeps=2, engine="ptychi")
+    assert isinstance(result, RefineResult) and result.record["engine"] == "ptychi" and result.record["sweeps"] == 2
+    import threading
+
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(RefinementCancelled) as info:
+        refine(flat_start, amp, pos, probe, sweeps=3, engine="ptychi", cancel=stop)
+    assert info.value.partial.record["cancelled"] and info.value.partial.record["sweeps"] == 0
     with pytest.raises(ValueError, match="algorithm"):
         run_ptychi(amp, pos, probe, flat_start, iterations=1, algorithm="dm")
     with pytest.raises(ValueError, match="positions"):
@@ -153,8 +165,8 @@ def test_ptychi_engine_seeded_with_the_truth_stays_and_beats_a_flat_start():
 @needs_ptychi
 def test_ptychi_engine_refines_a_wrong_probe():
     """refine_probe=True: pty-chi updates the probe, and the data fit beats keeping the wrong probe fixed."""
-    from ptycho_runtime.ptychi_engine import run_ptychi
     from ptycho_runtime.refinement import far_field_misfit
+    from ptycho_runtime.refinement.ptychi_engine import run_ptychi
     from ptycho_runtime.stitching import StitchCanvas, canvas_bounds
 
     amp, pos, probe, obj = easy_scan()
@@ -314,7 +326,7 @@ def test_evaluate_runs_several_references_in_one_call_and_draws_every_method(mak
 
 
 def test_evaluate_cli_refine_row_improves_on_the_network(make_bundle, capsys, tmp_path):
-    """--refine N: the network's object after N ePIE iterations with the known probe is scored beside it."""
+    """--refine N: the network's object after N refinement sweeps with the scan's probe is scored beside it."""
     bundle = make_bundle()
     fig = tmp_path / "eval.png"
     code, out, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--refine", "15", "--json",
@@ -327,11 +339,17 @@ def test_evaluate_cli_refine_row_improves_on_the_network(make_bundle, capsys, tm
     assert refined["metrics"]["phase_rmse_rad"] < 0.8 * net["metrics"]["phase_rmse_rad"], (net, refined)
     assert refined["metrics"]["amplitude_rmse"] < net["metrics"]["amplitude_rmse"]
     control = report["refine_control"]  # the same iterations from a flat object: scored, not compared here
-    assert control["iterations"] == 15 and control["label"] == "ePIE from a flat object"
+    assert control["iterations"] == 15 and control["label"] == "refinement from a flat object"
+    assert refined["engine"] == "builtin" and refined["batching"] == "sparse" and refined["probe_updated"] is False
     assert 0 < control["metrics"]["phase_rmse_rad"] < net["metrics"]["phase_rmse_rad"]
     assert fig.stat().st_size > 10_000
     code, out, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--refine")
     assert code == 0, err
-    assert "network + ePIE (20 it)" in out and "ePIE alone (20 it)" in out
+    assert "network + 20 sweeps, numpy" in out and "flat + 20 sweeps, numpy" in out
+    code, out, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--refine", "3",
+                             "--refine-backend", "onnx", "--refine-probe", "--json")
+    assert code == 0, err
+    refined = json.loads(out)["refined"]
+    assert refined["backend"] == "onnx" and refined["probe_updated"] is True and refined["sweeps"] == 3
     code, _, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--refine", "0")
     assert code == 2

@@ -49,11 +49,12 @@ import time
 import types
 import warnings
 from dataclasses import replace
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from .stitching import Reconstruction
+from ..stitching import Reconstruction
+from .result import CancelFn, ProgressFn, RefinementCancelled, RefineResult, cancel_requested
 
 ALGORITHMS = ("lsqml", "epie")
 DEFAULT_ALGORITHM = "lsqml"
@@ -166,15 +167,16 @@ def _options(api: Any, algorithm: str, iterations: int, batch_size: int, seed: i
 def run_ptychi(amplitude: np.ndarray, positions: np.ndarray, probe: np.ndarray, start: Reconstruction, *,
                algorithm: str = DEFAULT_ALGORITHM, iterations: int, batch_size: Optional[int] = None,
                refine_probe: bool = False, device: str = "cpu", seed: int = 0,
-               progress: Optional[Callable[[int, int], None]] = None,
-               cancel: Optional[Callable[[], bool]] = None) -> tuple[Reconstruction, np.ndarray, dict[str, Any]]:
+               progress: Optional[ProgressFn] = None,
+               cancel: Optional[CancelFn] = None) -> tuple[Reconstruction, np.ndarray, dict[str, Any]]:
     """``iterations`` pty-chi epochs from ``start``'s object; returns (object on start's grid, probe, record).
 
     ``amplitude`` [n, N, N] in the probe's units (DC at N/2), ``positions``
     [n, 2] (x, y) on ``start``'s grid, ``probe`` [N, N]. Epochs run in about
     twenty chunks; ``progress(done, total)`` is called after each and
-    ``cancel()`` checked before each (a True stops early: the record says
-    ``"cancelled": True`` and how many epochs ran). The record names the
+    ``cancel`` (a callable or a ``threading.Event``) checked before each (a
+    True stops early: the record says ``"cancelled": True`` and how many
+    epochs ran; ``refine_ptychi`` turns that into ``RefinementCancelled``). The record names the
     engine, algorithm, epochs, batch size, device, whether the probe was
     updated, the loss per epoch and the wall time (task building included,
     the import not).
@@ -221,7 +223,7 @@ def run_ptychi(amplitude: np.ndarray, positions: np.ndarray, probe: np.ndarray, 
             probe_position_y_px=(pos[:, 1] - y0 - parity).astype(np.float32),
         )
         while done < iterations:
-            if cancel is not None and cancel():
+            if cancel_requested(cancel):
                 cancelled = True
                 break
             step = min(chunk, iterations - done)
@@ -244,3 +246,21 @@ def run_ptychi(amplitude: np.ndarray, positions: np.ndarray, probe: np.ndarray, 
     }
     recon = replace(start, object=obj.astype(np.complex64), weight=start.weight.copy())  # same grid and metres
     return recon, new_probe.astype(np.complex64), record
+
+
+def refine_ptychi(start: Reconstruction, amplitude: np.ndarray, positions: np.ndarray, probe: np.ndarray, *,
+                  iterations: int, algorithm: str = DEFAULT_ALGORITHM, refine_probe: bool = False,
+                  device: str = "cpu", batch_size: Optional[int] = None, seed: int = 0,
+                  progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None) -> RefineResult:
+    """``refine(..., engine="ptychi")``: pty-chi from ``start``, as a ``RefineResult`` like the built-in engine's.
+
+    A cancel raises ``RefinementCancelled`` whose ``partial`` holds the epochs that ran.
+    """
+    recon, new_probe, record = run_ptychi(amplitude, positions, probe, start, algorithm=algorithm,
+                                          iterations=iterations, batch_size=batch_size, refine_probe=refine_probe,
+                                          device=device, seed=seed, progress=progress, cancel=cancel)
+    result = RefineResult(reconstruction=recon, probe=new_probe, record=record)
+    if record["cancelled"]:
+        raise RefinementCancelled(f"pty-chi refinement cancelled after {record['sweeps']} of {iterations} epochs",
+                                  partial=result)
+    return result
