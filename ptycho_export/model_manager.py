@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ptycho_runtime import bundle_format as fmt
+from ptycho_runtime import format as fmt
 
 from . import __version__, params
 from .config import ModelConfig, model_config_from_params

@@ -61,7 +61,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from ptycho_runtime.stitching import Reconstruction, StitchCanvas, canvas_bounds
+from ptycho_runtime.reconstruction.stitching import Reconstruction, StitchCanvas, canvas_bounds
 
 __all__ = ["ALGORITHMS", "DEFAULT_BATCH_SIZE", "DEFAULT_ITERATIONS", "ReferenceResult", "ReferenceUnavailableError",
            "import_ptychi", "run_reference"]

@@ -32,9 +32,9 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 import numpy as np
 
-from ptycho_runtime import bundle_format as fmt
-from ptycho_runtime.backends import import_onnxruntime, quiet_library_warnings
-from ptycho_runtime.parity import DEFAULT_TOLERANCE, case_batch, graph_feeds, parity_report
+from ptycho_runtime import format as fmt
+from ptycho_runtime.inference.backends import import_onnxruntime, quiet_library_warnings
+from ptycho_runtime.inference.parity import DEFAULT_TOLERANCE, case_batch, graph_feeds, parity_report
 
 BACKENDS = ("eager", "torchscript", "onnxruntime-cpu", "onnxruntime-cuda")
 EAGER_TOLERANCE = 1e-5

@@ -20,9 +20,9 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ptycho_runtime.geometry import frame_centre, frame_origin
-from ptycho_runtime.grouping import checked_coordinates
-from ptycho_runtime.npz import normalization_factor  # noqa: F401 - one definition, re-exported
+from ptycho_runtime.files.npz import normalization_factor  # noqa: F401 - one definition, re-exported
+from ptycho_runtime.reconstruction.geometry import frame_centre, frame_origin
+from ptycho_runtime.reconstruction.grouping import checked_coordinates
 
 from .container import PtychoData
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ptycho_runtime import bundle_format as fmt
+from ptycho_runtime import format as fmt
 
 N, GRIDSIZE = 64, 2
 C = GRIDSIZE**2
@@ -141,3 +141,4 @@ def test_check_bundle_file_fails_fast_on_non_bundles(tmp_path):
     rng = np.random.default_rng(2)
     path = fmt.write_bundle(tmp_path / "wts.h5", _params(rng), _models(rng), "t", {})
     assert fmt.check_bundle_file(tmp_path) == path  # a folder holding wts.h5
+

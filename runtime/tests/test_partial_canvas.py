@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ptycho_runtime.infer_many import Partial, ScanPlan, finish_scan, merge_partials
-from ptycho_runtime.stitching import StitchCanvas, canvas_bounds, probe_window, stitch_patches
+from ptycho_runtime.distributed.infer_many import Partial, ScanPlan, finish_scan, merge_partials
+from ptycho_runtime.reconstruction.stitching import StitchCanvas, canvas_bounds, probe_window, stitch_patches
 
 N = 16
 

@@ -33,7 +33,7 @@ from skimage.filters import window  # noqa: E402
 from skimage.registration import phase_cross_correlation  # noqa: E402
 
 import ptycho_runtime as pr  # noqa: E402
-from ptycho_runtime.ptychodus import (  # noqa: E402
+from ptycho_runtime.hosts.ptychodus import (  # noqa: E402
     ALGORITHM,
     PtychoRuntimeReconstructorLibrary,
     host_scan,
@@ -89,12 +89,12 @@ def scan_dir(fixture_dir, tmp_path_factory) -> Path:
 
 def _ptychodus(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    return subprocess.run([sys.executable, "-m", "ptycho_runtime.ptychodus", *args], capture_output=True, text=True,
-                          timeout=600, env=env)
+    return subprocess.run([sys.executable, "-m", "ptycho_runtime.hosts.ptychodus", *args], capture_output=True,
+                          text=True, timeout=600, env=env)
 
 
 def test_batch_mode_end_to_end(scan_dir, tmp_path):
-    """`python -m ptycho_runtime.ptychodus -b reconstruct -i IN -o OUT` → a product ptychodus reads, on IN's grid."""
+    """`python -m ptycho_runtime.hosts.ptychodus -b reconstruct -i IN -o OUT` → a product ptychodus reads (IN grid)."""
     out = tmp_path / "out"
     proc = _ptychodus("-b", "reconstruct", "-i", str(scan_dir), "-o", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -245,3 +245,4 @@ def test_physics_checked_against_the_bundle(reconstructor, scan_dir):
         bundle.check_host(scan.physics, counts=scan.counts * 100, strict=True)
     wrong_grid = pr.HostPhysics(object_pixel_size_m=2 * PIXEL_M, probe_pixel_size_m=PIXEL_M)
     assert any("cannot be stitched" in f for f in bundle.check_host(wrong_grid))
+

@@ -144,7 +144,7 @@ def test_evaluate_cli_json_report_and_figure(make_bundle, capsys, tmp_path):
 
 def test_evaluate_cli_scores_a_perfect_reconstruction_perfectly(make_bundle, monkeypatch, capsys):
     """Feed the truth's own patches through the stitcher: the pipeline (stitch, mask, align, score) must say 1."""
-    from ptycho_runtime.bundle import Bundle
+    from ptycho_runtime.inference.bundle import Bundle
 
     bundle = make_bundle()
     scan = load_npz(bundle.parent / "scan.npz")

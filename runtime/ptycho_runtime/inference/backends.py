@@ -151,7 +151,7 @@ class OnnxBackend:
         try:
             self.session = ort.InferenceSession(graph, sess_options=options, providers=providers)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types (Fail, InvalidGraph, ...)
-            from .bundle_format import BundleFormatError
+            from ..format import BundleFormatError
 
             raise BundleFormatError(f"onnxruntime cannot load the bundle's ONNX graph ({type(exc).__name__}); "
                                     "the graph is damaged or was not written by ptycho-export. Re-export it with "
@@ -246,7 +246,7 @@ class TorchScriptBackend:
         try:  # torch.jit.load trusts the archive (see bundle_format.check_torchscript_archive, run before this)
             self.module = torch.jit.load(io.BytesIO(graph), map_location=self._device)
         except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError and others for a bad archive
-            from .bundle_format import BundleFormatError
+            from ..format import BundleFormatError
 
             raise BundleFormatError(f"torch.jit.load cannot load the bundle's TorchScript archive "
                                     f"({type(exc).__name__}); it is damaged or was not written by ptycho-export. "

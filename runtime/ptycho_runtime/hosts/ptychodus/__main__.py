@@ -1,4 +1,4 @@
-"""``python -m ptycho_runtime.ptychodus [ptychodus arguments]``: ptychodus 1.7 with our reconstructor registered.
+"""``python -m ptycho_runtime.hosts.ptychodus [ptychodus arguments]``: ptychodus 1.7 with our reconstructor registered.
 
 ptychodus 1.7 has no plugin hook for reconstructors: ``ModelCore`` builds a
 hard-coded list of libraries and hands it to ``ProcessingCore``. So this

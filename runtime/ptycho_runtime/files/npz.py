@@ -31,9 +31,9 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 import numpy as np
 
-from .bundle_format import atomic_write_path
-from .geometry import DEFAULT_CENTRE, check_centre, to_default_centre
-from .inputs import check_scan_positions
+from ..format import atomic_write_path
+from ..reconstruction.geometry import DEFAULT_CENTRE, check_centre, to_default_centre
+from ..reconstruction.inputs import check_scan_positions
 
 PathLike = Union[str, "os.PathLike[str]"]
 

@@ -18,6 +18,10 @@ grid are clipped or dropped (``out_of_grid``), as in ``Bundle.reconstruct``.
 
 For gridsize > 1 models, feed pre-grouped frames [k, C, N, N] with positions
 [k, C, 2] (neighbour groups cannot be formed before the neighbours arrive).
+
+What it needs of the model is ``PatchModel`` (``N``, ``channels``,
+``prepare``, ``infer``, ``stitch_window``), which a ``Bundle`` is: this module
+does not import ``bundle``, so ``Bundle.stream`` can import it at the top.
 """
 
 from __future__ import annotations
@@ -25,22 +29,32 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import TYPE_CHECKING, Optional, Union
+from typing import Optional, Protocol, Union
 
 import numpy as np
 
-from .geometry import DEFAULT_CENTRE, ObjectGrid, make_grid, scan_positions_px
-from .inputs import check_positions, check_scan_positions, repair_bad_pixels
-from .stitching import Reconstruction, StitchCanvas
+from ..reconstruction.geometry import DEFAULT_CENTRE, ObjectGrid, make_grid, scan_positions_px
+from ..reconstruction.inputs import check_positions, check_scan_positions, repair_bad_pixels
+from ..reconstruction.stitching import Reconstruction, StitchCanvas
 
-if TYPE_CHECKING:
-    from .bundle import Bundle
+
+class PatchModel(Protocol):
+    """What a stream runs frames through: a loaded ``Bundle`` (or anything with its inference API)."""
+
+    N: int
+    channels: int
+
+    def prepare(self, diffraction: np.ndarray, counts: Optional[bool] = None) -> np.ndarray: ...
+
+    def infer(self, x: np.ndarray, batch_size: Optional[int] = None) -> np.ndarray: ...
+
+    def stitch_window(self, window: Union[str, np.ndarray, None] = "probe") -> Optional[np.ndarray]: ...
 
 
 class StreamingReconstructor:
     """Micro-batched, incremental reconstruction on a background thread. Use as a context manager."""
 
-    def __init__(self, bundle: "Bundle", *, scan_positions: Optional[np.ndarray] = None,
+    def __init__(self, bundle: PatchModel, *, scan_positions: Optional[np.ndarray] = None,
                  object_shape: Optional[tuple[int, int]] = None, batch_size: int = 16, max_latency_s: float = 0.05,
                  counts: Optional[bool] = None, crop: Optional[int] = None,
                  window: Union[str, np.ndarray, None] = "probe",

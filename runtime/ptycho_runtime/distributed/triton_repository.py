@@ -1,107 +1,34 @@
-"""A bundle as a Triton model: its tensors, its identity parameters, and the model repository that serves it.
+"""The Triton model repository of a bundle: ``config.pbtxt`` and ``model.onnx`` (``ptycho-runtime triton-repo``).
 
-Why one module: three places describe the same Triton model — the repository
-written for the official Triton container (``ptycho-runtime triton-repo``),
-the model PyTriton serves (``ptycho-runtime serve``), and what the client
-backend checks when it connects (``triton_client``). They must agree exactly,
-so the tensor names, dims, dtypes and the ``ptycho.*`` parameter keys are
-defined here and nowhere else.
-
-Identity: the model config carries ``ptycho.sha256``, the SHA-256 of the
-bundle *file*. The client hashes its own copy of the bundle and refuses a
-server whose model carries another hash: normalisation and stitching run on
-the client with the client's params, so client and server must hold the same
-bundle, not merely the same graph. N, gridsize, intensity_scale, output_mode
-and the graph's own hash are carried too, for people reading the config and
-for messages that say what differs.
+The model's tensors and identity parameters are ``inference.triton_spec``
+(shared with the client backend and ``serve``); this module adds what only a
+server needs: batching, instance groups, TensorRT, and the files Triton reads.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
-from . import __version__
-from . import bundle_format as fmt
+from .. import format as fmt
+from .._version import __version__
+from ..inference.triton_spec import (  # noqa: F401 - INPUT_NAME, PARAM_PREFIX: re-exported for the old triton_model
+    DEFAULT_MODEL_NAME,
+    INFERENCE_MODEL,
+    INPUT_NAME,
+    PARAM_PREFIX,
+    TritonModelSpec,
+    check_model_name,
+    file_sha256,
+    model_spec,
+)
 
-INPUT_NAME = "diffraction"
-INFERENCE_MODEL = "diffraction_to_obj"
-DEFAULT_MODEL_NAME = "ptycho"
 DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_MAX_QUEUE_DELAY_US = 100
 DEFAULT_INSTANCES = "gpu:1"
-PARAM_PREFIX = "ptycho."
 TENSORRT_WORKSPACE_BYTES = 1 << 30
 MAX_INSTANCES = 64
 MAX_BATCH_LIMIT = 4096
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-
-
-@dataclass(frozen=True)
-class TritonModelSpec:
-    """What a Triton model of one bundle looks like: tensors (without the batch dim) and identity."""
-
-    N: int
-    gridsize: int
-    intensity_scale: float
-    output_mode: str
-    output_names: tuple[str, str]
-    bundle_sha256: str
-    graph_sha256: Optional[str]
-
-    @property
-    def dims(self) -> list[int]:
-        """Per-item dims of the input and of both outputs: [C, N, N] (Triton adds the batch dim)."""
-        return [self.gridsize**2, self.N, self.N]
-
-    def parameters(self, device: Optional[str] = None) -> dict[str, str]:
-        """The ``ptycho.*`` model-config parameters (string values, as Triton stores them)."""
-        params = {
-            "sha256": self.bundle_sha256,
-            "N": str(self.N),
-            "gridsize": str(self.gridsize),
-            "intensity_scale": repr(float(self.intensity_scale)),
-            "output_mode": self.output_mode,
-            "runtime_version": __version__,
-        }
-        if self.graph_sha256:
-            params["graph_sha256"] = self.graph_sha256
-        if device:
-            params["device"] = device
-        return {PARAM_PREFIX + k: v for k, v in params.items()}
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes (read in 1 MiB blocks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def model_spec(contents: fmt.BundleContents, with_graph: bool = True) -> TritonModelSpec:
-    """The Triton model of a verified bundle. ``with_graph``: also hash its ONNX graph (absent → None)."""
-    p = contents.params
-    output_mode = str(p.get("output_mode", "amp_phase"))
-    graph_sha = None
-    if with_graph and ("onnx", INFERENCE_MODEL) in contents.graphs:
-        graph_sha = fmt.sha256_hex(contents.graphs[("onnx", INFERENCE_MODEL)].data)
-    names = fmt.OUTPUT_NAMES[output_mode]
-    return TritonModelSpec(int(p["N"]), int(p["gridsize"]), float(p["intensity_scale"]), output_mode,
-                           (names[0], names[1]), file_sha256(contents.path), graph_sha)
-
-
-def check_model_name(name: str) -> str:
-    """Triton model names become folder names and URL parts: letters, digits, '_', '.', '-' only."""
-    if not isinstance(name, str) or not _MODEL_NAME.match(name) or name in (".", ".."):
-        raise ValueError(f"model name {name!r} is not usable: use 1-128 letters, digits, '_', '.' or '-', "
-                         "not starting with '.' or '-'")
-    return name
 
 
 def check_max_batch_size(value: int) -> int:
@@ -207,7 +134,7 @@ def write_model_repository(bundle_path: str | os.PathLike, out_dir: str | os.Pat
     (``Bundle.self_test``) all pass before a byte is written. Both files are
     written atomically; other models in ``OUT_DIR`` are left alone.
     """
-    from .bundle import Bundle
+    from ..inference.bundle import Bundle
 
     check_model_name(name)
     contents = fmt.read_bundle(bundle_path)

@@ -32,19 +32,20 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
-from . import bundle_format as fmt
-from .alignment import align_patch_phases
+from .. import format as fmt
+from ..reconstruction.alignment import align_patch_phases
+from ..reconstruction.geometry import DEFAULT_CENTRE, ObjectGrid, make_grid, scan_positions_px
+from ..reconstruction.grouping import group_neighbors
+from ..reconstruction.inputs import check_positions, check_scan_positions, prepare_diffraction, repair_bad_pixels
+from ..reconstruction.stitching import MAX_CANVAS_PIXELS, Reconstruction, StitchCanvas, probe_window
 from .backends import OnnxBackend, TorchScriptBackend, check_device_precision
-from .geometry import DEFAULT_CENTRE, ObjectGrid, make_grid, scan_positions_px
-from .grouping import group_neighbors
-from .inputs import check_positions, check_scan_positions, prepare_diffraction, repair_bad_pixels
+from .compatibility import HostPhysics, check_host
 from .parity import SELF_TEST_TOLERANCE, graph_input, relative_error
-from .physics import HostPhysics, check_host
-from .stitching import MAX_CANVAS_PIXELS, Reconstruction, StitchCanvas, probe_window
+from .streaming import StreamingReconstructor
 
 BACKENDS = ("auto", "onnx", "torchscript", "triton")
 INFERENCE_MODEL = "diffraction_to_obj"
-log = logging.getLogger(__name__)  # "ptycho_runtime.bundle": hosts configure the "ptycho_runtime" logger
+log = logging.getLogger("ptycho_runtime.bundle")  # a stable name: hosts configure the "ptycho_runtime" logger
 
 
 class ReconstructionCancelled(RuntimeError):
@@ -102,7 +103,7 @@ class Bundle:
             raise ValueError("url and model_name apply to backend='triton' only")
         record = None if backend == "triton" else contents.graph(backend, INFERENCE_MODEL)  # clear error if absent
         if backend == "triton":  # the graph runs on a Triton server; the rest stays here (triton_client)
-            from .triton_client import TritonBackend
+            from .triton_backend import TritonBackend
 
             self._backend = TritonBackend(contents, url, model_name, timeout_s, retries)
             self._pair = self.output_mode
@@ -428,10 +429,8 @@ class Bundle:
         x = prepare_diffraction(d, self.N, self.channels, counts, self.intensity_scale)
         return x, check_positions(pos, x.shape[0], self.channels)
 
-    def stream(self, **kwargs: Any):
-        """A StreamingReconstructor on this bundle (see ptycho_runtime.streaming)."""
-        from .streaming import StreamingReconstructor
-
+    def stream(self, **kwargs: Any) -> StreamingReconstructor:
+        """A StreamingReconstructor on this bundle (see ``inference.streaming``)."""
         return StreamingReconstructor(self, **kwargs)
 
 

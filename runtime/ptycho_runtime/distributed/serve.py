@@ -30,8 +30,8 @@ from typing import Any, Callable, Optional, TextIO
 
 import numpy as np
 
-from .remote import RemoteError
-from .triton_model import (
+from ..inference.remote_errors import RemoteError
+from .triton_repository import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_QUEUE_DELAY_US,
     DEFAULT_MODEL_NAME,
@@ -82,7 +82,7 @@ def serve(bundle_path: str | os.PathLike, http_port: int = 8000, grpc_port: int 
     Prints one ``serving ...`` line on ``stream`` (stderr) once the model is
     ready for clients.
     """
-    from .bundle import load_bundle
+    from ..inference.bundle import load_bundle
 
     check_model_name(model_name)
     check_max_batch_size(max_batch_size)

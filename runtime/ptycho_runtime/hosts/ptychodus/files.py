@@ -21,10 +21,10 @@ from ptychodus.api.object import Object
 from ptychodus.api.product import Product
 from ptychodus.api.reconstruct import ReconstructInput, prepare_reconstruct_input
 
-from ..bundle_format import atomic_write_path
-from ..geometry import ObjectGrid
-from ..physics import HostPhysics
-from ..stitching import Reconstruction
+from ...format import atomic_write_path
+from ...inference.compatibility import HostPhysics
+from ...reconstruction.geometry import ObjectGrid
+from ...reconstruction.stitching import Reconstruction
 
 PathLike = Union[str, os.PathLike]
 
@@ -130,7 +130,7 @@ def training_scan(parameters: ReconstructInput, nphotons: Optional[float] = None
     probe of the product as ``objectGuess``/``probeGuess``; ``physics`` the
     instrument, for the bundle.
     """
-    from ..inputs import repair_bad_pixels
+    from ...reconstruction.inputs import repair_bad_pixels
 
     scan = host_scan(parameters)
     amplitude = np.sqrt(np.maximum(scan.counts.astype(np.float32), 0))

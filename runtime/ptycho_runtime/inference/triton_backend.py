@@ -34,9 +34,9 @@ from typing import Any, Callable, Optional, TypeVar
 
 import numpy as np
 
-from . import bundle_format as fmt
-from .remote import RemoteError, ServerModelMismatchError, ServerUnavailableError
-from .triton_model import DEFAULT_MODEL_NAME, INPUT_NAME, PARAM_PREFIX, TritonModelSpec, model_spec
+from .. import format as fmt
+from .remote_errors import RemoteError, ServerModelMismatchError, ServerUnavailableError
+from .triton_spec import DEFAULT_MODEL_NAME, INPUT_NAME, PARAM_PREFIX, TritonModelSpec, model_spec
 
 log = logging.getLogger("ptycho_runtime")
 

@@ -1,6 +1,6 @@
 """The ``ptycho-runtime`` commands that reach beyond one process: ``triton-repo``, ``serve``, ``infer-many``.
 
-Kept apart from ``cli`` so the single-machine commands never import what
+Kept apart from ``cli.infer`` so the single-machine commands never import what
 these need (tritonclient, PyTriton, Dask: each an optional extra); a missing
 extra is a usage error (exit 2) that names the ``pip install`` to run.
 
@@ -19,9 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .backends import DEVICES
-
-EXIT_SCANS_FAILED = 5
+from ..inference.backends import DEVICES
+from .common import EXIT_SCANS_FAILED, UsageError, add_scan_arguments
 
 EPILOG = """\
 exit codes:
@@ -36,13 +35,11 @@ exit codes:
 
 
 def _usage(exc: ImportError) -> Exception:
-    from .cli import UsageError
-
     return UsageError(str(exc))
 
 
 def cmd_triton_repo(args: argparse.Namespace) -> int:
-    from .triton_model import write_model_repository
+    from ..distributed.triton_repository import write_model_repository
 
     model_dir = write_model_repository(args.bundle, args.out_dir, name=args.name, max_batch_size=args.max_batch_size,
                                        instances=args.instances, tensorrt_fp16=args.tensorrt_fp16,
@@ -53,7 +50,7 @@ def cmd_triton_repo(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .serve import serve
+    from ..distributed.serve import serve
 
     try:
         serve(args.bundle, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
@@ -65,7 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_infer_many(args: argparse.Namespace) -> int:
-    from .infer_many import dask_client, infer_many
+    from ..distributed.infer_many import dask_client, infer_many
 
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be >= 1 (got {args.workers})")
@@ -98,9 +95,13 @@ def cmd_infer_many(args: argparse.Namespace) -> int:
 
 def add_cluster_commands(sub: Any) -> None:
     """Add ``triton-repo``, ``serve`` and ``infer-many`` to the ``ptycho-runtime`` sub-command parser."""
-    from .cli import add_scan_arguments
-    from .infer_many import DEFAULT_CHUNK_FRAMES
-    from .triton_model import DEFAULT_INSTANCES, DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE_DELAY_US, DEFAULT_MODEL_NAME
+    from ..distributed.infer_many import DEFAULT_CHUNK_FRAMES
+    from ..distributed.triton_repository import (
+        DEFAULT_INSTANCES,
+        DEFAULT_MAX_BATCH_SIZE,
+        DEFAULT_MAX_QUEUE_DELAY_US,
+        DEFAULT_MODEL_NAME,
+    )
 
     fmt_class = argparse.RawDescriptionHelpFormatter
 

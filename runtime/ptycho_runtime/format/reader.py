@@ -381,9 +381,10 @@ def atomic_write_path(path: str | os.PathLike, copy_existing: bool = False) -> I
 
 
 @contextlib.contextmanager
-def atomic_bundle_write(path: str | os.PathLike, copy_existing: bool = False) -> Iterator[h5py.File]:
+def atomic_h5_write(path: str | os.PathLike, copy_existing: bool = False) -> Iterator[h5py.File]:
     """Yield an open HDF5 file that replaces ``path`` only if the block finishes (see ``atomic_write_path``).
 
+    Any HDF5 file: bundles, and the reconstruction files of ``files.reconstruction_file``.
     With ``copy_existing`` the file starts as a copy of ``path`` (for in-place
     updates such as adding graphs).
     """
@@ -479,7 +480,7 @@ def write_bundle(path: str | os.PathLike, params: Mapping[str, Any], models: Map
     scalars, arrays = split_params(params)
     check_writable_params(scalars, arrays)
     target = Path(path)
-    with atomic_bundle_write(target) as f:
+    with atomic_h5_write(target) as f:
         write_header(f, producer, versions)
         pgroup = f.create_group("params")
         write_json(pgroup, "config_json", scalars)
@@ -515,7 +516,7 @@ def write_graphs(path: str | os.PathLike, graphs: Iterable[GraphRecord],
     the old ones as a whole (they are the eager outputs every stored graph is
     checked against, so they are written together with the graphs).
     """
-    with atomic_bundle_write(path, copy_existing=True) as f:
+    with atomic_h5_write(path, copy_existing=True) as f:
         ggroup = f.require_group("graphs")
         for g in graphs:
             if g.kind not in GRAPH_KINDS or g.model not in MODEL_NAMES:

@@ -20,7 +20,7 @@ The work, per scan (every step a Dask task, so any of them can be re-run):
    Σw·patch / Σw as in ``Bundle.reconstruct``.
 
 The driver then writes each scan's HDF5 exactly as ``infer`` writes it
-(``cli.write_reconstruction``, atomically), so a scan is either complete or
+(``files.reconstruction_file.write_reconstruction``, atomically), so a scan is either complete or
 absent, never partial.
 
 Each worker loads the bundle once, in ``BundleWorkerPlugin.setup`` (also
@@ -38,17 +38,18 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from . import bundle_format as fmt
-from .geometry import DEFAULT_CENTRE
-from .remote import ClusterError
-from .stitching import Reconstruction, StitchCanvas, canvas_bounds
-from .triton_model import file_sha256
+from .. import format as fmt
+from ..files.reconstruction_file import Provenance, write_reconstruction
+from ..inference.remote_errors import ClusterError
+from ..inference.triton_spec import file_sha256
+from ..reconstruction.geometry import DEFAULT_CENTRE
+from ..reconstruction.stitching import Reconstruction, StitchCanvas, canvas_bounds
 
 log = logging.getLogger("ptycho_runtime")
 
@@ -98,7 +99,7 @@ class BundleWorkerPlugin(_WorkerPlugin):  # type: ignore[misc,valid-type]
         self.error: Optional[str] = None
 
     def setup(self, worker: Any = None) -> None:
-        from .bundle import load_bundle
+        from ..inference.bundle import load_bundle
 
         try:
             seen = file_sha256(self.path)
@@ -157,7 +158,7 @@ class Partial:
 def load_scan(plugin_name: str, scan_path: str, units: str = "auto", counts: bool = False,
               position_centre: str = DEFAULT_CENTRE) -> tuple[ScanPlan, np.ndarray, np.ndarray]:
     """Task: read a scan as ``infer`` does → (plan, graph input [g, C, N, N], positions [g, C, 2])."""
-    from .npz import read_npz_arrays
+    from ..files.npz import read_npz_arrays
 
     bundle = _bundle(plugin_name)
     scan = read_npz_arrays(scan_path, counts=counts, units=units, position_centre=position_centre)
@@ -232,25 +233,6 @@ class ScanResult:
     @property
     def ok(self) -> bool:
         return self.error is None
-
-
-@dataclass
-class _BundleView:
-    """The bundle attributes ``write_reconstruction`` records, as the workers reported them."""
-
-    path: str
-    params: dict[str, Any]
-    backend: str
-    device: str
-    providers: list[str]
-    N: int = field(init=False)
-    gridsize: int = field(init=False)
-    intensity_scale: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.N = int(self.params["N"])
-        self.gridsize = int(self.params["gridsize"])
-        self.intensity_scale = float(self.params["intensity_scale"])
 
 
 def output_paths(scans: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> dict[str, Path]:
@@ -393,15 +375,13 @@ class _ScanRun:
             self.held[scan].append(final)
             self.stage[final] = (scan, "final")
             return final
-        from .cli import write_reconstruction
-
         plan = self.plans[scan]
         elapsed = time.perf_counter() - self.started[scan]
         rate = plan.n_patterns / elapsed if elapsed > 0 else float("inf")
-        view = _BundleView(self.bundle_file, plan.params, plan.backend, plan.device, plan.providers)
+        made_by = Provenance(self.bundle_file, plan.params, plan.backend, plan.device, plan.providers)
         result = self.results[scan]
         try:
-            write_reconstruction(result.output, value, plan.positions, view, rate, elapsed, scan)
+            write_reconstruction(result.output, value, plan.positions, made_by, rate, elapsed, scan)
         except OSError as exc:
             self._done(scan, f"cannot write {result.output}: {_describe(exc)}")
             return None

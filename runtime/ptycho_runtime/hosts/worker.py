@@ -37,7 +37,7 @@ from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 
-from .stitching import Reconstruction
+from ..reconstruction.stitching import Reconstruction
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def _worker_main(conn: Any, cancel_id: Any, path: str, load_kwargs: dict[str, An
             conn.send(msg)
 
     try:
-        from .bundle import load_bundle
+        from ..inference.bundle import load_bundle
 
         t0 = time.perf_counter()
         bundle = load_bundle(path, **load_kwargs)
