@@ -1,0 +1,5 @@
+"""Deprecated: moved to ``ptycho_runtime.reconstruction.alignment`` (this alias goes away in the next release)."""
+
+from ._deprecation import alias
+
+alias(__name__, "ptycho_runtime.reconstruction.alignment")

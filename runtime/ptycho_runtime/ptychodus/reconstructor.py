@@ -1,0 +1,5 @@
+"""Deprecated alias of ``ptycho_runtime.hosts.ptychodus.reconstructor`` (this path goes away in the next release)."""
+
+from .._deprecation import alias
+
+alias(__name__, "ptycho_runtime.hosts.ptychodus.reconstructor")
