@@ -14,11 +14,18 @@ from ._deprecation import warn_moved as _warn_moved
 
 _warn_moved(__name__, "ptycho_runtime.format")
 
-_MODULES = ("reader",)
+_MODULES = ("schema", "errors", "checksum", "atomic", "checks", "contents", "policy", "graphs", "reader",
+            "writer")
 for _name in _MODULES:
     globals().update({k: v for k, v in vars(_import_module(f"ptycho_runtime.format.{_name}")).items()
                       if not k.startswith("__")})
 del _name
+
+# the helpers that were private to the one module and are shared between the new ones under public names
+_fix_damaged, _is_int, _is_number, _short = fix_damaged, is_int, is_number, short  # noqa: F821
+_Policy, _DatasetPlan, _read_plan, _attr_value, _scalar_attr = Policy, DatasetPlan, read_plan, attr_value, scalar_attr  # noqa: F821
+_open_h5, _check_graph_metadata = open_h5, check_graph_metadata  # noqa: F821
+
 
 def atomic_bundle_write(path, copy_existing=False):  # noqa: ANN001, ANN201 - the old name, unchanged behaviour
     """Deprecated name of ``format.atomic_h5_write`` (it writes any HDF5 file, not only bundles)."""

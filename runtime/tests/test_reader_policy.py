@@ -18,7 +18,7 @@ import pytest
 
 import ptycho_runtime as pr
 from ptycho_runtime import format as fmt
-from ptycho_runtime.format import reader as atomic
+from ptycho_runtime.format import atomic
 
 GENERATOR = Path(__file__).resolve().parents[2] / "tests" / "hostile" / "hostile_bundles.py"
 

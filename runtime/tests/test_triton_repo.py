@@ -17,7 +17,7 @@ import pytest
 import ptycho_runtime as pr
 from ptycho_runtime import cli
 from ptycho_runtime import format as fmt
-from ptycho_runtime.inference.triton_spec import file_sha256
+from ptycho_runtime.format.checksum import file_sha256
 
 
 def _parse(path: Path):

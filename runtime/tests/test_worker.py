@@ -97,7 +97,7 @@ def test_errors_cross_back_as_data_and_only_known_types_are_rebuilt():
     from ptycho_runtime.hosts.worker import _pack, _raise
 
     spec, name, text = _pack(pr.BundleFormatError("not an HDF5 file: x.h5"))
-    assert spec == ("ptycho_runtime.format.reader", "BundleFormatError", ("not an HDF5 file: x.h5",))
+    assert spec == ("ptycho_runtime.format.errors", "BundleFormatError", ("not an HDF5 file: x.h5",))
     with pytest.raises(pr.BundleFormatError, match="not an HDF5 file"):
         _raise(("error", 1, spec, name, text))
     with pytest.raises(ValueError, match="plain"):

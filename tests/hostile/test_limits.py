@@ -45,4 +45,4 @@ def test_onnx_allow_list_covers_the_exporter():
             fmt.check_onnx_graph(g.data, (g.kind, g.model), p)
         else:
             fmt.check_torchscript_archive(g.data, g.model)
-        fmt.reader._check_graph_metadata(g.metadata, g.kind, g.model, p, g.data, "test", f"/graphs/{g.kind}/{g.model}")
+        fmt.check_graph_metadata(g.metadata, g.kind, g.model, p, g.data, "test", f"/graphs/{g.kind}/{g.model}")

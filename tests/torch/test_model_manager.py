@@ -23,7 +23,7 @@ from ptycho_export.model import create_torch_model_with_gridsize  # noqa: E402
 from ptycho_export.model_manager import load_torch_bundle, save_torch_bundle  # noqa: E402
 from ptycho_runtime import format as fmt  # noqa: E402
 from ptycho_runtime.format import BundleChecksumError, BundleFormatError  # noqa: E402
-from ptycho_runtime.format import reader as fmt_writer  # noqa: E402
+from ptycho_runtime.format import writer as fmt_writer  # noqa: E402
 
 N, GRIDSIZE, NPHOTONS = 64, 2, 1e6
 SAVED_SCALE = 7.25  # the input scale of the normalisation contract, written to params

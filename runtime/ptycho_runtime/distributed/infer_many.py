@@ -46,8 +46,8 @@ import numpy as np
 
 from .. import format as fmt
 from ..files.reconstruction_file import Provenance, write_reconstruction
+from ..format.checksum import file_sha256
 from ..inference.remote_errors import ClusterError
-from ..inference.triton_spec import file_sha256
 from ..reconstruction.geometry import DEFAULT_CENTRE
 from ..reconstruction.stitching import Reconstruction, StitchCanvas, canvas_bounds
 

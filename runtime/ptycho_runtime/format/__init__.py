@@ -7,7 +7,51 @@ one place. The names here are the format's public face; import them from
 ``ptycho_runtime.format`` (``from ptycho_runtime import format as fmt``).
 """
 
+from .atomic import (
+    atomic_h5_write,
+    atomic_write_path,
+)
+from .checks import (
+    check_graph_metadata,
+    check_writable_params,
+    graph_io,
+    validate_params,
+    validate_physics,
+)
+from .checksum import (
+    file_sha256,
+    payload_bytes,
+    sha256_hex,
+)
+from .contents import (
+    BundleContents,
+    GraphRecord,
+    ModelRecord,
+)
+from .errors import (
+    BundleChecksumError,
+    BundleError,
+    BundleFormatError,
+    BundleGraphMissingError,
+    BundleIntegrityError,
+    BundleLimitError,
+    BundleNotFoundError,
+    BundleParamsError,
+    BundleUnsafeError,
+    resolve_bundle_path,
+)
+from .graphs import (
+    check_onnx_graph,
+    check_torchscript_archive,
+)
+from .policy import (
+    check_header,
+)
 from .reader import (
+    check_bundle_file,
+    read_bundle,
+)
+from .schema import (
     ALLOWED_N,
     BUNDLE_FILENAME,
     CHECKSUM_ATTR,
@@ -40,33 +84,9 @@ from .reader import (
     PHYSICS_KEYS,
     TORCHSCRIPT_PICKLE_GLOBALS,
     WEIGHT_BYTES_PER_SCALE2,
-    BundleChecksumError,
-    BundleContents,
-    BundleError,
-    BundleFormatError,
-    BundleGraphMissingError,
-    BundleIntegrityError,
-    BundleLimitError,
-    BundleNotFoundError,
-    BundleParamsError,
-    BundleUnsafeError,
-    GraphRecord,
-    ModelRecord,
-    atomic_h5_write,
-    atomic_write_path,
-    check_bundle_file,
-    check_header,
-    check_onnx_graph,
-    check_torchscript_archive,
-    check_writable_params,
-    graph_io,
-    payload_bytes,
-    read_bundle,
-    resolve_bundle_path,
-    sha256_hex,
+)
+from .writer import (
     split_params,
-    validate_params,
-    validate_physics,
     write_bundle,
     write_graphs,
     write_header,
@@ -84,8 +104,9 @@ __all__ = [
     'MAX_JSON_DEPTH', 'MAX_PARAM_ARRAYS', 'MAX_PARITY_BATCH', 'MAX_PARITY_CASES', 'MAX_PARITY_ENTRIES',
     'MAX_TENSORS_PER_MODEL', 'MAX_ZIP_ENTRIES', 'MODEL_NAMES', 'ModelRecord', 'ONNX_ALLOWED_DOMAINS',
     'ONNX_ALLOWED_OPS', 'ONNX_ELEM_FLOAT', 'OUTPUT_NAMES', 'PHYSICS_KEYS', 'TORCHSCRIPT_PICKLE_GLOBALS',
-    'WEIGHT_BYTES_PER_SCALE2', 'atomic_h5_write', 'atomic_write_path', 'check_bundle_file', 'check_header',
-    'check_onnx_graph', 'check_torchscript_archive', 'check_writable_params', 'graph_io', 'payload_bytes',
-    'read_bundle', 'resolve_bundle_path', 'sha256_hex', 'split_params', 'validate_params', 'validate_physics',
-    'write_bundle', 'write_graphs', 'write_header', 'write_json', 'write_payload', 'write_physics'
+    'WEIGHT_BYTES_PER_SCALE2', 'atomic_h5_write', 'atomic_write_path', 'check_bundle_file', 'check_graph_metadata',
+    'check_header', 'check_onnx_graph', 'check_torchscript_archive', 'check_writable_params', 'file_sha256',
+    'graph_io', 'payload_bytes', 'read_bundle', 'resolve_bundle_path', 'sha256_hex', 'split_params',
+    'validate_params', 'validate_physics', 'write_bundle', 'write_graphs', 'write_header', 'write_json',
+    'write_payload', 'write_physics'
 ]

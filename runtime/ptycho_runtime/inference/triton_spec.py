@@ -19,14 +19,13 @@ for messages that say what differs.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
 from dataclasses import dataclass
 from typing import Optional
 
 from .. import format as fmt
 from .._version import __version__
+from ..format.checksum import file_sha256  # noqa: F401 - re-exported: the old triton_model had it
 
 INPUT_NAME = "diffraction"
 INFERENCE_MODEL = "diffraction_to_obj"
@@ -67,15 +66,6 @@ class TritonModelSpec:
         if device:
             params["device"] = device
         return {PARAM_PREFIX + k: v for k, v in params.items()}
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes (read in 1 MiB blocks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def model_spec(contents: fmt.BundleContents, with_graph: bool = True) -> TritonModelSpec:
