@@ -82,3 +82,18 @@ __all__ = [
     "stitch_scan",
     "to_default_centre",
 ]
+
+# The flat modules of earlier releases were attributes of the package once it was imported
+# (``ptycho_runtime.physics.object_pixel_size``). They still are, for one release: the first access
+# imports the deprecated alias module, which warns and names the new path (PEP 562).
+_OLD_MODULES = frozenset({"alignment", "backends", "bundle", "bundle_format", "cli_cluster", "geometry", "grouping",
+                          "infer_many", "inputs", "npz", "parity", "physics", "ptychodus", "remote", "serve",
+                          "stitching", "streaming", "triton_client", "triton_model", "worker"})
+
+
+def __getattr__(name: str):  # noqa: ANN202 - a module
+    if name in _OLD_MODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

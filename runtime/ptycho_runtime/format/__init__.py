@@ -53,6 +53,7 @@ from .reader import (
 )
 from .schema import (
     ALLOWED_N,
+    AMP_ACTIVATIONS,
     BUNDLE_FILENAME,
     CHECKSUM_ATTR,
     DEFAULT_OPSET,
@@ -71,6 +72,7 @@ from .schema import (
     MAX_JSON_BYTES,
     MAX_JSON_DEPTH,
     MAX_PARAM_ARRAYS,
+    MAX_PARAM_STRING,
     MAX_PARITY_BATCH,
     MAX_PARITY_CASES,
     MAX_PARITY_ENTRIES,
@@ -96,6 +98,7 @@ from .writer import (
 )
 
 __all__ = [
+    'AMP_ACTIVATIONS', 'MAX_PARAM_STRING',
     'ALLOWED_N', 'BUNDLE_FILENAME', 'BundleChecksumError', 'BundleContents', 'BundleError', 'BundleFormatError',
     'BundleGraphMissingError', 'BundleIntegrityError', 'BundleLimitError', 'BundleNotFoundError',
     'BundleParamsError', 'BundleUnsafeError', 'CHECKSUM_ATTR', 'DEFAULT_OPSET', 'FORMAT_NAME', 'FORMAT_VERSION',

@@ -10,7 +10,7 @@ import hmac
 import math
 import numbers
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
@@ -18,9 +18,11 @@ from .checksum import sha256_hex
 from .errors import BundleChecksumError, BundleParamsError, fix_damaged
 from .schema import (
     ALLOWED_N,
+    AMP_ACTIVATIONS,
     MAX_FILTERS_SCALE,
     MAX_GRIDSIZE,
     MAX_PARAM_ARRAYS,
+    MAX_PARAM_STRING,
     OUTPUT_NAMES,
     PHYSICS_KEYS,
 )
@@ -64,9 +66,10 @@ def validate_params(params: Mapping[str, Any], path: Any = None, where: str = "/
     for key in ("nphotons",):
         if key in params and (not is_number(params[key]) or not math.isfinite(params[key]) or params[key] <= 0):
             raise fail(key, f"must be a finite number > 0 (got {short(params[key])})")
-    for key in ("amp_activation",):
-        if key in params and not isinstance(params[key], str):
-            raise fail(key, "must be a string")
+    act = params.get("amp_activation", AMP_ACTIVATIONS[0])
+    if act not in AMP_ACTIVATIONS:
+        raise fail("amp_activation", f"must be one of {', '.join(AMP_ACTIVATIONS)} (got {short(act)})")
+    _check_strings(params, fail)
     probe = params.get("probe")
     if probe is not None:
         p = np.asarray(probe)
@@ -74,6 +77,22 @@ def validate_params(params: Mapping[str, Any], path: Any = None, where: str = "/
             raise fail("probe", f"must be a complex [{N}, {N}] array (got {p.dtype} {list(p.shape)})")
         if not np.all(np.isfinite(p)):
             raise fail("probe", "contains NaN or inf")
+
+
+def _check_strings(params: Mapping[str, Any], fail: Callable[[str, str], BundleParamsError]) -> None:
+    """Every key, and every string value (also inside lists), at most ``MAX_PARAM_STRING`` characters.
+
+    The params are shown to people (``info``, logs, reports) and handed to
+    hosts' legacy ``params.cfg`` dicts: a megabyte "path" is never a real one.
+    """
+    for key, value in params.items():
+        if not isinstance(key, str) or len(key) > MAX_PARAM_STRING:
+            raise fail(short(key), f"is a key longer than {MAX_PARAM_STRING} characters")
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for item in items:
+            if isinstance(item, str) and len(item) > MAX_PARAM_STRING:
+                raise fail(key, f"is a string of {len(item)} characters; the format allows at most "
+                                f"{MAX_PARAM_STRING}")
 
 
 def validate_physics(meta: Any, path: Any = None, where: str = "/physics/metadata_json") -> dict[str, Optional[float]]:

@@ -37,6 +37,7 @@ from .schema import (
     HDF5_MAGIC,
     MAX_ATTR_STRING,
     MAX_ATTRS,
+    MAX_CHILDREN,
     MAX_JSON_BYTES,
     MAX_JSON_DEPTH,
 )
@@ -158,15 +159,18 @@ class Policy:
             return h5py.Dataset(oid)
         raise self.bad(f"{group.name.rstrip('/')}/{name}", f"should be a {want}")
 
-    def names(self, group: h5py.Group, max_children: int) -> list[str]:
-        """The link names of ``group`` (their number is checked before they are listed)."""
+    def names(self, group: h5py.Group, max_children: int = MAX_CHILDREN) -> list[str]:
+        """The link names of ``group`` (their number is checked before they are listed).
+
+        ``max_children``: the group's own limit from the schema; ``MAX_CHILDREN`` for a group without one.
+        """
         n = group.id.get_num_objs()
         if n > max_children:
             raise self.limit(group.name, f"holds {n} entries; the format allows at most {max_children}")
         return [raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw) for raw in group.id.__iter__()]
 
-    def children(self, group: h5py.Group, allowed: Optional[Callable[[str], bool]], max_children: int,
-                 want: str) -> dict[str, Any]:
+    def children(self, group: h5py.Group, allowed: Optional[Callable[[str], bool]],
+                 max_children: int = MAX_CHILDREN, want: str = "dataset") -> dict[str, Any]:
         """Name → object for every link of ``group``, all of class ``want`` and with names ``allowed``."""
         out: dict[str, Any] = {}
         for name in self.names(group, max_children):
@@ -178,7 +182,7 @@ class Policy:
     def mixed(self, group: h5py.Group, spec: Mapping[str, str]) -> dict[str, Any]:
         """Children of a group whose schema mixes groups and datasets (``spec``: name → "group" | "dataset")."""
         out: dict[str, Any] = {}
-        for name in self.names(group, len(spec)):
+        for name in self.names(group, min(len(spec), MAX_CHILDREN)):
             if name not in spec:
                 raise self.bad(f"{group.name.rstrip('/')}/{name}", "is not part of the bundle format")
             out[name] = self.child(group, name, spec[name])

@@ -69,7 +69,10 @@ MAX_EPOCHS = 1_000_000
 MAX_PARITY_CASES = 8
 MAX_PARITY_BATCH = 64
 MAX_PARITY_ENTRIES = 32                # datasets in one parity case
-MAX_CHILDREN = 64                      # links in any other group
+MAX_CHILDREN = 64                      # links in any group without a limit of its own above
+# params: every string (a value, or one inside a list) and every key at most this long; amp_activation one of these
+MAX_PARAM_STRING = 4096
+AMP_ACTIVATIONS = ("sigmoid", "swish", "silu", "softplus", "relu")  # = ptycho_export.config.AMP_ACTIVATIONS (pinned)
 MAX_ATTRS = 64                         # attributes on any object
 # TorchScript archives: zip entries, and the globals their pickles may name (what torch.jit.save writes)
 MAX_ZIP_ENTRIES = 10_000

@@ -128,14 +128,22 @@ def training_scan(parameters: ReconstructInput, nphotons: Optional[float] = None
     ``diffraction`` is sqrt(counts) with bad pixels repaired (photon-unit
     amplitude); positions in object pixels of the input grid; the object and
     probe of the product as ``objectGuess``/``probeGuess``; ``physics`` the
-    instrument, for the bundle.
+    instrument, for the bundle; ``nphotons`` the mean photon count per
+    pattern, as ``read_npz_arrays`` reports it for counts: measured from the
+    counts, or the ``nphotons`` given (a dose the host knows better, e.g.
+    from its flux monitor; a finite number > 0).
     """
     from ...reconstruction.inputs import repair_bad_pixels
 
+    if nphotons is not None and not (isinstance(nphotons, (int, float)) and np.isfinite(nphotons) and nphotons > 0):
+        raise ValueError(f"nphotons must be a finite number > 0 photons per pattern (got {nphotons!r})")
     scan = host_scan(parameters)
     amplitude = np.sqrt(np.maximum(scan.counts.astype(np.float32), 0))
     repair_bad_pixels(amplitude, scan.bad_pixels)
+    if nphotons is None:
+        flat = amplitude.reshape(amplitude.shape[0], -1).astype(np.float64)
+        nphotons = float(np.mean(np.sum(flat**2, axis=-1)))
     return {"diffraction": amplitude, "xcoords": scan.positions_px[:, 0], "ycoords": scan.positions_px[:, 1],
             "probeGuess": scan.probe.astype(np.complex64),
             "objectGuess": parameters.product.object_.get_layer(0).astype(np.complex64),
-            "physics": scan.physics}
+            "physics": scan.physics, "nphotons": float(nphotons)}
