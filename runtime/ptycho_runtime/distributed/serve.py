@@ -10,7 +10,7 @@ batch to the runtime's own ONNX Runtime session — the verified,
 self-tested session ``load_bundle`` makes, on the GPU when one works.
 
 The served model carries the same ``ptycho.*`` parameters as a repository
-from ``triton-repo`` (``triton_model``), plus ``ptycho.device``, so the
+from ``triton-repo`` (``triton_repository``), plus ``ptycho.device``, so the
 ``triton`` client backend checks it the same way.
 
 Needs ``pip install 'ptycho-runtime[serve]'`` in a venv made from an

@@ -322,7 +322,7 @@ def read_npz_arrays(path: PathLike, counts: Optional[bool] = None, units: str = 
 
 
 def write_npz_arrays(path: PathLike, arrays: Mapping[str, np.ndarray]) -> None:
-    """Write ``arrays`` as a compressed NPZ, atomically (``bundle_format.atomic_write_path``).
+    """Write ``arrays`` as a compressed NPZ, atomically (``format.atomic_write_path``).
 
     A crash or a full disk never leaves a half-written file under the final
     name. The name is used exactly as given (numpy's automatic ".npz" suffix

@@ -93,7 +93,7 @@ ONNX_ELEM_FLOAT = 1
 # so the CLI's --help shows it without importing the exporter.
 DEFAULT_OPSET = 20
 # /physics/metadata_json (optional; bundles before it load as "unknown"): the instrument a model was trained for,
-# so a host can be checked against it (ptycho_runtime.physics). Each value is a finite number > 0, or null.
+# so a host can be checked against it (inference.compatibility). Each value is a finite number > 0, or null.
 PHYSICS_KEYS = {
     "photon_energy_eV": "photon energy (eV)",
     "detector_distance_m": "sample-detector distance (m)",

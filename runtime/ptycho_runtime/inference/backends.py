@@ -243,7 +243,7 @@ class TorchScriptBackend:
         self._torch = torch
         self._device = torch.device("cuda" if use_cuda else "cpu")
         quiet_library_warnings()
-        try:  # torch.jit.load trusts the archive (see bundle_format.check_torchscript_archive, run before this)
+        try:  # torch.jit.load trusts the archive (see format.check_torchscript_archive, run before this)
             self.module = torch.jit.load(io.BytesIO(graph), map_location=self._device)
         except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError and others for a bad archive
             from ..format import BundleFormatError

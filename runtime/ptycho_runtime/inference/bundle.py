@@ -8,7 +8,7 @@ inputs) or, with ``counts=True``, raw detector counts (square root taken:
 sqrt(counts) is already in photon units).
 
 Trust: ``load_bundle`` reads the file under the reader policy of
-``bundle_format`` (nothing outside the file is followed, every size is
+``format`` (nothing outside the file is followed, every size is
 bounded, every checksum verified, params checked), checks the chosen graph
 against the params and, for ONNX, op by op before onnxruntime sees it, and
 then (``self_test=True``, the default) re-runs the stored parity cases through
@@ -102,7 +102,7 @@ class Bundle:
         if backend != "triton" and (url is not None or model_name is not None):
             raise ValueError("url and model_name apply to backend='triton' only")
         record = None if backend == "triton" else contents.graph(backend, INFERENCE_MODEL)  # clear error if absent
-        if backend == "triton":  # the graph runs on a Triton server; the rest stays here (triton_client)
+        if backend == "triton":  # the graph runs on a Triton server; the rest stays here (triton_backend)
             from .triton_backend import TritonBackend
 
             self._backend = TritonBackend(contents, url, model_name, timeout_s, retries)
@@ -132,11 +132,11 @@ class Bundle:
 
     @property
     def physics(self) -> dict[str, Optional[float]]:
-        """The instrument the model was trained for (``bundle_format.PHYSICS_KEYS``; empty for older bundles)."""
+        """The instrument the model was trained for (``format.PHYSICS_KEYS``; empty for older bundles)."""
         return dict(self.contents.physics)
 
     def check_host(self, host: HostPhysics, counts: Optional[np.ndarray] = None, strict: bool = False) -> list[str]:
-        """Compare a host's geometry, probe and counts with this bundle (``physics.check_host``)."""
+        """Compare a host's geometry, probe and counts with this bundle (``compatibility.check_host``)."""
         return check_host(self.contents.physics, self.contents.params, host, counts=counts, strict=strict)
 
     def restore_params(self, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -463,11 +463,11 @@ def load_bundle(path: str | os.PathLike, backend: str = "auto", device: str = "a
     (TensorRT provider first), ``cuda_graph_batch=B`` (CUDA graph for a fixed batch).
     ``self_test``: re-run the stored parity cases through ``predict`` (cheap;
     catches params that no longer match the graph). Every problem with the
-    file raises a ``BundleError`` subclass (see ``bundle_format``).
+    file raises a ``BundleError`` subclass (see ``ptycho_runtime.format``).
 
     ``backend="triton"`` runs the graph on a Triton server at ``url``
     ("HOST:GRPC_PORT") as ``model_name`` (default "ptycho"), with per-call
-    ``timeout_s`` and ``retries`` (``triton_client``); everything else runs
+    ``timeout_s`` and ``retries`` (``triton_backend``); everything else runs
     here, and ``device``/``precision`` are the server's. The server's model config must match this bundle (else
     ``ServerModelMismatchError``); an unreachable server raises
     ``ServerUnavailableError``. Needs ``pip install 'ptycho-runtime[triton]'``.

@@ -6,7 +6,7 @@ trained at (``nphotons``: input amplitudes far from it are outside what it
 saw) and the probe it was trained through. Applied to another instrument it
 still returns a plausible-looking image, so the runtime compares what the host
 says with what the bundle recorded (``/physics/metadata_json``,
-``bundle_format.PHYSICS_KEYS``, and the params' ``nphotons`` and ``probe``)
+``format.PHYSICS_KEYS``, and the params' ``nphotons`` and ``probe``)
 and says so with numbers: a warning on the ``ptycho_runtime`` logger, or, with
 ``strict=True``, a ``PhysicsMismatchError``. What either side does not know
 is not checked (old bundles have no physics metadata).

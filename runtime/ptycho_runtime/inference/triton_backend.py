@@ -11,7 +11,7 @@ model returns plausible-looking wrong patches, so before the first frame the
 backend reads the server's model config and refuses (``ServerModelMismatchError``)
 unless the input and outputs have this bundle's names, dims and dtypes and
 the ``ptycho.sha256`` parameter equals the SHA-256 of the client's bundle
-file (see ``triton_model``). The self-test the ``Bundle`` then runs goes
+file (see ``triton_spec``). The self-test the ``Bundle`` then runs goes
 through the server too, so its numbers are checked as well.
 
 Why bounded timeouts and retries: acquisition must never freeze on a dead
