@@ -191,7 +191,7 @@ def build_bundle(path: Path, N: int, gridsize: int, n_filters_scale: int) -> dic
 
 def cached_bundle(N: int, gridsize: int, n_filters_scale: int = N_FILTERS_SCALE) -> Path:
     """Path of a verified cached bundle for these settings; built (≈10–20 s) if missing or stale."""
-    from ptycho_runtime import bundle_format as fmt
+    from ptycho_runtime import format as fmt
 
     key = bundle_key(N, gridsize, n_filters_scale)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
@@ -235,7 +235,7 @@ class BenchBundle:
 
     @property
     def contents(self):
-        from ptycho_runtime import bundle_format as fmt
+        from ptycho_runtime import format as fmt
 
         return self._memo("contents", lambda: fmt.read_bundle(self.path))
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 import ptycho_runtime as pr
-from ptycho_runtime.npz import read_npz_arrays, write_npz_arrays
+from ptycho_runtime.files.npz import read_npz_arrays, write_npz_arrays
 
 
 def _ports(k: int) -> list[int]:
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
             os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(home, ignore_errors=True)
 
-    from ptycho_runtime.infer_many import dask_client, infer_many
+    from ptycho_runtime.distributed.infer_many import dask_client, infer_many
 
     with tempfile.TemporaryDirectory() as tmp:
         scans = []

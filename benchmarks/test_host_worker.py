@@ -2,7 +2,7 @@
 
 ptychodus 1.7 runs every reconstruct call in a freshly spawned process that
 loads the model again (``model/processing/subprocess_reconstructor.py``), so
-the parent never holds a GPU context. ``ptycho_runtime.worker.BundleWorker``
+the parent never holds a GPU context. ``ptycho_runtime.hosts.worker.BundleWorker``
 keeps one spawned process with the bundle loaded across calls. Same scan for
 both (``HOST_PATTERNS`` = 1,000 64×64 patterns, counts, on a fixed object
 grid with metre positions and a bad-pixel mask — what the ptychodus
@@ -46,7 +46,7 @@ def host_scan():
 
 @pytest.mark.parametrize("path", PATHS)
 def test_host_call(benchmark, bench_bundles, host_scan, path):
-    from ptycho_runtime.worker import BundleWorker
+    from ptycho_runtime.hosts.worker import BundleWorker
 
     bb = bench_bundles(N, GRIDSIZE)
     kwargs = dict(counts=True, units="metres", grid=host_scan["grid"], bad_pixels=host_scan["bad_pixels"],

@@ -30,7 +30,7 @@ GROUP = f"refine_N{N}_n{REFINE_FRAMES}"
 @pytest.fixture(scope="module")
 def scan():
     """Positions, amplitudes, probe and a flat start on a canvas sized to the scan (stitching's default)."""
-    from ptycho_runtime.stitching import StitchCanvas, canvas_bounds, probe_window
+    from ptycho_runtime.reconstruction.stitching import StitchCanvas, canvas_bounds, probe_window
 
     k = np.arange(REFINE_FRAMES)
     radius = 5.6 * np.sqrt(k + 0.5)  # ≈ 1 position per 100 px², as the held-out scan (1,000 in ≈ 356² px)

@@ -42,7 +42,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ptycho_runtime.stitching import probe_window
+from ptycho_runtime.reconstruction.stitching import probe_window
 
 from .metrics import (
     DEFAULT_MAX_SHIFT_PX,
@@ -110,11 +110,11 @@ class Evaluation:
 def illumination(positions: np.ndarray, probe: np.ndarray, x_coords: np.ndarray, y_coords: np.ndarray) -> np.ndarray:
     """Σ over positions of |probe|² placed at each position, on the grid ``x_coords`` × ``y_coords``.
 
-    Same placement as the runtime's stitching (``ptycho_runtime.stitching.StitchCanvas``,
+    Same placement as the runtime's stitching (``ptycho_runtime.reconstruction.stitching.StitchCanvas``,
     frame centre (N−1)/2); the grid must be an integer-origin, unit-step canvas
     that holds every frame, as ``Bundle.reconstruct`` returns.
     """
-    from ptycho_runtime.stitching import StitchCanvas
+    from ptycho_runtime.reconstruction.stitching import StitchCanvas
 
     p = np.asarray(probe)
     N = p.shape[-1]
@@ -215,8 +215,8 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
                                               "time_covers": "inference + |probe|^2-weighted stitching (not loading)"})
     refined = control = None
     if refine:
+        from ptycho_runtime.reconstruction.stitching import Reconstruction
         from ptycho_runtime.refinement import refine as run_refinement
-        from ptycho_runtime.stitching import Reconstruction
 
         options = dict(refine_options or {})
 
@@ -309,7 +309,7 @@ def _masked_box(scored: ScoredReconstruction, values: np.ndarray) -> tuple[np.ma
 def _save_atomic(fig: Any, path: Path, dpi: int = 100) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from ptycho_runtime.bundle_format import atomic_write_path
+    from ptycho_runtime.format import atomic_write_path
 
     FigureCanvasAgg(fig)
     with atomic_write_path(path) as tmp:

@@ -22,7 +22,7 @@ compared with the eager model; relative error = max|graph − eager| / max|eager
 per output. Above the tolerance, export fails and nothing is written. The
 inputs are stored as ``input.amplitude``, in the units ``Bundle.predict``
 takes (before ``intensity_scale``), so readers re-run the whole inference
-path, scale included (``ptycho_runtime.parity.graph_feeds``).
+path, scale included (``ptycho_runtime.inference.parity.graph_feeds``).
 """
 
 from __future__ import annotations
@@ -41,11 +41,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ptycho_runtime import bundle_format as fmt
-from ptycho_runtime.backends import quiet_library_warnings
-from ptycho_runtime.bundle_format import DEFAULT_OPSET
-from ptycho_runtime.parity import DEFAULT_TOLERANCE as PARITY_TOLERANCE  # relative, float32: the readers' constant
-from ptycho_runtime.parity import graph_feeds, parity_report
+from ptycho_runtime import format as fmt
+from ptycho_runtime.format import DEFAULT_OPSET
+from ptycho_runtime.inference.backends import quiet_library_warnings
+from ptycho_runtime.inference.parity import (
+    DEFAULT_TOLERANCE as PARITY_TOLERANCE,  # relative, float32: the readers' constant
+)
+from ptycho_runtime.inference.parity import graph_feeds, parity_report
 
 from .data import make_groups, simulate_scan
 from .model_manager import models_from_contents
@@ -248,7 +250,7 @@ def export_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], input_name
 
 
 def _onnx_runner(data: bytes) -> Runner:
-    from ptycho_runtime.backends import import_onnxruntime
+    from ptycho_runtime.inference.backends import import_onnxruntime
 
     ort = import_onnxruntime()  # onnxruntime or onnxruntime-gpu, whichever extra was installed
     session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])

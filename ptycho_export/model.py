@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ptycho_runtime.bundle_format import OUTPUT_NAMES  # noqa: F401 - one definition, re-exported
+from ptycho_runtime.format import OUTPUT_NAMES  # noqa: F401 - one definition, re-exported
 
 from .config import ModelConfig
 from .data.simulate import intensity_scale_from_nphotons

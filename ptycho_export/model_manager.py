@@ -1,6 +1,6 @@
 """Save and load trained models as one pickle-free HDF5 bundle (CONFIG-001 on load).
 
-The layout and the reader live in ``ptycho_runtime.bundle_format`` (one
+The layout and the reader live in ``ptycho_runtime.format`` (one
 definition for writer and reader); this module adds what needs torch:
 turning models into tensors and tensors back into models.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ptycho_runtime import bundle_format as fmt
+from ptycho_runtime import format as fmt
 
 from . import __version__, params
 from .config import ModelConfig
@@ -176,7 +176,7 @@ def load_torch_bundle(base_path: Union[str, os.PathLike], model_name: Optional[s
 
     Returns ``(model, params)`` for a ``model_name``, or ``({"autoencoder", "diffraction_to_obj"}, params)``.
     Models are in eval mode on the CPU. The file is read under the reader
-    policy of ``ptycho_runtime.bundle_format`` (params validated, the model
+    policy of ``ptycho_runtime.format`` (params validated, the model
     size bounded by them); every problem with it raises a ``BundleError``
     subclass, and ``params.cfg`` is only updated once the models load, so a
     refused bundle leaves no trace in it. Library code that must not touch

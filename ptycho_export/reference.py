@@ -20,9 +20,9 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from ptycho_runtime.reconstruction.stitching import Reconstruction, StitchCanvas, canvas_bounds
 from ptycho_runtime.refinement.ptychi_engine import PtychiUnavailableError, run_ptychi
 from ptycho_runtime.refinement.ptychi_engine import import_ptychi as _import_ptychi
-from ptycho_runtime.stitching import Reconstruction, StitchCanvas, canvas_bounds
 
 __all__ = ["ALGORITHMS", "DEFAULT_BATCH_SIZE", "DEFAULT_ITERATIONS", "ReferenceResult", "ReferenceUnavailableError",
            "import_ptychi", "run_reference"]

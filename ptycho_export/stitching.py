@@ -4,6 +4,6 @@ One implementation for both sides means a reconstruction from eager PyTorch
 and one from the runtime are stitched identically.
 """
 
-from ptycho_runtime.stitching import Reconstruction, StitchCanvas, canvas_bounds, stitch_patches
+from ptycho_runtime.reconstruction.stitching import Reconstruction, StitchCanvas, canvas_bounds, stitch_patches
 
 __all__ = ["Reconstruction", "StitchCanvas", "canvas_bounds", "stitch_patches"]

@@ -3,7 +3,7 @@
 ``verify_bundle`` reads the bundle (every dataset's sha256 is verified; a
 mismatch is *reported*, not raised), then recomputes the stored parity
 cases with each backend and compares the results with the eager outputs
-stored at export time, using ``ptycho_runtime.parity.parity_report`` (the
+stored at export time, using ``ptycho_runtime.inference.parity.parity_report`` (the
 same definition export used):
 
 - ``eager``: the PyTorch models rebuilt from the bundle's weights and its own
@@ -15,7 +15,7 @@ same definition export used):
   offers it *and* a session really runs on it (no silent CPU fallback).
 
 Parity inputs are stored in the units ``Bundle.predict`` takes and fed as
-amplitude × the bundle's ``intensity_scale`` (``ptycho_runtime.parity``), so a
+amplitude × the bundle's ``intensity_scale`` (``ptycho_runtime.inference.parity``), so a
 bundle whose scale was changed fails here even with consistent checksums.
 Tolerances are this module's constants (1e-4 for graphs, 1e-5 eager), never
 the file's own metadata, unless the caller passes ``tolerance``. Graph bytes
@@ -32,9 +32,9 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 import numpy as np
 
-from ptycho_runtime import bundle_format as fmt
-from ptycho_runtime.backends import import_onnxruntime, quiet_library_warnings
-from ptycho_runtime.parity import DEFAULT_TOLERANCE, case_batch, graph_feeds, parity_report
+from ptycho_runtime import format as fmt
+from ptycho_runtime.inference.backends import import_onnxruntime, quiet_library_warnings
+from ptycho_runtime.inference.parity import DEFAULT_TOLERANCE, case_batch, graph_feeds, parity_report
 
 BACKENDS = ("eager", "torchscript", "onnxruntime-cpu", "onnxruntime-cuda")
 EAGER_TOLERANCE = 1e-5

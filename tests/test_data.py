@@ -31,7 +31,7 @@ from ptycho_export.data import (
     scan_positions,
     simulate_scan,
 )
-from ptycho_runtime.npz import detect_units
+from ptycho_runtime.files.npz import detect_units
 
 
 @pytest.fixture(scope="module")

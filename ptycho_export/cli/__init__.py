@@ -22,8 +22,8 @@ them, so ``inspect`` and ``--help`` start quickly.
 
 from __future__ import annotations
 
-from ptycho_runtime.bundle_format import DEFAULT_OPSET
-from ptycho_runtime.parity import DEFAULT_TOLERANCE as PARITY_TOLERANCE
+from ptycho_runtime.format import DEFAULT_OPSET
+from ptycho_runtime.inference.parity import DEFAULT_TOLERANCE as PARITY_TOLERANCE
 
 from .bundle_command import CompileOptions, compile_bundle
 from .errors import EXIT_CHECKSUM, EXIT_ERROR, EXIT_OK, EXIT_PARITY, EXIT_USAGE, PROG, CliError

@@ -13,8 +13,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from ptycho_runtime.bundle_format import DEFAULT_OPSET
-from ptycho_runtime.parity import DEFAULT_TOLERANCE as PARITY_TOLERANCE
+from ptycho_runtime.format import DEFAULT_OPSET
+from ptycho_runtime.inference.parity import DEFAULT_TOLERANCE as PARITY_TOLERANCE
 
 from .errors import EXIT_OK, CliError
 from .output import GRAPH_HEADERS, graph_rows, print_json, table
@@ -49,7 +49,7 @@ def compile_bundle(options: CompileOptions) -> dict[str, Any]:
     that is not a usable bundle, ``export.ParityError`` when a graph does not
     reproduce the eager model (nothing is written then).
     """
-    from ptycho_runtime.bundle_format import check_bundle_file
+    from ptycho_runtime.format import check_bundle_file
 
     if options.no_torchscript and options.no_onnx:
         raise CliError("--no-torchscript and --no-onnx together leave nothing to compile")

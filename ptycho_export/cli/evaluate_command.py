@@ -41,7 +41,7 @@ class EvaluateOptions:
 
 
 def _check(options: EvaluateOptions) -> None:
-    from ptycho_runtime.bundle_format import check_bundle_file
+    from ptycho_runtime.format import check_bundle_file
 
     check_bundle_file(options.bundle)  # before torch is imported
     if not Path(options.scan).is_file():

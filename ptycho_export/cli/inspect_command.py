@@ -56,8 +56,8 @@ def _graph_info(contents: Any) -> dict[str, Any]:
 
 def inspect_bundle(path: str | os.PathLike) -> dict[str, Any]:
     """Everything ``inspect`` shows, as plain data."""
-    from ptycho_runtime import bundle_format as fmt
-    from ptycho_runtime.parity import case_batch
+    from ptycho_runtime import format as fmt
+    from ptycho_runtime.inference.parity import case_batch
 
     bundle_path = fmt.resolve_bundle_path(path)
     contents = fmt.read_bundle(bundle_path)  # the reader policy; the file is not opened again

@@ -40,7 +40,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def classify(exc: BaseException) -> tuple[int, str]:
     """(exit code, the one error line) of an exception a command raised."""
-    from ptycho_runtime.bundle_format import BundleChecksumError, BundleError, BundleIntegrityError
+    from ptycho_runtime.format import BundleChecksumError, BundleError, BundleIntegrityError
 
     if isinstance(exc, CliError):
         return exc.code, str(exc)

@@ -99,7 +99,7 @@ def metric_cell(value: Any, fmt: str) -> str:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a text file so a crash never leaves half of it under the final name."""
-    from ptycho_runtime.bundle_format import atomic_write_path
+    from ptycho_runtime.format import atomic_write_path
 
     with atomic_write_path(path) as tmp:
         tmp.write_text(text)

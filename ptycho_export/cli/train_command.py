@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from ptycho_runtime.geometry import DEFAULT_CENTRE
+from ptycho_runtime.reconstruction.geometry import DEFAULT_CENTRE
 
 from .errors import EXIT_OK, EXIT_PARITY, CliError, error_line
 from .output import GRAPH_HEADERS, err_cell, graph_rows, mib, table
@@ -180,7 +180,7 @@ def _write_outputs(out_dir: Path, test: Any, score: Optional[TestScore], history
         save_npz(out_dir / "test_scan.npz", test)
         files.append(out_dir / "test_scan.npz")
     if score is not None:
-        from ptycho_runtime.cli import write_png  # one plot for both CLIs (atomic write, colour bars)
+        from ptycho_runtime.files import write_png  # one plot for both CLIs (atomic write, colour bars)
 
         write_png(out_dir / "reconstruction.png", score.recon, figure_title(test.n, score.scored))
         files.append(out_dir / "reconstruction.png")

@@ -24,7 +24,7 @@ class VerifyOptions:
 
 def run_verify(options: VerifyOptions) -> dict[str, Any]:
     """``verify_bundle``'s report; the file is checked before torch is imported."""
-    from ptycho_runtime.bundle_format import check_bundle_file
+    from ptycho_runtime.format import check_bundle_file
 
     check_bundle_file(options.bundle)  # before torch is imported
     from ..verify import verify_bundle

@@ -50,7 +50,7 @@ class PtychoData:
         nphotons: mean photons (counts) per pattern when the data's units tell
             it (counts or photon-unit amplitudes), else None. It fixes the
             intensity scale, so the Poisson likelihood sees the real counts.
-        physics: the instrument (``ptycho_runtime.bundle_format.PHYSICS_KEYS``:
+        physics: the instrument (``ptycho_runtime.format.PHYSICS_KEYS``:
             photon energy, detector distance and pixel, object pixel) when the
             data says it, else None; training writes it into the bundle.
     """

@@ -10,7 +10,7 @@ from typing import Optional
 
 import numpy as np
 
-from ptycho_runtime.grouping import group_neighbors
+from ptycho_runtime.reconstruction.grouping import group_neighbors
 
 from .container import GroupedData, PtychoData
 

@@ -22,8 +22,8 @@ from typing import Dict, Optional, Union
 
 import numpy as np
 
-from ptycho_runtime.geometry import DEFAULT_CENTRE
-from ptycho_runtime.npz import read_npz_arrays, write_npz_arrays
+from ptycho_runtime.files.npz import read_npz_arrays, write_npz_arrays
+from ptycho_runtime.reconstruction.geometry import DEFAULT_CENTRE
 
 from .container import PtychoData
 
@@ -66,11 +66,11 @@ def load_ptychodus(product: PathLike, patterns: PathLike) -> PtychoData:
     the data's ``physics``.
     """
     try:
-        from ptycho_runtime.ptychodus.files import read_input, training_scan
+        from ptycho_runtime.hosts.ptychodus.files import read_input, training_scan
     except ImportError as exc:
         raise ValueError(f"reading ptychodus files needs ptychodus: pip install 'ptycho-runtime[ptychodus]' ({exc})"
                          ) from None
-    from ptycho_runtime.npz import normalise_probe, normalization_factor
+    from ptycho_runtime.files.npz import normalise_probe, normalization_factor
 
     scan = training_scan(read_input(product, patterns))
     amp = scan["diffraction"]

@@ -136,7 +136,7 @@ def realistic_scan(N: int = 64, n_positions: int = 1000, overlap: float = 0.7, p
 
 def save_realistic_npz(path, data: PtychoData) -> None:
     """Write ``data`` as an instrument would: sqrt(counts) in photons, probe at an arbitrary absolute scale."""
-    from ptycho_runtime.npz import write_npz_arrays
+    from ptycho_runtime.files.npz import write_npz_arrays
 
     if data.nphotons is None:
         raise ValueError("the scan has no photon count (nphotons); it cannot be written in photon units")

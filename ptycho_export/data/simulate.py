@@ -20,9 +20,9 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ptycho_runtime.geometry import frame_centre, frame_origin
-from ptycho_runtime.grouping import checked_coordinates
-from ptycho_runtime.npz import normalization_factor  # noqa: F401 - one definition, re-exported
+from ptycho_runtime.files.npz import normalization_factor  # noqa: F401 - one definition, re-exported
+from ptycho_runtime.reconstruction.geometry import frame_centre, frame_origin
+from ptycho_runtime.reconstruction.grouping import checked_coordinates
 
 from .container import PtychoData
 
@@ -263,7 +263,7 @@ def extract_patches(obj: np.ndarray, xcoords: np.ndarray, ycoords: np.ndarray, N
     """Bilinear N×N patches centred at (x, y): patch[r, c] = obj[y - (N-1)/2 + r, x - (N-1)/2 + c].
 
     The centre is frame pixel (N−1)/2, the PtychoPINN/ptychodus convention
-    (``ptycho_runtime.geometry``).
+    (``ptycho_runtime.reconstruction.geometry``).
 
     Pixels outside the object read as 0.  Integer positions are exact copies
     (the other three bilinear corners get weight 0 and are skipped).  The

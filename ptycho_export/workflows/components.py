@@ -14,8 +14,8 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from ptycho_runtime.alignment import stitch_scan
-from ptycho_runtime.stitching import probe_window
+from ptycho_runtime.reconstruction.alignment import stitch_scan
+from ptycho_runtime.reconstruction.stitching import probe_window
 
 from .. import params
 from ..config import TrainingConfig

@@ -13,14 +13,17 @@ reconstruction, what was clipped at the grid's edge).
 Importing this package never imports torch (the TorchScript backend imports
 it lazily, only when asked for), nor onnxruntime (imported when a bundle is
 loaded: install ``ptycho-runtime[cpu]`` or ``ptycho-runtime[gpu]``).
+
+Layout (docs/architecture.md): ``format`` (the bundle file) → ``reconstruction``
+(geometry, stitching) → ``refinement`` → ``inference`` (``Bundle``) → ``files``
+(scan and reconstruction files) → ``hosts`` / ``distributed`` → ``cli``;
+imports point down that list only. The flat module paths of earlier releases
+(``ptycho_runtime.bundle``, ``.stitching``, ...) still work, with a
+``DeprecationWarning``.
 """
 
-from importlib import metadata as _metadata
-
-from .alignment import align_patch_phases, stitch_scan
-from .backends import DeviceUnavailableError
-from .bundle import BACKENDS, Bundle, BundleInfo, ReconstructionCancelled, load_bundle
-from .bundle_format import (
+from ._version import __version__  # noqa: F401 - the installed version, as before
+from .format import (
     BundleChecksumError,
     BundleError,
     BundleFormatError,
@@ -31,18 +34,16 @@ from .bundle_format import (
     BundleParamsError,
     BundleUnsafeError,
 )
-from .geometry import DEFAULT_CENTRE, ObjectGrid, frame_centre, to_default_centre
-from .inputs import positions_from_metres, repair_bad_pixels
-from .physics import HostPhysics, PhysicsMismatchError
+from .inference.backends import DeviceUnavailableError
+from .inference.bundle import BACKENDS, Bundle, BundleInfo, ReconstructionCancelled, load_bundle
+from .inference.compatibility import HostPhysics, PhysicsMismatchError
+from .inference.remote_errors import ClusterError, RemoteError, ServerModelMismatchError, ServerUnavailableError
+from .inference.streaming import StreamingReconstructor
+from .reconstruction.alignment import align_patch_phases, stitch_scan
+from .reconstruction.geometry import DEFAULT_CENTRE, ObjectGrid, frame_centre, to_default_centre
+from .reconstruction.inputs import positions_from_metres, repair_bad_pixels
+from .reconstruction.stitching import Reconstruction, StitchCanvas, probe_window, stitch_patches
 from .refinement import RefinementCancelled, Refiner, RefineResult, refine, refine_epie
-from .remote import ClusterError, RemoteError, ServerModelMismatchError, ServerUnavailableError
-from .stitching import Reconstruction, StitchCanvas, probe_window, stitch_patches
-from .streaming import StreamingReconstructor
-
-try:  # the version is written once, in pyproject.toml
-    __version__ = _metadata.version("ptycho-runtime")
-except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
-    __version__ = "0+unknown"
 
 __all__ = [
     "BACKENDS",
@@ -85,3 +86,18 @@ __all__ = [
     "stitch_scan",
     "to_default_centre",
 ]
+
+# The flat modules of earlier releases were attributes of the package once it was imported
+# (``ptycho_runtime.physics.object_pixel_size``). They still are, for one release: the first access
+# imports the deprecated alias module, which warns and names the new path (PEP 562).
+_OLD_MODULES = frozenset({"alignment", "backends", "bundle", "bundle_format", "cli_cluster", "geometry", "grouping",
+                          "infer_many", "inputs", "npz", "parity", "physics", "ptychodus", "remote", "serve",
+                          "stitching", "streaming", "triton_client", "triton_model", "worker"})
+
+
+def __getattr__(name: str):  # noqa: ANN202 - a module
+    if name in _OLD_MODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

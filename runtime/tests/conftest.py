@@ -61,7 +61,7 @@ def g1_scan(fixture_dir):
     """The gridsize-1 fixture's scan: (normalised diffraction [48, 64, 64], positions [48, 2] as (x, y))."""
     import numpy as np
 
-    from ptycho_runtime.npz import read_npz_arrays
+    from ptycho_runtime.files.npz import read_npz_arrays
 
     s = read_npz_arrays(fixture_dir / "n64_g1" / "scan.npz")
     return s["diffraction"], np.stack([s["xcoords"], s["ycoords"]], axis=1)

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from ptycho_runtime.alignment import align_patch_phases, stitch_scan
-from ptycho_runtime.stitching import probe_window, stitch_patches
+from ptycho_runtime.reconstruction.alignment import align_patch_phases, stitch_scan
+from ptycho_runtime.reconstruction.stitching import probe_window, stitch_patches
 
 N = 16
 

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 
 import ptycho_runtime as pr
-from ptycho_runtime import backends
+from ptycho_runtime.inference import backends
 
 REAL_PROVIDERS = ort.get_available_providers()
 HAS_CUDA = backends.CUDA in REAL_PROVIDERS

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import ptycho_runtime as pr
-from ptycho_runtime.npz import read_npz_arrays
+from ptycho_runtime.files.npz import read_npz_arrays
 
 NAMES = ("n64_g1", "n64_g2")
 
@@ -97,7 +97,7 @@ def test_reconstruct_matches_training_eager_path(bundle_path, name):
 
 
 def test_reconstruct_pregrouped_equals_flat_for_gridsize2(bundles):
-    from ptycho_runtime.grouping import group_neighbors
+    from ptycho_runtime.reconstruction.grouping import group_neighbors
 
     b = bundles["n64_g2"]
     scan, pos = _scan(b.path)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ptycho_runtime import bundle_format as fmt
+from ptycho_runtime import format as fmt
 
 N, GRIDSIZE = 64, 2
 C = GRIDSIZE**2
@@ -141,3 +141,85 @@ def test_check_bundle_file_fails_fast_on_non_bundles(tmp_path):
     rng = np.random.default_rng(2)
     path = fmt.write_bundle(tmp_path / "wts.h5", _params(rng), _models(rng), "t", {})
     assert fmt.check_bundle_file(tmp_path) == path  # a folder holding wts.h5
+
+
+def _edit_params(path: Path, **changes) -> None:
+    """Rewrite /params/config_json with ``changes`` and a fresh checksum (a hand edit that knows the format)."""
+    import json
+
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        params = json.loads(f["params/config_json"][()])
+        params.update(changes)
+        fmt.write_json(f["params"], "config_json", params)
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"amp_activation": "tanh-of-my-own"}, "'amp_activation' must be one of sigmoid, swish"),
+    ({"amp_activation": 3}, "'amp_activation' must be one of"),
+    ({"output_prefix": "x" * (fmt.MAX_PARAM_STRING + 1)}, "'output_prefix' is a string of 4097 characters"),
+    ({"some_list": ["ok", "y" * 100_000]}, "'some_list' is a string of 100000 characters"),
+    ({"k" * 5000: 1}, "is a key longer than 4096"),
+])
+def test_reader_refuses_params_outside_their_allowed_values_and_sizes(tmp_path, changes, match):
+    """Unknown activation names and huge strings in params used to load on every reader."""
+    rng = np.random.default_rng(3)
+    path = fmt.write_bundle(tmp_path / "wts.h5", _params(rng), _models(rng), producer="t", versions={})
+    fmt.read_bundle(path)  # loads before the edit
+    _edit_params(path, **changes)
+    with pytest.raises(fmt.BundleParamsError, match=match) as info:
+        fmt.read_bundle(path)
+    assert "re-export it with ptycho-export" in str(info.value)  # the fix is named
+    with pytest.raises(fmt.BundleParamsError, match=match):  # and the writer refuses them too
+        fmt.write_bundle(tmp_path / "again.h5", {**_params(rng), **changes}, _models(rng), producer="t", versions={})
+
+
+def test_amp_activations_match_the_training_side():
+    """format.AMP_ACTIVATIONS is ptycho_export.config.AMP_ACTIVATIONS (read from the source: no torch needed)."""
+    import ast
+
+    config = Path(__file__).resolve().parents[2] / "ptycho_export" / "config.py"
+    if not config.is_file():
+        pytest.skip("ptycho_export's sources are not next to the runtime")
+    for node in ast.parse(config.read_text()).body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "AMP_ACTIVATIONS":
+            assert tuple(ast.literal_eval(node.value)) == fmt.AMP_ACTIVATIONS
+            return
+    pytest.fail("ptycho_export/config.py has no AMP_ACTIVATIONS")
+
+
+def test_max_children_is_enforced_on_groups_without_their_own_limit(tmp_path):
+    """MAX_CHILDREN was declared but never enforced: a group the schema gives no limit holds at most MAX_CHILDREN."""
+    import h5py
+
+    from ptycho_runtime.format.policy import Policy
+
+    path = tmp_path / "many.h5"
+    with h5py.File(path, "w") as f:
+        g = f.create_group("g")
+        for i in range(fmt.MAX_CHILDREN + 1):
+            g.create_dataset(f"d{i}", data=np.zeros(1))
+        ok = f.create_group("ok")
+        for i in range(fmt.MAX_CHILDREN):
+            ok.create_dataset(f"d{i}", data=np.zeros(1))
+    with h5py.File(path, "r") as f:
+        pol = Policy(f, path, path.stat().st_size)
+        assert len(pol.children(f["ok"], None)) == fmt.MAX_CHILDREN
+        with pytest.raises(fmt.BundleLimitError, match=f"at most {fmt.MAX_CHILDREN}"):
+            pol.children(f["g"], None)
+        with pytest.raises(fmt.BundleLimitError, match=f"at most {fmt.MAX_CHILDREN}"):
+            pol.names(f["g"])
+
+
+def test_every_declared_limit_is_used_by_the_reading_code():
+    """A limit in format.schema that no reader, check or policy uses is a promise the format does not keep."""
+    import re
+
+    import ptycho_runtime.format as package
+
+    folder = Path(package.__file__).parent
+    code = "".join((folder / f"{m}.py").read_text() for m in ("policy", "reader", "checks", "graphs"))
+    limits = re.findall(r"^(MAX_[A-Z0-9_]+) = ", (folder / "schema.py").read_text(), re.M)
+    unused = [name for name in limits if not re.search(rf"\b{name}\b", code)]
+    assert limits and not unused, f"declared but never enforced: {unused}"

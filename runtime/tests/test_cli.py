@@ -17,7 +17,7 @@ import pytest
 
 import ptycho_runtime as pr
 from ptycho_runtime import cli
-from ptycho_runtime.npz import normalization_factor, read_npz_arrays
+from ptycho_runtime.files.npz import normalization_factor, read_npz_arrays
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -94,13 +94,13 @@ def test_png_leaves_the_hosts_matplotlib_alone(bundle_path, tmp_path):
         import matplotlib
         matplotlib.use("svg")  # the host's choice
         import ptycho_runtime as pr
-        from ptycho_runtime import cli
+        from ptycho_runtime.files import write_png
         b = pr.load_bundle({str(path)!r})
-        from ptycho_runtime.npz import read_npz_arrays
+        from ptycho_runtime.files.npz import read_npz_arrays
         s = read_npz_arrays({str(path.parent / "scan.npz")!r})
         import numpy as np
         recon = b.reconstruct(s["diffraction"], np.stack([s["xcoords"], s["ycoords"]], 1), counts=False)
-        cli.write_png(__import__("pathlib").Path({str(tmp_path / "r.png")!r}), recon, "t")
+        write_png(__import__("pathlib").Path({str(tmp_path / "r.png")!r}), recon, "t")
         print(matplotlib.get_backend(), "matplotlib.pyplot" in sys.modules)
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -226,7 +226,7 @@ def test_unexpected_error_exits_1(bundle_path, tmp_path, capsys, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("kaboom")
 
-    from ptycho_runtime.bundle import Bundle
+    from ptycho_runtime.inference.bundle import Bundle
 
     monkeypatch.setattr(Bundle, "reconstruct", boom)
     path = bundle_path("n64_g1")
@@ -303,7 +303,7 @@ def test_console_script_subprocess(bundle_path, tmp_path):
 
 def test_infer_refine_runs_epie_from_the_network_object(bundle_path, tmp_path, capsys):
     """--refine N: the written object is refine_epie(network object, N sweeps) with the scan's own probe."""
-    from ptycho_runtime.geometry import frame_origin
+    from ptycho_runtime.reconstruction.geometry import frame_origin
     from ptycho_runtime.refinement import far_field_misfit, refine_epie
 
     path = bundle_path("n64_g1")

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from ptycho_runtime.geometry import frame_centre, frame_origin, to_default_centre
-from ptycho_runtime.stitching import stitch_patches
+from ptycho_runtime.reconstruction.geometry import frame_centre, frame_origin, to_default_centre
+from ptycho_runtime.reconstruction.stitching import stitch_patches
 
 
 def test_default_centre_is_geometric_array_centre():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import ptycho_runtime as pr
-from ptycho_runtime.geometry import ObjectGrid, scan_positions_px
+from ptycho_runtime.reconstruction.geometry import ObjectGrid, scan_positions_px
 
 
 @pytest.fixture(scope="module")

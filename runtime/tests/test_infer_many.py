@@ -19,9 +19,10 @@ import pytest
 distributed = pytest.importorskip("distributed", reason="the [dask] extra (distributed) is not installed")
 
 import ptycho_runtime as pr  # noqa: E402
-from ptycho_runtime import cli, cli_cluster  # noqa: E402
-from ptycho_runtime import infer_many as im  # noqa: E402
-from ptycho_runtime.npz import read_npz_arrays, write_npz_arrays  # noqa: E402
+from ptycho_runtime import cli  # noqa: E402
+from ptycho_runtime.cli import cluster as cli_cluster  # noqa: E402
+from ptycho_runtime.distributed import infer_many as im  # noqa: E402
+from ptycho_runtime.files.npz import read_npz_arrays, write_npz_arrays  # noqa: E402
 
 TOL = 1e-6
 # what infer writes that legitimately differs between two runs (timings, the scan's path)

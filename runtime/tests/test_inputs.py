@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import ptycho_runtime as pr
-from ptycho_runtime.inputs import check_positions, check_scan_positions, prepare_diffraction
-from ptycho_runtime.stitching import MAX_CANVAS_PIXELS, StitchCanvas
+from ptycho_runtime.reconstruction.inputs import check_positions, check_scan_positions, prepare_diffraction
+from ptycho_runtime.reconstruction.stitching import MAX_CANVAS_PIXELS, StitchCanvas
 
 
 @pytest.fixture(scope="module")

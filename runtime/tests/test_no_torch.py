@@ -17,8 +17,8 @@ SCRIPT = textwrap.dedent("""
     import numpy as np
     import ptycho_runtime
     import ptycho_runtime.cli
-    import ptycho_runtime.npz
-    from ptycho_runtime.grouping import group_neighbors
+    import ptycho_runtime.files.npz
+    from ptycho_runtime.reconstruction.grouping import group_neighbors
     assert "torch" not in sys.modules, "import ptycho_runtime imported torch"
 
     def check(path, scan_path, out):
@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent("""
         got = b.predict(par["input.amplitude"])
         ref = par["diffraction_to_obj.amplitude"] * np.exp(1j * par["diffraction_to_obj.phase"])
         assert np.abs(got - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())
-        scan = ptycho_runtime.npz.read_npz_arrays(scan_path)
+        scan = ptycho_runtime.files.npz.read_npz_arrays(scan_path)
         pos = np.stack([scan["xcoords"], scan["ycoords"]], axis=1)
         rec = b.reconstruct(scan["diffraction"], pos)
         idx = group_neighbors(pos[:, 0], pos[:, 1], b.gridsize)  # the stream takes pre-grouped frames

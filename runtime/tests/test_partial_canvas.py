@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ptycho_runtime.infer_many import Partial, ScanPlan, finish_scan, merge_partials
-from ptycho_runtime.stitching import StitchCanvas, canvas_bounds, probe_window, stitch_patches
+from ptycho_runtime.distributed.infer_many import Partial, ScanPlan, finish_scan, merge_partials
+from ptycho_runtime.reconstruction.stitching import StitchCanvas, canvas_bounds, probe_window, stitch_patches
 
 N = 16
 
@@ -61,3 +61,33 @@ def test_sums_are_copies():
     re[:] = 0
     wsum[:] = 0
     assert canvas.result().weight.max() > 0
+
+
+def test_the_driver_writes_what_infer_writes_from_the_workers_report(tmp_path):
+    """The last stage of a scan: the driver, which never holds a Bundle, writes the file from a Provenance."""
+    import h5py
+
+    from ptycho_runtime.distributed.infer_many import ScanResult, _ScanRun
+
+    patches, pos, window = _scan()
+    canvas = StitchCanvas.for_positions(pos, N, window=window)
+    canvas.add(patches, pos)
+    params = {"N": N, "gridsize": 1, "intensity_scale": 3.5, "probe": np.ones((N, N), np.complex64)}
+    plan = ScanPlan(len(pos), len(pos), canvas.origin, canvas.shape, pos, params, "onnx", "cpu",
+                    ["CPUExecutionProvider"])
+
+    class Done:  # a finished future
+        def result(self):
+            return canvas.result()
+
+    scan, out = str(tmp_path / "scan.npz"), tmp_path / "scan.h5"
+    results = {scan: ScanResult(scan, out)}
+    run = _ScanRun(None, "plugin", str(tmp_path / "wts.h5"), results, 8, None, None)
+    fut = Done()
+    run.stage[fut], run.plans[scan], run.started[scan], run.held[scan] = (scan, "final"), plan, 0.0, []
+    assert run.advance(fut) is None and results[scan].ok and results[scan].n_patterns == len(pos)
+    with h5py.File(out) as f:
+        np.testing.assert_array_equal(f["object"][()], canvas.result().object)
+        assert f.attrs["format"] == "ptycho-runtime-reconstruction" and f.attrs["backend"] == "onnx"
+        assert f.attrs["N"] == N and f.attrs["intensity_scale"] == 3.5 and f.attrs["n_patterns"] == len(pos)
+        assert f.attrs["bundle_path"] == str((tmp_path / "wts.h5").resolve()) and "probe" in f

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 
 import ptycho_runtime as pr
-from ptycho_runtime import bundle_format as fmt
-from ptycho_runtime.physics import object_pixel_size
+from ptycho_runtime import format as fmt
+from ptycho_runtime.inference.compatibility import object_pixel_size
 
 INSTRUMENT = {"photon_energy_eV": 10_000.0, "detector_distance_m": 2.0, "detector_pixel_size_m": 75e-6}
 
 
 def _with_physics(path, meta):
-    with fmt.atomic_bundle_write(path, copy_existing=True) as f:
+    with fmt.atomic_h5_write(path, copy_existing=True) as f:
         fmt.write_physics(f, meta)
     return path
 

@@ -33,7 +33,7 @@ from skimage.filters import window  # noqa: E402
 from skimage.registration import phase_cross_correlation  # noqa: E402
 
 import ptycho_runtime as pr  # noqa: E402
-from ptycho_runtime.ptychodus import (  # noqa: E402
+from ptycho_runtime.hosts.ptychodus import (  # noqa: E402
     ALGORITHM,
     PtychoRuntimeReconstructorLibrary,
     host_scan,
@@ -41,10 +41,11 @@ from ptycho_runtime.ptychodus import (  # noqa: E402
     read_input,
     write_product,
 )
+from ptycho_runtime.inference.compatibility import object_pixel_size  # noqa: E402
 
 N = 64
 ENERGY_EV, DISTANCE_M, DETECTOR_PX_M = 10_000.0, 2.0, 75e-6
-PIXEL_M = pr.physics.object_pixel_size(ENERGY_EV, DISTANCE_M, DETECTOR_PX_M, N)  # ~52 nm, as ptychodus computes it
+PIXEL_M = object_pixel_size(ENERGY_EV, DISTANCE_M, DETECTOR_PX_M, N)  # ~52 nm, as ptychodus computes it
 CENTRE_M = (3e-6, -2e-6)  # stage coordinates: the object is not centred on (0, 0)
 SHAPE = (121, 127)  # (H, W)
 
@@ -89,12 +90,12 @@ def scan_dir(fixture_dir, tmp_path_factory) -> Path:
 
 def _ptychodus(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    return subprocess.run([sys.executable, "-m", "ptycho_runtime.ptychodus", *args], capture_output=True, text=True,
-                          timeout=600, env=env)
+    return subprocess.run([sys.executable, "-m", "ptycho_runtime.hosts.ptychodus", *args], capture_output=True,
+                          text=True, timeout=600, env=env)
 
 
 def test_batch_mode_end_to_end(scan_dir, tmp_path):
-    """`python -m ptycho_runtime.ptychodus -b reconstruct -i IN -o OUT` → a product ptychodus reads, on IN's grid."""
+    """`python -m ptycho_runtime.hosts.ptychodus -b reconstruct -i IN -o OUT` → a product ptychodus reads (IN grid)."""
     out = tmp_path / "out"
     proc = _ptychodus("-b", "reconstruct", "-i", str(scan_dir), "-o", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -245,3 +246,34 @@ def test_physics_checked_against_the_bundle(reconstructor, scan_dir):
         bundle.check_host(scan.physics, counts=scan.counts * 100, strict=True)
     wrong_grid = pr.HostPhysics(object_pixel_size_m=2 * PIXEL_M, probe_pixel_size_m=PIXEL_M)
     assert any("cannot be stitched" in f for f in bundle.check_host(wrong_grid))
+
+
+def test_training_scan_reports_nphotons_measured_or_given(scan_dir):
+    """training_scan(nphotons=...) used to ignore its argument: now it is the scan's dose, else the measured one."""
+    from ptycho_runtime.hosts.ptychodus.files import training_scan
+
+    parameters = read_input(scan_dir / "product.h5", scan_dir / "diffraction.h5")
+    measured = training_scan(parameters)
+    amp = measured["diffraction"].astype(np.float64)
+    assert measured["nphotons"] == pytest.approx(np.mean(np.sum(amp.reshape(amp.shape[0], -1) ** 2, axis=-1)))
+    assert training_scan(parameters, nphotons=1234.5)["nphotons"] == 1234.5
+    with pytest.raises(ValueError, match="nphotons"):
+        training_scan(parameters, nphotons=-1.0)
+
+
+def test_old_module_paths_still_work_with_a_warning():
+    """ptycho_runtime.ptychodus (and python -m ptycho_runtime.ptychodus) keep working for one release."""
+    import importlib
+    import sys as _sys
+
+    for name in [m for m in _sys.modules if m.startswith("ptycho_runtime.ptychodus")]:
+        del _sys.modules[name]
+    with pytest.warns(DeprecationWarning, match="ptycho_runtime.hosts.ptychodus"):
+        old = importlib.import_module("ptycho_runtime.ptychodus")
+    from ptycho_runtime.hosts import ptychodus as new
+
+    assert old.PtychoRuntimeReconstructorLibrary is new.PtychoRuntimeReconstructorLibrary
+    from ptycho_runtime.hosts.ptychodus.__main__ import main
+    from ptycho_runtime.ptychodus.__main__ import main as old_main
+
+    assert old_main is main

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import ptycho_runtime as pr
-from ptycho_runtime import bundle_format as fmt
+from ptycho_runtime import format as fmt
+from ptycho_runtime.format import atomic
 
 GENERATOR = Path(__file__).resolve().parents[2] / "tests" / "hostile" / "hostile_bundles.py"
 
@@ -126,14 +127,14 @@ def _dead_pid() -> int:
 
 def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
     target = tmp_path / "wts.h5"
-    host = fmt._host_token()
+    host = atomic._host_token()
     stale = tmp_path / f".wts.h5.{host}.{_dead_pid()}.abc123.tmp"
     live = tmp_path / f".wts.h5.{host}.{os.getppid()}.def456.tmp"  # a running process: maybe mid-write
     other_host = tmp_path / f".wts.h5.elsewhere.{_dead_pid()}.aaa.tmp"  # cannot tell: kept
     unrelated = tmp_path / ".other.h5.x.1.tmp"
     for p in (stale, live, other_host, unrelated):
         p.write_bytes(b"partial")
-    with fmt.atomic_bundle_write(target) as f:
+    with fmt.atomic_h5_write(target) as f:
         f.attrs["x"] = 1
     assert target.exists() and not stale.exists()
     assert live.exists() and other_host.exists() and unrelated.exists()
@@ -154,8 +155,8 @@ def test_failed_write_leaves_no_temp_and_keeps_the_old_file(tmp_path):
 
 def test_atomic_write_fsyncs_the_folder(tmp_path, monkeypatch):
     synced = []
-    real = fmt._fsync_dir
-    monkeypatch.setattr(fmt, "_fsync_dir", lambda folder: (synced.append(Path(folder)), real(folder)))
+    real = atomic._fsync_dir
+    monkeypatch.setattr(atomic, "_fsync_dir", lambda folder: (synced.append(Path(folder)), real(folder)))
     with fmt.atomic_write_path(tmp_path / "out.bin") as tmp:
         tmp.write_bytes(b"data")
     assert synced == [tmp_path] and (tmp_path / "out.bin").read_bytes() == b"data"

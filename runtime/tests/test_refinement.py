@@ -7,8 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 
+from ptycho_runtime.reconstruction.stitching import StitchCanvas, probe_window
 from ptycho_runtime.refinement import far_field_misfit, refine_epie
-from ptycho_runtime.stitching import StitchCanvas, probe_window
 
 N = 32
 

@@ -7,9 +7,9 @@ import threading
 import numpy as np
 import pytest
 
+from ptycho_runtime.reconstruction.stitching import Reconstruction, StitchCanvas, probe_window
 from ptycho_runtime.refinement import RefinementCancelled, Refiner, far_field_misfit, refine
 from ptycho_runtime.refinement.batching import make_batches, sparse_batches, window_corners, windows_overlap
-from ptycho_runtime.stitching import Reconstruction, StitchCanvas, probe_window
 
 N = 32
 

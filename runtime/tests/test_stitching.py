@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ptycho_runtime.stitching import StitchCanvas, canvas_bounds, stitch_patches
+from ptycho_runtime.reconstruction.stitching import StitchCanvas, canvas_bounds, stitch_patches
 
 N = 16
 

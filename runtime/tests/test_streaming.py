@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import ptycho_runtime as pr
-from ptycho_runtime.grouping import group_neighbors
-from ptycho_runtime.npz import read_npz_arrays
+from ptycho_runtime.files.npz import read_npz_arrays
+from ptycho_runtime.reconstruction.grouping import group_neighbors
 
 CHUNKS = (5, 1, 17, 3, 22)  # uneven, sums to 48 (the fixture scan)
 

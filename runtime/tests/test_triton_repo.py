@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 import ptycho_runtime as pr
-from ptycho_runtime import bundle_format as fmt
 from ptycho_runtime import cli
-from ptycho_runtime.triton_model import file_sha256
+from ptycho_runtime import format as fmt
+from ptycho_runtime.format.checksum import file_sha256
 
 
 def _parse(path: Path):

@@ -27,8 +27,8 @@ pytest.importorskip("pytriton", reason="the [serve] extra (nvidia-pytriton) is n
 pytest.importorskip("tritonclient.grpc", reason="the [triton] extra (tritonclient) is not installed")
 
 import ptycho_runtime as pr  # noqa: E402
-from ptycho_runtime.grouping import group_neighbors  # noqa: E402
-from ptycho_runtime.npz import read_npz_arrays  # noqa: E402
+from ptycho_runtime.files.npz import read_npz_arrays  # noqa: E402
+from ptycho_runtime.reconstruction.grouping import group_neighbors  # noqa: E402
 
 START_TIMEOUT_S = 120
 TOL = 1e-6

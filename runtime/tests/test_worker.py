@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import ptycho_runtime as pr
-from ptycho_runtime.npz import read_npz_arrays
-from ptycho_runtime.worker import BundleWorker, Done, Progress, WorkerError
+from ptycho_runtime.files.npz import read_npz_arrays
+from ptycho_runtime.hosts.worker import BundleWorker, Done, Progress, WorkerError
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +94,10 @@ def test_a_bad_bundle_fails_at_start_with_its_own_error(tmp_path):
 
 def test_errors_cross_back_as_data_and_only_known_types_are_rebuilt():
     """No pickled objects come back from the worker: only built-in and ptycho_runtime exception types are rebuilt."""
-    from ptycho_runtime.worker import _pack, _raise
+    from ptycho_runtime.hosts.worker import _pack, _raise
 
     spec, name, text = _pack(pr.BundleFormatError("not an HDF5 file: x.h5"))
-    assert spec == ("ptycho_runtime.bundle_format", "BundleFormatError", ("not an HDF5 file: x.h5",))
+    assert spec == ("ptycho_runtime.format.errors", "BundleFormatError", ("not an HDF5 file: x.h5",))
     with pytest.raises(pr.BundleFormatError, match="not an HDF5 file"):
         _raise(("error", 1, spec, name, text))
     with pytest.raises(ValueError, match="plain"):

@@ -19,7 +19,7 @@ warnings.simplefilter("ignore")
 reader, cases_file = sys.argv[1], sys.argv[2]
 cases = json.loads(open(cases_file).read())
 
-from ptycho_runtime import bundle_format as fmt  # noqa: E402
+from ptycho_runtime import format as fmt  # noqa: E402
 
 if reader in ("load_torch_bundle", "export_inspect", "export_verify", "load_bundle_ts"):
     import torch  # noqa: F401,E402  (imported before the cap, as an application would have it)

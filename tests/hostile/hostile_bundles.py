@@ -36,7 +36,7 @@ CANARY_TOKEN = b"CANARY-7f3c9e-outside-the-bundle\n"
 OLD_ATIME = 946684800  # 2000-01-01: any read after this updates atime on relatime mounts
 
 # readers, by name (the harness in test_hostile.py maps them to calls)
-READ = "read_bundle"            # ptycho_runtime.bundle_format.read_bundle
+READ = "read_bundle"            # ptycho_runtime.format.read_bundle
 LOAD = "load_bundle"            # ptycho_runtime.load_bundle (onnx, self-test)
 LOAD_TS = "load_bundle_ts"      # ptycho_runtime.load_bundle(backend="torchscript")
 TORCH = "load_torch_bundle"     # ptycho_export.load_torch_bundle

@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ptycho_runtime import bundle_format as fmt  # noqa: E402
+from ptycho_runtime import format as fmt  # noqa: E402
 
 
 @pytest.mark.parametrize("N,nfs", [(64, 1), (64, 2), (128, 1), (256, 1)])
@@ -45,4 +45,4 @@ def test_onnx_allow_list_covers_the_exporter():
             fmt.check_onnx_graph(g.data, (g.kind, g.model), p)
         else:
             fmt.check_torchscript_archive(g.data, g.model)
-        fmt._check_graph_metadata(g.metadata, g.kind, g.model, p, g.data, "test", f"/graphs/{g.kind}/{g.model}")
+        fmt.check_graph_metadata(g.metadata, g.kind, g.model, p, g.data, "test", f"/graphs/{g.kind}/{g.model}")

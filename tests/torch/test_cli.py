@@ -20,8 +20,8 @@ from onnx import numpy_helper  # noqa: E402
 
 from ptycho_export import cli, export  # noqa: E402
 from ptycho_export.verify import verify_bundle  # noqa: E402
-from ptycho_runtime import bundle_format as fmt  # noqa: E402
-from ptycho_runtime.stitching import Reconstruction  # noqa: E402
+from ptycho_runtime import format as fmt  # noqa: E402
+from ptycho_runtime.reconstruction.stitching import Reconstruction  # noqa: E402
 
 GRAPHS = {"onnx/autoencoder", "onnx/diffraction_to_obj", "torchscript/autoencoder", "torchscript/diffraction_to_obj"}
 

@@ -115,8 +115,8 @@ def test_importing_ptychi_leaves_torch_and_sys_modules_as_they_were():
 @needs_ptychi
 def test_ptychi_engine_seeded_with_the_truth_stays_and_beats_a_flat_start():
     """refine(engine="ptychi") starts from the given object: from the truth it stays there; from flat it is worse."""
+    from ptycho_runtime.reconstruction.stitching import StitchCanvas, canvas_bounds
     from ptycho_runtime.refinement.ptychi_engine import run_ptychi
-    from ptycho_runtime.stitching import StitchCanvas, canvas_bounds
 
     amp, pos, probe, obj = easy_scan()
     N = probe.shape[0]
@@ -165,9 +165,9 @@ def test_ptychi_engine_seeded_with_the_truth_stays_and_beats_a_flat_start():
 @needs_ptychi
 def test_ptychi_engine_refines_a_wrong_probe():
     """refine_probe=True: pty-chi updates the probe, and the data fit beats keeping the wrong probe fixed."""
+    from ptycho_runtime.reconstruction.stitching import StitchCanvas, canvas_bounds
     from ptycho_runtime.refinement import far_field_misfit
     from ptycho_runtime.refinement.ptychi_engine import run_ptychi
-    from ptycho_runtime.stitching import StitchCanvas, canvas_bounds
 
     amp, pos, probe, obj = easy_scan()
     N = probe.shape[0]
@@ -225,7 +225,7 @@ def test_evaluate_cli_json_report_and_figure(make_bundle, capsys, tmp_path):
 
 def test_evaluate_cli_scores_a_perfect_reconstruction_perfectly(make_bundle, monkeypatch, capsys):
     """Feed the truth's own patches through the stitcher: the pipeline (stitch, mask, align, score) must say 1."""
-    from ptycho_runtime.bundle import Bundle
+    from ptycho_runtime.inference.bundle import Bundle
 
     bundle = make_bundle()
     scan = load_npz(bundle.parent / "scan.npz")

@@ -19,8 +19,8 @@ ort = pytest.importorskip("onnxruntime")
 from ptycho_export import export  # noqa: E402
 from ptycho_export.data import make_groups, simulate_scan  # noqa: E402
 from ptycho_export.model_manager import load_torch_bundle  # noqa: E402
-from ptycho_runtime import bundle_format as fmt  # noqa: E402
-from ptycho_runtime.parity import relative_error  # noqa: E402
+from ptycho_runtime import format as fmt  # noqa: E402
+from ptycho_runtime.inference.parity import relative_error  # noqa: E402
 
 # float32: a fresh random N=128 model has measured up to 1.1e-4 between oneDNN (eager) and onnxruntime on
 # one batch; the export contract itself (1e-4 on the stored batches) is what add_graphs enforces.

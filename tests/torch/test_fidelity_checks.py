@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 from ptycho_export.data import load_npz, make_groups  # noqa: E402
 from ptycho_export.data.realistic import dead_leaves_object, fermat_spiral, zone_plate_probe  # noqa: E402
 from ptycho_export.physics import PhysicsForward, poisson_nll  # noqa: E402
-from ptycho_runtime.npz import write_npz_arrays  # noqa: E402
+from ptycho_runtime.files.npz import write_npz_arrays  # noqa: E402
 
 N = 64
 
@@ -135,7 +135,7 @@ def test_backprojection_model_round_trips_through_bundle_graphs_and_runtime(tmp_
     import ptycho_runtime as pr
     from ptycho_export.model_manager import load_torch_bundle
     from ptycho_export.testing import make_test_bundle
-    from ptycho_runtime.npz import read_npz_arrays
+    from ptycho_runtime.files.npz import read_npz_arrays
 
     path = make_test_bundle(tmp_path / "bp", gridsize=2, n_positions=24, input_backprojection=True,
                             output_mode=output_mode)

@@ -21,8 +21,9 @@ from ptycho_export.config import ModelConfig, TrainingConfig  # noqa: E402
 from ptycho_export.data import default_probe  # noqa: E402
 from ptycho_export.model import create_torch_model_with_gridsize  # noqa: E402
 from ptycho_export.model_manager import load_torch_bundle, save_torch_bundle  # noqa: E402
-from ptycho_runtime import bundle_format as fmt  # noqa: E402
-from ptycho_runtime.bundle_format import BundleChecksumError, BundleFormatError  # noqa: E402
+from ptycho_runtime import format as fmt  # noqa: E402
+from ptycho_runtime.format import BundleChecksumError, BundleFormatError  # noqa: E402
+from ptycho_runtime.format import writer as fmt_writer  # noqa: E402
 
 N, GRIDSIZE, NPHOTONS = 64, 2, 1e6
 SAVED_SCALE = 7.25  # the input scale of the normalisation contract, written to params
@@ -403,7 +404,7 @@ def test_crash_during_save_keeps_previous_bundle(saved, bundle, monkeypatch, tar
     other, config = _build_models(seed=1)  # different weights: a completed save would change the file
     calls = {"n": 0}
     if target == "write_payload":
-        real = fmt.write_payload
+        real = fmt_writer.write_payload
 
         def flaky(*args, **kwargs):
             calls["n"] += 1
@@ -411,9 +412,9 @@ def test_crash_during_save_keeps_previous_bundle(saved, bundle, monkeypatch, tar
                 raise RuntimeError("disk full (simulated)")
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(fmt, "write_payload", flaky)
+        monkeypatch.setattr(fmt_writer, "write_payload", flaky)
     else:
-        real = fmt._write_model
+        real = fmt_writer._write_model
 
         def flaky(*args, **kwargs):
             calls["n"] += 1
@@ -421,7 +422,7 @@ def test_crash_during_save_keeps_previous_bundle(saved, bundle, monkeypatch, tar
                 raise RuntimeError("disk full (simulated)")
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(fmt, "_write_model", flaky)
+        monkeypatch.setattr(fmt_writer, "_write_model", flaky)
     with pytest.raises(RuntimeError, match="disk full"):
         save_torch_bundle(other, bundle, config, intensity_scale=SAVED_SCALE)
     assert calls["n"] >= 2  # it really failed midway
@@ -441,7 +442,7 @@ def test_crash_during_first_save_leaves_nothing(saved, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("simulated failure")
 
-    monkeypatch.setattr(fmt, "_write_model", boom)
+    monkeypatch.setattr(fmt_writer, "_write_model", boom)
     target = tmp_path / "out" / "wts.h5"
     with pytest.raises(OSError, match="simulated failure"):
         save_torch_bundle(saved["models"], target, saved["config"])

@@ -1,29 +1,14 @@
-"""ptycho-runtime inside ptychodus (``pip install 'ptycho-runtime[ptychodus]'``, ptychodus 1.7).
+"""Deprecated path of ``ptycho_runtime.hosts.ptychodus`` (goes away in the next release).
 
-- ``PtychoRuntimeReconstructorLibrary`` / ``PtychoRuntimeReconstructor``
-  (``reconstructor``): a bundle as a ptychodus reconstructor, warm in a worker
-  process, with progress and cancellation between micro-batches.
-- ``python -m ptycho_runtime.ptychodus [ptychodus arguments]`` (``__main__``):
-  ptychodus with that library registered (GUI, or ``-b reconstruct -i IN -o OUT``).
-- ``files``: ptychodus's product and diffraction files ↔ the runtime, for the
-  reconstructor and both CLIs.
-
-Importing this package imports ptychodus (an ``ImportError`` naming the extra
-otherwise); the core runtime never does.
+``import ptycho_runtime.ptychodus`` and its ``files`` / ``reconstructor``
+modules keep working with a ``DeprecationWarning``; ``python -m
+ptycho_runtime.ptychodus`` keeps starting ptychodus with our reconstructor
+(now ``python -m ptycho_runtime.hosts.ptychodus``).
 """
 
-try:
-    import ptychodus  # noqa: F401
-except ImportError as exc:  # pragma: no cover - the message is the point
-    raise ImportError("ptycho_runtime.ptychodus needs ptychodus 1.7: pip install 'ptycho-runtime[ptychodus]'") from exc
+from .._deprecation import warn_moved
 
-from .files import HostScan, host_scan, output_product, read_input, write_product
-from .reconstructor import (
-    ALGORITHM,
-    PtychoRuntimeReconstructor,
-    PtychoRuntimeReconstructorLibrary,
-    PtychoRuntimeSettings,
-)
+warn_moved(__name__, "ptycho_runtime.hosts.ptychodus")
 
-__all__ = ["ALGORITHM", "HostScan", "PtychoRuntimeReconstructor", "PtychoRuntimeReconstructorLibrary",
-           "PtychoRuntimeSettings", "host_scan", "output_product", "read_input", "write_product"]
+from ..hosts.ptychodus import *  # noqa: E402,F401,F403 - the old names, unchanged
+from ..hosts.ptychodus import __all__  # noqa: E402,F401

@@ -17,8 +17,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..geometry import frame_origin
-from ..stitching import Reconstruction
+from ..reconstruction.geometry import frame_origin
+from ..reconstruction.stitching import Reconstruction
 from .batching import BATCHINGS, make_batches, window_corners
 from .result import CancelFn, ProgressFn, RefinementCancelled, RefineResult, cancel_requested
 

@@ -33,8 +33,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..geometry import frame_origin
-from ..stitching import Reconstruction
+from ..reconstruction.geometry import frame_origin
+from ..reconstruction.stitching import Reconstruction
 
 DEFAULT_REFINE_ITERATIONS = 20  # what `--refine` without a number runs: measured in docs/fidelity.md
 DEFAULT_MOMENTUM = 0.9

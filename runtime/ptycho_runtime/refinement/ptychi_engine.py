@@ -53,7 +53,7 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from ..stitching import Reconstruction
+from ..reconstruction.stitching import Reconstruction
 from .result import CancelFn, ProgressFn, RefinementCancelled, RefineResult, cancel_requested
 
 ALGORITHMS = ("lsqml", "epie")

@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
-from ..stitching import Reconstruction
+from ..reconstruction.stitching import Reconstruction
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Union[Callable[[], bool], Any]  # a callable returning True, or anything with is_set() (threading.Event)
