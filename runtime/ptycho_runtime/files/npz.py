@@ -34,6 +34,7 @@ import numpy as np
 from ..format import atomic_write_path
 from ..reconstruction.geometry import DEFAULT_CENTRE, check_centre, to_default_centre
 from ..reconstruction.inputs import check_scan_positions
+from ..reconstruction.probe_scale import normalise_probe
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -118,11 +119,6 @@ def _check_numeric(key: str, arr: np.ndarray, allow_complex: bool) -> None:
 
 UNITS = ("auto", "photons", "counts", "normalised")
 
-# A probe whose Σ|P|² is within this factor range of the mean pattern energy is taken to be in the
-# data's own units (Σ|O·P|² = pattern energy with a transmission |O|² in this range); otherwise its
-# absolute scale (an instrument's or simulator's convention) says nothing about the data.
-_PROBE_CONSISTENT_RATIO = (0.05, 1.5)
-
 
 def detect_units(values: np.ndarray) -> str:
     """Tell counts, photon-unit amplitudes (sqrt of counts) and normalised amplitudes apart.
@@ -142,35 +138,6 @@ def detect_units(values: np.ndarray) -> str:
     if np.count_nonzero(testable) >= 16 and np.all(np.abs(sq - np.round(sq))[testable] <= 1e-4 + 4e-7 * sq[testable]):
         return "photons"
     return "normalised"
-
-
-def normalise_probe(probe: np.ndarray, diffraction: np.ndarray, factor: float) -> tuple[np.ndarray, str]:
-    """The probe in the units of the normalised diffraction, and how its scale was chosen.
-
-    ``diffraction`` is the amplitude as read (photon units or as stored),
-    ``factor`` the normalisation applied to it. A probe already in the data's
-    units is scaled by the same factor. A probe at an unrelated absolute scale
-    (Σ|P|² = 1e14 for 1e6-photon frames is common) is rescaled so that Σ|P|²
-    equals the pattern energy of the brightest scan positions (99.5th
-    percentile): the most transmissive part of the scan is taken as
-    transmission 1, which keeps the amplitude of the object near its true
-    value instead of absorbing the unknown scale.
-    """
-    p = np.asarray(probe).astype(np.complex128)
-    p_energy = float(np.sum(np.abs(p) ** 2))
-    N = diffraction.shape[-1]
-    energy = np.sum(diffraction.astype(np.float64).reshape(-1, N * N) ** 2, axis=-1)
-    if not (np.isfinite(p_energy) and p_energy > 0):
-        raise ValueError("NPZ key 'probeGuess' is all zero or not finite; give the illumination the scan was "
-                         "measured with")
-    ratio = float(np.mean(energy)) / p_energy
-    lo, hi = _PROBE_CONSISTENT_RATIO
-    if lo <= ratio <= hi:
-        return (p * factor).astype(np.complex64), "data units"
-    target = float(np.percentile(energy, 99.5)) * factor**2
-    return (p * np.sqrt(target / p_energy)).astype(np.complex64), (
-        f"rescaled: its Σ|P|² ({p_energy:.3g}) is {ratio:.3g}× off the pattern energy, so it is set to the "
-        "brightest patterns' energy (transmission 1 there)")
 
 
 def read_npz_arrays(path: PathLike, counts: Optional[bool] = None, units: str = "auto",
