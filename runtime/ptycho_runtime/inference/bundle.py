@@ -41,6 +41,7 @@ from ..reconstruction.stitching import MAX_CANVAS_PIXELS, Reconstruction, Stitch
 from .backends import OnnxBackend, TorchScriptBackend, check_device_precision
 from .compatibility import HostPhysics, check_host
 from .parity import SELF_TEST_TOLERANCE, graph_input, relative_error
+from .scan_refinement import RefineRequest, as_settings, measured_amplitude, refine_scan
 from .streaming import StreamingReconstructor
 
 BACKENDS = ("auto", "onnx", "torchscript", "triton")
@@ -299,7 +300,8 @@ class Bundle:
                     out_of_grid: str = "clip", fill: complex = 0.0, cancel: Optional[Any] = None,
                     on_batch: Optional[Callable[[int, int, Callable[[], Reconstruction]], None]] = None,
                     host: Optional[HostPhysics] = None, strict: bool = False,
-                    max_canvas_pixels: int = MAX_CANVAS_PIXELS) -> Reconstruction:
+                    max_canvas_pixels: int = MAX_CANVAS_PIXELS, refine: RefineRequest = None,
+                    probe: Optional[np.ndarray] = None) -> Reconstruction:
         """Predict and stitch a scan into the full object, on the host's object grid.
 
         ``positions`` (x, y), one per frame: [n, 2] for n frames [n, N, N] —
@@ -349,8 +351,17 @@ class Bundle:
         ``host`` (a ``HostPhysics``): check the host's instrument, probe and
         (with ``counts=True``) count level against the bundle first
         (``check_host``): warnings, or ``PhysicsMismatchError`` with ``strict``.
+
+        ``refine``: then refine the stitched object against the frames
+        themselves (``scan_refinement.refine_scan``: the batched engine, 20
+        sweeps by default; ``True``, a number of sweeps, or a
+        ``RefineSettings``; None: off, the default) with ``probe`` — the
+        scan's probe at any absolute scale — or, without one, the bundle's
+        training probe. The result then carries ``probe`` and ``refinement``
+        (the record of what ran); ``cancel`` also stops the sweeps.
         """
         t0 = time.perf_counter()
+        settings = as_settings(refine)
         if host is not None:
             self.check_host(host, counts=diffraction if counts else None, strict=strict)
         the_grid = make_grid(grid, object_shape, pixel_size_m, object_centre_m)
@@ -395,6 +406,11 @@ class Bundle:
         if the_grid is not None and the_grid.pixel_size_m is not None:
             rec = dataclasses.replace(rec, pixel_size_m=the_grid.pixel_size_m,
                                       centre_m=the_grid.centre_of(canvas.origin, canvas.shape))
+        if settings is not None:
+            amplitude = repair_bad_pixels(measured_amplitude(diffraction, counts), bad_pixels)
+            rec = refine_scan(rec, amplitude, np.asarray(pos_px).reshape(-1, 2),
+                              self.probe if probe is None else probe, settings, fill=fill, cancel=cancel,
+                              probe_source="the bundle's training probe" if probe is None else "the host's probe")
         dt = time.perf_counter() - t0
         log.info("reconstructed %d frame group(s) of %s on a %d×%d grid in %.3f s (%d clipped, %d dropped at "
                  "the grid's edge)", total, self.path,

@@ -28,7 +28,7 @@ batch path agree.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -51,6 +51,9 @@ class Reconstruction:
     pixel ((W−1)/2, (H−1)/2) as in ptychodus — say where the object is;
     otherwise they are None. ``n_clipped`` patches lay partly outside the
     grid (their inside pixels were used) and ``n_dropped`` were not used at all.
+    After refinement against the scan (``inference.scan_refinement``),
+    ``probe`` is the probe the object goes with (refined or the scan's) and
+    ``refinement`` the record of what ran; both are None for a network-only stitch.
     """
 
     object: np.ndarray
@@ -61,6 +64,8 @@ class Reconstruction:
     centre_m: Optional[tuple[float, float]] = None
     n_clipped: int = 0
     n_dropped: int = 0
+    probe: Optional[np.ndarray] = None
+    refinement: Optional[dict[str, Any]] = None
 
     @property
     def amplitude(self) -> np.ndarray:

@@ -1,0 +1,155 @@
+"""Network, then refinement against the scan: the step that makes the fast path the good path.
+
+The network maps each pattern to its patch in one pass; it recovers local
+detail but not the phase of regions larger than the probe, and under a probe
+it was not trained through its output can be worse than nothing
+(docs/independent-scans.md). The scan itself determines both through its
+overlap, so ``Bundle.reconstruct(refine=...)``, the CLI, the streaming
+reconstructor and the hosts all finish with sweeps of the runtime's batched
+refinement (``refinement.refine``) with the scan's own probe.
+
+Two decisions are made here, once for every caller:
+
+- **the probe and its units**: the host's probe (a scan's ``probeGuess``, a
+  ptychodus product's probe) at its own absolute scale is brought to the
+  units of the measured amplitudes by ``probe_scale.normalise_probe``, the
+  NPZ reader's rule; without one, the bundle's training probe is used and
+  the record says so;
+- **the start**: ``start="auto"`` starts from whichever of the network's
+  object, its phase alone (unit amplitude) and a flat object explains the
+  measured patterns best (the far-field misfit on a sample of frames). A
+  network run through a foreign probe, whose amplitude is far off, then
+  costs nothing instead of steering the sweeps wrong.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+
+from ..reconstruction.geometry import frame_origin
+from ..reconstruction.probe_scale import normalise_probe
+from ..reconstruction.stitching import Reconstruction
+from ..refinement import DEFAULT_SWEEPS, far_field_misfit, refine
+from ..refinement.engine import BACKENDS, ENGINES
+
+START_CHOICES = ("auto", "network", "network phase", "flat")
+MISFIT_SAMPLE = 256
+"""Frames whose far-field misfit decides the start: enough to tell a useful start from noise, ~0.1 s."""
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    """How to refine after the network (``Bundle.reconstruct(refine=...)``; ``True`` means these defaults).
+
+    ``sweeps`` over all frames; ``engine`` "builtin" (batched rPIE, torch-free)
+    or "ptychi"; ``backend``/``device`` of the builtin engine; ``refine_probe``
+    also updates the probe; ``start`` "auto" (whichever of the network's
+    object, its phase alone and a flat object fits the data best),
+    "network", "network phase" or "flat";
+    ``progress(done, sweeps)`` after each sweep.
+    """
+
+    sweeps: int = DEFAULT_SWEEPS
+    engine: str = "builtin"
+    backend: str = "auto"
+    device: str = "cpu"
+    refine_probe: bool = False
+    start: str = "auto"
+    progress: Optional[Callable[[int, int], None]] = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sweeps, bool) or not isinstance(self.sweeps, (int, np.integer)) or self.sweeps < 1:
+            raise ValueError(f"refine sweeps must be an integer >= 1 (got {self.sweeps!r}); refine=None turns "
+                             "refinement off")
+        for name, value, allowed in (("engine", self.engine, ENGINES), ("backend", self.backend, BACKENDS),
+                                     ("start", self.start, START_CHOICES), ("device", self.device, ("cpu", "cuda"))):
+            if value not in allowed:
+                raise ValueError(f"refine {name} must be one of {', '.join(allowed)} (got {value!r})")
+
+
+RefineRequest = Union[None, bool, int, RefineSettings]
+
+
+def as_settings(refine_request: RefineRequest) -> Optional[RefineSettings]:
+    """None/False/0 → None (off); True → the defaults; an int → that many sweeps; settings as given."""
+    if refine_request is None or refine_request is False:
+        return None
+    if refine_request is True:
+        return RefineSettings()
+    if isinstance(refine_request, RefineSettings):
+        return refine_request
+    if isinstance(refine_request, (int, np.integer)):
+        return None if int(refine_request) == 0 else RefineSettings(sweeps=int(refine_request))
+    raise ValueError(f"refine must be None, True/False, a number of sweeps or a RefineSettings (got "
+                     f"{type(refine_request).__name__})")
+
+
+def measured_amplitude(frames: np.ndarray, counts: Optional[bool]) -> np.ndarray:
+    """[n, N, N] far-field amplitudes from the host's frames: sqrt(counts), or the amplitudes as given."""
+    x = np.asarray(frames, dtype=np.float32)
+    x = x.reshape(-1, x.shape[-2], x.shape[-1])
+    return np.sqrt(np.maximum(x, 0)) if counts else x
+
+
+def _inside(starts: np.ndarray, shape: tuple[int, int], N: int) -> np.ndarray:
+    """Frames whose (N+1)² bilinear window lies wholly on the canvas (the others cannot be refined there)."""
+    low = np.floor(starts)
+    return (low[:, 0] >= 0) & (low[:, 1] >= 0) & (low[:, 0] + N + 1 <= shape[1]) & (low[:, 1] + N + 1 <= shape[0])
+
+
+def _misfit(obj: np.ndarray, amplitude: np.ndarray, probe: np.ndarray, starts: np.ndarray) -> float:
+    step = max(1, amplitude.shape[0] // MISFIT_SAMPLE)
+    return far_field_misfit(obj, amplitude[::step], probe, starts[::step])
+
+
+def refine_scan(recon: Reconstruction, amplitude: np.ndarray, positions: np.ndarray, probe: np.ndarray,
+                settings: RefineSettings, *, probe_source: str, fill: complex = 1.0,
+                cancel: Optional[Any] = None) -> Reconstruction:
+    """Refine the network's ``recon`` against the measured ``amplitude`` [n, N, N] at ``positions`` [n, 2].
+
+    ``positions`` (x, y) are on ``recon``'s grid; ``probe`` [N, N] at any
+    absolute scale (``normalise_probe`` brings it to the amplitudes' units);
+    ``probe_source`` says whose probe it is, for the record. Frames whose
+    window leaves a fixed host grid are left out (counted). Returns the
+    refined object on the same grid with ``probe`` (the one used, refined
+    or not) and ``refinement`` (the engine's record plus the start chosen,
+    the probe's source and scale, the frames used) set; pixels the stitch
+    did not cover are ``fill`` again. ``cancel`` is checked between batches
+    (``refinement.RefinementCancelled``).
+    """
+    amp = np.asarray(amplitude, dtype=np.float32)
+    N = amp.shape[-1]
+    pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
+    if pos.shape[0] != amp.shape[0]:
+        raise ValueError(f"refinement needs one position per frame ({amp.shape[0]} frames, {pos.shape[0]} positions)")
+    P, scale_note = normalise_probe(np.asarray(probe), amp, 1.0)
+    starts = frame_origin(pos, N) - np.array([float(recon.x_coords[0]), float(recon.y_coords[0])])
+    keep = _inside(starts, recon.object.shape, N)
+    if not keep.any():
+        raise ValueError("no frame lies wholly on the object grid, so none can be refined; reconstruct on a canvas "
+                         "sized to the scan (no grid shape), or refine=None")
+    amp, pos, starts = amp[keep], pos[keep], starts[keep]
+    network = np.where(recon.covered, recon.object, np.complex64(1.0)).astype(np.complex64)
+    candidates = {"network": network, "network phase": np.exp(1j * np.angle(network)).astype(np.complex64),
+                  "flat": np.ones_like(network)}
+    t0 = time.perf_counter()
+    misfit = {name: _misfit(obj, amp, P, starts) for name, obj in candidates.items()}
+    choice = min(misfit, key=misfit.get) if settings.start == "auto" else settings.start
+    start = replace(recon, object=candidates[choice])
+    choose_s = time.perf_counter() - t0
+    result = refine(start, amp, pos, P, sweeps=settings.sweeps, engine=settings.engine, backend=settings.backend,
+                    device=settings.device, refine_probe=settings.refine_probe, progress=settings.progress,
+                    cancel=cancel)
+    record = {k: v for k, v in result.record.items() if k != "misfit"}
+    record.update({
+        "start": choice, "start_rule": settings.start, "start_misfit": misfit, "start_choice_s": choose_s,
+        "misfit_per_sweep": [float(v) for v in result.record.get("misfit", [])],
+        "probe_source": probe_source + (", refined" if record.get("probe_updated") else ""),
+        "probe_scale": scale_note, "frames_refined": int(keep.sum()), "frames_outside_grid": int((~keep).sum()),
+    })
+    refined = np.where(recon.covered, result.reconstruction.object, np.complex64(fill)).astype(np.complex64)
+    return replace(result.reconstruction, object=refined, probe=result.probe, refinement=record)
