@@ -354,7 +354,9 @@ def forward_check(path: Path, slip: float = 0.5) -> dict:
     frames within 0.1 px of whole-pixel positions, where interpolation cannot
     matter. ``count_ratio`` = Σ measured / Σ model with the probe as the
     reader scaled it: 1 when the reader's probe-scale rule holds for this
-    object (the brightest frames taken as transmission 1).
+    object (the brightest frames taken as transmission 1); above 1 the
+    reader's probe is too dim, and any reconstruction's amplitude comes out
+    ``amplitude_scale`` = sqrt(count_ratio) times the truth.
     """
     from ptycho_export.data import extract_patches, far_field_amplitude, load_npz
 
@@ -377,7 +379,7 @@ def forward_check(path: Path, slip: float = 0.5) -> dict:
     for name, model_at in models.items():
         model, slipped = model_at(0.0), model_at(slip)
         fit = _fit(measured, model)
-        report[name] = {**fit, "count_ratio": float(1.0 / fit["scale"]),
+        report[name] = {**fit, "count_ratio": fit["scale"], "amplitude_scale": float(np.sqrt(fit["scale"])),
                         "chi2_slip": _fit(measured, slipped)["chi2"]}
         if whole.sum() >= 5:
             report[name]["chi2_integer"] = _fit(measured[whole], model[whole])["chi2"]
