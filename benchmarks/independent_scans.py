@@ -212,12 +212,18 @@ def kb_probe(N: int = N_FRAME, half_width: float = 10.0, defocus: float = 10.0, 
     return (probe / np.sqrt(np.sum(np.abs(probe) ** 2))).astype(np.complex64)
 
 
-def photo_object(size: int, seed: int) -> np.ndarray:
-    """Natural-image texture: ``coins`` as amplitude (0.5–1), ``camera`` plus a slow bump as phase (±1.3 rad).
+# (amplitude, phase) photographs bundled with scikit-image; a scan's seed picks the pair, so seed 0 and seed 1
+# share no image and one can be trained on and the other held out
+PHOTO_PAIRS = (("coins", "camera"), ("brick", "clock"), ("cell", "moon"), ("gravel", "page"))
+
+
+def photo_object(size: int, seed: int, pair: tuple[str, str] = PHOTO_PAIRS[0]) -> np.ndarray:
+    """Natural-image texture: one photograph as amplitude (0.5–1), another plus a slow bump as phase (±1.3 rad).
 
     A random crop of each photograph (by ``seed``), resized to ``size``; the
     phase adds a smooth bump the width of the field (a thickness variation),
-    the slowly varying phase a network reads worst.
+    the slowly varying phase a network reads worst. ``pair`` names the
+    scikit-image pictures (default ``coins`` and ``camera``).
     """
     from skimage import data as images
     from skimage.transform import resize
@@ -231,10 +237,10 @@ def photo_object(size: int, seed: int) -> np.ndarray:
         out = resize(img[r0:r0 + side, c0:c0 + side], (size, size), order=3, anti_aliasing=True)
         return (out - out.min()) / (out.max() - out.min())
 
-    amp = 0.5 + 0.5 * crop(images.coins())
+    amp = 0.5 + 0.5 * crop(getattr(images, pair[0])())
     yy, xx = (np.mgrid[:size, :size] - (size - 1) / 2) / size
     bump = np.exp(-((xx - 0.1) ** 2 + (yy + 0.05) ** 2) / (2 * 0.25**2))
-    phase = 0.8 * (2 * crop(images.camera()) - 1) + 1.0 * (bump - bump.mean())
+    phase = 0.8 * (2 * crop(getattr(images, pair[1])()) - 1) + 1.0 * (bump - bump.mean())
     phase = 1.3 * phase / np.max(np.abs(phase))
     return (amp * np.exp(1j * phase)).astype(np.complex64)
 
@@ -285,6 +291,8 @@ def ptychi_scan(seed: int = 0, n_positions: int = N_POSITIONS, photons: float = 
                 overlap: float = OVERLAP) -> dict:
     """A scan from pty-chi's forward model: KB-like probe, jittered raster, photographs as the object.
 
+    The photographs are ``PHOTO_PAIRS[seed % 4]``: seeds 0 and 1 share none.
+
     The probe's absolute scale is the one that gives ≈ ``photons`` counts per
     frame through pty-chi's unnormalised FFT (Σ|P|² ≈ photons / N² / ⟨|O|²⟩).
     """
@@ -295,7 +303,7 @@ def ptychi_scan(seed: int = 0, n_positions: int = N_POSITIONS, photons: float = 
     size = int(np.ceil((side - 1) * step * 1.25 + N + 8))
     centre = ((size - 1) / 2, (size - 1) / 2)
     x, y = jittered_raster(n_positions, step, 0.15, np.random.default_rng(scan_seed), centre)
-    obj = photo_object(size, int(object_seed.generate_state(1)[0]))
+    obj = photo_object(size, int(object_seed.generate_state(1)[0]), PHOTO_PAIRS[seed % len(PHOTO_PAIRS)])
     expected = ptychi_forward_intensity(obj, probe, x, y)
     gain = scale_to_photons(expected.sum(axis=(1, 2)), photons)
     probe = (probe * np.sqrt(gain)).astype(np.complex64)
@@ -388,8 +396,8 @@ def forward_check(path: Path, slip: float = 0.5) -> dict:
 
 
 def write_scan(out: Path, simulator: str, seed: int, n_positions: int, photons: float,
-               product_folder: Optional[Path] = None) -> Path:
-    """Make one simulator's scan and write ``out/<simulator>.npz`` atomically."""
+               product_folder: Optional[Path] = None, name: Optional[str] = None) -> Path:
+    """Make one simulator's scan and write ``out/<name>.npz`` (default name: the simulator's) atomically."""
     from ptycho_runtime.npz import write_npz_arrays
 
     if simulator == "ptychodus":
@@ -399,7 +407,7 @@ def write_scan(out: Path, simulator: str, seed: int, n_positions: int, photons: 
     else:
         raise ValueError(f"unknown simulator {simulator!r}; choose one of {', '.join(SIMULATORS)}")
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{simulator}.npz"
+    path = out / f"{name or simulator}.npz"
     write_npz_arrays(path, arrays)
     return path
 
@@ -414,11 +422,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--photons", type=float, default=PHOTONS)
     parser.add_argument("--product-folder", type=Path, default=None,
                         help="ptychodus only: also write ptychodus's product.h5 and diffraction.h5 there")
+    parser.add_argument("--name", default=None,
+                        help="file name without .npz (default: the simulator's; one --simulator only), e.g. "
+                             "ptychodus-train with --seed 1 for a scan to train on")
     parser.add_argument("--check-only", action="store_true", help="forward-check the existing OUT/*.npz")
     args = parser.parse_args(argv)
+    if args.name is not None and len(args.simulator or []) != 1:
+        parser.error("--name needs exactly one --simulator")
     paths = [] if args.check_only else [
-        write_scan(args.out, name, args.seed, args.positions, args.photons, args.product_folder)
-        for name in (args.simulator or [])]
+        write_scan(args.out, simulator, args.seed, args.positions, args.photons, args.product_folder, args.name)
+        for simulator in (args.simulator or [])]
     if args.check_only:
         paths = sorted(args.out.glob("*.npz"))
     for path in paths:
