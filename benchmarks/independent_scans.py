@@ -17,7 +17,8 @@ pixel (N−1)/2, the truth in ``objectGuess``.
 - ``ptychi_scan``: pty-chi's forward model (``PlanarPtychographyForwardModel``
   run on the true object), a probe unlike any zone plate (square, astigmatic
   KB-like focus), a jittered raster scan and natural-image texture
-  (scikit-image's ``camera`` and ``coins``) over a slow phase bump.
+  (scikit-image photographs, ``coins`` and ``camera`` at seed 0) over a slow
+  phase bump.
 
 Neither object family (fractal noise, photographs) nor either probe is what the
 shipped bundle was trained on (dead leaves, the project's zone plate).
