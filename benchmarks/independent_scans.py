@@ -167,7 +167,7 @@ def ptychodus_scan(seed: int = 0, n_positions: int = N_POSITIONS, photons: float
         return Product(metadata=metadata, probe_positions=positions, probes=probes, object_=obj, losses=[])
 
     noiseless = generate_diffraction_data(product_with(probe))
-    gain = scale_to_photons(noiseless._patterns.sum(axis=(1, 2)), photons)
+    gain = scale_to_photons(noiseless.get_patterns().sum(axis=(1, 2)), photons)
     probe = rescale_probe_intensity(probe, gain)  # Σ|P|² was 1
     product = product_with(probe)
     data = generate_diffraction_data(product, np.random.default_rng(noise_seed))
@@ -178,10 +178,10 @@ def ptychodus_scan(seed: int = 0, n_positions: int = N_POSITIONS, photons: float
         folder.mkdir(parents=True, exist_ok=True)
         save_product(folder / "product.h5", product)
         save_diffraction_data(folder / "diffraction.h5", data)
-    order = np.argsort(data._indexes)  # patterns follow the positions' indexes
+    order = np.argsort(data.get_indexes())  # patterns follow the positions' indexes
     x = object_geometry.map_probe_positions_to_object_x_px(positions)
     y = object_geometry.map_probe_positions_to_object_y_px(positions)
-    return npz_arrays(data._patterns[order], probe.get_array()[0], x, y, obj.get_layer(0))
+    return npz_arrays(data.get_patterns()[order], probe.get_array()[0], x, y, obj.get_layer(0))
 
 
 # ----------------------------------------------------------------------------
