@@ -266,25 +266,34 @@ def ptychi_forward_intensity(obj: np.ndarray, probe: np.ndarray, x: np.ndarray, 
     positions − 0.5: pty-chi's centre is frame pixel (N−1)/2 like ours, and
     this avoids its half-pixel rounding tie for even N).
     """
+    import warnings
+
     import torch
 
-    from ptycho_export.reference import _options, _torch_defaults_restored, import_ptychi
+    from ptycho_export.reference import import_ptychi
 
     api, PtychographyTask, _ = import_ptychi()
     n, N = len(x), probe.shape[-1]
-    opts = _options(api, "epie", 1, 64, 0, origin=0.5)
-    with _torch_defaults_restored():
-        task = PtychographyTask(opts, diffraction_data=np.ones((n, N, N), np.float32),
-                                object_data=obj.astype(np.complex64)[None],
-                                probe_data=probe.astype(np.complex64)[None, None],
-                                probe_position_x_px=(np.asarray(x) - 0.5).astype(np.float32),
-                                probe_position_y_px=(np.asarray(y) - 0.5).astype(np.float32))
+    opts = api.EPIEOptions()
+    opts.object_options.determine_position_origin_coords_by = api.ObjectPosOriginCoordsMethods.SPECIFIED
+    opts.object_options.position_origin_coords = (0.5, 0.5)
+    opts.reconstructor_options.default_device = api.Devices.CPU
+    dtype, device = torch.get_default_dtype(), torch.get_default_device()  # a pty-chi task changes both
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Converting a tensor with requires_grad=True to a scalar")
+            task = PtychographyTask(opts, diffraction_data=np.ones((n, N, N), np.float32),
+                                    object_data=obj.astype(np.complex64)[None],
+                                    probe_data=probe.astype(np.complex64)[None, None],
+                                    probe_position_x_px=(np.asarray(x) - 0.5).astype(np.float32),
+                                    probe_position_y_px=(np.asarray(y) - 0.5).astype(np.float32))
         model = task.reconstructor.forward_model
-        out = []
         with torch.no_grad():
-            for s in range(0, n, 128):
-                out.append(model.forward(torch.arange(s, min(s + 128, n))).detach().cpu().numpy())
+            out = [model.forward(torch.arange(s, min(s + 128, n))).detach().cpu().numpy() for s in range(0, n, 128)]
         del task
+    finally:
+        torch.set_default_dtype(dtype)
+        torch.set_default_device(device)
     return np.fft.fftshift(np.concatenate(out).astype(np.float64), axes=(-2, -1))
 
 
