@@ -122,7 +122,8 @@ def ptychodus_scan(seed: int = 0, n_positions: int = N_POSITIONS, photons: float
     = |A·FFT(ψ·B)|² with A ∝ the pixel Fresnel number), set with
     ``rescale_probe_intensity`` so a frame holds ≈ ``photons`` counts; the NPZ
     keeps it at that scale. With ``product_folder`` ptychodus's own
-    ``product.h5`` and ``diffraction.h5`` are written there too.
+    ``product.h5`` and ``diffraction.h5`` are written there too, and the NPZ
+    that ptychodus's ``save_ptychopinn_training_data`` makes of them.
     """
     from ptychodus.api.constants import energy_eV_to_wavelength_m
     from ptychodus.api.geometry import ImageExtent, PixelGeometry
@@ -172,12 +173,16 @@ def ptychodus_scan(seed: int = 0, n_positions: int = N_POSITIONS, photons: float
     product = product_with(probe)
     data = generate_diffraction_data(product, np.random.default_rng(noise_seed))
     if product_folder is not None:
-        from ptychodus.api.io import save_diffraction_data, save_product
+        from ptychodus.api.io import save_diffraction_data, save_product, save_ptychopinn_training_data
+        from ptychodus.api.reconstruct import ReconstructInput
 
         folder = Path(product_folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_product(folder / "product.h5", product)
         save_diffraction_data(folder / "diffraction.h5", data)
+        # what ptychodus's own PtychoPINN reconstructors write for training: counts in diff3d, a (modes, N, N) probe
+        save_ptychopinn_training_data(folder / "ptychopinn_training_data.npz",
+                                      ReconstructInput(data.get_patterns(), data.get_bad_pixels(), product))
     order = np.argsort(data.get_indexes())  # patterns follow the positions' indexes
     x = object_geometry.map_probe_positions_to_object_x_px(positions)
     y = object_geometry.map_probe_positions_to_object_y_px(positions)

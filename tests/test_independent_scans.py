@@ -98,6 +98,10 @@ def test_ptychodus_scan_reads_back_and_fits(tmp_path):
     report = _check_file(path, 1e6)
     assert 20 < report["probe_diameter_px"] < 30
     assert (tmp_path / "files" / "product.h5").is_file() and (tmp_path / "files" / "diffraction.h5").is_file()
+    exported = np.load(tmp_path / "files" / "ptychopinn_training_data.npz")  # ptychodus's own PtychoPINN export
+    raw = np.load(path)
+    assert np.allclose(exported["diff3d"], raw["diffraction"].astype(np.float64) ** 2, rtol=1e-5)  # counts there
+    assert np.allclose(exported["xcoords"], raw["xcoords"]) and np.allclose(exported["ycoords"], raw["ycoords"])
     again = ind.ptychodus_scan(seed=5, n_positions=60)
     assert np.array_equal(again["diffraction"], np.load(path)["diffraction"])  # deterministic by seed
 
