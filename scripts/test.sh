@@ -40,6 +40,8 @@ fi
 .venv-ptychodus/bin/python -m pip install -q --disable-pip-version-check -e './runtime[cpu,ptychodus]' pytest
 PTYCHO_TEST_BUNDLE_DIR="$FIXTURES" .venv-ptychodus/bin/python -m pytest -p no:cacheprovider -q \
   -c runtime/pytest.ini --rootdir runtime runtime/tests/test_ptychodus.py runtime/tests/test_worker.py
+# the ptychodus-made independent scan (benchmarks/independent_scans.py); the repository root is on sys.path (-m)
+.venv-ptychodus/bin/python -m pytest -p no:cacheprovider -q -o addopts="" tests/test_independent_scans.py
 
 echo "== 4/5 Triton and Dask: triton-repo, serve, the triton backend, infer-many (own venv)"
 PTYCHO_TEST_BUNDLE_DIR="$FIXTURES" bash scripts/test_cluster.sh
