@@ -413,7 +413,7 @@ def forward_check(path: Path, slip: float = 0.5) -> dict:
 def write_scan(out: Path, simulator: str, seed: int, n_positions: int, photons: float,
                product_folder: Optional[Path] = None, name: Optional[str] = None) -> Path:
     """Make one simulator's scan and write ``out/<name>.npz`` (default name: the simulator's) atomically."""
-    from ptycho_runtime.npz import write_npz_arrays
+    from ptycho_runtime.files.npz import write_npz_arrays
 
     if simulator == "ptychodus":
         arrays = ptychodus_scan(seed, n_positions, photons, product_folder=product_folder)

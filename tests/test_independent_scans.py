@@ -28,7 +28,7 @@ N = 64
 
 def _check_file(path: Path, photons: float) -> dict:
     from ptycho_export.data import load_npz
-    from ptycho_runtime.npz import read_npz_arrays
+    from ptycho_runtime.files.npz import read_npz_arrays
 
     raw = np.load(path, allow_pickle=False)
     counts = raw["diffraction"].astype(np.float64) ** 2
@@ -73,7 +73,7 @@ def test_importing_the_generators_needs_no_simulator():
 def test_forward_check_sees_a_half_pixel_slip(tmp_path):
     """On a scan of known physics, χ² ≈ 1; the same scan written with the N/2 centre shows the slip."""
     from ptycho_export.data.realistic import dead_leaves_object
-    from ptycho_runtime.npz import write_npz_arrays
+    from ptycho_runtime.files.npz import write_npz_arrays
 
     rng = np.random.default_rng(3)
     obj = dead_leaves_object(160, seed=3)  # sharp edges: a half-pixel slip changes every pattern
