@@ -157,7 +157,7 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
              backend: str = "auto", device: str = "auto", batch_size: Optional[int] = None,
              register: bool = True, refine: int = 0,
              progress: Optional[Callable[[str], None]] = None, remove_amplitude_scale: bool = True,
-             refine_options: Optional[Mapping[str, Any]] = None) -> Evaluation:
+             refine_options: Optional[Mapping[str, Any]] = None, align: str = "none") -> Evaluation:
     """Reconstruct ``scan_path`` with the bundle (and optionally pty-chi) and score both against the truth.
 
     ``refine`` > 0 also scores the network's object after that many sweeps of
@@ -166,7 +166,10 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
     timed from the start of the network's reconstruction, and, as the control
     that shows what the network's start is worth, the same sweeps from a flat
     object (``refine_control``); ``report["network_start_gain"]`` is the
-    difference (refined − control) in each SSIM and PSNR.
+    difference (refined − control) in each SSIM and PSNR. ``align``
+    (``reconstruction.alignment.ALIGN_MODES``) phase-aligns the network's
+    patches by the least-squares overlap solve before stitching
+    (``Bundle.reconstruct(align=...)``).
 
     ``reference`` names one pty-chi algorithm or several ("epie", "lsqml"),
     each run from a flat object in this same call on the same cores;
@@ -203,7 +206,7 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
                          f"N={bundle.N}: evaluate it on a scan with {bundle.N}×{bundle.N} frames")
     t0 = time.perf_counter()
     recon = bundle.reconstruct(data.diffraction, positions, counts=False, batch_size=batch_size,
-                               window=probe_window(data.probe))  # load_npz normalised the amplitudes
+                               window=probe_window(data.probe), align=align)  # load_npz normalised the amplitudes
     net_s = time.perf_counter() - t0
     provider = bundle.providers[0] if bundle.providers else bundle.backend
 
@@ -211,8 +214,10 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
         return score_reconstruction(label, result, data.object, positions, data.probe, wall_s, min_weight_fraction,
                                     register, details=details, remove_amplitude_scale=remove_amplitude_scale)
 
-    network = score("network", recon, net_s, {"backend": bundle.backend, "provider": provider, "load_time_s": load_s,
-                                              "time_covers": "inference + |probe|^2-weighted stitching (not loading)"})
+    network = score("network", recon, net_s, {
+        "backend": bundle.backend, "provider": provider, "load_time_s": load_s, "align": align,
+        "time_covers": "inference + |probe|^2-weighted stitching (not loading)"
+                       + ("" if align == "none" else f" + the {align!r} overlap solve")})
     refined = control = None
     if refine:
         from ptycho_runtime.reconstruction.stitching import Reconstruction

@@ -265,6 +265,7 @@ def _algorithms(allowed: tuple[str, ...]) -> Any:
 
 
 def _add_evaluate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    from ptycho_runtime.reconstruction.alignment import ALIGN_MODES
     from ptycho_runtime.refinement import DEFAULT_SWEEPS
     from ptycho_runtime.refinement.engine import BACKENDS, ENGINES
 
@@ -295,6 +296,10 @@ def _add_evaluate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="also score the network's object after N sweeps of the runtime's refinement with the scan's "
                         "probe (ptycho_runtime.refinement.refine), and the same N sweeps from a flat object "
                         f"(what the network's start is worth; N defaults to {DEFAULT_SWEEPS})")
+    p.add_argument("--align", default=EvaluateOptions.align, choices=ALIGN_MODES,
+                   help="phase-align the network's patches over their overlaps before stitching, by one "
+                        "least-squares solve (reconstruction.overlap_solve; 'ramps': offset and damped ramp per "
+                        "pattern, 'group-…': one per network call; default: %(default)s)")
     p.add_argument("--refine-engine", choices=ENGINES, default=EvaluateOptions.refine_engine,
                    help="builtin (batched rPIE, torch-free) or ptychi (pty-chi LSQML; N is its epochs) "
                         "(default: %(default)s)")

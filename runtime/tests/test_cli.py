@@ -47,11 +47,12 @@ def test_infer_writes_reconstruction_equal_to_bundle_reconstruct(bundle_path, tm
     path = bundle_path(name)
     scan_file = path.parent / "scan.npz"
     out = tmp_path / "sub" / "recon.h5"
-    rc = cli.main(["infer", str(path), str(scan_file), "-o", str(out), "--batch-size", "7"])
+    rc = cli.main(["infer", str(path), str(scan_file), "-o", str(out), "--batch-size", "7", "--no-refine"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     last = captured.err.strip().splitlines()[-1]
     assert last.startswith("reconstructed 48 patterns in ") and "patterns/s) on CPUExecutionProvider" in last
+    assert last.endswith("network only (no refinement)")
     b, pos, ref = _reference(path, scan_file)
     assert sorted(p.name for p in out.parent.iterdir()) == ["recon.h5"]  # no temp file left
     with h5py.File(out, "r") as f:
@@ -66,6 +67,8 @@ def test_infer_writes_reconstruction_equal_to_bundle_reconstruct(bundle_path, tm
         np.testing.assert_array_equal(f["y_coords"][()], ref.y_coords)
         np.testing.assert_array_equal(f["positions"][()], pos)
         np.testing.assert_array_equal(f["probe"][()], b.probe)
+        assert f["probe"].attrs["source"].startswith("the bundle's training probe") and not f.attrs["refined"]
+        np.testing.assert_array_equal(f["params/probe"][()], b.probe)
         params = json.loads(f.attrs["params_json"])
         assert params["N"] == 64 and params["gridsize"] == b.gridsize and "probe" not in params
         assert params["intensity_scale"] == pytest.approx(b.intensity_scale)
@@ -73,6 +76,59 @@ def test_infer_writes_reconstruction_equal_to_bundle_reconstruct(bundle_path, tm
         assert json.loads(f.attrs["providers"]) == ["CPUExecutionProvider"]
         assert Path(f.attrs["bundle_path"]) == path.resolve()
         assert f.attrs["patterns_per_second"] > 0
+
+
+def test_infer_refines_by_default_with_the_scans_probe(bundle_path, tmp_path, capsys):
+    """The default infer refines against the scan with its probeGuess, and the file says what ran and whose probe."""
+    from ptycho_runtime.refinement import far_field_misfit
+
+    path = bundle_path("n64_g1")
+    scan_file = path.parent / "scan.npz"
+    out = tmp_path / "recon.h5"
+    assert cli.main(["infer", str(path), str(scan_file), "-o", str(out)]) == 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "including 20 refinement sweeps (numpy, start: " in last and "probe: the host's probe" in last
+    b, pos, network = _reference(path, scan_file)
+    scan = read_npz_arrays(scan_file)
+    with h5py.File(out, "r") as f:
+        assert f.attrs["refined"]
+        record = json.loads(f.attrs["refinement_json"])
+        obj, probe = f["object"][()], f["probe"][()]
+        source = f["probe"].attrs["source"]
+        np.testing.assert_array_equal(f["params/probe"][()], b.probe)
+    assert record["sweeps"] == 20 and record["engine"] == "builtin" and record["batching"] == "sparse"
+    assert record["probe_updated"] is False and record["positions_refined"] is False
+    assert record["start"] in ("network", "network phase", "flat") and set(record["start_misfit"]) == {
+        "network", "network phase", "flat"}
+    assert source == record["probe_source"] == "the host's probe"
+    np.testing.assert_allclose(probe, scan["probeGuess"], rtol=1e-6)  # the scan's probe (data units), not the bundle's
+    starts = pos - (64 - 1) / 2 - np.array([network.x_coords[0], network.y_coords[0]])
+    amp = scan["diffraction"]
+    assert far_field_misfit(obj, amp, probe, starts) < 0.5 * far_field_misfit(
+        np.where(network.covered, network.object, 1), amp, probe, starts)
+
+
+def test_infer_warns_on_a_foreign_probe_and_refuses_the_network_alone(bundle_path, tmp_path, capsys):
+    """A scan whose probe is not the bundle's: loud warnings; --no-refine refused unless --accept-mismatch."""
+    path = bundle_path("n64_g1")
+    scan = dict(np.load(path.parent / "scan.npz"))
+    N = scan["probeGuess"].shape[0]
+    yy, xx = np.mgrid[:N, :N] - (N - 1) / 2
+    scan["probeGuess"] = (np.abs(scan["probeGuess"]) * np.exp(1j * 0.05 * (xx**2 + yy**2))).astype(np.complex64)
+    foreign = tmp_path / "foreign.npz"
+    np.savez(foreign, **scan)
+    out = tmp_path / "r.h5"
+    assert cli.main(["infer", str(path), str(foreign), "-o", str(out), "--no-refine"]) == 2
+    err = capsys.readouterr().err
+    assert "WARNING: the host's probe matches the bundle's to" in err and "--accept-mismatch" in err
+    assert not out.exists()
+    assert cli.main(["infer", str(path), str(foreign), "-o", str(out), "--no-refine", "--accept-mismatch"]) == 0
+    assert cli.main(["infer", str(path), str(foreign), "-o", str(out)]) == 0  # refinement on: warned, then corrected
+    err = capsys.readouterr().err
+    assert "WARNING: the host's probe" in err and "refinement sweeps" in err
+    with h5py.File(out, "r") as f:
+        mismatches = json.loads(f.attrs["notes_json"])["mismatches"]
+        assert f.attrs["refined"] and "matches the bundle's to" in " ".join(mismatches)
 
 
 def test_infer_png(bundle_path, tmp_path):
@@ -124,7 +180,8 @@ def test_infer_counts(bundle_path, tmp_path):
     counts_file = tmp_path / "counts.npz"
     np.savez(counts_file, **{**scan, "diffraction": (scan["diffraction"].astype(np.float64) * 37.0) ** 2})
     out = tmp_path / "r.h5"
-    assert cli.main(["infer", str(path), str(counts_file), "-o", str(out), "--counts"]) == 0
+    assert cli.main(["infer", str(path), str(counts_file), "-o", str(out), "--counts", "--no-refine",
+                     "--accept-mismatch"]) == 0  # the fixture bundle was trained at 1e9 photons
     d = scan["diffraction"].astype(np.float64)
     _, _, ref = _reference(path, path.parent / "scan.npz", (d * normalization_factor(d)).astype(np.float32))
     with h5py.File(out, "r") as f:
@@ -142,12 +199,18 @@ def test_info_json_and_text(bundle_path, capsys):
     assert g["size_bytes"] > 0 and 0 <= g["parity_max_rel"] < 1e-4 and g["parity_passed"] is True
     assert "CPUExecutionProvider" in report["runtime"]["available_providers"]
     assert report["runtime"]["onnxruntime_version"]
+    b = pr.load_bundle(path)
+    assert report["nphotons"] == pytest.approx(b.params["nphotons"])  # what infer compares a scan's counts with
+    probe = report["probe"]
+    assert probe["shape"] == [64, 64] and probe["energy"] == pytest.approx(float(np.sum(np.abs(b.probe) ** 2)))
+    assert 0 < probe["diameter_90_px"] <= 64 * 2**0.5 and all(0 <= c < 64 for c in probe["centre_px"])
     assert report["default_load"] == {"backend": "onnx", "device": "cpu", "precision": "fp32",
                                       "providers": ["CPUExecutionProvider"]}
     assert cli.main(["info", str(path)]) == 0
     text = capsys.readouterr().out
     assert "gridsize         2" in text and "onnx/diffraction_to_obj" in text
     assert "default load     backend=onnx" in text
+    assert "training probe   64x64, sum |P|^2" in text and "nphotons" in text
 
 
 def test_info_reports_a_bundle_it_cannot_run(bundle_path, capsys, monkeypatch):
@@ -286,7 +349,7 @@ def test_console_script_subprocess(bundle_path, tmp_path):
         pytest.skip("the ptycho-runtime console script is not installed (pip install -e runtime)")
     path = bundle_path("n64_g2")
     out = tmp_path / "r.h5"
-    proc = subprocess.run([exe, "infer", str(path), str(path.parent / "scan.npz"), "-o", str(out)],
+    proc = subprocess.run([exe, "infer", str(path), str(path.parent / "scan.npz"), "-o", str(out), "--no-refine"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("reconstructed ")]
@@ -301,10 +364,10 @@ def test_console_script_subprocess(bundle_path, tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("ptycho-runtime: error: No bundle at")
 
 
-def test_infer_refine_runs_epie_from_the_network_object(bundle_path, tmp_path, capsys):
-    """--refine N: the written object is refine_epie(network object, N sweeps) with the scan's own probe."""
+def test_infer_refine_runs_the_batched_refinement_from_the_network_object(bundle_path, tmp_path, capsys):
+    """--refine N: the written object is Bundle.reconstruct(refine=N) with the scan's own probe, and fits better."""
     from ptycho_runtime.reconstruction.geometry import frame_origin
-    from ptycho_runtime.refinement import far_field_misfit, refine_epie
+    from ptycho_runtime.refinement import far_field_misfit
 
     path = bundle_path("n64_g1")
     scan_file = path.parent / "scan.npz"
@@ -314,9 +377,10 @@ def test_infer_refine_runs_epie_from_the_network_object(bundle_path, tmp_path, c
     capsys.readouterr()
     b, pos, net = _reference(path, scan_file)
     scan = read_npz_arrays(scan_file)
-    expected = refine_epie(net, scan["diffraction"], pos, scan["probeGuess"], iterations=3)
+    expected = b.reconstruct(scan["diffraction"], pos, refine=3, probe=scan["probeGuess"])
     with h5py.File(out, "r") as f:
         got = f["object"][()]
+        assert json.loads(f.attrs["refinement_json"])["sweeps"] == 3
     np.testing.assert_allclose(got, expected.object, atol=1e-5)
     starts = frame_origin(pos, b.N) - np.array([net.x_coords[0], net.y_coords[0]])
     filled = np.where(net.covered, net.object, 1)

@@ -353,3 +353,15 @@ def test_evaluate_cli_refine_row_improves_on_the_network(make_bundle, capsys, tm
     assert refined["backend"] == "onnx" and refined["probe_updated"] is True and refined["sweeps"] == 3
     code, _, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--refine", "0")
     assert code == 2
+
+
+def test_evaluate_cli_align_runs_the_overlap_solve_and_says_so(make_bundle, capsys):
+    """--align MODE: the network row is stitched after the least-squares overlap solve, and the report names it."""
+    bundle = make_bundle()
+    code, out, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--align", "ramps", "--json")
+    assert code == 0, err
+    net = json.loads(out)["network"]
+    assert net["align"] == "ramps" and "overlap solve" in net["time_covers"]
+    assert isinstance(net["metrics"]["phase_ssim"], float)
+    code, _, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--align", "planes")
+    assert code == 2 and "--align" in err

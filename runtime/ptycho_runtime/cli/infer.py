@@ -8,9 +8,11 @@ the arguments ask for.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
 import time
 from pathlib import Path
-from typing import Optional, TextIO
+from typing import Any, Optional, TextIO
 
 import numpy as np
 
@@ -18,9 +20,12 @@ from ..files.npz import read_npz_arrays
 from ..files.png import check_png_support, write_png
 from ..files.reconstruction_file import Provenance, write_reconstruction
 from ..inference.backends import DEVICES, PRECISIONS
-from ..reconstruction.alignment import DEFAULT_PHASE_ITERATIONS
+from ..inference.compatibility import COUNTS_FACTOR, HostPhysics
+from ..inference.scan_refinement import START_CHOICES, RefineSettings
+from ..reconstruction.alignment import ALIGN_MODES, DEFAULT_PHASE_ITERATIONS
 from ..reconstruction.geometry import DEFAULT_CENTRE
-from ..refinement import DEFAULT_REFINE_ITERATIONS
+from ..refinement import DEFAULT_SWEEPS
+from ..refinement.engine import BACKENDS, ENGINES
 from .common import EPILOG, EXIT_OK, UsageError, add_scan_arguments, load_bundle_or_usage
 from .progress import Progress
 
@@ -30,13 +35,40 @@ def _check_batch_size(batch_size: Optional[int]) -> None:
         raise UsageError(f"--batch-size must be >= 1 (got {batch_size})")
 
 
+def _mismatches(bundle: Any, scan: dict, stream: Optional[TextIO]) -> list[str]:
+    """The scan's probe and photon count against what the bundle was trained for, said loudly on ``stream``."""
+    if np.shape(scan["diffraction"])[-1] != bundle.N:
+        return []  # not this bundle's frame size at all: reconstruct refuses it with the fix
+    counts = scan.get("nphotons")
+    found = bundle.check_host(HostPhysics(probe=scan.get("probeGuess")))
+    nphotons = bundle.params.get("nphotons")
+    if counts is not None and nphotons:
+        ratio = float(counts) / float(nphotons)
+        if not (1 / COUNTS_FACTOR <= ratio <= COUNTS_FACTOR):
+            found.append(f"the scan holds {float(counts):.4g} photons per frame, {ratio:.3g}x the "
+                         f"{float(nphotons):.4g} the model was trained at (accepted: x{1 / COUNTS_FACTOR:g} to "
+                         f"x{COUNTS_FACTOR:g})")
+    for message in found:
+        print(f"WARNING: {message}", file=stream or sys.stderr, flush=True)
+    return found
+
+
 def run_infer(bundle_path: str, scan_path: str, output: str, png: Optional[str] = None, backend: str = "auto",
               device: str = "auto", precision: str = "fp32", batch_size: Optional[int] = None,
-              units: str = "auto", counts: bool = False, position_centre: str = DEFAULT_CENTRE, refine: int = 0,
-              align_phase: int = 0, stream: Optional[TextIO] = None) -> str:
+              units: str = "auto", counts: bool = False, position_centre: str = DEFAULT_CENTRE,
+              refine: Optional[int] = None, align_phase: int = 0, stream: Optional[TextIO] = None,
+              align: str = "none", refine_settings: Optional[RefineSettings] = None,
+              accept_mismatch: bool = False) -> str:
     """Reconstruct the NPZ ``scan_path`` with the bundle; write ``output`` (HDF5) and ``png``; return the summary.
 
-    Progress goes to ``stream`` (stderr by default); the summary line is printed there too.
+    ``refine``: sweeps of refinement against the scan after the network
+    (None: the default sweeps when the scan has a probeGuess, else none; 0:
+    off), with the scan's probe, as ``refine_settings`` say (engine, backend,
+    probe refinement, start). A scan whose probe or photon count is beyond
+    what the bundle was trained for is warned about on ``stream``, and
+    refused without refinement unless ``accept_mismatch`` (the network alone
+    is then not to be trusted). Progress goes to ``stream`` (stderr by
+    default); the summary line is printed there too.
     """
     if png is not None:
         try:
@@ -44,31 +76,41 @@ def run_infer(bundle_path: str, scan_path: str, output: str, png: Optional[str] 
         except ImportError as exc:
             raise UsageError(str(exc)) from None
     _check_batch_size(batch_size)
-    if refine < 0:
+    if refine is not None and refine < 0:
         raise UsageError(f"--refine must be >= 0 sweeps (got {refine})")
+    if align != "none" and align_phase:
+        raise UsageError("give --align (the least-squares overlap solve) or --align-phase (iterative passes), not both")
     bundle = load_bundle_or_usage(bundle_path, backend, device, precision)
     scan = read_npz_arrays(scan_path, counts=counts, units=units, position_centre=position_centre)
+    probe = scan.get("probeGuess")
+    sweeps = (DEFAULT_SWEEPS if probe is not None else 0) if refine is None else refine
+    settings = dataclasses.replace(refine_settings or RefineSettings(), sweeps=sweeps) if sweeps else None
+    found = _mismatches(bundle, scan, stream)
+    if found and settings is None and not accept_mismatch:
+        raise UsageError("the network alone cannot be trusted on this scan (see the warnings above): let the data "
+                         "correct it with --refine (the default when the scan has a probeGuess), or pass "
+                         "--accept-mismatch to keep the network's object as it is")
     positions = np.stack([scan["xcoords"], scan["ycoords"]], axis=1)
     n = positions.shape[0]
     progress = Progress(n, "patterns" if bundle.channels == 1 else "groups", stream)  # one group per position
     t0 = time.perf_counter()
+    # the file's probe is in the units of its (normalised) diffraction; the bundle's is the training one
     recon = bundle.reconstruct(scan["diffraction"], positions, counts=False, batch_size=batch_size,
-                               align_phase=align_phase, progress=progress.update)
-    if refine:
-        from ..refinement import refine_epie
-
-        # the file's probe is in the units of its (normalised) diffraction; the bundle's is the training one
-        probe = scan["probeGuess"] if scan.get("probeGuess") is not None else bundle.probe
-        recon = refine_epie(recon, scan["diffraction"], positions, probe, iterations=refine)
+                               align_phase=align_phase, align=align, progress=progress.update, refine=settings,
+                               probe=probe)
     elapsed = time.perf_counter() - t0
     rate = n / elapsed if elapsed > 0 else float("inf")
-    write_reconstruction(Path(output), recon, positions, Provenance.of(bundle), rate, elapsed, scan_path)
+    write_reconstruction(Path(output), recon, positions, Provenance.of(bundle), rate, elapsed, scan_path,
+                         notes={"probe_scale": scan.get("probe_scale"), "mismatches": found})
     if png is not None:
         write_png(Path(png), recon, title=f"{Path(scan_path).name} — {Path(bundle.path).name} "
-                                          f"(N={bundle.N}, gridsize={bundle.gridsize})")
+                                          f"(N={bundle.N}, gridsize={bundle.gridsize})"
+                                          + (f" + {sweeps} refinement sweeps" if settings else ""))
     provider = bundle.providers[0] if bundle.providers else bundle.backend
+    done = recon.refinement
     summary = (f"reconstructed {n} patterns in {elapsed:.2f} s ({rate:.1f} patterns/s) on {provider}"
-               + (f", including {refine} ePIE sweeps" if refine else ""))
+               + (f", including {done['sweeps']} refinement sweeps ({done['backend']}, start: {done['start']}, "
+                  f"probe: {done['probe_source']})" if done else ", network only (no refinement)"))
     progress.close(summary)
     return summary
 
@@ -115,8 +157,11 @@ def cmd_infer(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.patterns is not None:
         raise UsageError("--patterns goes with --product (a ptychodus diffraction file and its product file)")
+    settings = RefineSettings(engine=args.refine_engine, backend=args.refine_backend,
+                              refine_probe=args.refine_probe, start=args.refine_start)
     run_infer(args.bundle, args.scan, args.output, args.png, args.backend, args.device, args.precision,
-              args.batch_size, args.units, args.counts, args.position_centre, args.refine, args.align_phase)
+              args.batch_size, args.units, args.counts, args.position_centre, args.refine, args.align_phase,
+              align=args.align, refine_settings=settings, accept_mismatch=args.accept_mismatch)
     return EXIT_OK
 
 
@@ -146,10 +191,29 @@ def add_infer_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None, metavar="N",
                    help="patterns (groups) per inference batch (default: 64 on CPU, 256 on GPU)")
     add_scan_arguments(p)
-    p.add_argument("--refine", nargs="?", type=int, const=DEFAULT_REFINE_ITERATIONS, default=0, metavar="SWEEPS",
-                   help="after the network, run SWEEPS ePIE sweeps over the scan with the known probe (the NPZ's "
-                        f"probeGuess, else the bundle's), starting from the network's object (default: off; "
-                        f"{DEFAULT_REFINE_ITERATIONS} sweeps when given without a number; docs/fidelity.md)")
+    p.add_argument("--refine", nargs="?", type=int, const=DEFAULT_SWEEPS, default=None, metavar="SWEEPS",
+                   help="after the network, refine the object against the scan for SWEEPS sweeps (the batched "
+                        "engine, the NPZ's probeGuess, else the bundle's probe; docs/fidelity.md). Default: "
+                        f"{DEFAULT_SWEEPS} sweeps when the scan has a probeGuess, else off")
+    p.add_argument("--no-refine", dest="refine", action="store_const", const=0,
+                   help="the network's object only (fastest; not to be trusted under a probe or photon count "
+                        "the bundle was not trained for)")
+    p.add_argument("--refine-engine", choices=ENGINES, default="builtin",
+                   help="builtin (batched rPIE, torch-free) or ptychi (pty-chi LSQML; needs torch and ptychi) "
+                        "(default %(default)s)")
+    p.add_argument("--refine-backend", choices=BACKENDS, default="auto",
+                   help="the builtin engine's backend (default %(default)s: numpy on the CPU)")
+    p.add_argument("--refine-probe", action="store_true",
+                   help="refine the probe with the object (default: the scan's probe, fixed)")
+    p.add_argument("--refine-start", choices=START_CHOICES, default="auto",
+                   help="start from the network's object, its phase alone, or a flat object; auto: whichever "
+                        "fits the measured patterns best (default %(default)s)")
+    p.add_argument("--accept-mismatch", action="store_true",
+                   help="with --no-refine, write the network's object even when the scan's probe or photon count "
+                        "is beyond what the bundle was trained for (default: refuse)")
+    p.add_argument("--align", default="none", choices=ALIGN_MODES,
+                   help="phase-align the patches over their overlaps by one least-squares solve before stitching "
+                        "(default: none; 'ramps' is the measured best: docs/fidelity.md)")
     p.add_argument("--align-phase", type=int, default=0, metavar="PASSES",
                    help=f"passes of patch phase alignment before stitching (0: off, the default; "
                         f"{DEFAULT_PHASE_ITERATIONS} is plenty)")

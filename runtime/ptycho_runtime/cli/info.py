@@ -10,6 +10,8 @@ import argparse
 import json
 from typing import Any
 
+import numpy as np
+
 from .. import format as fmt
 from .._version import __version__
 from .common import EPILOG, EXIT_OK, UsageError
@@ -48,6 +50,8 @@ def bundle_report(path: str) -> dict[str, Any]:
         "gridsize": p.get("gridsize"),
         "intensity_scale": p.get("intensity_scale"),
         "output_mode": p.get("output_mode", "amp_phase"),
+        "nphotons": p.get("nphotons"),
+        "probe": probe_summary(p.get("probe")),
         "models": sorted(contents.state_dicts),
         "parity_cases": sorted(contents.parity),
         "graphs": graphs,
@@ -73,6 +77,29 @@ def bundle_report(path: str) -> dict[str, Any]:
     return report
 
 
+def probe_summary(probe: Any) -> dict[str, Any] | None:
+    """What a user compares with their scan's probe: size, energy, centre and the 90%-energy diameter (pixels).
+
+    The network was trained through this probe; a scan whose probe differs
+    (``ptycho-runtime infer`` says by how much) is outside what it saw.
+    """
+    if probe is None:
+        return None
+    P = np.asarray(probe)
+    intensity = np.abs(P.astype(np.complex128)) ** 2
+    total = float(intensity.sum())
+    if not total > 0:
+        return {"shape": list(P.shape), "energy": total}
+    yy, xx = np.indices(P.shape)
+    cy, cx = float((yy * intensity).sum() / total), float((xx * intensity).sum() / total)
+    r = np.hypot(yy - cy, xx - cx).ravel()
+    order = np.argsort(r)
+    inside = np.cumsum(intensity.ravel()[order]) / total
+    radius90 = float(r[order][np.searchsorted(inside, 0.9)])
+    return {"shape": list(P.shape), "energy": total, "centre_px": [cx, cy], "diameter_90_px": 2 * radius90,
+            "peak_fraction": float(intensity.max() / total)}
+
+
 def _torch_installed() -> bool:
     import importlib.util
 
@@ -87,6 +114,8 @@ def _format_report(r: dict[str, Any]) -> str:
         f"gridsize         {r['gridsize']}",
         f"intensity_scale  {r['intensity_scale']}",
         f"output_mode      {r['output_mode']}",
+        f"nphotons         {r['nphotons']}  (photons per frame the model was trained at)",
+        f"training probe   {_probe_line(r['probe'])}",
         f"eager models     {', '.join(r['models']) or 'none'}",
         "graphs:",
     ]
@@ -108,6 +137,16 @@ def _format_report(r: dict[str, Any]) -> str:
         lines.append(f"default load     backend={d['backend']} device={d['device']} precision={d['precision']} "
                      f"providers={', '.join(d['providers'])}")
     return "\n".join(lines)
+
+
+def _probe_line(summary: dict[str, Any] | None) -> str:
+    if summary is None:
+        return "none stored"
+    if "centre_px" not in summary:
+        return f"{summary['shape']}, all zero"
+    cx, cy = summary["centre_px"]
+    return (f"{summary['shape'][0]}x{summary['shape'][1]}, sum |P|^2 {summary['energy']:.4g}, centre ({cx:.1f}, "
+            f"{cy:.1f}) px, 90% of its energy within {summary['diameter_90_px']:.1f} px")
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -7,10 +7,12 @@ both hand it the same plain facts: ``Provenance.of(bundle)`` on one machine,
 the workers' report on a cluster.
 
 Layout: ``object`` (complex64), ``amplitude``, ``phase``, ``weight``,
-``x_coords``, ``y_coords``, ``positions`` [n, 2]; ``probe`` and any other
-array params; root attributes: ``format`` (``RECONSTRUCTION_FORMAT``),
+``x_coords``, ``y_coords``, ``positions`` [n, 2]; ``probe`` (the one the
+object goes with; attribute ``source``) and the bundle's array params under
+``params/``; root attributes: ``format`` (``RECONSTRUCTION_FORMAT``),
 producer, params_json, bundle and scan paths, backend, device, providers,
-patterns_per_second, elapsed_s, n_patterns, N, gridsize, intensity_scale.
+patterns_per_second, elapsed_s, n_patterns, N, gridsize, intensity_scale,
+probe_source, refined, refinement_json (when refined), notes_json.
 """
 
 from __future__ import annotations
@@ -49,8 +51,18 @@ class Provenance:
 
 def write_reconstruction(path: str | os.PathLike, recon: Reconstruction, positions: np.ndarray,
                          provenance: Provenance, patterns_per_second: float, elapsed_s: float,
-                         scan_path: str | os.PathLike) -> None:
-    """The reconstruction as HDF5, written to a temporary file and renamed into place."""
+                         scan_path: str | os.PathLike, notes: Mapping[str, Any] | None = None) -> None:
+    """The reconstruction as HDF5, written to a temporary file and renamed into place.
+
+    ``probe`` is the probe the object goes with, and its ``source`` attribute
+    (also the root's ``probe_source``) says whose: after refinement the probe
+    refinement used (the scan's, possibly refined); otherwise the bundle's
+    training probe, the only one the network's object is tied to. The bundle's
+    probe is always also under ``params/probe``. A refined object's record
+    (engine, backend, sweeps, batching, start, probe updated or not, misfit
+    per sweep) is ``refinement_json``; ``notes`` (plain data, e.g. how the
+    reader scaled the probe and the mismatch warnings) is ``notes_json``.
+    """
     scalars, arrays = split_params(provenance.params)
     params_json = json.dumps(scalars, sort_keys=True, default=str)
     with atomic_h5_write(path) as f:
@@ -63,8 +75,23 @@ def write_reconstruction(path: str | os.PathLike, recon: Reconstruction, positio
         f.create_dataset("positions", data=np.asarray(positions, dtype=np.float64))
         f["positions"].attrs["columns"] = "x, y (object pixels, patch centres)"
         for key, value in arrays.items():
-            name = "probe" if key == "probe" else f"params/{key}"
-            f.create_dataset(name, data=value)
+            f.create_dataset(f"params/{key}", data=value)
+        if recon.probe is not None:
+            source = recon.refinement.get("probe_source", "the scan's") if recon.refinement else "the scan's"
+            f.create_dataset("probe", data=np.asarray(recon.probe, dtype=np.complex64))
+        elif "probe" in arrays:
+            source = "the bundle's training probe (the network's object was not refined against the scan)"
+            f.create_dataset("probe", data=arrays["probe"])
+        else:
+            source = "none"
+        if "probe" in f:
+            f["probe"].attrs["source"] = source
+        f.attrs["probe_source"] = source
+        f.attrs["refined"] = recon.refinement is not None
+        if recon.refinement is not None:
+            f.attrs["refinement_json"] = json.dumps(recon.refinement, sort_keys=True, default=str)
+        if notes:
+            f.attrs["notes_json"] = json.dumps(dict(notes), sort_keys=True, default=str)
         f.attrs["format"] = RECONSTRUCTION_FORMAT
         f.attrs["producer"] = f"ptycho-runtime {__version__}"
         f.attrs["params_json"] = params_json

@@ -22,9 +22,12 @@ from typing import Optional
 
 import numpy as np
 
+from .overlap_solve import solve_overlap_planes
 from .stitching import MAX_CANVAS_PIXELS, Reconstruction, StitchCanvas, _window, stitch_patches
 
 DEFAULT_PHASE_ITERATIONS = 20  # passes when alignment is asked for (Bundle.reconstruct(align_phase=...))
+# the least-squares overlap solve (overlap_solve): one phase offset, or offset and ramp, per pattern or per group
+ALIGN_MODES = ("none", "offsets", "ramps", "group-offsets", "group-ramps")
 
 
 def _binned(patches: np.ndarray, positions: np.ndarray, window: Optional[np.ndarray], crop: Optional[int],
@@ -85,13 +88,43 @@ def align_patch_phases(patches: np.ndarray, positions: np.ndarray, window: Optio
     return factors
 
 
+def check_align(align: str) -> None:
+    """ValueError unless ``align`` is one of ``ALIGN_MODES``."""
+    if align not in ALIGN_MODES:
+        raise ValueError(f"align must be one of {', '.join(map(repr, ALIGN_MODES))} (got {align!r})")
+
+
+def overlap_factors(patches: np.ndarray, positions: np.ndarray, align: str, window: Optional[np.ndarray] = None,
+                    crop: Optional[int] = None) -> np.ndarray:
+    """Complex factors [n·C, N, N] from the least-squares overlap solve for patches [n, (C,) N, N] (``align`` mode).
+
+    "offsets"/"ramps": a phase offset (or offset and ramp) per pattern;
+    "group-…": one per group of C patches (one network call). "none": ones.
+    """
+    check_align(align)
+    patches = np.asarray(patches)
+    N = patches.shape[-1]
+    flat = patches.reshape(-1, N, N)
+    if align == "none":
+        return np.ones((flat.shape[0], 1, 1), np.complex64)
+    flat_pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
+    per_group = align.startswith("group-")
+    C = int(np.prod(patches.shape[1:-2])) if patches.ndim > 3 else 1
+    groups = np.repeat(np.arange(flat.shape[0] // C), C) if per_group else None
+    planes = solve_overlap_planes(flat, flat_pos, window=window, crop=crop, groups=groups,
+                                  model=align.removeprefix("group-"))
+    return planes.factors(flat_pos, N)
+
+
 def stitch_scan(patches: np.ndarray, positions: np.ndarray, window: Optional[np.ndarray] = None,
                 crop: Optional[int] = None, align_phase: int = 0,
-                object_shape: Optional[tuple[int, int]] = None, max_pixels: int = MAX_CANVAS_PIXELS
-                ) -> Reconstruction:
-    """Phase-align (``align_phase`` passes, 0: off) and stitch patches [n, (C,) N, N] at positions [n, (C,) 2].
+                object_shape: Optional[tuple[int, int]] = None, max_pixels: int = MAX_CANVAS_PIXELS,
+                align: str = "none") -> Reconstruction:
+    """Phase-align and stitch patches [n, (C,) N, N] at positions [n, (C,) 2].
 
-    The one stitching path of ``Bundle.reconstruct`` and training's test
+    Alignment: ``align`` (``ALIGN_MODES``), the least-squares overlap solve,
+    or ``align_phase`` passes of the iterative synchronisation (0: off); not
+    both. The one stitching path of ``Bundle.reconstruct`` and training's test
     reconstruction. The canvas is sized to the scan, or is ``object_shape``
     with origin (0, 0); one above ``max_pixels`` is refused.
     """
@@ -99,6 +132,12 @@ def stitch_scan(patches: np.ndarray, positions: np.ndarray, window: Optional[np.
     N = patches.shape[-1]
     flat = patches.reshape(-1, N, N)
     flat_pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
+    if align_phase and align != "none":
+        raise ValueError(f"give align={align!r} (the least-squares solve) or align_phase={align_phase} (iterative "
+                         "passes), not both")
+    check_align(align)
+    if align != "none":
+        flat = flat * overlap_factors(patches, positions, align, window=window, crop=crop)
     if align_phase:
         factors = align_patch_phases(flat, flat_pos, window=window, crop=crop, iterations=align_phase)
         flat = flat * factors[:, None, None].astype(np.complex64)
