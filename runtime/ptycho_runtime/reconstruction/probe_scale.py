@@ -10,9 +10,9 @@ amplitude): the data's own units (Σ counts = Σ|P·O|², the project's and
 PtychoPINN's far field) and the unnormalised FFT (Σ counts = N²·Σ|P·O|²,
 pty-chi's ``PlanarPtychographyForwardModel``). Any other scale is replaced by
 the assumption that the most transmissive part of the scan has transmission 1.
-The NPZ reader, ``Bundle.reconstruct(refine=...)`` and the ptychodus host all
-use it, so an object's amplitude means the same thing whichever door the scan
-came in by.
+The NPZ reader and ``ptycho_export.data.load_ptychodus`` use it, and so should
+every host that hands the runtime a probe of its own, so that an object's
+amplitude means the same thing whichever door the scan came in by.
 """
 
 from __future__ import annotations
