@@ -4,7 +4,8 @@ Keys:
 
     diffraction  (n, N, N) float  counts, sqrt(counts) in photons, or a normalised amplitude
                                   (legacy name: diff3d; told apart by ``detect_units``)
-    probeGuess   (N, N)    complex, at any absolute scale (``normalise_probe``)
+    probeGuess   (N, N)    complex, at any absolute scale (``normalise_probe``); or a
+                           (modes, N, N) stack, as ptychodus exports it (mode 0 is used)
     xcoords, ycoords (n,)  float, frame centres (pixel (N−1)/2) in object pixels
     objectGuess  (M, M')   complex   optional
     Y            (n, N, N) complex   optional (ground-truth object patches)
@@ -23,6 +24,7 @@ runtime accept exactly the same files.
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 import zipfile
@@ -34,7 +36,9 @@ import numpy as np
 from ..format import atomic_write_path
 from ..reconstruction.geometry import DEFAULT_CENTRE, check_centre, to_default_centre
 from ..reconstruction.inputs import check_scan_positions
-from ..reconstruction.probe_scale import normalise_probe
+from ..reconstruction.probe_scale import normalise_probe, scale_is_relative
+
+log = logging.getLogger(__name__)  # under "ptycho_runtime": hosts configure that logger
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -117,6 +121,25 @@ def _check_numeric(key: str, arr: np.ndarray, allow_complex: bool) -> None:
         raise ValueError(f"NPZ key {key!r} must be real; got complex dtype {arr.dtype}")
 
 
+def _first_probe_mode(probe: np.ndarray, N: int, path: PathLike) -> np.ndarray:
+    """The (N, N) probe: as stored, or mode 0 of a (modes, N, N) stack (ptychodus's PtychoPINN export).
+
+    Every engine here models one coherent mode. A stack of one is squeezed
+    silently; from a longer one mode 0 (ptychodus's dominant mode) is used and
+    a warning names how many modes were dropped, since their intensity is then
+    missing from the model.
+    """
+    _check_numeric("probeGuess", probe, allow_complex=True)
+    if probe.ndim == 3 and probe.shape[1:] == (N, N) and probe.shape[0] >= 1:
+        modes = probe.shape[0]
+        if modes > 1:
+            log.warning("%s: probeGuess holds %d probe modes; using mode 0 and dropping the other %d "
+                        "(the runtime models one coherent mode)", path, modes, modes - 1)
+        probe = probe[0]
+    _check_shape("probeGuess", probe, (N, N), "(N, N) or (modes, N, N)")
+    return probe
+
+
 UNITS = ("auto", "photons", "counts", "normalised")
 
 
@@ -147,11 +170,13 @@ def read_npz_arrays(path: PathLike, counts: Optional[bool] = None, units: str = 
     Returned keys: ``diffraction`` (float32 (n, N, N) normalised amplitude,
     also when the file uses the legacy name ``diff3d``), ``xcoords`` and
     ``ycoords`` (float64 (n,), frame centre at pixel (N−1)/2),
-    ``probeGuess`` (complex64 (N, N), in the normalised diffraction's units)
-    and, when present, ``objectGuess``, ``Y`` ((n, N, N)) and ``scan_index``
+    ``probeGuess`` (complex64 (N, N), in the normalised diffraction's units;
+    mode 0 of a (modes, N, N) stack) and, when present, ``objectGuess``, ``Y`` ((n, N, N)) and ``scan_index``
     ((n,)); plus ``units`` (what the diffraction held), ``nphotons`` (mean
     counts per pattern, None for normalised input) and ``probe_scale`` (how
-    the probe's scale was chosen).
+    the probe's scale was chosen, ``normalise_probe``'s label; also logged on
+    the ``ptycho_runtime`` logger: WARNING when the brightest-frame rule set
+    it, so the object's amplitude is relative, INFO otherwise).
 
     Args:
         path: the .npz file.
@@ -256,10 +281,12 @@ def read_npz_arrays(path: PathLike, counts: Optional[bool] = None, units: str = 
         out[key] = to_default_centre(arr, N, position_centre)
     check_scan_positions(np.stack([out["xcoords"], out["ycoords"]], axis=1), N)
 
-    probe = _require(arrays, "probeGuess", f"complex array of shape (N, N) = ({N}, {N})")
-    _check_numeric("probeGuess", probe, allow_complex=True)
-    _check_shape("probeGuess", probe, (N, N), "(N, N)")
+    probe = _first_probe_mode(_require(arrays, "probeGuess", f"complex array of shape (N, N) = ({N}, {N})"), N, path)
     out["probeGuess"], out["probe_scale"] = normalise_probe(probe, amp, factor)
+    if scale_is_relative(out["probe_scale"]):
+        log.warning("%s: probeGuess %s", path, out["probe_scale"])
+    else:
+        log.info("%s: probeGuess scale kept: %s", path, out["probe_scale"])
 
     obj: Optional[np.ndarray] = arrays.get("objectGuess")
     if obj is not None:
