@@ -26,9 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 N = 64
 
 
-def _check_file(path: Path, photons: float) -> dict:
+def _check_file(path: Path, photons: float, probe_in_fft_units: bool = False) -> dict:
+    """Units, normalisation and the forward fit of a written scan.
+
+    ``probe_in_fft_units``: the simulator wrote its probe for an unnormalised FFT (pty-chi), which the reader
+    recognises and keeps at its absolute scale; otherwise the probe is at an unrelated scale and is rescaled.
+    """
     from ptycho_export.data import load_npz
     from ptycho_runtime.files.npz import read_npz_arrays
+    from ptycho_runtime.reconstruction.probe_scale import UNNORMALISED_FFT_UNITS
 
     raw = np.load(path, allow_pickle=False)
     counts = raw["diffraction"].astype(np.float64) ** 2
@@ -42,8 +48,11 @@ def _check_file(path: Path, photons: float) -> dict:
     energy = np.mean(np.sum(data.diffraction.astype(np.float64) ** 2, axis=(1, 2)))
     assert energy == pytest.approx((N / 2) ** 2, rel=1e-3)  # PtychoPINN's normalisation
     probe_energy = float(np.sum(np.abs(data.probe.astype(np.complex128)) ** 2))
-    # the file keeps the simulator's own probe scale, which is not the data's units: the reader must rescale it
-    assert read_npz_arrays(path)["probe_scale"].startswith("rescaled"), file_probe_energy
+    scale = read_npz_arrays(path)["probe_scale"]
+    if probe_in_fft_units:  # Σ counts = N²·Σ|P·O|²: the reader keeps that absolute scale (probe × N)
+        assert scale == UNNORMALISED_FFT_UNITS, (scale, file_probe_energy)
+    else:  # the simulator's own probe scale, not the data's units: the reader must rescale it
+        assert scale.startswith("rescaled"), (scale, file_probe_energy)
     assert 0.5 * energy < probe_energy < 2.5 * energy  # the reader brought it to the data's units
 
     report = ind.forward_check(path)
@@ -54,9 +63,11 @@ def _check_file(path: Path, photons: float) -> dict:
     # The project's bilinear object read blurs sub-pixel patches: a misfit beyond noise that the Fourier-shifted
     # probe does not have (measured: χ² 1.2 on ptychodus's full scan, 2.3 on pty-chi's), yet still a fit.
     assert fourier["chi2"] <= bilinear["chi2"] < 8.0 and bilinear["chi2_slip"] > 1.3 * bilinear["chi2"], bilinear
-    # The reader takes the brightest frames as transmission 1 (docs/data.md); these objects transmit less there,
-    # so its probe is dimmer than the truth by a known few tens of percent in intensity.
-    assert 1.0 < fourier["count_ratio"] < 2.0, fourier
+    if probe_in_fft_units:  # the probe's true scale was kept: the model predicts the measured counts
+        assert fourier["count_ratio"] == pytest.approx(1.0, abs=0.02), fourier
+    else:  # the brightest frames are taken as transmission 1 (docs/data.md); these objects transmit less there,
+        # so the reader's probe is dimmer than the truth by a few tens of percent in intensity
+        assert 1.0 < fourier["count_ratio"] < 2.0, fourier
     return report
 
 
@@ -116,5 +127,5 @@ def test_ptychi_scan_reads_back_and_fits(tmp_path):
     except ReferenceUnavailableError as exc:
         pytest.skip(str(exc))
     path = ind.write_scan(tmp_path, "ptychi", seed=4, n_positions=49, photons=1e6)  # coins and camera, as seed 0
-    report = _check_file(path, 1e6)
+    report = _check_file(path, 1e6, probe_in_fft_units=True)
     assert 20 < report["probe_diameter_px"] < 32
