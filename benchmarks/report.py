@@ -318,6 +318,29 @@ def section_refine(entries: list[Entry]) -> list[str]:
     return out
 
 
+def section_end_to_end(entries: list[Entry]) -> list[str]:
+    e2e = [e for e in entries if e.kind == "end_to_end" and e.info.get("wall_s")]
+    if not e2e:
+        return []
+    out = ["## The whole path on the held-out scan (benchmarks/test_end_to_end.py)", "",
+           "Wall time of one reconstruction of the same scan on the same cores, its quality against the true object, "
+           "and the ratio of its wall time to `network_refined` (the network + the default refinement), same run.", ""]
+    groups: dict[tuple, list[Entry]] = defaultdict(list)
+    for e in e2e:
+        groups[(e.run, e.group)].append(e)
+    e2e_order = ["network", "network_refined", "ptychi_epie", "ptychi_lsqml"]
+    for (run, group), es in sorted(groups.items()):
+        es.sort(key=lambda e: e2e_order.index(e.path) if e.path in e2e_order else len(e2e_order))
+        base = next((e.info["wall_s"] for e in es if e.path == "network_refined"), None)
+        rows = [[f"`{e.path}`", str(e.info.get("epochs", "?")), num(e.info["wall_s"]),
+                 num(e.info.get("phase_ssim")), num(e.info.get("amplitude_ssim")),
+                 "—" if base is None else ratio(e.info["wall_s"], base), load_flag(e)] for e in es]
+        out += [f"**{group}** ({run})", ""]
+        out += table(["path", "sweeps / epochs", "wall s", "phase SSIM", "amplitude SSIM",
+                      "wall / network_refined", "load"], rows)
+    return out
+
+
 def section_export(entries: list[Entry]) -> list[str]:
     exp = [e for e in entries if e.kind == "export"]
     if not exp:
@@ -402,8 +425,8 @@ def render(paths: list[str]) -> str:
     entries, runs = load(paths)
     out = ["# ptycho_export / ptycho_runtime benchmark report", ""]
     out += section_header(runs, entries)
-    for section in (section_inference, section_cold, section_reconstruct, section_refine, section_export, section_flops,
-                    section_published):
+    for section in (section_inference, section_cold, section_reconstruct, section_refine, section_end_to_end,
+                    section_export, section_flops, section_published):
         out += section(entries)
     return "\n".join(out).rstrip() + "\n"
 
