@@ -38,6 +38,7 @@ from .inference.backends import DeviceUnavailableError
 from .inference.bundle import BACKENDS, Bundle, BundleInfo, ReconstructionCancelled, load_bundle
 from .inference.compatibility import HostPhysics, PhysicsMismatchError
 from .inference.remote_errors import ClusterError, RemoteError, ServerModelMismatchError, ServerUnavailableError
+from .inference.scan_refinement import RefineSettings
 from .inference.streaming import StreamingReconstructor
 from .reconstruction.alignment import align_patch_phases, stitch_scan
 from .reconstruction.geometry import DEFAULT_CENTRE, ObjectGrid, frame_centre, to_default_centre
@@ -81,6 +82,7 @@ __all__ = [
     "probe_window",
     "refine",
     "refine_epie",
+    "RefineSettings",
     "repair_bad_pixels",
     "stitch_patches",
     "stitch_scan",
