@@ -220,3 +220,34 @@ def test_refinement_options_are_checked_up_front(b1, scan):
     with b1.stream(scan_positions=pos, refine=False, background=False) as off:  # False/0/None: no refinement
         off.feed(d[:4], pos[:4])
     assert off.refinement is None and off.snapshot().refinement is None
+
+
+def test_an_idle_stream_refines_on_its_own(b1, scan):
+    """No frames waiting: the worker sweeps until every frame has had its sweeps, without close() asking."""
+    d, pos = scan
+    stream = b1.stream(scan_positions=pos, batch_size=16, refine=5, refine_between=0)
+    try:
+        stream.feed(d, pos)
+        stream.flush()
+        deadline = time.monotonic() + 60.0  # a loaded CI machine: wait for the sweeps, never assert a time
+        while stream.refinement.owed and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert stream.refinement.owed == 0
+        snap = stream.snapshot()
+        assert snap.refinement["sweeps"] == 5 and snap.refinement["frames_refined"] == d.shape[0]
+    finally:
+        final = stream.close()
+    assert final.refinement["sweeps_total"] == 5  # close() had nothing left to run
+
+
+def test_gridsize2_pregrouped_stream_refines_each_frame_it_is_fed(fixture_dir):
+    b = pr.load_bundle(fixture_dir / "n64_g2" / "wts.h5")
+    s = read_npz_arrays(fixture_dir / "n64_g2" / "scan.npz")
+    pos = np.stack([s["xcoords"], s["ycoords"]], axis=1)[:20]
+    d = s["diffraction"][:20]
+    idx = group_neighbors(pos[:, 0], pos[:, 1], 2)
+    with b.stream(scan_positions=pos, batch_size=4, background=False, refine=3) as stream:
+        _feed_chunks(stream, d[idx], pos[idx], chunks=(3, 9, 8))
+    final = stream.snapshot()
+    assert final.refinement["frames_refined"] == idx.size  # every frame of every group, as fed
+    assert np.all(np.isfinite(final.object))
