@@ -80,6 +80,9 @@ class StreamRefinement:
         self.sweeps_since_add = 0
         self.frames_outside_grid = 0
         self.cancelled = False
+        self._wall_s = 0.0  # the sweeps' time, summed over the stream
+        self._seen: set[tuple[float, float]] = set()  # positions already added
+        self.frames_repeated = 0
 
     @property
     def owed(self) -> int:
@@ -96,7 +99,10 @@ class StreamRefinement:
         """Frames just stitched: measured ``amplitude`` [k, N, N], ``positions`` [k, 2] (x, y) on ``canvas``'s frame.
 
         ``canvas`` is the network's canvas with these frames in it; frames
-        whose window leaves a fixed grid are left out (counted).
+        whose window leaves a fixed grid are left out (counted), and so is a
+        frame at a position already added: pre-grouped input (gridsize > 1)
+        repeats each frame in several groups, and refining it once per group
+        would weigh it several times.
         """
         with self._lock:
             if self.cancelled:
@@ -106,6 +112,13 @@ class StreamRefinement:
             starts = frame_origin(pos, self.N) - np.array([float(canvas.x_coords[0]), float(canvas.y_coords[0])])
             keep = _inside(starts, canvas.object.shape, self.N)
             self.frames_outside_grid += int((~keep).sum())
+            for j in np.flatnonzero(keep):
+                key = (round(float(pos[j, 0]), 6), round(float(pos[j, 1]), 6))
+                if key in self._seen:
+                    keep[j] = False
+                    self.frames_repeated += 1
+                else:
+                    self._seen.add(key)
             if not keep.any():
                 return
             amp, pos, starts = amp[keep], pos[keep], starts[keep]
@@ -162,8 +175,10 @@ class StreamRefinement:
 
     def _publish(self, obj: np.ndarray, probe: np.ndarray, engine_record: dict[str, Any]) -> None:
         r = self._refiner
+        self._wall_s += float(engine_record.get("wall_s", 0.0))
         record = {k: v for k, v in engine_record.items() if k != "misfit"}
         record.update({
+            "wall_s": self._wall_s,
             "sweeps": self.sweeps_since_add, "sweeps_requested": self.settings.sweeps,
             "sweeps_total": r.sweeps_run, "frames": r.n_frames, "streamed": True,
             "cancelled": self.cancelled or bool(engine_record.get("cancelled")),
@@ -171,7 +186,7 @@ class StreamRefinement:
             "misfit_per_sweep": [float(v) for v in r.misfit],
             "probe_source": self.probe_source + (", refined" if record.get("probe_updated") else ""),
             "probe_scale": self._scale_note, "frames_refined": r.n_frames,
-            "frames_outside_grid": self.frames_outside_grid,
+            "frames_outside_grid": self.frames_outside_grid, "frames_repeated": self.frames_repeated,
         })
         with self._view_lock:
             self._view = (obj, probe, self._mask.copy(), record)
