@@ -217,6 +217,8 @@ def test_refinement_options_are_checked_up_front(b1, scan):
         b1.stream(scan_positions=pos, refine=RefineSettings(engine="ptychi"))
     with pytest.raises(ValueError, match=r"probe must be \[64, 64\]"):
         b1.stream(scan_positions=pos, refine=True, probe=np.ones((32, 32), np.complex64))
+    with pytest.raises(ValueError, match="finite and not all zero"):
+        b1.stream(scan_positions=pos, refine=True, probe=np.zeros((64, 64), np.complex64))
     with b1.stream(scan_positions=pos, refine=False, background=False) as off:  # False/0/None: no refinement
         off.feed(d[:4], pos[:4])
     assert off.refinement is None and off.snapshot().refinement is None

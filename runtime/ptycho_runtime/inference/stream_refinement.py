@@ -66,6 +66,8 @@ class StreamRefinement:
         P = np.asarray(probe)
         if P.shape != (N, N):
             raise ValueError(f"the refinement probe must be [{N}, {N}] like the frames (got {list(P.shape)})")
+        if not np.all(np.isfinite(P)) or not np.any(P):  # checked now: in the worker thread it would end the stream
+            raise ValueError("the refinement probe must be finite and not all zero: pass the scan's probe guess")
         self.settings, self.N, self.fill, self.cancel = settings, int(N), fill, cancel
         self.probe_source = probe_source
         self._probe_in = P
