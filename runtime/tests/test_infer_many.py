@@ -23,6 +23,7 @@ from ptycho_runtime import cli  # noqa: E402
 from ptycho_runtime.cli import cluster as cli_cluster  # noqa: E402
 from ptycho_runtime.distributed import infer_many as im  # noqa: E402
 from ptycho_runtime.files.npz import read_npz_arrays, write_npz_arrays  # noqa: E402
+from ptycho_runtime.refinement import DEFAULT_SWEEPS  # noqa: E402
 
 TOL = 1e-6
 # what infer writes that legitimately differs between two runs (timings, the scan's path)
@@ -55,8 +56,11 @@ def scans(bundle_path, tmp_path):
     return get
 
 
-def _infer_single(bundle: Path, scan: Path, out: Path) -> Path:
-    assert cli.main(["infer", str(bundle), str(scan), "-o", str(out)]) == 0
+NETWORK_ONLY = ["--refine", "0"]  # infer and infer-many both refine by default; the exact comparisons are without
+
+
+def _infer_single(bundle: Path, scan: Path, out: Path, *extra: str) -> Path:
+    assert cli.main(["infer", str(bundle), str(scan), "-o", str(out), *extra]) == 0
     return out
 
 
@@ -87,22 +91,44 @@ def test_infer_many_equals_single_process_infer(cluster, scans, tmp_path, capsys
     bundle, scan_files = scans(name)
     out = tmp_path / "many"
     rc = cli.main(["infer-many", str(bundle), *map(str, scan_files), "-o", str(out), "--scheduler", address,
-                   "--chunk-frames", "3"])  # 16 chunks per scan: partials go through a merge tree
+                   "--chunk-frames", "3", "--no-refine"])  # 16 chunks per scan: partials go through a merge tree
     err = capsys.readouterr().err
     assert rc == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["scan.h5", "second.h5"]  # no temp files
     assert f"infer-many: 2 of 2 scans written to {out}" in err
     for scan in scan_files:
-        ref = _infer_single(bundle, scan, tmp_path / f"single_{scan.stem}.h5")
+        ref = _infer_single(bundle, scan, tmp_path / f"single_{scan.stem}.h5", *NETWORK_ONLY)
         _assert_like_infer(out / f"{scan.stem}.h5", ref)
+
+
+def test_infer_many_refines_each_scan_by_default_as_infer_does(cluster, scans, tmp_path, capsys):
+    """Default: each scan refined with its own probeGuess, the default sweeps; the object as infer's refined one."""
+    address, _ = cluster
+    bundle, scan_files = scans("n64_g1")
+    out = tmp_path / "many"
+    rc = cli.main(["infer-many", str(bundle), *map(str, scan_files), "-o", str(out), "--scheduler", address,
+                   "--chunk-frames", "5"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert err.count(f"refined ({DEFAULT_SWEEPS} sweeps)") == 2
+    for scan in scan_files:
+        ref = _infer_single(bundle, scan, tmp_path / f"single_{scan.stem}.h5")
+        with h5py.File(out / f"{scan.stem}.h5", "r") as f, h5py.File(ref, "r") as g:
+            assert sorted(f) == sorted(g)
+            np.testing.assert_allclose(f["object"][()], g["object"][()], rtol=0, atol=1e-4)
+            np.testing.assert_allclose(f["probe"][()], g["probe"][()], rtol=0, atol=1e-5)
+        with h5py.File(out / f"{scan.stem}.h5", "r") as f:
+            plain = _infer_single(bundle, scan, tmp_path / f"plain_{scan.stem}.h5", *NETWORK_ONLY)
+            with h5py.File(plain, "r") as g:
+                assert np.abs(f["object"][()] - g["object"][()]).max() > 1e-3  # refinement did change it
 
 
 def test_local_scheduler_starts_its_own_cluster(scans, tmp_path, capsys):
     bundle, scan_files = scans("n64_g1")
     out = tmp_path / "many"
-    assert cli.main(["infer-many", str(bundle), str(scan_files[0]), "-o", str(out), "--workers", "2"]) == 0, \
-        capsys.readouterr().err
-    _assert_like_infer(out / "scan.h5", _infer_single(bundle, scan_files[0], tmp_path / "single.h5"))
+    assert cli.main(["infer-many", str(bundle), str(scan_files[0]), "-o", str(out), "--workers", "2",
+                     "--no-refine"]) == 0, capsys.readouterr().err
+    _assert_like_infer(out / "scan.h5", _infer_single(bundle, scan_files[0], tmp_path / "single.h5", *NETWORK_ONLY))
 
 
 def test_a_bad_scan_fails_alone(cluster, scans, bundle_path, tmp_path, capsys):
@@ -117,7 +143,7 @@ def test_a_bad_scan_fails_alone(cluster, scans, bundle_path, tmp_path, capsys):
     missing = tmp_path / "missing.npz"
     out = tmp_path / "many"
     rc = cli.main(["infer-many", str(bundle), str(garbage), str(scan_files[0]), str(wrong_n), str(missing),
-                   "-o", str(out), "--scheduler", address])
+                   "-o", str(out), "--scheduler", address, "--no-refine"])
     err = capsys.readouterr().err
     assert rc == cli_cluster.EXIT_SCANS_FAILED == 5, err
     assert "infer-many: 1 of 4 scans written" in err and "3 failed" in err
@@ -126,7 +152,7 @@ def test_a_bad_scan_fails_alone(cluster, scans, bundle_path, tmp_path, capsys):
             "[48, 1, 32, 32]") in err
     assert f"missing.npz: FAILED: FileNotFoundError: no scan file at {missing}" in err
     assert sorted(p.name for p in out.iterdir()) == ["scan.h5"]
-    _assert_like_infer(out / "scan.h5", _infer_single(bundle, scan_files[0], tmp_path / "single.h5"))
+    _assert_like_infer(out / "scan.h5", _infer_single(bundle, scan_files[0], tmp_path / "single.h5", *NETWORK_ONLY))
 
 
 class KillWorkerOnce(distributed.WorkerPlugin):
@@ -158,7 +184,7 @@ def test_a_killed_worker_is_retried_with_an_identical_result(cluster, scans, tmp
     pids_before = set(client.run(os.getpid).values())
     client.register_plugin(KillWorkerOnce(str(marker)))
     try:
-        results = im.infer_many(client, bundle, scan_files, tmp_path / "many", chunk_frames=4)
+        results = im.infer_many(client, bundle, scan_files, tmp_path / "many", chunk_frames=4, refine=None)
     finally:
         client.unregister_worker_plugin(KillWorkerOnce.name)
     assert marker.exists()
@@ -169,7 +195,7 @@ def test_a_killed_worker_is_retried_with_an_identical_result(cluster, scans, tmp
     assert [r.ok for r in results] == [True, True], [r.error for r in results]
     for scan in scan_files:  # nothing lost: both scans complete and equal to single-process infer
         _assert_like_infer(tmp_path / "many" / f"{scan.stem}.h5",
-                           _infer_single(bundle, scan, tmp_path / f"single_{scan.stem}.h5"))
+                           _infer_single(bundle, scan, tmp_path / f"single_{scan.stem}.h5", *NETWORK_ONLY))
 
 
 def test_unreachable_scheduler_exits_3(scans, tmp_path, capsys, monkeypatch):

@@ -42,6 +42,8 @@ from ptycho_runtime.hosts.ptychodus import (  # noqa: E402
     write_product,
 )
 from ptycho_runtime.inference.compatibility import object_pixel_size  # noqa: E402
+from ptycho_runtime.inference.scan_refinement import RefineSettings  # noqa: E402
+from ptycho_runtime.refinement import DEFAULT_SWEEPS  # noqa: E402
 
 N = 64
 ENERGY_EV, DISTANCE_M, DETECTOR_PX_M = 10_000.0, 2.0, 75e-6
@@ -94,8 +96,28 @@ def _ptychodus(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=600, env=env)
 
 
+def _misfit(obj: np.ndarray, parameters, probe: np.ndarray) -> float:
+    """Far-field misfit of an object (with ``probe``, brought to the data's units) against the input patterns."""
+    from ptycho_runtime.reconstruction.geometry import frame_origin
+    from ptycho_runtime.reconstruction.inputs import repair_bad_pixels
+    from ptycho_runtime.reconstruction.probe_scale import normalise_probe
+    from ptycho_runtime.refinement import far_field_misfit
+
+    scan = host_scan(parameters)
+    amp = repair_bad_pixels(np.sqrt(scan.counts.astype(np.float32)), scan.bad_pixels)
+    starts = frame_origin(scan.positions_px, N)
+    low = np.floor(starts)
+    inside = (low >= 0).all(axis=1) & (low[:, 0] + N + 1 <= SHAPE[1]) & (low[:, 1] + N + 1 <= SHAPE[0])
+    P, _ = normalise_probe(probe, amp, 1.0)
+    return far_field_misfit(np.asarray(obj, np.complex64), amp[inside], P, starts[inside])
+
+
 def test_batch_mode_end_to_end(scan_dir, tmp_path):
-    """`python -m ptycho_runtime.hosts.ptychodus -b reconstruct -i IN -o OUT` → a product ptychodus reads (IN grid)."""
+    """`python -m ptycho_runtime.hosts.ptychodus -b reconstruct -i IN -o OUT` → a product ptychodus reads (IN grid).
+
+    By default the network's object is refined with the product's probe (refined too), and the output product
+    holds that probe: together they fit the input patterns far better than the network's object alone.
+    """
     out = tmp_path / "out"
     proc = _ptychodus("-b", "reconstruct", "-i", str(scan_dir), "-o", str(out))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -107,20 +129,48 @@ def test_batch_mode_end_to_end(scan_dir, tmp_path):
     assert (geometry.height_px, geometry.width_px) == SHAPE
     assert (geometry.center_x_m, geometry.center_y_m) == pytest.approx(CENTRE_M)
     assert geometry.pixel_width_m == pytest.approx(PIXEL_M)
-    np.testing.assert_array_equal(got.probes.get_array(), given.probes.get_array())  # passed through
     np.testing.assert_array_equal(got.probe_positions.get_coordinates_x_m(),
                                   given.probe_positions.get_coordinates_x_m())
     assert got.metadata.photon_energy_eV == ENERGY_EV and got.metadata.detector_distance_m == DISTANCE_M
-    # the same object the runtime makes from the same files, on the same grid; uncovered pixels are 1+0j
+    # the same object the runtime makes from the same files with the same refinement, on the same grid
+    parameters = read_input(scan_dir / "product.h5", scan_dir / "diffraction.h5")
+    scan = host_scan(parameters)
+    bundle = pr.load_bundle(scan_dir / "model.h5", device="cpu")
+    ref = bundle.reconstruct(scan.counts, scan.positions_px, **scan.reconstruct_kwargs(),
+                             refine=RefineSettings(sweeps=DEFAULT_SWEEPS, refine_probe=True))
+    obj = got.object_.get_layer(0)
+    np.testing.assert_allclose(obj, ref.object, atol=1e-4)
+    assert ref.covered.any() and not ref.covered.all()
+    assert np.all(obj[~ref.covered] == 1 + 0j)
+    # the output's probe is the one the object goes with: the refined one, not the input's guess
+    out_probe = got.probes.get_array().reshape(-1, N, N)[0]
+    np.testing.assert_allclose(out_probe, ref.probe, atol=1e-4 * np.abs(ref.probe).max())
+    assert ref.refinement["probe_updated"] and ref.refinement["probe_source"].startswith("the host's probe")
+    network = bundle.reconstruct(scan.counts, scan.positions_px, **scan.reconstruct_kwargs())
+    refined_misfit, network_misfit = _misfit(obj, parameters, out_probe), _misfit(network.object, parameters,
+                                                                                 scan.probe)
+    print(f"far-field misfit: refined {refined_misfit:.4g}, network alone {network_misfit:.4g}")
+    assert refined_misfit < 0.5 * network_misfit
+    assert "ptycho_runtime" in proc.stdout  # the runtime's log lines reach ptychodus's log
+    assert f"refined: {DEFAULT_SWEEPS} sweeps" in proc.stdout
+
+
+def test_batch_mode_without_refinement_passes_the_probe_through(scan_dir, tmp_path):
+    """settings.ini [PtychoRuntime] Refine = False: the network's object alone, the input's probes unchanged."""
+    off = tmp_path / "in"
+    shutil.copytree(scan_dir, off)
+    (off / "settings.ini").write_text(f"[Processing]\nAlgorithm = {ALGORITHM}\n\n[PtychoRuntime]\nRefine = False\n")
+    proc = _ptychodus("-b", "reconstruct", "-i", str(off), "-o", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = load_product(tmp_path / "out" / "product.000100.h5")
+    given = load_product(scan_dir / "product.h5")
+    np.testing.assert_array_equal(got.probes.get_array(), given.probes.get_array())  # passed through
     parameters = read_input(scan_dir / "product.h5", scan_dir / "diffraction.h5")
     scan = host_scan(parameters)
     ref = pr.load_bundle(scan_dir / "model.h5", device="cpu").reconstruct(scan.counts, scan.positions_px,
                                                                           **scan.reconstruct_kwargs())
-    obj = got.object_.get_layer(0)
-    np.testing.assert_allclose(obj, ref.object, atol=1e-5)
-    assert ref.covered.any() and not ref.covered.all()
-    assert np.all(obj[~ref.covered] == 1 + 0j)
-    assert "ptycho_runtime" in proc.stdout  # the runtime's log lines reach ptychodus's log
+    np.testing.assert_allclose(got.object_.get_layer(0), ref.object, atol=1e-5)
+    assert "refined:" not in proc.stdout
 
 
 def test_unknown_algorithm_is_an_error(scan_dir, tmp_path):
@@ -208,7 +258,9 @@ def test_bad_pixels_cancel_and_a_warm_worker(reconstructor, scan_dir, caplog):
     caplog.set_level(logging.INFO, logger="ptycho_runtime")
     outputs = list(reconstructor.reconstruct(parameters))
     progress = [o.progress for o in outputs]
-    assert progress == sorted(progress) and progress[-1] == 100 and len(progress) == 13  # 100 patterns, batches of 8
+    # 100 patterns in batches of 8 (13 outputs, to 50 %), then 20 sweeps (19 outputs, to 100 %), then the result
+    assert progress == sorted(progress) and progress[-1] == 100 and len(progress) == 13 + 19 + 1
+    assert progress[12] == 50
     final = outputs[-1].product.object_.get_layer(0)
     # bad pixels repaired: the hot pixels do not reach the network
     scan = host_scan(parameters)

@@ -106,3 +106,41 @@ def test_errors_cross_back_as_data_and_only_known_types_are_rebuilt():
     with pytest.raises(WorkerError, match="the worker raised CalledProcessError"):
         _raise(("error", 1, ("subprocess", "CalledProcessError", (1, "x")), "CalledProcessError", "tb"))
     assert _pack(ValueError(object()))[0] is None  # arguments that are not plain data: text only
+
+
+def test_refinement_crosses_the_process_boundary_as_plain_data(worker, scan, fixture_dir):
+    """refine= as a dict (or settings without progress) reaches the worker; each sweep comes back as progress."""
+    from ptycho_runtime.hosts.worker import plain_refine
+    from ptycho_runtime.inference.scan_refinement import RefineSettings
+
+    d, pos = scan
+    bundle = pr.load_bundle(fixture_dir / "n64_g1" / "wts.h5", device="cpu")
+    probe = bundle.probe * 2.0  # the host's probe, at its own scale
+    ref = bundle.reconstruct(d, pos, refine=RefineSettings(sweeps=3, refine_probe=True), probe=probe)
+    events = list(worker.run(d, pos, batch_size=16, refine={"sweeps": 3, "refine_probe": True}, probe=probe))
+    sweeps = [e for e in events if isinstance(e, Progress) and e.stage == "refinement"]
+    assert [(e.done, e.total, e.snapshot) for e in sweeps] == [(1, 3, None), (2, 3, None), (3, 3, None)]
+    assert [e.stage for e in events[:3]] == ["inference"] * 3
+    rec = events[-1].reconstruction
+    np.testing.assert_allclose(rec.object, ref.object, rtol=0, atol=1e-5)  # the same refinement as in-process
+    np.testing.assert_allclose(rec.probe, ref.probe, rtol=0, atol=1e-5)
+    assert rec.refinement["sweeps"] == 3 and rec.refinement["probe_updated"] is True
+    assert rec.refinement["probe_source"].startswith("the host's probe")
+    assert plain_refine(RefineSettings(sweeps=2)) == {**plain_refine(RefineSettings()), "sweeps": 2}
+    with pytest.raises(TypeError, match="progress is not available through a worker"):
+        worker.reconstruct(d, pos, refine=RefineSettings(progress=print))
+    with pytest.raises(ValueError, match="refine sweeps must be an integer >= 1"):
+        worker.reconstruct(d, pos, refine={"sweeps": 0})
+
+
+def test_cancel_during_refinement(worker, scan):
+    d, pos = scan
+    events = worker.run(d, pos, batch_size=48, refine=2000)  # far more sweeps than the cancel lets run
+    for e in events:
+        if e.stage == "refinement":
+            worker.cancel()  # from the host, while the sweeps run
+            break
+    with pytest.raises(pr.RefinementCancelled, match="cancelled by the host"):
+        for _ in events:
+            pass
+    assert worker.reconstruct(d, pos, batch_size=48).refinement is None  # the worker serves the next call

@@ -8,7 +8,7 @@ extra is a usage error (exit 2) that names the ``pip install`` to run.
                                [--tensorrt-fp16] [--max-queue-delay-us US]
     ptycho-runtime serve BUNDLE [--http-port P] [--grpc-port P] [--max-batch-size B] [--max-queue-delay-us US] ...
     ptycho-runtime infer-many BUNDLE SCAN... -o OUT_DIR [--scheduler local|tcp://HOST:8786] [--workers N]
-                              [--chunk-frames K]
+                              [--chunk-frames K] [--refine [SWEEPS] | --no-refine]
 """
 
 from __future__ import annotations
@@ -66,6 +66,9 @@ def cmd_infer_many(args: argparse.Namespace) -> int:
 
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be >= 1 (got {args.workers})")
+    if args.refine is not None and args.refine < 0:
+        raise UsageError(f"--refine must be >= 0 sweeps (got {args.refine}; 0 or --no-refine: off)")
+    refine = args.refine if args.refine is not None else True  # on by default, as infer
     threads = None
     if args.scheduler == "local":  # share this machine's cores between the worker processes
         threads = max(1, (os.cpu_count() or 1) // (args.workers or 2))
@@ -74,7 +77,8 @@ def cmd_infer_many(args: argparse.Namespace) -> int:
     def report(r: Any) -> None:
         if r.ok:
             written.append(r)
-            print(f"{Path(r.scan).name} -> {r.output}: {r.n_patterns} patterns in {r.elapsed_s:.2f} s",
+            how = f", refined ({r.refinement.get('sweeps')} sweeps)" if r.refinement else ""
+            print(f"{Path(r.scan).name} -> {r.output}: {r.n_patterns} patterns in {r.elapsed_s:.2f} s{how}",
                   file=sys.stderr)
         else:
             print(f"{Path(r.scan).name}: FAILED: {r.error}", file=sys.stderr)
@@ -84,7 +88,7 @@ def cmd_infer_many(args: argparse.Namespace) -> int:
             results = infer_many(client, args.bundle, args.scans, args.output, chunk_frames=args.chunk_frames,
                                  batch_size=args.batch_size, units="counts" if args.counts else args.units,
                                  position_centre=args.position_centre, device=args.device,
-                                 intra_op_threads=threads, on_result=report)
+                                 intra_op_threads=threads, on_result=report, refine=refine)
     except ImportError as exc:
         raise _usage(exc) from None
     failed = [r for r in results if not r.ok]
@@ -102,6 +106,7 @@ def add_cluster_commands(sub: Any) -> None:
         DEFAULT_MAX_QUEUE_DELAY_US,
         DEFAULT_MODEL_NAME,
     )
+    from ..refinement import DEFAULT_SWEEPS
 
     fmt_class = argparse.RawDescriptionHelpFormatter
 
@@ -176,6 +181,12 @@ def add_cluster_commands(sub: Any) -> None:
                    help="patterns (groups) per inference batch inside a task (default: 64 on CPU, 256 on GPU)")
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help="where each worker runs the graph (default %(default)s)")
+    refine = p.add_mutually_exclusive_group()
+    refine.add_argument("--refine", nargs="?", type=int, const=DEFAULT_SWEEPS, default=None, metavar="SWEEPS",
+                        help="after the network, refine each scan's object against its frames with its own "
+                             f"probeGuess, SWEEPS sweeps (default: on, {DEFAULT_SWEEPS} sweeps, as infer; 0: off)")
+    refine.add_argument("--no-refine", dest="refine", action="store_const", const=0,
+                        help="the network's object alone, no refinement")
     add_scan_arguments(p)
     common(p)
     p.set_defaults(func=cmd_infer_many)

@@ -18,6 +18,11 @@ The work, per scan (every step a Dask task, so any of them can be re-run):
    the partial canvases add up to the whole scan's canvas exactly (up to
    float64 summation order), in a fixed tree order; the object is
    Σw·patch / Σw as in ``Bundle.reconstruct``.
+4. ``refine_stitched`` (unless ``refine`` is off): the whole scan's object
+   refined against its own frames with its own ``probeGuess``, as
+   ``ptycho-runtime infer`` refines (``scan_refinement.refine_scan``, the
+   default sweeps unless told otherwise). One task per scan: every sweep
+   reads all its frames, so it runs where the scan was loaded.
 
 The driver then writes each scan's HDF5 exactly as ``infer`` writes it
 (``files.reconstruction_file.write_reconstruction``, atomically), so a scan is either complete or
@@ -48,6 +53,7 @@ from .. import format as fmt
 from ..files.reconstruction_file import Provenance, write_reconstruction
 from ..format.checksum import file_sha256
 from ..inference.remote_errors import ClusterError
+from ..inference.scan_refinement import RefineRequest, RefineSettings, as_settings, refine_scan
 from ..reconstruction.geometry import DEFAULT_CENTRE
 from ..reconstruction.stitching import Reconstruction, StitchCanvas, canvas_bounds
 
@@ -155,35 +161,52 @@ class Partial:
     n_patches: int = 0
 
 
+Loaded = tuple  # (plan, graph input [g, C, N, N], positions [g, C, 2], and, to refine: amplitude [n, N, N], probe)
+
+
 def load_scan(plugin_name: str, scan_path: str, units: str = "auto", counts: bool = False,
-              position_centre: str = DEFAULT_CENTRE) -> tuple[ScanPlan, np.ndarray, np.ndarray]:
-    """Task: read a scan as ``infer`` does → (plan, graph input [g, C, N, N], positions [g, C, 2])."""
+              position_centre: str = DEFAULT_CENTRE, keep_frames: bool = False) -> Loaded:
+    """Task: ``read_scan`` with this worker's bundle."""
+    return read_scan(_bundle(plugin_name), scan_path, units, counts, position_centre, keep_frames)
+
+
+def read_scan(bundle: Any, scan_path: str, units: str = "auto", counts: bool = False,
+              position_centre: str = DEFAULT_CENTRE, keep_frames: bool = False) -> Loaded:
+    """Read a scan as ``infer`` does → (plan, graph input [g, C, N, N], positions [g, C, 2]).
+
+    ``keep_frames`` (for refinement) appends the measured amplitudes [n, N, N]
+    and the scan's ``probeGuess``, both in the normalised data's units.
+    """
     from ..files.npz import read_npz_arrays
 
-    bundle = _bundle(plugin_name)
     scan = read_npz_arrays(scan_path, counts=counts, units=units, position_centre=position_centre)
     positions = np.stack([scan["xcoords"], scan["ycoords"]], axis=1)
     x, pos = bundle.group(scan["diffraction"], positions, counts=False)  # Bundle.reconstruct's own grouping
     origin, shape = canvas_bounds(pos.reshape(-1, 2), bundle.N)
     plan = ScanPlan(int(positions.shape[0]), int(x.shape[0]), origin, shape, positions, bundle.params,
                     bundle.backend, bundle.device, bundle.providers)
+    if keep_frames:
+        return plan, x, pos, np.asarray(scan["diffraction"], np.float32), scan["probeGuess"]
     return plan, x, pos
 
 
-def scan_plan(loaded: tuple[ScanPlan, np.ndarray, np.ndarray]) -> ScanPlan:
+def scan_plan(loaded: Loaded) -> ScanPlan:
     return loaded[0]
 
 
-def take_chunk(loaded: tuple[ScanPlan, np.ndarray, np.ndarray], start: int, stop: int
-               ) -> tuple[np.ndarray, np.ndarray]:
+def take_chunk(loaded: Loaded, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
     """Task: groups [start, stop) of a loaded scan (runs where the scan is; only the chunk travels)."""
     return loaded[1][start:stop].copy(), loaded[2][start:stop].copy()
 
 
 def reconstruct_chunk(plugin_name: str, chunk: tuple[np.ndarray, np.ndarray],
                       batch_size: Optional[int] = None) -> Partial:
-    """Task: predict a chunk and stitch it, with the bundle's window, into a partial canvas."""
-    bundle = _bundle(plugin_name)
+    """Task: ``chunk_partial`` with this worker's bundle."""
+    return chunk_partial(_bundle(plugin_name), chunk, batch_size)
+
+
+def chunk_partial(bundle: Any, chunk: tuple[np.ndarray, np.ndarray], batch_size: Optional[int] = None) -> Partial:
+    """Predict a chunk and stitch it, with the bundle's window, into a partial canvas."""
     x, pos = chunk
     patches = bundle.infer(x, batch_size)
     flat_pos = pos.reshape(-1, 2)
@@ -217,6 +240,19 @@ def finish_scan(plan: ScanPlan, *parts: Partial) -> Reconstruction:
     return canvas.result()
 
 
+def refine_stitched(loaded: Loaded, recon: Reconstruction, settings: RefineSettings) -> Reconstruction:
+    """Task: the stitched object refined against the scan's frames with its own probe, as ``infer`` refines it.
+
+    ``loaded`` must come from ``read_scan(..., keep_frames=True)``. The
+    result carries ``probe`` and ``refinement`` (the record the output file keeps).
+    """
+    if len(loaded) < 5:
+        raise ValueError("refine_stitched needs the scan's frames: load it with keep_frames=True")
+    plan, amplitude, probe = loaded[0], loaded[3], loaded[4]
+    # as Bundle.reconstruct(refine=..., probe=probeGuess) in infer: the host's probe, uncovered pixels 0
+    return refine_scan(recon, amplitude, plan.positions, probe, settings, probe_source="the host's probe", fill=0.0)
+
+
 # --------------------------------------------------------------------------- driver side
 
 
@@ -229,6 +265,7 @@ class ScanResult:
     n_patterns: int = 0
     elapsed_s: float = 0.0
     error: Optional[str] = None
+    refinement: Optional[dict[str, Any]] = None  # the record of the refinement that ran (None: network only)
 
     @property
     def ok(self) -> bool:
@@ -335,7 +372,8 @@ class _ScanRun:
 
     def __init__(self, client: Any, plugin_name: str, bundle_file: str, results: dict[str, ScanResult],
                  chunk_frames: int, batch_size: Optional[int],
-                 on_result: Optional[Callable[[ScanResult], None]]) -> None:
+                 on_result: Optional[Callable[[ScanResult], None]],
+                 refine: Optional[RefineSettings] = None) -> None:
         self.client = client
         self.plugin_name = plugin_name
         self.bundle_file = bundle_file
@@ -343,6 +381,7 @@ class _ScanRun:
         self.chunk_frames = chunk_frames
         self.batch_size = batch_size
         self.on_result = on_result
+        self.refine = refine
         self.stage: dict[Any, tuple[str, str]] = {}   # future → (scan, "plan" | "final")
         self.held: dict[str, list[Any]] = {}          # scan → its futures (keeps its data on the workers)
         self.started: dict[str, float] = {}
@@ -351,7 +390,8 @@ class _ScanRun:
     def submit(self, scan: str, units: str, counts: bool, position_centre: str) -> Any:
         """Load the scan on a worker; return the future of its (small) plan."""
         self.started[scan] = time.perf_counter()
-        loaded = self.client.submit(load_scan, self.plugin_name, scan, units, counts, position_centre)
+        loaded = self.client.submit(load_scan, self.plugin_name, scan, units, counts, position_centre,
+                                    self.refine is not None)
         plan = self.client.submit(scan_plan, loaded)
         self.held[scan] = [loaded, plan]
         self.stage[plan] = (scan, "plan")
@@ -372,6 +412,8 @@ class _ScanRun:
                                         self.client.submit(take_chunk, loaded, a, b), self.batch_size)
                      for a, b in _chunks(value.n_groups, self.chunk_frames)]
             final = self.client.submit(finish_scan, value, *_tree_merge(self.client, parts))
+            if self.refine is not None:
+                final = self.client.submit(refine_stitched, loaded, final, self.refine)
             self.held[scan].append(final)
             self.stage[final] = (scan, "final")
             return final
@@ -385,7 +427,7 @@ class _ScanRun:
         except OSError as exc:
             self._done(scan, f"cannot write {result.output}: {_describe(exc)}")
             return None
-        result.n_patterns, result.elapsed_s = plan.n_patterns, elapsed
+        result.n_patterns, result.elapsed_s, result.refinement = plan.n_patterns, elapsed, value.refinement
         self._done(scan, None)
         return None
 
@@ -409,8 +451,14 @@ def infer_many(client: Any, bundle_path: str | os.PathLike, scans: Sequence[str 
                batch_size: Optional[int] = None, units: str = "auto", counts: bool = False,
                position_centre: str = DEFAULT_CENTRE, device: str = "auto", intra_op_threads: Optional[int] = None,
                on_result: Optional[Callable[[ScanResult], None]] = None,
-               no_workers_timeout_s: Optional[float] = None) -> list[ScanResult]:
+               no_workers_timeout_s: Optional[float] = None, refine: RefineRequest = True) -> list[ScanResult]:
     """Reconstruct every scan on the cluster behind ``client``; write ``OUT_DIR/<stem>.h5`` per scan.
+
+    ``refine`` (as ``ptycho-runtime infer``: on by default, the default
+    sweeps): each scan's stitched object is then refined against its frames
+    with its own ``probeGuess`` (``refine_stitched``); a number of sweeps or
+    a ``RefineSettings`` (without ``progress``) to choose, None/False/0 for
+    the network alone. The output file records what ran.
 
     Returns one ``ScanResult`` per scan, in the order given; a failed scan
     carries its error and has no output file. ``on_result`` is called as each
@@ -423,6 +471,10 @@ def infer_many(client: Any, bundle_path: str | os.PathLike, scans: Sequence[str 
         raise ValueError(f"chunk_frames must be >= 1 (got {chunk_frames!r})")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+    settings = as_settings(refine)
+    if settings is not None and settings.progress is not None:
+        raise ValueError("RefineSettings.progress cannot run on Dask workers: leave it None (on_result reports "
+                         "each scan as it is written)")
     bundle_file = fmt.resolve_bundle_path(bundle_path).resolve()
     scan_paths = [str(Path(s).resolve()) for s in scans]
     outputs = output_paths(scan_paths, out_dir)
@@ -437,7 +489,8 @@ def infer_many(client: Any, bundle_path: str | os.PathLike, scans: Sequence[str 
         client.register_plugin(plugin, name=plugin.name)
     except Exception as exc:  # noqa: BLE001 - whatever setup raised on a worker, re-raised by Dask
         raise ClusterError(f"the Dask workers cannot load the bundle: {_describe(exc)}") from None
-    run = _ScanRun(client, plugin.name, str(bundle_file), results, int(chunk_frames), batch_size, on_result)
+    run = _ScanRun(client, plugin.name, str(bundle_file), results, int(chunk_frames), batch_size, on_result,
+                   settings)
     queue = distributed.as_completed()
     try:
         for s in scan_paths:

@@ -12,10 +12,15 @@ start or a load.
 Protocol (one job at a time, over a ``multiprocessing`` pipe; pickled numpy
 arrays): the parent sends a job; the worker runs ``Bundle.reconstruct`` and
 sends, between micro-batches, progress (with a snapshot of the object so far
-when asked for), then the result or the error, re-raised in the parent as
-its own type. Log records of the worker are re-emitted in the parent under
-their own names (``ptycho_runtime.*``). Cancellation is a shared job id the
-worker reads between micro-batches, so it works while the worker computes.
+when asked for) and, with ``refine=``, after each refinement sweep
+(``stage="refinement"``, no snapshot), then the result or the error,
+re-raised in the parent as its own type. ``refine`` crosses as plain data
+(None, a bool, a number of sweeps, or a dict of ``RefineSettings`` fields
+without ``progress``): the worker builds the settings, with a progress of
+its own. Log records of the worker are re-emitted in the parent under their
+own names (``ptycho_runtime.*``). Cancellation is a shared job id the worker
+reads between micro-batches and refinement batches, so it works while the
+worker computes.
 A worker that dies (killed, out of memory) is noticed by the next call,
 which raises ``WorkerError``; the call after that starts a new one.
 """
@@ -32,7 +37,7 @@ import threading
 import time
 import traceback
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Iterator, Optional, Union
 
 import numpy as np
@@ -50,11 +55,47 @@ class WorkerError(RuntimeError):
 
 @dataclass(frozen=True)
 class Progress:
-    """Between micro-batches: ``done`` of ``total`` frame groups; ``snapshot`` the object so far (or None)."""
+    """``done`` of ``total``: frame groups between micro-batches (``stage="inference"``, ``snapshot`` the object
+    so far, or None), or sweeps (``stage="refinement"``, no snapshot)."""
 
     done: int
     total: int
     snapshot: Optional[Reconstruction] = None
+    stage: str = "inference"
+
+
+def plain_refine(refine: Any) -> Any:
+    """``refine`` as the plain data a spawned worker receives: None/bool/int as they are, settings as a dict.
+
+    A ``RefineSettings`` with a ``progress`` callable is refused: progress
+    comes back as ``Progress(stage="refinement")`` events instead.
+    """
+    from ..inference.scan_refinement import RefineSettings, as_settings
+
+    if isinstance(refine, dict):
+        RefineSettings(**refine)  # a bad field or value is the caller's error, raised here rather than in the worker
+        return dict(refine)
+    if refine is None or isinstance(refine, (bool, int, np.integer)):
+        as_settings(refine)
+        return int(refine) if isinstance(refine, np.integer) else refine
+
+    if isinstance(refine, RefineSettings):
+        if refine.progress is not None:
+            raise TypeError("RefineSettings.progress is not available through a worker: iterate over run() for "
+                            "Progress(stage='refinement') events")
+        return {f.name: getattr(refine, f.name) for f in fields(refine) if f.name != "progress"}
+    raise TypeError(f"refine must be None, True/False, a number of sweeps, a dict of RefineSettings fields or a "
+                    f"RefineSettings (got {type(refine).__name__})")
+
+
+def _worker_settings(refine: Any, progress: Any) -> Any:
+    """Worker side: the plain ``refine`` → ``RefineSettings`` reporting each sweep through ``progress``, or None."""
+    from dataclasses import replace
+
+    from ..inference.scan_refinement import RefineSettings, as_settings
+
+    settings = RefineSettings(**refine) if isinstance(refine, dict) else as_settings(refine)
+    return None if settings is None else replace(settings, progress=progress)
 
 
 @dataclass(frozen=True)
@@ -111,10 +152,15 @@ def _worker_main(conn: Any, cancel_id: Any, path: str, load_kwargs: dict[str, An
         _, job, args, kwargs, snapshots = msg
 
         def on_batch(done: int, total: int, snapshot: Any, job: int = job, snapshots: bool = snapshots) -> None:
-            send("progress", job, done, total, snapshot() if snapshots else None)
+            send("progress", job, done, total, snapshot() if snapshots else None, "inference")
+
+        def on_sweep(done: int, total: int, job: int = job) -> None:
+            send("progress", job, done, total, None, "refinement")
 
         t0 = time.perf_counter()
         try:
+            if kwargs.get("refine") is not None:
+                kwargs = {**kwargs, "refine": _worker_settings(kwargs["refine"], on_sweep)}
             rec = bundle.reconstruct(*args, **kwargs, on_batch=on_batch, cancel=lambda job=job: cancel_id.value == job)
             send("result", job, rec, time.perf_counter() - t0)
         except BaseException as exc:  # noqa: BLE001
@@ -246,17 +292,20 @@ class BundleWorker:
 
     def run(self, diffraction: np.ndarray, positions: np.ndarray, *, snapshots: bool = True,
             **kwargs: Any) -> Iterator[Union[Progress, Done]]:
-        """``Bundle.reconstruct`` in the worker, as events: ``Progress`` after each micro-batch, then ``Done``.
+        """``Bundle.reconstruct`` in the worker, as events: ``Progress`` after each micro-batch (and, with
+        ``refine=``, each sweep), then ``Done``.
 
         Closing the iterator early (``break``, ``close()``) cancels the call
-        between micro-batches; so does ``cancel()`` from another thread, which
-        makes the iterator raise ``ReconstructionCancelled``. Errors are
+        between micro-batches (and sweeps); so does ``cancel()`` from another thread, which
+        makes the iterator raise ``ReconstructionCancelled`` (``RefinementCancelled`` during the sweeps). Errors are
         re-raised as their own types (``ValueError`` for bad input, ...).
         """
         for bad in ("progress", "on_batch", "cancel"):
             if bad in kwargs:
                 raise TypeError(f"{bad} is not available through a worker: iterate over run() for progress and "
                                 "close the iterator (or call cancel()) to cancel")
+        if "refine" in kwargs:
+            kwargs = {**kwargs, "refine": plain_refine(kwargs["refine"])}
         with self._lock:
             self._start_locked()
             job = next(self._jobs)
@@ -271,7 +320,7 @@ class BundleWorker:
                 while True:
                     msg = self._receive(job)
                     if msg[0] == "progress":
-                        yield Progress(msg[2], msg[3], msg[4])
+                        yield Progress(msg[2], msg[3], msg[4], msg[5])
                     elif msg[0] == "result":
                         finished = True
                         yield Done(msg[2], msg[3])

@@ -19,6 +19,17 @@ grid are clipped or dropped (``out_of_grid``), as in ``Bundle.reconstruct``.
 For gridsize > 1 models, feed pre-grouped frames [k, C, N, N] with positions
 [k, C, 2] (neighbour groups cannot be formed before the neighbours arrive).
 
+``refine=`` (True, a number of sweeps, or a ``RefineSettings``; with
+``probe=`` the scan's probe, else the bundle's training probe) also refines
+the canvas against the frames while the scan runs (``stream_refinement``):
+after each micro-batch, ``refine_between`` sweeps over every frame seen so
+far (skipped while another batch is due: inference comes first), more while
+the stream is idle, and ``close()`` runs the rest, so that every frame has
+had the settings' ``sweeps`` sweeps over the whole scan. ``snapshot()`` is
+then the refined object where refined and the network's elsewhere, with
+``probe`` and ``refinement`` (the record) set. ``cancel`` stops refinement
+(not the stream); ``RefineSettings.progress`` is called after each sweep.
+
 What it needs of the model is ``PatchModel`` (``N``, ``channels``,
 ``prepare``, ``infer``, ``stitch_window``), which a ``Bundle`` is: this module
 does not import ``bundle``, so ``Bundle.stream`` can import it at the top.
@@ -29,13 +40,18 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import Optional, Protocol, Union
+from typing import Any, Optional, Protocol, Union
 
 import numpy as np
 
 from ..reconstruction.geometry import DEFAULT_CENTRE, ObjectGrid, make_grid, scan_positions_px
 from ..reconstruction.inputs import check_positions, check_scan_positions, repair_bad_pixels
 from ..reconstruction.stitching import Reconstruction, StitchCanvas
+from .scan_refinement import RefineRequest, as_settings, measured_amplitude
+from .stream_refinement import StreamRefinement
+
+DEFAULT_REFINE_BETWEEN = 2
+"""Sweeps after each micro-batch: enough for the live picture to follow the scan, little enough for inference."""
 
 
 class PatchModel(Protocol):
@@ -43,6 +59,7 @@ class PatchModel(Protocol):
 
     N: int
     channels: int
+    probe: np.ndarray  # the training probe: the refinement's probe when the host gives none
 
     def prepare(self, diffraction: np.ndarray, counts: Optional[bool] = None) -> np.ndarray: ...
 
@@ -62,7 +79,9 @@ class StreamingReconstructor:
                  pixel_size_m: Optional[float | tuple[float, float]] = None,
                  object_centre_m: Optional[tuple[float, float]] = None, units: str = "pixels",
                  frame_centre: str = DEFAULT_CENTRE, bad_pixels: Optional[np.ndarray] = None,
-                 out_of_grid: str = "clip", fill: complex = 0.0) -> None:
+                 out_of_grid: str = "clip", fill: complex = 0.0, refine: RefineRequest = None,
+                 probe: Optional[np.ndarray] = None, refine_between: int = DEFAULT_REFINE_BETWEEN,
+                 cancel: Optional[Any] = None) -> None:
         self.grid = make_grid(grid, object_shape, pixel_size_m, object_centre_m)
         fixed = self.grid is not None and self.grid.shape is not None
         if (scan_positions is not None) == fixed:
@@ -72,6 +91,13 @@ class StreamingReconstructor:
             raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
         if not max_latency_s > 0:
             raise ValueError(f"max_latency_s must be > 0 (got {max_latency_s})")
+        if isinstance(refine_between, bool) or not isinstance(refine_between, (int, np.integer)) or refine_between < 0:
+            raise ValueError(f"refine_between must be an integer >= 0 sweeps (got {refine_between!r})")
+        settings = as_settings(refine)
+        self._refinement = None if settings is None else StreamRefinement(
+            settings, bundle.probe if probe is None else probe, bundle.N, fill=fill, cancel=cancel,
+            probe_source="the bundle's training probe" if probe is None else "the host's probe")
+        self.refine_between = int(refine_between)
         self.bundle = bundle
         self.batch_size = int(batch_size)
         self.max_latency_s = float(max_latency_s)
@@ -89,6 +115,7 @@ class StreamingReconstructor:
                                         out_of_grid=out_of_grid, fill=fill)
         self._pending_x: list[np.ndarray] = []
         self._pending_pos: list[np.ndarray] = []
+        self._pending_amp: list[np.ndarray] = []  # measured amplitudes [k·C, N, N], when refining
         self._pending_n = 0
         self._oldest: Optional[float] = None
         self._lock = threading.Lock()  # guards the queue and the canvas
@@ -115,9 +142,16 @@ class StreamingReconstructor:
         x = repair_bad_pixels(b.prepare(frames, self.counts), self.bad_pixels)
         pos = check_positions(self._to_px(positions), x.shape[0], b.channels)
         self._canvas.check_inside(pos.reshape(-1, 2))  # a bad position must not kill the worker later
+        amp = None
+        if self._refinement is not None:
+            amp = measured_amplitude(frames, self.counts)
+            if self.bad_pixels is not None:  # repaired in place: never in the host's own array
+                amp = repair_bad_pixels(np.array(amp, copy=True), self.bad_pixels)
         with self._wake:
             self._pending_x.append(x)
             self._pending_pos.append(pos)
+            if amp is not None:
+                self._pending_amp.append(amp)
             self._pending_n += x.shape[0]
             if self._oldest is None:
                 self._oldest = time.perf_counter()
@@ -138,16 +172,22 @@ class StreamingReconstructor:
         return scan_positions_px(positions, self.bundle.N, self.units, self.grid, self.frame_centre)
 
     def snapshot(self) -> Reconstruction:
-        """The live object as it is now (a copy; with pixel size and centre when the grid has them)."""
+        """The live object as it is now (a copy; with pixel size and centre when the grid has them).
+
+        When refining: the refined object where refined frames read it, the
+        network's elsewhere, with ``probe`` and ``refinement`` set once a sweep has run.
+        """
         with self._lock:
             rec = self._canvas.result()
+        if self._refinement is not None:
+            rec = self._refinement.apply(rec)
         if self.grid is not None and self.grid.pixel_size_m is not None:
             rec = dataclasses.replace(rec, pixel_size_m=self.grid.pixel_size_m,
                                       centre_m=self.grid.centre_of(self._canvas.origin, self._canvas.shape))
         return rec
 
     def close(self) -> Reconstruction:
-        """Flush, stop the worker, and return the final object."""
+        """Flush, stop the worker, run the refinement sweeps still owed, and return the final object."""
         if not self._closed:
             self.flush()
             with self._wake:
@@ -156,7 +196,14 @@ class StreamingReconstructor:
             if self._worker is not None:
                 self._worker.join()
         self._raise_worker_error()
+        if self._refinement is not None:
+            self._refinement.sweep(self._refinement.owed)
         return self.snapshot()
+
+    @property
+    def refinement(self) -> Optional[StreamRefinement]:
+        """The stream's refinement state (``owed`` sweeps, ``n_frames``, ``cancelled``), or None when off."""
+        return self._refinement
 
     def __enter__(self) -> "StreamingReconstructor":
         return self
@@ -170,7 +217,12 @@ class StreamingReconstructor:
 
     # ------------------------------------------------------------------ worker side
 
-    def _take(self, force: bool) -> Optional[tuple[np.ndarray, np.ndarray, float]]:
+    def _due(self) -> bool:
+        """A micro-batch is waiting to run (lock not needed: a stale answer only delays a sweep)."""
+        return self._pending_n >= self.batch_size or (
+            self._pending_n > 0 and time.perf_counter() - (self._oldest or 0.0) >= self.max_latency_s)
+
+    def _take(self, force: bool) -> Optional[tuple[np.ndarray, np.ndarray, Optional[np.ndarray], float]]:
         """Pop up to batch_size frames if a batch is due (lock held by caller)."""
         if self._pending_n == 0:
             return None
@@ -185,12 +237,18 @@ class StreamingReconstructor:
         rest_x, rest_pos = x[take:], pos[take:]
         self._pending_x = [rest_x] if rest_x.shape[0] else []
         self._pending_pos = [rest_pos] if rest_pos.shape[0] else []
+        amp = None
+        if self._pending_amp:
+            per = x.shape[1] if x.ndim == 4 else 1  # frames per group
+            all_amp = np.concatenate(self._pending_amp)
+            amp, rest_amp = all_amp[:take * per], all_amp[take * per:]
+            self._pending_amp = [rest_amp] if rest_amp.shape[0] else []
         self._pending_n = rest_x.shape[0]
         self._oldest = time.perf_counter() if self._pending_n else None
         self._in_flight += 1
-        return x[:take], pos[:take], oldest
+        return x[:take], pos[:take], amp, oldest
 
-    def _run_batch(self, x: np.ndarray, pos: np.ndarray, queued_at: float) -> None:
+    def _run_batch(self, x: np.ndarray, pos: np.ndarray, amp: Optional[np.ndarray], queued_at: float) -> None:
         try:
             patches = self.bundle.infer(x, self.batch_size)
             with self._lock:
@@ -198,6 +256,10 @@ class StreamingReconstructor:
                 self.frames_done += x.shape[0]
                 self.batches_done += 1
                 self.latencies_s.append(time.perf_counter() - queued_at)
+                if amp is not None and self._refinement is not None:  # in canvas order, with this canvas
+                    self._refinement.add(self._canvas.result(), amp, pos.reshape(-1, 2))
+            if amp is not None and self._refinement is not None:
+                self._refinement.sweep(self.refine_between, stop=self._due)
         finally:
             with self._wake:
                 self._in_flight -= 1
@@ -215,6 +277,7 @@ class StreamingReconstructor:
         try:
             while True:
                 with self._wake:
+                    idle_sweep = False
                     while not self._closed:
                         if self._pending_n >= self.batch_size:
                             break
@@ -223,12 +286,17 @@ class StreamingReconstructor:
                             if wait <= 0:
                                 break
                             self._wake.wait(wait)
+                        elif self._refinement is not None and self._refinement.owed:
+                            idle_sweep = True  # nothing to infer: improve the picture meanwhile
+                            break
                         else:
                             self._wake.wait()
                     if self._closed and self._pending_n == 0:
                         return
-                    batch = self._take(force=self._closed)
-                if batch is not None:
+                    batch = None if idle_sweep else self._take(force=self._closed)
+                if idle_sweep:
+                    self._refinement.sweep(1, stop=self._due)
+                elif batch is not None:
                     self._run_batch(*batch)
         except BaseException as exc:  # noqa: BLE001 - surfaced to the host on its next call, never lost
             self._error = exc

@@ -18,6 +18,7 @@ from typing import Any, Optional, Union
 import numpy as np
 from ptychodus.api.io import load_diffraction_data, load_product, save_product
 from ptychodus.api.object import Object
+from ptychodus.api.probe import ProbeSequence
 from ptychodus.api.product import Product
 from ptychodus.api.reconstruct import ReconstructInput, prepare_reconstruct_input
 
@@ -50,9 +51,13 @@ class HostScan:
     physics: HostPhysics
 
     def reconstruct_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``Bundle.reconstruct`` (and ``BundleWorker.run``) for this scan."""
+        """Keyword arguments of ``Bundle.reconstruct`` (and ``BundleWorker.run``) for this scan.
+
+        ``probe`` is the product's own probe guess, the one refinement uses
+        (with ``refine=``; without, it is not read).
+        """
         return dict(counts=True, units="pixels", grid=self.grid, bad_pixels=self.bad_pixels, fill=1 + 0j,
-                    host=self.physics)
+                    host=self.physics, probe=self.probe)
 
 
 def host_scan(parameters: ReconstructInput) -> HostScan:
@@ -76,12 +81,18 @@ def host_scan(parameters: ReconstructInput) -> HostScan:
 
 
 def output_product(product: Product, reconstruction: Reconstruction) -> Product:
-    """The input product with the reconstructed object: same grid, probe, positions and metadata passed through.
+    """The input product with the reconstructed object: same grid, positions and metadata passed through.
 
     The object keeps the input's pixel size and centre (the reconstruction
     was made on that grid) and its dtype; it has one layer (the model is a
     thin-object model). Pixels no patch reached are whatever the
     reconstruction filled them with (1+0j from ``HostScan.reconstruct_kwargs``).
+
+    The probe is the one the object goes with: after refinement
+    (``reconstruction.probe`` set) the probe refinement used — the product's
+    own, refined when probe refinement ran, at the scale of the measured
+    amplitudes (``probe_scale.normalise_probe``), one mode, no OPR — else the
+    input's probes, passed through.
     """
     obj_in = product.object_
     shape = obj_in.get_array().shape[-2:]
@@ -90,7 +101,12 @@ def output_product(product: Product, reconstruction: Reconstruction) -> Product:
     dtype = obj_in.get_array().dtype if np.iscomplexobj(obj_in.get_array()) else np.complex64
     obj = Object(array=reconstruction.object.astype(dtype), pixel_geometry=obj_in.get_pixel_geometry(),
                  center=obj_in.get_center(), layer_spacing_m=[])
-    return Product(metadata=product.metadata, probe_positions=product.probe_positions, probes=product.probes,
+    probes = product.probes
+    if reconstruction.probe is not None:
+        given = probes.get_array()
+        dtype = given.dtype if np.iscomplexobj(given) else np.complex64
+        probes = ProbeSequence(np.asarray(reconstruction.probe).astype(dtype), None, probes.get_pixel_geometry())
+    return Product(metadata=product.metadata, probe_positions=product.probe_positions, probes=probes,
                    object_=obj, losses=[])
 
 

@@ -8,6 +8,14 @@ iterating (the user pressed stop). So this reconstructor yields after every
 micro-batch — progress in percent and the object so far — and closing the
 iterator cancels the worker at its next micro-batch boundary.
 
+Then, by default, the network's object is refined against the patterns
+(``Bundle.reconstruct(refine=...)``: the runtime's batched engine) with the
+product's own probe guess, the probe the data were measured with, and the
+output product holds the probe the object goes with (``output_product``).
+During the sweeps progress goes on from the network's share
+(``INFERENCE_SHARE`` percent) to 100 and each sweep is a point where
+ptychodus may stop; the object shown stays the network's until the end.
+
 The bundle runs in a ``BundleWorker`` (a process this reconstructor owns,
 started when the model is opened and kept for every later call): the CUDA
 context lives there, never in ptychodus's process, and no call after the
@@ -18,9 +26,12 @@ Settings (group ``PtychoRuntime`` in ``settings.ini``): ``Device`` (auto, cpu,
 cuda), ``Backend`` (auto, onnx, torchscript), ``BatchSize`` (frame groups
 per micro-batch; 0: the runtime's default), ``LiveUpdates`` (yield the object
 after each micro-batch; off: one output at the end, and cancellation only
-there), ``AlignPhase`` (passes, 0: off), ``OutOfGrid`` (clip, drop) and
+there), ``AlignPhase`` (passes, 0: off), ``OutOfGrid`` (clip, drop),
 ``StrictPhysics`` (refuse a host whose instrument, counts or probe do not
-match the bundle; off: warn).
+match the bundle; off: warn), ``Refine`` (on by default; off: the network's
+object alone, the input's probes passed through), ``RefineSweeps`` (sweeps
+over all patterns, default ``DEFAULT_SWEEPS``) and ``RefineProbe`` (also
+refine the probe; on by default, since a product's probe is a guess).
 """
 
 from __future__ import annotations
@@ -44,6 +55,7 @@ from ptychodus.api.reconstruct import (
 )
 from ptychodus.api.settings import SettingsRegistry
 
+from ...refinement import DEFAULT_SWEEPS
 from ..worker import BundleWorker, Done, Progress
 from .files import host_scan, output_product
 
@@ -51,6 +63,7 @@ LIBRARY_NAME = "ptycho-runtime"     # ptychodus algorithm key: "<library>_<recon
 RECONSTRUCTOR_NAME = "PtychoPINN"
 ALGORITHM = f"{LIBRARY_NAME}_{RECONSTRUCTOR_NAME}".casefold()
 PROGRESS_GOAL = 100                 # percent: the last output is product.000100.h5 in batch mode
+INFERENCE_SHARE = 50                # percent of the progress bar the network takes when refinement follows
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +82,29 @@ class PtychoRuntimeSettings(Observable, Observer):
         self.align_phase = self._group.create_integer_parameter("AlignPhase", 0, minimum=0)
         self.out_of_grid = self._group.create_string_parameter("OutOfGrid", "clip")
         self.strict_physics = self._group.create_boolean_parameter("StrictPhysics", False)
+        self.refine = self._group.create_boolean_parameter("Refine", True)
+        self.refine_sweeps = self._group.create_integer_parameter("RefineSweeps", DEFAULT_SWEEPS, minimum=1)
+        self.refine_probe = self._group.create_boolean_parameter("RefineProbe", True)
+
+    def refine_request(self) -> Optional[dict[str, Any]]:
+        """The refinement asked for, as the plain data a worker process receives (None: off)."""
+        if not bool(self.refine.get_value()):
+            return None
+        return {"sweeps": int(self.refine_sweeps.get_value()), "refine_probe": bool(self.refine_probe.get_value())}
 
     def _update(self, observable: Observable) -> None:
         if observable is self._group:
             self.notify_observers()
+
+
+def _refined_note(rec: Any) -> str:
+    r = rec.refinement
+    if not r:
+        return ""
+    misfit = r.get("misfit_per_sweep") or [float("nan")]
+    return (f"; refined: {r.get('sweeps')} sweeps ({r.get('backend')}, {r.get('batching')} batches, start "
+            f"{r.get('start')}, probe {'refined' if r.get('probe_updated') else 'fixed'}), far-field misfit "
+            f"{misfit[0]:.3g} → {misfit[-1]:.3g}")
 
 
 class PtychoRuntimeReconstructor(TrainableReconstructor):
@@ -129,23 +161,34 @@ class PtychoRuntimeReconstructor(TrainableReconstructor):
         live = bool(self._settings.live_updates.get_value())
         batch = int(self._settings.batch_size.get_value())
         kwargs = scan.reconstruct_kwargs()
+        refine = self._settings.refine_request()
         kwargs.update(batch_size=batch or None, align_phase=int(self._settings.align_phase.get_value()),
                       out_of_grid=self._settings.out_of_grid.get_value(),
-                      strict=bool(self._settings.strict_physics.get_value()))
+                      strict=bool(self._settings.strict_physics.get_value()), refine=refine)
         worker = self.worker()
-        log.info("reconstructing %d patterns on a %d×%d object grid with %s", scan.counts.shape[0],
-                 *scan.grid.shape, self._model_path)
+        log.info("reconstructing %d patterns on a %d×%d object grid with %s%s", scan.counts.shape[0],
+                 *scan.grid.shape, self._model_path,
+                 "" if refine is None else f", then {refine['sweeps']} refinement sweeps with the product's probe"
+                 + (" (refined too)" if refine["refine_probe"] else ""))
+        share = PROGRESS_GOAL if refine is None else INFERENCE_SHARE
+        shown = None  # the last product shown: refinement sweeps keep showing it
         events = worker.run(scan.counts, scan.positions_px, snapshots=live, **kwargs)
         try:
             for event in events:
                 if isinstance(event, Progress):
-                    if live and event.done < event.total:
-                        yield ReconstructOutput(output_product(parameters.product, event.snapshot),
-                                                progress=PROGRESS_GOAL * event.done // event.total)
+                    if not live:
+                        continue
+                    if event.stage == "refinement":
+                        if shown is not None and event.done < event.total:
+                            yield ReconstructOutput(shown, progress=share + (PROGRESS_GOAL - share) * event.done
+                                                    // event.total)
+                    elif event.done < event.total or refine is not None:
+                        shown = output_product(parameters.product, event.snapshot)
+                        yield ReconstructOutput(shown, progress=share * event.done // event.total)
                 elif isinstance(event, Done):
                     rec = event.reconstruction
                     log.info("reconstructed in %.2f s in the worker (%d patches clipped, %d dropped at the grid's "
-                             "edge)", event.seconds, rec.n_clipped, rec.n_dropped)
+                             "edge)%s", event.seconds, rec.n_clipped, rec.n_dropped, _refined_note(rec))
                     yield ReconstructOutput(output_product(parameters.product, rec), progress=PROGRESS_GOAL)
         finally:
             events.close()  # ptychodus stopped iterating (user cancel): the worker stops at its next micro-batch

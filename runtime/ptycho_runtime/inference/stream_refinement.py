@@ -1,0 +1,205 @@
+"""Refinement of a live stream's canvas between micro-batches, so the picture improves while the scan runs.
+
+The network's canvas is what a stream can show at once; refinement against
+the frames makes it good (``scan_refinement``). A stream cannot wait for the
+last frame to refine, so ``StreamRefinement`` keeps one ``Refiner`` for the
+whole scan: each micro-batch's frames are added as they reach the canvas,
+with the newest network canvas as the start of every pixel no refined frame
+has read yet (``Refiner.add_frames(..., start=...)``), and sweeps over all
+the frames seen so far run between micro-batches and while the stream is
+idle. ``sweeps`` of the settings counts the sweeps over *all* frames: after
+the last frame arrives, the stream runs until that many sweeps have run
+since (``close()`` finishes them).
+
+Decisions made once, on the first micro-batch refined, and kept for the
+scan: the probe's units (``normalise_probe`` on those frames) and the start
+("auto": the network's object, its phase alone or a flat object, whichever
+explains those frames best), as ``scan_refinement.refine_scan`` decides them
+for a whole scan.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from ..reconstruction.geometry import frame_origin
+from ..reconstruction.probe_scale import normalise_probe
+from ..reconstruction.stitching import Reconstruction
+from ..refinement import RefinementCancelled, Refiner, far_field_misfit
+from ..refinement.batching import window_corners
+from .scan_refinement import MISFIT_SAMPLE, RefineSettings
+
+
+def _inside(starts: np.ndarray, shape: tuple[int, int], N: int) -> np.ndarray:
+    """Frames whose (N+1)² bilinear window lies wholly on the canvas (only those can be refined)."""
+    low = np.floor(starts)
+    return (low[:, 0] >= 0) & (low[:, 1] >= 0) & (low[:, 0] + N + 1 <= shape[1]) & (low[:, 1] + N + 1 <= shape[0])
+
+
+def _candidates(obj: np.ndarray, covered: np.ndarray) -> dict[str, np.ndarray]:
+    network = np.where(covered, obj, np.complex64(1.0)).astype(np.complex64)
+    return {"network": network, "network phase": np.exp(1j * np.angle(network)).astype(np.complex64),
+            "flat": np.ones_like(network)}
+
+
+class StreamRefinement:
+    """One ``Refiner`` over a stream's frames; thread-safe (the stream's worker and its host both call it).
+
+    ``probe`` [N, N] at any absolute scale (the host's, or the bundle's
+    training probe; ``probe_source`` says which, for the record); ``fill``
+    the value of pixels no patch covered; ``cancel`` (an Event-like object or
+    a callable) stops refinement for good at its next batch: the stream goes
+    on with the network alone for new pixels, and the record says
+    ``cancelled``.
+    """
+
+    def __init__(self, settings: RefineSettings, probe: np.ndarray, N: int, *, probe_source: str,
+                 fill: complex = 0.0, cancel: Optional[Any] = None) -> None:
+        if settings.engine != "builtin":
+            raise ValueError(f"a stream refines with the built-in engine only (got engine={settings.engine!r}): "
+                             "refine the final object with Bundle.reconstruct(refine=RefineSettings(engine="
+                             "'ptychi')) instead")
+        P = np.asarray(probe)
+        if P.shape != (N, N):
+            raise ValueError(f"the refinement probe must be [{N}, {N}] like the frames (got {list(P.shape)})")
+        if not np.all(np.isfinite(P)) or not np.any(P):  # checked now: in the worker thread it would end the stream
+            raise ValueError("the refinement probe must be finite and not all zero: pass the scan's probe guess")
+        self.settings, self.N, self.fill, self.cancel = settings, int(N), fill, cancel
+        self.probe_source = probe_source
+        self._probe_in = P
+        self._refiner: Optional[Refiner] = None
+        self._lock = threading.Lock()       # one add or sweep at a time
+        self._view_lock = threading.Lock()  # guards the published view, so a snapshot never waits for a sweep
+        self._view: Optional[tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]] = None
+        self._mask: Optional[np.ndarray] = None  # pixels a refined frame's window reads
+        self._choice = ""
+        self._start_misfit: dict[str, float] = {}
+        self._scale_note = ""
+        self.sweeps_since_add = 0
+        self.frames_outside_grid = 0
+        self.cancelled = False
+        self._wall_s = 0.0  # the sweeps' time, summed over the stream
+        self._seen: set[tuple[float, float]] = set()  # positions already added
+        self.frames_repeated = 0
+
+    @property
+    def owed(self) -> int:
+        """Sweeps still to run for every frame seen so far to have had ``settings.sweeps`` of them."""
+        if self._refiner is None or self.cancelled:
+            return 0
+        return max(0, self.settings.sweeps - self.sweeps_since_add)
+
+    @property
+    def n_frames(self) -> int:
+        return 0 if self._refiner is None else self._refiner.n_frames
+
+    def add(self, canvas: Reconstruction, amplitude: np.ndarray, positions: np.ndarray) -> None:
+        """Frames just stitched: measured ``amplitude`` [k, N, N], ``positions`` [k, 2] (x, y) on ``canvas``'s frame.
+
+        ``canvas`` is the network's canvas with these frames in it; frames
+        whose window leaves a fixed grid are left out (counted), and so is a
+        frame at a position already added: pre-grouped input (gridsize > 1)
+        repeats each frame in several groups, and refining it once per group
+        would weigh it several times.
+        """
+        with self._lock:
+            if self.cancelled:
+                return
+            pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
+            amp = np.asarray(amplitude, dtype=np.float32).reshape(-1, self.N, self.N)
+            starts = frame_origin(pos, self.N) - np.array([float(canvas.x_coords[0]), float(canvas.y_coords[0])])
+            keep = _inside(starts, canvas.object.shape, self.N)
+            self.frames_outside_grid += int((~keep).sum())
+            for j in np.flatnonzero(keep):
+                key = (round(float(pos[j, 0]), 6), round(float(pos[j, 1]), 6))
+                if key in self._seen:
+                    keep[j] = False
+                    self.frames_repeated += 1
+                else:
+                    self._seen.add(key)
+            if not keep.any():
+                return
+            amp, pos, starts = amp[keep], pos[keep], starts[keep]
+            if self._refiner is None:
+                self._begin(canvas, amp, pos, starts)
+            else:
+                self._refiner.add_frames(amp, pos, start=self._as_start(canvas))
+            rows, cols, _ = window_corners(starts)
+            side = self.N + 1
+            for r, c in zip(rows, cols, strict=True):
+                self._mask[r:r + side, c:c + side] = True
+            self.sweeps_since_add = 0
+
+    def _begin(self, canvas: Reconstruction, amp: np.ndarray, pos: np.ndarray, starts: np.ndarray) -> None:
+        s = self.settings
+        self._P, self._scale_note = normalise_probe(self._probe_in, amp, 1.0)
+        candidates = _candidates(canvas.object, canvas.covered)
+        step = max(1, amp.shape[0] // MISFIT_SAMPLE)
+        self._start_misfit = {name: far_field_misfit(obj, amp[::step], self._P, starts[::step])
+                              for name, obj in candidates.items()}
+        self._choice = (min(self._start_misfit, key=self._start_misfit.get) if s.start == "auto" else s.start)
+        self._refiner = Refiner(self._as_start(canvas), self._P, backend=s.backend, device=s.device,
+                                refine_probe=s.refine_probe)
+        self._refiner.add_frames(amp, pos)
+        self._mask = np.zeros(canvas.object.shape, dtype=bool)
+
+    def _as_start(self, canvas: Reconstruction) -> Reconstruction:
+        """The canvas as the start chosen for this scan (the network's object, its phase, or flat)."""
+        return replace(canvas, object=_candidates(canvas.object, canvas.covered)[self._choice])
+
+    def sweep(self, most: int, stop: Optional[Callable[[], bool]] = None) -> int:
+        """Up to ``most`` sweeps over all frames added, fewer once none is owed or ``stop()`` says inference waits.
+
+        Returns the sweeps run. Each one is published for ``apply`` at once;
+        ``settings.progress(done, sweeps)`` follows it, counting the sweeps
+        since the last frames arrived.
+        """
+        done = 0
+        with self._lock:
+            while done < most and self.owed and not (stop is not None and stop()):
+                try:
+                    result = self._refiner.run(1, cancel=self.cancel)
+                except RefinementCancelled as exc:
+                    self.cancelled = True
+                    if exc.partial is not None:
+                        self._publish(exc.partial.reconstruction.object, exc.partial.probe, exc.partial.record)
+                    break
+                self.sweeps_since_add += 1
+                done += 1
+                self._publish(result.reconstruction.object, result.probe, result.record)
+                if self.settings.progress is not None:
+                    self.settings.progress(self.sweeps_since_add, self.settings.sweeps)
+        return done
+
+    def _publish(self, obj: np.ndarray, probe: np.ndarray, engine_record: dict[str, Any]) -> None:
+        r = self._refiner
+        self._wall_s += float(engine_record.get("wall_s", 0.0))
+        record = {k: v for k, v in engine_record.items() if k != "misfit"}
+        record.update({
+            "wall_s": self._wall_s,
+            "sweeps": self.sweeps_since_add, "sweeps_requested": self.settings.sweeps,
+            "sweeps_total": r.sweeps_run, "frames": r.n_frames, "streamed": True,
+            "cancelled": self.cancelled or bool(engine_record.get("cancelled")),
+            "start": self._choice, "start_rule": self.settings.start, "start_misfit": dict(self._start_misfit),
+            "misfit_per_sweep": [float(v) for v in r.misfit],
+            "probe_source": self.probe_source + (", refined" if record.get("probe_updated") else ""),
+            "probe_scale": self._scale_note, "frames_refined": r.n_frames,
+            "frames_outside_grid": self.frames_outside_grid, "frames_repeated": self.frames_repeated,
+        })
+        with self._view_lock:
+            self._view = (obj, probe, self._mask.copy(), record)
+
+    def apply(self, canvas: Reconstruction) -> Reconstruction:
+        """The network's ``canvas`` with the refined object where refined (and covered); as is before any sweep."""
+        with self._view_lock:
+            view = self._view
+        if view is None:
+            return canvas
+        obj, probe, mask, record = view
+        take = mask & canvas.covered
+        out = np.where(take, obj, canvas.object).astype(np.complex64)
+        return replace(canvas, object=out, probe=np.array(probe, copy=True), refinement=dict(record))
