@@ -34,6 +34,7 @@ atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -161,8 +162,10 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
     """Reconstruct ``scan_path`` with the bundle (and optionally pty-chi) and score both against the truth.
 
     ``refine`` > 0 also scores the network's object after that many sweeps of
-    the runtime's refinement (``ptycho_runtime.refinement.refine`` with the
-    scan's probe and ``refine_options``: engine, backend, refine_probe, ...),
+    the runtime's refinement (``inference.scan_refinement.refine_scan``, as
+    ``Bundle.reconstruct(refine=...)`` and ``ptycho-runtime infer`` run it,
+    with the scan's probe and ``refine_options``: the ``RefineSettings``
+    fields engine, backend, refine_probe, start),
     timed from the start of the network's reconstruction, and, as the control
     that shows what the network's start is worth, the same sweeps from a flat
     object (``refine_control``); ``report["network_start_gain"]`` is the
@@ -220,28 +223,27 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
                        + ("" if align == "none" else f" + the {align!r} overlap solve")})
     refined = control = None
     if refine:
-        from ptycho_runtime.reconstruction.stitching import Reconstruction
-        from ptycho_runtime.refinement import refine as run_refinement
+        from ptycho_runtime.inference.scan_refinement import RefineSettings, refine_scan
 
-        options = dict(refine_options or {})
+        settings = RefineSettings(sweeps=int(refine), **dict(refine_options or {}))
 
-        def sweeps_from(start: Reconstruction) -> tuple[Any, float]:
+        def sweeps_from(start: str) -> tuple[Any, float]:
             t0 = time.perf_counter()
-            result = run_refinement(start, data.diffraction, positions, data.probe, sweeps=int(refine), **options)
+            result = refine_scan(recon, data.diffraction, positions, data.probe,
+                                 dataclasses.replace(settings, start=start), probe_source="the scan's probeGuess")
             return result, time.perf_counter() - t0
 
         def refine_details(result: Any) -> dict[str, Any]:
-            rec = {k: v for k, v in result.record.items() if k != "misfit"}
-            return {**rec, "iterations": int(refine), "probe": "the scan's probeGuess, "
-                    + ("refined" if rec.get("probe_updated") else "fixed")}
+            rec = {k: v for k, v in result.refinement.items() if k != "misfit_per_sweep"}
+            return {**rec, "iterations": int(refine), "probe": rec["probe_source"]
+                    + ("" if rec.get("probe_updated") else ", fixed")}
 
-        polished, refine_s = sweeps_from(recon)
-        refined = score("network + refinement", polished.reconstruction, net_s + refine_s,
+        polished, refine_s = sweeps_from(settings.start)
+        refined = score("network + refinement", polished, net_s + refine_s,
                         {**refine_details(polished),
                          "time_covers": "the network's reconstruction, then the refinement sweeps from it"})
-        flat = Reconstruction(np.ones_like(recon.object), recon.weight, recon.x_coords, recon.y_coords)
-        alone, alone_s = sweeps_from(flat)
-        control = score("refinement from a flat object", alone.reconstruction, alone_s,
+        alone, alone_s = sweeps_from("flat")
+        control = score("refinement from a flat object", alone, alone_s,
                         {**refine_details(alone), "time_covers": "the refinement sweeps"})
     refs = [_reference(data, positions, algorithm, reference_iterations, reference_batch_size,
                        min_weight_fraction, register, progress, remove_amplitude_scale) for algorithm in algorithms]

@@ -32,6 +32,7 @@ class EvaluateOptions:
     refine_backend: str = "auto"
     refine_probe: bool = False
     align: str = "none"
+    refine_start: str = "auto"
     output: Optional[Path] = None
     figure: Optional[Path] = None
     min_weight: float = 0.2
@@ -81,7 +82,8 @@ def run_evaluate(options: EvaluateOptions) -> dict[str, Any]:
                       progress=lambda line: print(line, file=sys.stderr, flush=True),
                       remove_amplitude_scale=not options.keep_amplitude_scale,
                       refine_options={"engine": options.refine_engine, "backend": options.refine_backend,
-                                      "refine_probe": options.refine_probe}, align=options.align)
+                                      "refine_probe": options.refine_probe, "start": options.refine_start},
+                      align=options.align)
     except NoGroundTruthError as exc:
         raise CliError(str(exc)) from None
     except ReferenceUnavailableError as exc:
@@ -164,7 +166,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                               reference_iterations=args.reference_iterations,
                               reference_batch_size=args.reference_batch_size, refine=args.refine,
                               refine_engine=args.refine_engine, refine_backend=args.refine_backend,
-                              refine_probe=args.refine_probe, align=args.align,
+                              refine_probe=args.refine_probe, refine_start=args.refine_start, align=args.align,
                               output=args.output, figure=args.figure, min_weight=args.min_weight,
                               no_register=args.no_register, keep_amplitude_scale=args.keep_amplitude_scale,
                               counts=args.counts, backend=args.backend)

@@ -98,8 +98,8 @@ def test_infer_refines_by_default_with_the_scans_probe(bundle_path, tmp_path, ca
         np.testing.assert_array_equal(f["params/probe"][()], b.probe)
     assert record["sweeps"] == 20 and record["engine"] == "builtin" and record["batching"] == "sparse"
     assert record["probe_updated"] is False and record["positions_refined"] is False
-    assert record["start"] in ("network", "network phase", "flat") and set(record["start_misfit"]) == {
-        "network", "network phase", "flat"}
+    assert record["start"] in ("network", "network phase") and set(record["start_misfit"]) == {
+        "network", "network phase"}  # start="auto": both tried for two sweeps, the better kept
     assert source == record["probe_source"] == "the host's probe"
     np.testing.assert_allclose(probe, scan["probeGuess"], rtol=1e-6)  # the scan's probe (data units), not the bundle's
     starts = pos - (64 - 1) / 2 - np.array([network.x_coords[0], network.y_coords[0]])

@@ -186,7 +186,8 @@ def add_cluster_commands(sub: Any) -> None:
                         help="after the network, refine each scan's object against its frames with its own "
                              f"probeGuess, SWEEPS sweeps (default: on, {DEFAULT_SWEEPS} sweeps, as infer; 0: off)")
     refine.add_argument("--no-refine", dest="refine", action="store_const", const=0,
-                        help="the network's object alone, no refinement")
+                        help="the network's object alone, no refinement (default: refine each scan that has a "
+                             "probeGuess)")
     add_scan_arguments(p)
     common(p)
     p.set_defaults(func=cmd_infer_many)

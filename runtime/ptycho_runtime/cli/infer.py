@@ -197,7 +197,7 @@ def add_infer_command(sub: argparse._SubParsersAction) -> None:
                         f"{DEFAULT_SWEEPS} sweeps when the scan has a probeGuess, else off")
     p.add_argument("--no-refine", dest="refine", action="store_const", const=0,
                    help="the network's object only (fastest; not to be trusted under a probe or photon count "
-                        "the bundle was not trained for)")
+                        "the bundle was not trained for; default: refine when the scan has a probeGuess)")
     p.add_argument("--refine-engine", choices=ENGINES, default="builtin",
                    help="builtin (batched rPIE, torch-free) or ptychi (pty-chi LSQML; needs torch and ptychi) "
                         "(default %(default)s)")
@@ -205,9 +205,9 @@ def add_infer_command(sub: argparse._SubParsersAction) -> None:
                    help="the builtin engine's backend (default %(default)s: numpy on the CPU)")
     p.add_argument("--refine-probe", action="store_true",
                    help="refine the probe with the object (default: the scan's probe, fixed)")
-    p.add_argument("--refine-start", choices=START_CHOICES, default="auto",
-                   help="start from the network's object, its phase alone, or a flat object; auto: whichever "
-                        "fits the measured patterns best (default %(default)s)")
+    p.add_argument("--refine-start", choices=START_CHOICES, default=RefineSettings.start,
+                   help="auto: the network's object or its phase alone, whichever fits the patterns better after "
+                        "two sweeps; or one of them, or a flat object (default: %(default)s)")
     p.add_argument("--accept-mismatch", action="store_true",
                    help="with --no-refine, write the network's object even when the scan's probe or photon count "
                         "is beyond what the bundle was trained for (default: refuse)")

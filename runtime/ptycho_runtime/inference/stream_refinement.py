@@ -13,9 +13,9 @@ since (``close()`` finishes them).
 
 Decisions made once, on the first micro-batch refined, and kept for the
 scan: the probe's units (``normalise_probe`` on those frames) and the start
-("auto": the network's object, its phase alone or a flat object, whichever
-explains those frames best), as ``scan_refinement.refine_scan`` decides them
-for a whole scan.
+("auto": the network's object or its phase alone, as
+``scan_refinement.refine_scan``, but judged by the candidates' own misfit on
+those frames, since a live stream has no time for trial sweeps).
 """
 
 from __future__ import annotations
@@ -31,19 +31,14 @@ from ..reconstruction.probe_scale import normalise_probe
 from ..reconstruction.stitching import Reconstruction
 from ..refinement import RefinementCancelled, Refiner, far_field_misfit
 from ..refinement.batching import window_corners
-from .scan_refinement import MISFIT_SAMPLE, RefineSettings
-
-
-def _inside(starts: np.ndarray, shape: tuple[int, int], N: int) -> np.ndarray:
-    """Frames whose (N+1)² bilinear window lies wholly on the canvas (only those can be refined)."""
-    low = np.floor(starts)
-    return (low[:, 0] >= 0) & (low[:, 1] >= 0) & (low[:, 0] + N + 1 <= shape[1]) & (low[:, 1] + N + 1 <= shape[0])
-
-
-def _candidates(obj: np.ndarray, covered: np.ndarray) -> dict[str, np.ndarray]:
-    network = np.where(covered, obj, np.complex64(1.0)).astype(np.complex64)
-    return {"network": network, "network phase": np.exp(1j * np.angle(network)).astype(np.complex64),
-            "flat": np.ones_like(network)}
+from .scan_refinement import (
+    AUTO_STARTS,
+    MISFIT_SAMPLE,
+    RefineSettings,
+    frames_on_grid,
+    start_candidates,
+    transmission_level,
+)
 
 
 class StreamRefinement:
@@ -112,7 +107,7 @@ class StreamRefinement:
             pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
             amp = np.asarray(amplitude, dtype=np.float32).reshape(-1, self.N, self.N)
             starts = frame_origin(pos, self.N) - np.array([float(canvas.x_coords[0]), float(canvas.y_coords[0])])
-            keep = _inside(starts, canvas.object.shape, self.N)
+            keep = frames_on_grid(starts, canvas.object.shape, self.N)
             self.frames_outside_grid += int((~keep).sum())
             for j in np.flatnonzero(keep):
                 key = (round(float(pos[j, 0]), 6), round(float(pos[j, 1]), 6))
@@ -137,10 +132,11 @@ class StreamRefinement:
     def _begin(self, canvas: Reconstruction, amp: np.ndarray, pos: np.ndarray, starts: np.ndarray) -> None:
         s = self.settings
         self._P, self._scale_note = normalise_probe(self._probe_in, amp, 1.0)
-        candidates = _candidates(canvas.object, canvas.covered)
+        self._level = transmission_level(amp, self._P)
+        candidates = start_candidates(canvas.object, canvas.covered, self._level)
         step = max(1, amp.shape[0] // MISFIT_SAMPLE)
-        self._start_misfit = {name: far_field_misfit(obj, amp[::step], self._P, starts[::step])
-                              for name, obj in candidates.items()}
+        self._start_misfit = {name: far_field_misfit(candidates[name], amp[::step], self._P, starts[::step])
+                              for name in AUTO_STARTS}
         self._choice = (min(self._start_misfit, key=self._start_misfit.get) if s.start == "auto" else s.start)
         self._refiner = Refiner(self._as_start(canvas), self._P, backend=s.backend, device=s.device,
                                 refine_probe=s.refine_probe)
@@ -149,7 +145,7 @@ class StreamRefinement:
 
     def _as_start(self, canvas: Reconstruction) -> Reconstruction:
         """The canvas as the start chosen for this scan (the network's object, its phase, or flat)."""
-        return replace(canvas, object=_candidates(canvas.object, canvas.covered)[self._choice])
+        return replace(canvas, object=start_candidates(canvas.object, canvas.covered, self._level)[self._choice])
 
     def sweep(self, most: int, stop: Optional[Callable[[], bool]] = None) -> int:
         """Up to ``most`` sweeps over all frames added, fewer once none is owed or ``stop()`` says inference waits.
