@@ -10,7 +10,7 @@ reconstructions whose quality is recorded beside them.
 
 Paths (group ``end_to_end_N64_n{positions}``):
 - ``network``: ``Bundle.reconstruct`` (inference + |P|²-weighted stitching);
-- ``network_refined``: the same with ``refine=True`` (20 sweeps of the batched
+- ``network_refined``: the same with ``refine=True`` (30 sweeps of the batched
   engine with the scan's probe), what ``ptycho-runtime infer`` does by default;
 - ``ptychi_epie`` / ``ptychi_lsqml``: pty-chi from a flat object, 100 / 200
   epochs (2 each in smoke mode), as ``ptycho-export evaluate --reference``.
@@ -24,6 +24,8 @@ import importlib.util
 
 import numpy as np
 import pytest
+
+from ptycho_runtime.refinement import DEFAULT_SWEEPS
 
 from ._common import REPO, SMOKE, common_info
 
@@ -91,7 +93,7 @@ def test_end_to_end(benchmark, held_out, path):
     assert np.isfinite(metrics["phase_ssim"])  # functional check: a scoreable object came out
     benchmark.extra_info.update({
         "kind": "end_to_end", "path": path, "N": N, "positions": POSITIONS, "wall_s": wall,
-        "epochs": EPOCHS.get(path, 20 if path == "network_refined" else 0),
+        "epochs": EPOCHS.get(path, DEFAULT_SWEEPS if path == "network_refined" else 0),
         "phase_ssim": metrics["phase_ssim"], "amplitude_ssim": metrics["amplitude_ssim"],
         "phase_rmse_rad": metrics["phase_rmse_rad"], **common_info(),
     })

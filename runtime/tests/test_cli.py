@@ -80,14 +80,14 @@ def test_infer_writes_reconstruction_equal_to_bundle_reconstruct(bundle_path, tm
 
 def test_infer_refines_by_default_with_the_scans_probe(bundle_path, tmp_path, capsys):
     """The default infer refines against the scan with its probeGuess, and the file says what ran and whose probe."""
-    from ptycho_runtime.refinement import far_field_misfit
+    from ptycho_runtime.refinement import DEFAULT_SWEEPS, far_field_misfit
 
     path = bundle_path("n64_g1")
     scan_file = path.parent / "scan.npz"
     out = tmp_path / "recon.h5"
     assert cli.main(["infer", str(path), str(scan_file), "-o", str(out)]) == 0
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "including 20 refinement sweeps (numpy, start: " in last and "probe: the host's probe" in last
+    assert f"including {DEFAULT_SWEEPS} refinement sweeps (numpy, start: " in last and "probe: the host's probe" in last
     b, pos, network = _reference(path, scan_file)
     scan = read_npz_arrays(scan_file)
     with h5py.File(out, "r") as f:
@@ -96,7 +96,7 @@ def test_infer_refines_by_default_with_the_scans_probe(bundle_path, tmp_path, ca
         obj, probe = f["object"][()], f["probe"][()]
         source = f["probe"].attrs["source"]
         np.testing.assert_array_equal(f["params/probe"][()], b.probe)
-    assert record["sweeps"] == 20 and record["engine"] == "builtin" and record["batching"] == "sparse"
+    assert record["sweeps"] == DEFAULT_SWEEPS and record["engine"] == "builtin" and record["batching"] == "sparse"
     assert record["probe_updated"] is False and record["positions_refined"] is False
     assert record["start"] in ("network", "network phase") and set(record["start_misfit"]) == {
         "network", "network phase"}  # start="auto": both tried for two sweeps, the better kept

@@ -258,8 +258,9 @@ def test_bad_pixels_cancel_and_a_warm_worker(reconstructor, scan_dir, caplog):
     caplog.set_level(logging.INFO, logger="ptycho_runtime")
     outputs = list(reconstructor.reconstruct(parameters))
     progress = [o.progress for o in outputs]
-    # 100 patterns in batches of 8 (13 outputs, to 50 %), then 20 sweeps (19 outputs, to 100 %), then the result
-    assert progress == sorted(progress) and progress[-1] == 100 and len(progress) == 13 + 19 + 1
+    # 100 patterns in batches of 8 (13 outputs, to 50 %), then the sweeps (one output each but the last, to 100 %),
+    # then the result
+    assert progress == sorted(progress) and progress[-1] == 100 and len(progress) == 13 + (DEFAULT_SWEEPS - 1) + 1
     assert progress[12] == 50
     final = outputs[-1].product.object_.get_layer(0)
     # bad pixels repaired: the hot pixels do not reach the network

@@ -345,7 +345,9 @@ def test_evaluate_cli_refine_row_improves_on_the_network(make_bundle, capsys, tm
     assert fig.stat().st_size > 10_000
     code, out, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--refine")
     assert code == 0, err
-    assert "network + 20 sweeps, numpy" in out and "flat + 20 sweeps, numpy" in out
+    from ptycho_runtime.refinement import DEFAULT_SWEEPS
+
+    assert f"network + {DEFAULT_SWEEPS} sweeps, numpy" in out and f"flat + {DEFAULT_SWEEPS} sweeps, numpy" in out
     code, out, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--refine", "3",
                              "--refine-backend", "onnx", "--refine-probe", "--json")
     assert code == 0, err
