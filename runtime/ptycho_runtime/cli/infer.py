@@ -20,7 +20,7 @@ from ..files.npz import read_npz_arrays
 from ..files.png import check_png_support, write_png
 from ..files.reconstruction_file import Provenance, write_reconstruction
 from ..inference.backends import DEVICES, PRECISIONS
-from ..inference.compatibility import COUNTS_FACTOR, HostPhysics
+from ..inference.compatibility import check_scan
 from ..inference.scan_refinement import START_CHOICES, RefineSettings
 from ..reconstruction.alignment import ALIGN_MODES, DEFAULT_PHASE_ITERATIONS
 from ..reconstruction.geometry import DEFAULT_CENTRE
@@ -39,15 +39,7 @@ def _mismatches(bundle: Any, scan: dict, stream: Optional[TextIO]) -> list[str]:
     """The scan's probe and photon count against what the bundle was trained for, said loudly on ``stream``."""
     if np.shape(scan["diffraction"])[-1] != bundle.N:
         return []  # not this bundle's frame size at all: reconstruct refuses it with the fix
-    counts = scan.get("nphotons")
-    found = bundle.check_host(HostPhysics(probe=scan.get("probeGuess")))
-    nphotons = bundle.params.get("nphotons")
-    if counts is not None and nphotons:
-        ratio = float(counts) / float(nphotons)
-        if not (1 / COUNTS_FACTOR <= ratio <= COUNTS_FACTOR):
-            found.append(f"the scan holds {float(counts):.4g} photons per frame, {ratio:.3g}x the "
-                         f"{float(nphotons):.4g} the model was trained at (accepted: x{1 / COUNTS_FACTOR:g} to "
-                         f"x{COUNTS_FACTOR:g})")
+    found = check_scan(bundle.contents.physics, bundle.params, scan.get("probeGuess"), scan.get("nphotons"))
     for message in found:
         print(f"WARNING: {message}", file=stream or sys.stderr, flush=True)
     return found

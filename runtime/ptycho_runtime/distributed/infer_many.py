@@ -43,7 +43,7 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -52,6 +52,7 @@ import numpy as np
 from .. import format as fmt
 from ..files.reconstruction_file import Provenance, write_reconstruction
 from ..format.checksum import file_sha256
+from ..inference.compatibility import check_scan
 from ..inference.remote_errors import ClusterError
 from ..inference.scan_refinement import RefineRequest, RefineSettings, as_settings, refine_scan
 from ..reconstruction.geometry import DEFAULT_CENTRE
@@ -148,6 +149,7 @@ class ScanPlan:
     backend: str
     device: str
     providers: list[str]
+    notes: dict[str, Any] = field(default_factory=dict)  # as infer writes them: the probe's scale, the mismatches
 
 
 @dataclass
@@ -183,8 +185,11 @@ def read_scan(bundle: Any, scan_path: str, units: str = "auto", counts: bool = F
     positions = np.stack([scan["xcoords"], scan["ycoords"]], axis=1)
     x, pos = bundle.group(scan["diffraction"], positions, counts=False)  # Bundle.reconstruct's own grouping
     origin, shape = canvas_bounds(pos.reshape(-1, 2), bundle.N)
+    mismatches = (check_scan(bundle.contents.physics, bundle.params, scan.get("probeGuess"), scan.get("nphotons"))
+                  if hasattr(bundle, "contents") else [])
     plan = ScanPlan(int(positions.shape[0]), int(x.shape[0]), origin, shape, positions, bundle.params,
-                    bundle.backend, bundle.device, bundle.providers)
+                    bundle.backend, bundle.device, bundle.providers,
+                    notes={"probe_scale": scan.get("probe_scale"), "mismatches": mismatches})
     if keep_frames:
         return plan, x, pos, np.asarray(scan["diffraction"], np.float32), scan["probeGuess"]
     return plan, x, pos
@@ -423,7 +428,7 @@ class _ScanRun:
         made_by = Provenance(self.bundle_file, plan.params, plan.backend, plan.device, plan.providers)
         result = self.results[scan]
         try:
-            write_reconstruction(result.output, value, plan.positions, made_by, rate, elapsed, scan)
+            write_reconstruction(result.output, value, plan.positions, made_by, rate, elapsed, scan, notes=plan.notes)
         except OSError as exc:
             self._done(scan, f"cannot write {result.output}: {_describe(exc)}")
             return None

@@ -112,3 +112,24 @@ def check_host(physics: Mapping[str, Optional[float]], params: Mapping[str, Any]
     if strict and found:
         raise PhysicsMismatchError("the host does not match the bundle (strict check): " + "; ".join(found))
     return found
+
+
+def check_scan(physics: Mapping[str, Optional[float]], params: Mapping[str, Any], probe: Optional[np.ndarray] = None,
+               nphotons: Optional[float] = None) -> list[str]:
+    """A scan file's probe and mean photons per frame against the bundle's (``check_host`` plus the count level).
+
+    For hosts that read a scan file (``ptycho-runtime infer``, ``infer-many``)
+    rather than hold an instrument: files seldom carry the geometry, but they
+    do carry the probe and, in photon units, the count level. Mismatches are
+    logged as warnings and returned.
+    """
+    found = check_host(physics, params, HostPhysics(probe=probe))
+    trained = params.get("nphotons")
+    if nphotons is not None and _known(trained):
+        ratio = float(nphotons) / float(trained)
+        if not (1 / COUNTS_FACTOR <= ratio <= COUNTS_FACTOR):
+            message = (f"the scan holds {float(nphotons):.4g} photons per frame, {ratio:.3g}x the {float(trained):.4g} "
+                       f"the model was trained at (accepted: x{1 / COUNTS_FACTOR:g} to x{COUNTS_FACTOR:g})")
+            log.warning("physics check: %s", message)
+            found.append(message)
+    return found
