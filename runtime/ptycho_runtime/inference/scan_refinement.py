@@ -118,7 +118,9 @@ def transmission_level(amplitude: np.ndarray, probe: np.ndarray) -> float:
 
 
 def start_candidates(obj: np.ndarray, covered: np.ndarray, level: float = 1.0) -> dict[str, np.ndarray]:
-    """The starts ``start="auto"`` chooses between: the network's object, its phase alone, a flat object.
+    """The starts a refinement can begin from: the network's object, its phase alone, a flat object.
+
+    ``start="auto"`` compares the first two (``AUTO_STARTS``).
 
     "network phase" is the network's phase at the transmission ``level`` the
     data imply (``transmission_level``), not at the network's own amplitude.
