@@ -30,7 +30,7 @@ class EvaluateOptions:
     refine: int = 0
     refine_engine: str = "builtin"
     refine_backend: str = "auto"
-    refine_probe: bool = False
+    refine_probe: str = "auto"
     align: str = "none"
     refine_start: str = "auto"
     output: Optional[Path] = None
@@ -65,6 +65,8 @@ def run_evaluate(options: EvaluateOptions) -> dict[str, Any]:
     pty-chi missing, a scan that does not fit the bundle).
     """
     _check(options)
+    from ptycho_runtime.inference.scan_refinement import probe_rule
+
     from ..evaluate import NoGroundTruthError, evaluate, write_figure
     from ..reference import DEFAULT_ITERATIONS, ReferenceUnavailableError
 
@@ -82,7 +84,7 @@ def run_evaluate(options: EvaluateOptions) -> dict[str, Any]:
                       progress=lambda line: print(line, file=sys.stderr, flush=True),
                       remove_amplitude_scale=not options.keep_amplitude_scale,
                       refine_options={"engine": options.refine_engine, "backend": options.refine_backend,
-                                      "refine_probe": options.refine_probe, "start": options.refine_start},
+                                      "refine_probe": probe_rule(options.refine_probe), "start": options.refine_start},
                       align=options.align)
     except NoGroundTruthError as exc:
         raise CliError(str(exc)) from None

@@ -265,7 +265,7 @@ def _algorithms(allowed: tuple[str, ...]) -> Any:
 
 
 def _add_evaluate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    from ptycho_runtime.inference.scan_refinement import START_CHOICES
+    from ptycho_runtime.inference.scan_refinement import PROBE_RULE_NAMES, START_CHOICES
     from ptycho_runtime.reconstruction.alignment import ALIGN_MODES
     from ptycho_runtime.refinement import DEFAULT_SWEEPS
     from ptycho_runtime.refinement.engine import BACKENDS, ENGINES
@@ -306,7 +306,10 @@ def _add_evaluate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                         "(default: %(default)s)")
     p.add_argument("--refine-backend", choices=BACKENDS, default=EvaluateOptions.refine_backend,
                    help="the builtin engine's backend (default: %(default)s: numpy on the CPU)")
-    p.add_argument("--refine-probe", action="store_true", help="refine the probe with the object (default: fixed)")
+    p.add_argument("--refine-probe", nargs="?", choices=tuple(PROBE_RULE_NAMES), const="on",
+                   default=EvaluateOptions.refine_probe,
+                   help="refine the probe with the object: on (the bare flag), off, or auto: keep the probe guess "
+                        "unless the fit then stays far above the frames' Poisson noise (default: %(default)s)")
     p.add_argument("--refine-start", choices=START_CHOICES, default=EvaluateOptions.refine_start,
                    help="the refined row's start: auto (the network's object or its phase alone, whichever fits "
                         "better after two sweeps), or one of them; the control row always starts flat "

@@ -289,3 +289,47 @@ def test_torch_is_not_imported_by_the_numpy_or_onnx_paths(problem):
             "import ptycho_runtime.refinement.onnx_graph, ptycho_runtime.refinement.numpy_backend; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _counted(amp: np.ndarray, photons: float, seed: int = 0) -> tuple[np.ndarray, float]:
+    """``amp`` as an instrument measures it: sqrt(Poisson counts)/s at ``photons`` per frame; returns (frames, s)."""
+    s = float(np.sqrt(photons / np.mean(np.sum(amp.astype(np.float64) ** 2, axis=(1, 2)))))
+    counts = np.random.default_rng(seed).poisson((amp.astype(np.float64) * s) ** 2)
+    return (np.sqrt(counts) / s).astype(np.float32), s
+
+
+def test_the_noise_floor_is_what_the_true_object_leaves_and_unknown_for_non_count_data(problem):
+    from ptycho_runtime.refinement.noise_floor import photon_quantum, poisson_floor
+
+    _, amp, _, _, _ = problem
+    for photons in (1e4, 1e6):
+        noisy, s = _counted(amp, photons)
+        assert photon_quantum(noisy) == pytest.approx(s, rel=1e-5)
+        truth_misfit = float(np.mean((noisy.astype(np.float64) - amp) ** 2))
+        assert poisson_floor(noisy) == pytest.approx(truth_misfit, rel=0.2)
+    smeared = noisy + np.random.default_rng(1).uniform(0, 1e-3, noisy.shape).astype(np.float32)  # not counts
+    assert photon_quantum(smeared) is None and poisson_floor(smeared) is None
+    assert photon_quantum(np.zeros((2, 4, 4), np.float32)) is None
+
+
+def test_auto_probe_rule_keeps_a_good_guess_and_refines_a_wrong_one(problem, caplog):
+    from ptycho_runtime.inference.scan_refinement import PROBE_SUSPECT, RefineSettings, refine_scan
+
+    obj, amp, pos, start, lit = problem
+    noisy, _ = _counted(amp, 1e6)
+    settings = RefineSettings(sweeps=30, start="flat")
+    good = refine_scan(start, noisy, pos, _probe(), settings, probe_source="the test's probe").refinement
+    assert good["probe_rule"] == "auto" and not good["probe_updated"]
+    assert good["misfit_over_floor"] < PROBE_SUSPECT and "fixed_misfit_over_floor" not in good
+    with caplog.at_level("WARNING", logger="ptycho_runtime"):
+        wrong = refine_scan(start, noisy, pos, _probe(defocus=0.2), settings, probe_source="the test's probe")
+    record = wrong.refinement
+    assert record["probe_updated"] and record["fixed_misfit_over_floor"] > PROBE_SUSPECT
+    assert record["misfit_over_floor"] < 0.5 * record["fixed_misfit_over_floor"]
+    assert "noise floor" in caplog.text and "probe refined" in caplog.text
+    kept = refine_scan(start, noisy, pos, _probe(defocus=0.2), RefineSettings(sweeps=30, start="flat",
+                       refine_probe=False), probe_source="the test's probe")
+    assert not kept.refinement["probe_updated"] and kept.refinement["misfit_over_floor"] > PROBE_SUSPECT
+    assert _error(wrong.object, obj, lit) < 0.7 * _error(kept.object, obj, lit)
+    with pytest.raises(ValueError, match="refine_probe must be"):
+        RefineSettings(refine_probe="yes")

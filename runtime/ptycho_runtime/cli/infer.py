@@ -21,7 +21,7 @@ from ..files.png import check_png_support, write_png
 from ..files.reconstruction_file import Provenance, write_reconstruction
 from ..inference.backends import DEVICES, PRECISIONS
 from ..inference.compatibility import check_scan
-from ..inference.scan_refinement import START_CHOICES, RefineSettings
+from ..inference.scan_refinement import PROBE_RULE_NAMES, START_CHOICES, RefineSettings, probe_rule
 from ..reconstruction.alignment import ALIGN_MODES, DEFAULT_PHASE_ITERATIONS
 from ..reconstruction.geometry import DEFAULT_CENTRE
 from ..refinement import DEFAULT_SWEEPS
@@ -150,7 +150,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     if args.patterns is not None:
         raise UsageError("--patterns goes with --product (a ptychodus diffraction file and its product file)")
     settings = RefineSettings(engine=args.refine_engine, backend=args.refine_backend,
-                              refine_probe=args.refine_probe, start=args.refine_start)
+                              refine_probe=probe_rule(args.refine_probe), start=args.refine_start)
     run_infer(args.bundle, args.scan, args.output, args.png, args.backend, args.device, args.precision,
               args.batch_size, args.units, args.counts, args.position_centre, args.refine, args.align_phase,
               align=args.align, refine_settings=settings, accept_mismatch=args.accept_mismatch)
@@ -195,8 +195,10 @@ def add_infer_command(sub: argparse._SubParsersAction) -> None:
                         "(default %(default)s)")
     p.add_argument("--refine-backend", choices=BACKENDS, default="auto",
                    help="the builtin engine's backend (default %(default)s: numpy on the CPU)")
-    p.add_argument("--refine-probe", action="store_true",
-                   help="refine the probe with the object (default: the scan's probe, fixed)")
+    p.add_argument("--refine-probe", nargs="?", choices=tuple(PROBE_RULE_NAMES), const="on", default="auto",
+                   help="refine the probe with the object: on (the bare flag), off, or auto: keep the probe guess "
+                        "unless the fit then stays far above the frames' Poisson noise, and then refine it "
+                        "(default: %(default)s)")
     p.add_argument("--refine-start", choices=START_CHOICES, default=RefineSettings.start,
                    help="auto: the network's object or its phase alone, whichever fits the patterns better after "
                         "two sweeps; or one of them, or a flat object (default: %(default)s)")

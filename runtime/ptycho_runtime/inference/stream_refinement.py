@@ -139,7 +139,7 @@ class StreamRefinement:
                               for name in AUTO_STARTS}
         self._choice = (min(self._start_misfit, key=self._start_misfit.get) if s.start == "auto" else s.start)
         self._refiner = Refiner(self._as_start(canvas), self._P, backend=s.backend, device=s.device,
-                                refine_probe=s.refine_probe)
+                                refine_probe=s.probe_refined_first)
         self._refiner.add_frames(amp, pos)
         self._mask = np.zeros(canvas.object.shape, dtype=bool)
 
