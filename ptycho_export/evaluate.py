@@ -90,7 +90,9 @@ class ScoredReconstruction:
                                              "cols": self.alignment.found_shift_px[1]},
                           "shift_applied": self.alignment.shift_px != (0.0, 0.0),
                           "phase_offset_rad": self.alignment.phase_offset_rad,
-                          "amplitude_scale": self.alignment.amplitude_scale},
+                          "amplitude_scale": self.alignment.amplitude_scale,
+                          "phase_ramp_rad_per_px": {"rows": self.alignment.phase_ramp_rad_per_px[0],
+                                                    "cols": self.alignment.phase_ramp_rad_per_px[1]}},
             "metrics": self.metrics,
             **self.details,
         }
@@ -130,11 +132,14 @@ def score_reconstruction(label: str, recon: Any, truth_object: np.ndarray, posit
                          probe: np.ndarray, wall_time_s: float,
                          min_weight_fraction: float = DEFAULT_MIN_WEIGHT_FRACTION,
                          register: bool = True, details: Optional[dict[str, Any]] = None,
-                         remove_amplitude_scale: bool = True) -> ScoredReconstruction:
+                         remove_amplitude_scale: bool = True,
+                         remove_phase_ramp: bool = False) -> ScoredReconstruction:
     """Mask, align and score one ``Reconstruction`` (object, weight, x_coords, y_coords) against the truth.
 
     The global phase and (unless ``remove_amplitude_scale`` is False) the
-    global amplitude scale are removed first (``metrics.align_to_truth``).
+    global amplitude scale are removed first (``metrics.align_to_truth``);
+    with ``remove_phase_ramp`` (for a reconstruction whose probe was
+    refined too), a linear phase ramp as well.
     """
     truth, inside = sample_object(truth_object, recon.x_coords, recon.y_coords)
     light = illumination(positions, probe, recon.x_coords, recon.y_coords)
@@ -145,7 +150,7 @@ def score_reconstruction(label: str, recon: Any, truth_object: np.ndarray, posit
                          f"{min_weight_fraction:g} of the peak illumination (check that the positions are in the "
                          "objectGuess's pixel frame, or lower --min-weight)")
     alignment = align_to_truth(recon.object, truth, mask, register_shift=register,
-                               remove_amplitude_scale=remove_amplitude_scale)
+                               remove_amplitude_scale=remove_amplitude_scale, remove_phase_ramp=remove_phase_ramp)
     return ScoredReconstruction(label=label, alignment=alignment, metrics=image_quality(alignment),
                                 wall_time_s=float(wall_time_s), x_coords=np.asarray(recon.x_coords),
                                 y_coords=np.asarray(recon.y_coords), details=dict(details or {}))
@@ -214,8 +219,10 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
     provider = bundle.providers[0] if bundle.providers else bundle.backend
 
     def score(label: str, result: Any, wall_s: float, details: dict[str, Any]) -> ScoredReconstruction:
+        # a probe refined with the object leaves a linear phase ramp undetermined (metrics.align_to_truth)
         return score_reconstruction(label, result, data.object, positions, data.probe, wall_s, min_weight_fraction,
-                                    register, details=details, remove_amplitude_scale=remove_amplitude_scale)
+                                    register, details=details, remove_amplitude_scale=remove_amplitude_scale,
+                                    remove_phase_ramp=bool(details.get("probe_updated")))
 
     network = score("network", recon, net_s, {
         "backend": bundle.backend, "provider": provider, "load_time_s": load_s, "align": align,

@@ -69,7 +69,8 @@ class Alignment:
     ``recon`` is the reconstruction after the sub-pixel ``shift_px`` (rows,
     cols: what was applied to it), the global phase factor
     exp(i·``phase_offset_rad``) and the global amplitude factor
-    ``amplitude_scale`` (1.0 when not removed); ``truth`` the truth on the same grid;
+    ``amplitude_scale`` (1.0 when not removed) and the linear phase ramp
+    ``phase_ramp_rad_per_px`` (rows, cols; zero when not removed); ``truth`` the truth on the same grid;
     ``mask`` the pixels that are scored (scanned, inside the truth, valid
     after the shift); ``box`` the (row, col) slices of the mask's bounding box.
     ``found_shift_px`` is what the registration found; it is applied only
@@ -86,6 +87,7 @@ class Alignment:
     box: tuple[slice, slice]
     found_shift_px: tuple[float, float] = (0.0, 0.0)
     amplitude_scale: float = 1.0
+    phase_ramp_rad_per_px: tuple[float, float] = (0.0, 0.0)
 
 
 def scanned_mask(weight: np.ndarray, inside: np.ndarray, min_weight_fraction: float = 0.2,
@@ -186,13 +188,33 @@ def global_amplitude_scale(truth: np.ndarray, recon: np.ndarray, mask: np.ndarra
     return float(np.sum(np.abs(truth[mask]) * a_r)) / denom if denom > 0 else 1.0
 
 
+def linear_phase_ramp(truth: np.ndarray, recon: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """(k_rows, k_cols) in rad/px: recon·exp(i(k_rows·row + k_cols·col)) best matches the truth's phase over ``mask``.
+
+    Coarse from the peak of the zero-padded spectrum of truth·conj(recon)
+    (the ramp that best aligns the two, as a cross-correlation finds a
+    shift), then refined by least squares on the phase left after it.
+    """
+    z = np.where(mask, truth * np.conj(recon), 0)
+    z = z / np.maximum(np.abs(z), 1e-30) * mask  # unit weights: the ramp, not the brightest pixels
+    pad = [2 * n for n in z.shape]
+    spectrum = np.abs(np.fft.fft2(z, s=pad))
+    kr, kc = np.unravel_index(int(np.argmax(spectrum)), spectrum.shape)
+    k = np.array([2 * np.pi * (np.fft.fftfreq(pad[0])[kr]), 2 * np.pi * (np.fft.fftfreq(pad[1])[kc])])
+    rows, cols = np.nonzero(mask)
+    left = np.angle(z[rows, cols] * np.exp(-1j * (k[0] * rows + k[1] * cols)))
+    design = np.stack([rows, cols, np.ones_like(rows)], axis=1).astype(np.float64)
+    fine, *_ = np.linalg.lstsq(design, left, rcond=None)
+    return float(k[0] + fine[0]), float(k[1] + fine[1])
+
+
 DEFAULT_MAX_SHIFT_PX = 4.0
 """Registration corrects small misplacements (sub-pixel conventions, a pixel or two); larger "shifts" are rejected."""
 
 
 def align_to_truth(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray, register_shift: bool = True,
                    upsample_factor: int = 100, max_shift_px: float = DEFAULT_MAX_SHIFT_PX,
-                   remove_amplitude_scale: bool = True) -> Alignment:
+                   remove_amplitude_scale: bool = True, remove_phase_ramp: bool = False) -> Alignment:
     """Register ``recon`` to ``truth`` (sub-pixel), then remove the global phase and amplitude scale.
 
     The shift is applied to the reconstruction (cubic spline on real and
@@ -207,6 +229,12 @@ def align_to_truth(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray, regis
     see transmission 1: docs/data.md). Like Fienup's invariant error metric,
     the scoring therefore removes both (``remove_amplitude_scale=False``
     keeps the amplitude as reconstructed, for a probe known in absolute units).
+
+    ``remove_phase_ramp`` also removes a linear phase ramp: when the probe
+    was reconstructed too, O·exp(ik·r) with P·exp(−ik·r) gives every pattern
+    unchanged (a constant phase per exit wave), so the data cannot fix it
+    (blind ptychography's ramp ambiguity); with a known probe they do, and
+    a ramp is an error.
     """
     recon = np.asarray(recon, dtype=np.complex128)
     truth = np.asarray(truth, dtype=np.complex128)
@@ -221,10 +249,15 @@ def align_to_truth(recon: np.ndarray, truth: np.ndarray, mask: np.ndarray, regis
         moved = shift_image(mask.astype(np.float64), shift, order=1) > 0.999
         if (mask & moved).any():
             mask = mask & moved
+    ramp = linear_phase_ramp(truth, recon, mask) if remove_phase_ramp else (0.0, 0.0)
+    if remove_phase_ramp:
+        rows, cols = np.indices(recon.shape)
+        recon = recon * np.exp(1j * (ramp[0] * rows + ramp[1] * cols))
     offset = global_phase_offset(truth, recon, mask)
     scale = global_amplitude_scale(truth, recon, mask) if remove_amplitude_scale else 1.0
     return Alignment(recon=recon * (scale * np.exp(1j * offset)), truth=truth, mask=mask, shift_px=shift,
-                     phase_offset_rad=offset, box=bounding_box(mask), found_shift_px=found, amplitude_scale=scale)
+                     phase_offset_rad=offset, box=bounding_box(mask), found_shift_px=found, amplitude_scale=scale,
+                     phase_ramp_rad_per_px=ramp)
 
 
 def _data_range(values: np.ndarray, fallback: float) -> float:

@@ -72,6 +72,22 @@ def test_a_global_amplitude_scale_is_removed_unless_asked_to_keep_it():
     assert M.image_quality(kept)["phase_rmse_rad"] < 1e-9
 
 
+@pytest.mark.parametrize("ramp", [(0.004, -0.011), (-0.2, 0.05)])
+def test_a_linear_phase_ramp_is_removed_only_when_asked(ramp):
+    """A probe refined with the object leaves O·exp(ik·r) undetermined: that ramp is removed on request, only."""
+    obj = smooth_object()
+    rows, cols = np.indices(obj.shape)
+    tilted = obj * np.exp(1j * (ramp[0] * rows + ramp[1] * cols + 0.3))
+    al = M.align_to_truth(tilted, obj, central_mask(), register_shift=False, remove_phase_ramp=True)
+    assert al.phase_ramp_rad_per_px == pytest.approx((-ramp[0], -ramp[1]), abs=1e-6)
+    assert M.image_quality(al)["phase_rmse_rad"] < 1e-6
+    kept = M.align_to_truth(tilted, obj, central_mask(), register_shift=False)
+    assert kept.phase_ramp_rad_per_px == (0.0, 0.0)
+    assert M.image_quality(kept)["phase_rmse_rad"] > 0.1
+    plain = M.align_to_truth(obj, obj, central_mask(), register_shift=False, remove_phase_ramp=True)
+    assert max(abs(k) for k in plain.phase_ramp_rad_per_px) < 1e-9  # nothing to remove: nothing is
+
+
 @pytest.mark.parametrize("shift", [(1.3, -0.7), (-0.45, 2.2)])
 def test_a_known_subpixel_shift_is_recovered_to_a_tenth_of_a_pixel(shift):
     obj = smooth_object(seed=3)

@@ -111,6 +111,14 @@ def _refinement_name(summary: Mapping[str, Any]) -> str:
     return f"{summary['iterations']} sweeps, {what}" + (", probe refined" if summary.get("probe_updated") else "")
 
 
+def _ramp_cell(alignment: Mapping[str, Any]) -> str:
+    """The removed phase ramp (rows, cols) in mrad/px, or "-" where none was (a known probe fixes it)."""
+    ramp = alignment.get("phase_ramp_rad_per_px") or {"rows": 0.0, "cols": 0.0}
+    if ramp["rows"] == 0.0 and ramp["cols"] == 0.0:
+        return "-"
+    return f"{1e3 * ramp['rows']:+.2f}, {1e3 * ramp['cols']:+.2f}"
+
+
 def evaluate_table(report: Mapping[str, Any]) -> str:
     """One column per scored method (network, refined, control, reference), one row per metric."""
     methods = [("network", report["network"])]
@@ -132,6 +140,7 @@ def evaluate_table(report: Mapping[str, Any]) -> str:
         + ("" if m["alignment"]["shift_applied"] or m["alignment"]["found_shift_px"] == {"rows": 0.0, "cols": 0.0}
            else " (not applied)") for _, m in methods])
     rows.append(["amplitude scale removed"] + [f"x{m['alignment']['amplitude_scale']:.3f}" for _, m in methods])
+    rows.append(["phase ramp removed (mrad/px)"] + [_ramp_cell(m["alignment"]) for _, m in methods])
     rows.append(["wall time (s)"] + [f"{m['wall_time_s']:.2f}" for _, m in methods])
     return table(["metric"] + [label for label, _ in methods], rows)
 
