@@ -317,7 +317,7 @@ def test_auto_probe_rule_keeps_a_good_guess_and_refines_a_wrong_one(problem, cap
 
     obj, amp, pos, start, lit = problem
     noisy, _ = _counted(amp, 1e6)
-    settings = RefineSettings(sweeps=30, start="flat")
+    settings = RefineSettings(sweeps=30, start="flat", refine_probe="auto")
     good = refine_scan(start, noisy, pos, _probe(), settings, probe_source="the test's probe").refinement
     assert good["probe_rule"] == "auto" and not good["probe_updated"]
     assert good["misfit_over_floor"] < PROBE_SUSPECT and "fixed_misfit_over_floor" not in good
@@ -333,3 +333,19 @@ def test_auto_probe_rule_keeps_a_good_guess_and_refines_a_wrong_one(problem, cap
     assert _error(wrong.object, obj, lit) < 0.7 * _error(kept.object, obj, lit)
     with pytest.raises(ValueError, match="refine_probe must be"):
         RefineSettings(refine_probe="yes")
+
+
+def test_by_default_the_probe_is_refined_and_a_fit_far_above_the_noise_is_warned_about(problem, caplog):
+    from ptycho_runtime.inference.scan_refinement import PROBE_SUSPECT, RefineSettings, refine_scan
+
+    _, amp, pos, start, _ = problem
+    noisy, _ = _counted(amp, 1e6)
+    assert RefineSettings().refine_probe is True
+    with caplog.at_level("WARNING", logger="ptycho_runtime"):
+        short = refine_scan(start, noisy, pos, _probe(defocus=0.2), RefineSettings(sweeps=2, start="flat"),
+                            probe_source="the test's probe").refinement
+    assert short["probe_updated"] and short["sweeps"] == 2 == len(short["misfit_per_sweep"])
+    assert short["misfit_over_floor"] > PROBE_SUSPECT and "more sweeps" in caplog.text
+    good = refine_scan(start, noisy, pos, _probe(), RefineSettings(sweeps=30, start="flat"),
+                       probe_source="the test's probe").refinement
+    assert good["probe_updated"] and good["misfit_over_floor"] < PROBE_SUSPECT

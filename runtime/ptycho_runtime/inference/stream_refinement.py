@@ -183,6 +183,7 @@ class StreamRefinement:
             "start": self._choice, "start_rule": self.settings.start, "start_misfit": dict(self._start_misfit),
             "misfit_per_sweep": [float(v) for v in r.misfit],
             "probe_source": self.probe_source + (", refined" if record.get("probe_updated") else ""),
+            "probe_rule": self.settings.refine_probe,  # "auto" keeps the probe here: a stream cannot rerun
             "probe_scale": self._scale_note, "frames_refined": r.n_frames,
             "frames_outside_grid": self.frames_outside_grid, "frames_repeated": self.frames_repeated,
         })
