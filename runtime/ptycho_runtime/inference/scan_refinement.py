@@ -8,7 +8,7 @@ overlap, so ``Bundle.reconstruct(refine=...)``, the CLI, the streaming
 reconstructor and the hosts all finish with sweeps of the runtime's batched
 refinement (``refinement.refine``) with the scan's own probe.
 
-Two decisions are made here, once for every caller:
+Three decisions are made here, once for every caller:
 
 - **the probe and its units**: the host's probe (a scan's ``probeGuess``, a
   ptychodus product's probe) at its own absolute scale is brought to the
@@ -29,7 +29,7 @@ Two decisions are made here, once for every caller:
   SSIM, a linear phase ramp, which a free probe leaves undetermined, removed
   in the scoring): the project's scan 0.958 fixed → 0.951 refined, ptychodus's
   0.990 → 0.991, pty-chi's 0.674 → 0.913; with a guess defocused by 6 rad,
-  0.023 → 0.919 (docs/fidelity.md). After the sweeps the misfit is compared
+  0.023 → 0.922 (docs/fidelity.md). After the sweeps the misfit is compared
   with the frames' Poisson noise floor (``refinement.noise_floor``): still
   far above it (``PROBE_SUSPECT``), the result is warned about with the fix
   (a guess far off needs more sweeps; the sweeps asked for are never
