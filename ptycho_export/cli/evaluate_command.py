@@ -30,7 +30,7 @@ class EvaluateOptions:
     refine: int = 0
     refine_engine: str = "builtin"
     refine_backend: str = "auto"
-    refine_probe: str = "on"
+    refine_probe: str = "auto"
     align: str = "none"
     refine_start: str = "auto"
     output: Optional[Path] = None

@@ -335,17 +335,20 @@ def test_auto_probe_rule_keeps_a_good_guess_and_refines_a_wrong_one(problem, cap
         RefineSettings(refine_probe="yes")
 
 
-def test_by_default_the_probe_is_refined_and_a_fit_far_above_the_noise_is_warned_about(problem, caplog):
+def test_the_default_rule_refines_only_a_wrong_probe_and_a_poor_refined_fit_is_warned_about(problem, caplog):
     from ptycho_runtime.inference.scan_refinement import PROBE_SUSPECT, RefineSettings, refine_scan
 
     _, amp, pos, start, _ = problem
     noisy, _ = _counted(amp, 1e6)
-    assert RefineSettings().refine_probe is True
+    assert RefineSettings().refine_probe == "auto"
+    wrong = refine_scan(start, noisy, pos, _probe(defocus=0.2), RefineSettings(start="flat"),
+                        probe_source="the test's probe").refinement
+    assert wrong["probe_updated"] and wrong["fixed_misfit_over_floor"] > PROBE_SUSPECT
+    good = refine_scan(start, noisy, pos, _probe(), RefineSettings(start="flat"), probe_source="the test's probe")
+    assert not good.refinement["probe_updated"]
+    np.testing.assert_array_equal(good.probe.shape, _probe().shape)
     with caplog.at_level("WARNING", logger="ptycho_runtime"):
-        short = refine_scan(start, noisy, pos, _probe(defocus=0.2), RefineSettings(sweeps=2, start="flat"),
-                            probe_source="the test's probe").refinement
+        short = refine_scan(start, noisy, pos, _probe(defocus=0.2), RefineSettings(sweeps=2, start="flat",
+                            refine_probe=True), probe_source="the test's probe").refinement
     assert short["probe_updated"] and short["sweeps"] == 2 == len(short["misfit_per_sweep"])
     assert short["misfit_over_floor"] > PROBE_SUSPECT and "more sweeps" in caplog.text
-    good = refine_scan(start, noisy, pos, _probe(), RefineSettings(sweeps=30, start="flat"),
-                       probe_source="the test's probe").refinement
-    assert good["probe_updated"] and good["misfit_over_floor"] < PROBE_SUSPECT

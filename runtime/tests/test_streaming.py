@@ -178,9 +178,9 @@ def test_a_refined_stream_fits_the_data_better_and_its_snapshots_are_valid(b1, s
     assert rec["streamed"] and rec["sweeps"] == sweeps and rec["sweeps_requested"] == sweeps
     assert rec["frames_refined"] == d.shape[0] and rec["frames_outside_grid"] == 0 and not rec["cancelled"]
     assert rec["sweeps_total"] > sweeps  # sweeps ran between micro-batches too
-    # the probe is refined with the object by default, and the final object goes with the probe it was refined with
-    assert rec["probe_source"] == "the bundle's training probe, refined" and rec["probe_updated"] is True
-    assert rec["probe_rule"] is True
+    # a stream keeps the probe under the default "auto" rule (it cannot rerun); the object goes with that probe
+    assert rec["probe_source"] == "the bundle's training probe" and rec["probe_updated"] is False
+    assert rec["probe_rule"] == "auto"
     assert calls and calls[-1] == (sweeps, sweeps)
     better, worse = _misfit_of(final, d, pos, final.probe), _misfit_of(unrefined, d, pos, probe)
     print(f"misfit refined {better:.4g}, network {worse:.4g}")
@@ -200,7 +200,7 @@ def test_a_stream_refines_with_the_hosts_probe_and_can_be_cancelled(b1, scan):
         stream.feed(d[:24], pos[:24])
         stream.flush()
         mid = stream.snapshot()
-        assert mid.refinement["probe_source"] == "the host's probe, refined" and not mid.refinement["cancelled"]
+        assert mid.refinement["probe_source"] == "the host's probe" and not mid.refinement["cancelled"]
         stop.set()
         stream.feed(d[24:], pos[24:])
     final = stream.snapshot()

@@ -195,7 +195,7 @@ def add_infer_command(sub: argparse._SubParsersAction) -> None:
                         "(default %(default)s)")
     p.add_argument("--refine-backend", choices=BACKENDS, default="auto",
                    help="the builtin engine's backend (default %(default)s: numpy on the CPU)")
-    p.add_argument("--refine-probe", nargs="?", choices=tuple(PROBE_RULE_NAMES), const="on", default="on",
+    p.add_argument("--refine-probe", nargs="?", choices=tuple(PROBE_RULE_NAMES), const="on", default="auto",
                    help="refine the probe with the object: on (the bare flag), off, or auto: keep the probe guess "
                         "unless the fit then stays far above the frames' Poisson noise, and then refine it "
                         "(default: %(default)s)")

@@ -24,18 +24,17 @@ Three decisions are made here, once for every caller:
   Measured on the project's scan and two independent simulators' scans,
   this ends within 0.003 phase SSIM of the better of the two on each, and
   above a flat start on each (docs/fidelity.md);
-- **the probe**: refined with the object by default (``refine_probe=True``):
-  a scan's probe guess is never its probe. Measured at 30 sweeps (phase
-  SSIM, a linear phase ramp, which a free probe leaves undetermined, removed
-  in the scoring): the project's scan 0.958 fixed → 0.951 refined, ptychodus's
-  0.990 → 0.991, pty-chi's 0.674 → 0.913; with a guess defocused by 6 rad,
-  0.023 → 0.922 (docs/fidelity.md). After the sweeps the misfit is compared
-  with the frames' Poisson noise floor (``refinement.noise_floor``): still
-  far above it (``PROBE_SUSPECT``), the result is warned about with the fix
-  (a guess far off needs more sweeps; the sweeps asked for are never
-  exceeded, so a live host's cost stays what it set). ``refine_probe="auto"``
-  keeps the guess fixed unless it then fits far above the floor, for a
-  caller who trusts the probe; False keeps it fixed.
+- **the probe**: ``refine_probe="auto"`` (the default) keeps the scan's
+  probe guess fixed, then compares the misfit reached with the frames'
+  Poisson noise floor (``refinement.noise_floor``). Far above it
+  (``PROBE_SUSPECT``), the guess cannot explain the data: the sweeps are run
+  again from the same start with the probe refined, and the better fit is
+  kept (a free probe can also go wrong from a poor start: on a small test
+  scan it ran off with a 3 rad ramp). With a guess defocused by 6 rad this
+  lifts phase SSIM from 0.023 to 0.919 on the project's scan; with an
+  accurate guess nothing changes. ``True`` always refines it (better on
+  pty-chi's scan, 0.674 → 0.913; docs/fidelity.md), ``False`` never. A fit
+  still far above the floor is warned about with the fix.
 """
 
 from __future__ import annotations
@@ -85,7 +84,7 @@ class RefineSettings:
 
     ``sweeps`` over all frames; ``engine`` "builtin" (batched rPIE, torch-free)
     or "ptychi"; ``backend``/``device`` of the builtin engine; ``refine_probe``
-    True (the default) also updates the probe, False keeps it, "auto" keeps
+    True also updates the probe, False keeps it, "auto" (the default) keeps
     it unless the fit then stays far above the noise floor (module docstring;
     the built-in engine only: elsewhere "auto" keeps it); ``start`` "auto" (the default: whichever of the
     network's object and its phase alone fits the data better after two
@@ -97,7 +96,7 @@ class RefineSettings:
     engine: str = "builtin"
     backend: str = "auto"
     device: str = "cpu"
-    refine_probe: Union[bool, str] = True
+    refine_probe: Union[bool, str] = "auto"
     start: str = "auto"
     progress: Optional[Callable[[int, int], None]] = None
 
