@@ -31,7 +31,7 @@ Three decisions are made here, once for every caller:
   again from the same start with the probe refined, and the better fit is
   kept (a free probe can also go wrong from a poor start: on a small test
   scan it ran off with a 3 rad ramp). With a guess defocused by 6 rad this
-  lifts phase SSIM from 0.023 to 0.919 on the project's scan; with an
+  lifts phase SSIM from 0.023 to 0.922 on the project's scan; with an
   accurate guess nothing changes. ``True`` always refines it (better on
   pty-chi's scan, 0.674 → 0.913; docs/fidelity.md), ``False`` never. A fit
   still far above the floor is warned about with the fix.
