@@ -206,6 +206,17 @@ def _fit_over_floor(result: RefineResult, floor: Optional[float]) -> Optional[fl
     return float(misfit[-1]) / floor if misfit and floor else None
 
 
+def _warn_if_poor_fit(fit: Optional[float], probe_updated: bool) -> None:
+    """Warn, with the fix, when the kept result fits the frames far above their noise floor."""
+    if fit is None or fit <= PROBE_SUSPECT:
+        return
+    fix = ("a probe guess far off needs more sweeps (a defocused guess of overlap 0.07 took 100: --refine 100), "
+           "or positions, background or bad pixels are off" if probe_updated else
+           "the probe guess is probably wrong: refine it (--refine-probe on, RefineSettings(refine_probe=True))")
+    log.warning("the refined object fits the frames %.1f× worse than their Poisson noise explains: %s; do not "
+                "trust it as it is", fit, fix)
+
+
 def refine_scan(recon: Reconstruction, amplitude: np.ndarray, positions: np.ndarray, probe: np.ndarray,
                 settings: RefineSettings, *, probe_source: str, fill: complex = 1.0,
                 cancel: Optional[Any] = None) -> Reconstruction:
@@ -248,9 +259,9 @@ def refine_scan(recon: Reconstruction, amplitude: np.ndarray, positions: np.ndar
                         refine_probe=settings.probe_refined_first, progress=settings.progress, cancel=cancel)
     floor = poisson_floor(amp)
     fit = _fit_over_floor(result, floor)
-    probe_check = {"noise_floor": floor, "misfit_over_floor": fit, "probe_rule": settings.refine_probe,
-                   "probe_suspect_above": PROBE_SUSPECT}
-    if settings.refine_probe == "auto" and settings.engine == "builtin" and fit is not None and fit > PROBE_SUSPECT:
+    probe_check: dict[str, Any] = {"noise_floor": floor, "probe_rule": settings.refine_probe,
+                                   "probe_suspect_above": PROBE_SUSPECT}
+    if settings.refine_probe == "auto" and refiner is not None and fit is not None and fit > PROBE_SUSPECT:
         log.warning("refinement with the probe guess (%s) fixed ends at %.1f× the Poisson noise floor of the "
                     "frames: the guess does not explain the data (wrong focus or optics?); refining again with "
                     "the probe refined", probe_source, fit)
@@ -258,15 +269,11 @@ def refine_scan(recon: Reconstruction, amplitude: np.ndarray, positions: np.ndar
                         device=settings.device, refine_probe=True).add_frames(amp, pos)
         second = retry.run(settings.sweeps, cancel=cancel, progress=settings.progress)
         second_fit = _fit_over_floor(second, floor)
-        probe_check.update(fixed_misfit_over_floor=fit, misfit_over_floor=second_fit)
-        if second_fit is not None and second_fit < fit:
+        probe_check.update(fixed_misfit_over_floor=fit, refined_probe_misfit_over_floor=second_fit)
+        if second_fit is not None and second_fit < fit:  # the better fit is kept: a free probe can also run off
             refiner, result, fit = retry, second, second_fit
-    if fit is not None and fit > PROBE_SUSPECT:
-        fix = ("a probe guess far off needs more sweeps (a defocused guess of overlap 0.07 took 100: --refine 100), "
-               "or positions, background or bad pixels are off" if result.record.get("probe_updated") else
-               "the probe guess is probably wrong: refine it (--refine-probe, RefineSettings(refine_probe=True))")
-        log.warning("the refined object fits the frames %.1f× worse than their Poisson noise explains: %s; do not "
-                    "trust it as it is", fit, fix)
+    probe_check["misfit_over_floor"] = fit  # of the result kept
+    _warn_if_poor_fit(fit, bool(result.record.get("probe_updated")))
     wall_s = time.perf_counter() - t0
     record = {k: v for k, v in result.record.items() if k != "misfit"}
     record.update(probe_check)

@@ -57,8 +57,12 @@ def photon_quantum(amplitude: np.ndarray) -> Optional[float]:
     of up to ``SMALL_COUNTS`` counts (where float32 still resolves one count)
     and at least ``MIN_SMALL`` such pixels exist.
     """
-    a = _sample_frames(amplitude).ravel()
-    positive = a[a > 0]
+    return _quantum(_sample_frames(amplitude))
+
+
+def _quantum(frames: np.ndarray) -> Optional[float]:
+    """``photon_quantum`` of already sampled float64 frames."""
+    positive = frames[frames > 0]
     if positive.size == 0:
         return None
     s = 1.0 / float(positive.min())
@@ -101,10 +105,11 @@ def poisson_floor(amplitude: np.ndarray) -> Optional[float]:
     dark, which is where the estimate matters: a bright pixel costs ≈ 1/4
     photon whatever its rate).
     """
-    s = photon_quantum(amplitude)
+    frames = _sample_frames(amplitude)
+    s = _quantum(frames)
     if s is None:
         return None
-    counts = np.rint((_sample_frames(amplitude) * s) ** 2)
+    counts = np.rint((frames * s) ** 2)
     rate = _local_rate(counts)
     per_pixel = np.interp(rate, np.arange(_TABLE.size) / _TABLE_STEPS, _TABLE, right=0.25)
     return float(np.mean(per_pixel)) / s**2
