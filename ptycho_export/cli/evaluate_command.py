@@ -31,6 +31,7 @@ class EvaluateOptions:
     refine_engine: str = "builtin"
     refine_backend: str = "auto"
     refine_probe: str = "auto"
+    amplitude_prior: str = "tv"
     align: str = "none"
     refine_start: str = "auto"
     output: Optional[Path] = None
@@ -84,7 +85,8 @@ def run_evaluate(options: EvaluateOptions) -> dict[str, Any]:
                       progress=lambda line: print(line, file=sys.stderr, flush=True),
                       remove_amplitude_scale=not options.keep_amplitude_scale,
                       refine_options={"engine": options.refine_engine, "backend": options.refine_backend,
-                                      "refine_probe": probe_rule(options.refine_probe), "start": options.refine_start},
+                                      "refine_probe": probe_rule(options.refine_probe), "start": options.refine_start,
+                                      "amplitude_prior": options.amplitude_prior},
                       align=options.align)
     except NoGroundTruthError as exc:
         raise CliError(str(exc)) from None
@@ -105,10 +107,11 @@ def run_evaluate(options: EvaluateOptions) -> dict[str, Any]:
 
 
 def _refinement_name(summary: Mapping[str, Any]) -> str:
-    """"20 sweeps, numpy" / "20 sweeps, pty-chi LSQML": what ran, for a column heading."""
+    """"20 sweeps, numpy, TV amplitude" / "20 sweeps, pty-chi LSQML": what ran, for a column heading."""
     engine = summary.get("engine", "builtin")
     what = f"pty-chi {summary.get('algorithm', '')}".strip() if engine == "ptychi" else summary.get("backend", "")
-    return f"{summary['iterations']} sweeps, {what}" + (", probe refined" if summary.get("probe_updated") else "")
+    return (f"{summary['iterations']} sweeps, {what}" + (", probe refined" if summary.get("probe_updated") else "")
+            + (", TV amplitude" if (summary.get("amplitude_prior") or {}).get("applied") else ""))
 
 
 def _ramp_cell(alignment: Mapping[str, Any]) -> str:
@@ -178,6 +181,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                               reference_batch_size=args.reference_batch_size, refine=args.refine,
                               refine_engine=args.refine_engine, refine_backend=args.refine_backend,
                               refine_probe=args.refine_probe, refine_start=args.refine_start, align=args.align,
+                              amplitude_prior=args.amplitude_prior,
                               output=args.output, figure=args.figure, min_weight=args.min_weight,
                               no_register=args.no_register, keep_amplitude_scale=args.keep_amplitude_scale,
                               counts=args.counts, backend=args.backend)

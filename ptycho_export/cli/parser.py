@@ -269,6 +269,7 @@ def _add_evaluate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     from ptycho_runtime.reconstruction.alignment import ALIGN_MODES
     from ptycho_runtime.refinement import DEFAULT_SWEEPS
     from ptycho_runtime.refinement.engine import BACKENDS, ENGINES
+    from ptycho_runtime.refinement.object_prior import PRIORS
 
     from ..reference import ALGORITHMS, DEFAULT_BATCH_SIZE, DEFAULT_ITERATIONS
 
@@ -314,6 +315,9 @@ def _add_evaluate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="the refined row's start: auto (the network's object or its phase alone, whichever fits "
                         "better after two sweeps), or one of them; the control row always starts flat "
                         "(default: %(default)s)")
+    p.add_argument("--amplitude-prior", choices=PRIORS, default=EvaluateOptions.amplitude_prior,
+                   help="the refined rows' last step: tv (the refined amplitude denoised at its own noise level) "
+                        "or none (the data-only object) (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument("-o", "--output", type=Path, default=None, metavar="REPORT.json",
                    help="write the JSON report (default: none)")

@@ -26,6 +26,7 @@ from ..reconstruction.alignment import ALIGN_MODES, DEFAULT_PHASE_ITERATIONS
 from ..reconstruction.geometry import DEFAULT_CENTRE
 from ..refinement import DEFAULT_SWEEPS
 from ..refinement.engine import BACKENDS, ENGINES
+from ..refinement.object_prior import PRIORS
 from .common import EPILOG, EXIT_OK, UsageError, add_scan_arguments, load_bundle_or_usage
 from .progress import Progress
 
@@ -150,7 +151,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     if args.patterns is not None:
         raise UsageError("--patterns goes with --product (a ptychodus diffraction file and its product file)")
     settings = RefineSettings(engine=args.refine_engine, backend=args.refine_backend,
-                              refine_probe=probe_rule(args.refine_probe), start=args.refine_start)
+                              refine_probe=probe_rule(args.refine_probe), start=args.refine_start,
+                              amplitude_prior=args.amplitude_prior)
     run_infer(args.bundle, args.scan, args.output, args.png, args.backend, args.device, args.precision,
               args.batch_size, args.units, args.counts, args.position_centre, args.refine, args.align_phase,
               align=args.align, refine_settings=settings, accept_mismatch=args.accept_mismatch)
@@ -202,6 +204,9 @@ def add_infer_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refine-start", choices=START_CHOICES, default=RefineSettings.start,
                    help="auto: the network's object or its phase alone, whichever fits the patterns better after "
                         "two sweeps; or one of them, or a flat object (default: %(default)s)")
+    p.add_argument("--amplitude-prior", choices=PRIORS, default=RefineSettings.amplitude_prior,
+                   help="after the sweeps: tv denoises the refined amplitude at the strength of its own shot noise "
+                        "(the fit stays at the noise floor); none keeps the data-only object (default: %(default)s)")
     p.add_argument("--accept-mismatch", action="store_true",
                    help="with --no-refine, write the network's object even when the scan's probe or photon count "
                         "is beyond what the bundle was trained for (default: refuse)")

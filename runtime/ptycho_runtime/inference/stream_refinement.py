@@ -16,6 +16,11 @@ scan: the probe's units (``normalise_probe`` on those frames) and the start
 ("auto": the network's object or its phase alone, as
 ``scan_refinement.refine_scan``, but judged by the candidates' own misfit on
 those frames, since a live stream has no time for trial sweeps).
+
+The amplitude prior of the settings (``refinement.object_prior``) is applied
+to a picture only once every frame seen has had its sweeps (``owed`` is 0),
+and never fed back into the sweeps: it removes the grain of a converged
+object, and would only slow the fit of one still converging.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from ..reconstruction.probe_scale import normalise_probe
 from ..reconstruction.stitching import Reconstruction
 from ..refinement import RefinementCancelled, Refiner, far_field_misfit
 from ..refinement.batching import window_corners
+from ..refinement.object_prior import apply_amplitude_prior, well_lit
 from .scan_refinement import (
     AUTO_STARTS,
     MISFIT_SAMPLE,
@@ -70,6 +76,7 @@ class StreamRefinement:
         self._lock = threading.Lock()       # one add or sweep at a time
         self._view_lock = threading.Lock()  # guards the published view, so a snapshot never waits for a sweep
         self._view: Optional[tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]] = None
+        self._final: Optional[tuple[Any, np.ndarray, dict[str, Any]]] = None  # (view, its object with the prior)
         self._mask: Optional[np.ndarray] = None  # pixels a refined frame's window reads
         self._choice = ""
         self._start_misfit: dict[str, float] = {}
@@ -191,7 +198,11 @@ class StreamRefinement:
             self._view = (obj, probe, self._mask.copy(), record)
 
     def apply(self, canvas: Reconstruction) -> Reconstruction:
-        """The network's ``canvas`` with the refined object where refined (and covered); as is before any sweep."""
+        """The network's ``canvas`` with the refined object where refined (and covered); as is before any sweep.
+
+        Once no sweep is owed, the amplitude prior is applied too (once per
+        published picture; the record's ``amplitude_prior`` says whether).
+        """
         with self._view_lock:
             view = self._view
         if view is None:
@@ -199,4 +210,16 @@ class StreamRefinement:
         obj, probe, mask, record = view
         take = mask & canvas.covered
         out = np.where(take, obj, canvas.object).astype(np.complex64)
-        return replace(canvas, object=out, probe=np.array(probe, copy=True), refinement=dict(record))
+        record = dict(record)
+        if self.owed == 0 and self.settings.amplitude_prior != "none":
+            final = self._final
+            if final is None or final[0] is not view or final[1].shape != out.shape:
+                prior_obj, prior = apply_amplitude_prior(out, well_lit(canvas.weight), take,
+                                                         self.settings.amplitude_prior)
+                final = self._final = (view, prior_obj, prior)
+            out = np.where(take, final[1], out).astype(np.complex64)  # the canvas outside may have moved on
+            record["amplitude_prior"] = dict(final[2])
+        else:
+            record["amplitude_prior"] = {"rule": self.settings.amplitude_prior, "applied": False,
+                                         "why_not": "sweeps still owed: the prior is applied once they have run"}
+        return replace(canvas, object=out, probe=np.array(probe, copy=True), refinement=record)

@@ -85,12 +85,14 @@ class PtychoRuntimeSettings(Observable, Observer):
         self.refine = self._group.create_boolean_parameter("Refine", True)
         self.refine_sweeps = self._group.create_integer_parameter("RefineSweeps", DEFAULT_SWEEPS, minimum=1)
         self.refine_probe = self._group.create_boolean_parameter("RefineProbe", True)
+        self.amplitude_prior = self._group.create_boolean_parameter("AmplitudePrior", True)  # TV at the noise level
 
     def refine_request(self) -> Optional[dict[str, Any]]:
         """The refinement asked for, as the plain data a worker process receives (None: off)."""
         if not bool(self.refine.get_value()):
             return None
-        return {"sweeps": int(self.refine_sweeps.get_value()), "refine_probe": bool(self.refine_probe.get_value())}
+        return {"sweeps": int(self.refine_sweeps.get_value()), "refine_probe": bool(self.refine_probe.get_value()),
+                "amplitude_prior": "tv" if bool(self.amplitude_prior.get_value()) else "none"}
 
     def _update(self, observable: Observable) -> None:
         if observable is self._group:
