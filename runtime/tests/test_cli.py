@@ -18,6 +18,7 @@ import pytest
 import ptycho_runtime as pr
 from ptycho_runtime import cli
 from ptycho_runtime.files.npz import normalization_factor, read_npz_arrays
+from ptycho_runtime.inference.scan_refinement import RefineSettings
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -102,6 +103,7 @@ def test_infer_refines_by_default_with_the_scans_probe(bundle_path, tmp_path, ca
         "fixed_misfit_over_floor" in record and record["misfit_over_floor"] < record["fixed_misfit_over_floor"])
     assert record["probe_updated"] is False  # here the scan's own (exact) probe is kept
     assert record["positions_refined"] is False and (record["noise_floor"] is None or record["noise_floor"] > 0)
+    assert record["amplitude_prior"]["rule"] == "tv"  # the default; applied where the lit pixels set a weight
     assert record["start"] in ("network", "network phase") and set(record["start_misfit"]) == {
         "network", "network phase"}  # start="auto": both tried for two sweeps, the better kept
     assert source == record["probe_source"] == "the host's probe"
@@ -376,15 +378,17 @@ def test_infer_refine_runs_the_batched_refinement_from_the_network_object(bundle
     path = bundle_path("n64_g1")
     scan_file = path.parent / "scan.npz"
     out = tmp_path / "recon.h5"
-    rc = cli.main(["infer", str(path), str(scan_file), "-o", str(out), "--refine", "3"])
+    rc = cli.main(["infer", str(path), str(scan_file), "-o", str(out), "--refine", "3", "--amplitude-prior", "none"])
     assert rc == 0, capsys.readouterr().err
     capsys.readouterr()
     b, pos, net = _reference(path, scan_file)
     scan = read_npz_arrays(scan_file)
-    expected = b.reconstruct(scan["diffraction"], pos, refine=3, probe=scan["probeGuess"])
+    expected = b.reconstruct(scan["diffraction"], pos, refine=RefineSettings(sweeps=3, amplitude_prior="none"),
+                             probe=scan["probeGuess"])
     with h5py.File(out, "r") as f:
         got = f["object"][()]
-        assert json.loads(f.attrs["refinement_json"])["sweeps"] == 3
+        record = json.loads(f.attrs["refinement_json"])
+        assert record["sweeps"] == 3 and record["amplitude_prior"] == {"rule": "none"}
     np.testing.assert_allclose(got, expected.object, atol=1e-5)
     starts = frame_origin(pos, b.N) - np.array([net.x_coords[0], net.y_coords[0]])
     filled = np.where(net.covered, net.object, 1)

@@ -181,6 +181,7 @@ def test_a_refined_stream_fits_the_data_better_and_its_snapshots_are_valid(b1, s
     # a stream keeps the probe under the default "auto" rule (it cannot rerun); the object goes with that probe
     assert rec["probe_source"] == "the bundle's training probe" and rec["probe_updated"] is False
     assert rec["probe_rule"] == "auto"
+    assert rec["amplitude_prior"]["applied"]  # once no sweep is owed
     assert calls and calls[-1] == (sweeps, sweeps)
     better, worse = _misfit_of(final, d, pos, final.probe), _misfit_of(unrefined, d, pos, probe)
     print(f"misfit refined {better:.4g}, network {worse:.4g}")

@@ -349,10 +349,11 @@ def test_evaluate_cli_refine_row_improves_on_the_network(make_bundle, capsys, tm
 
     assert f"network + {DEFAULT_SWEEPS} sweeps, numpy" in out and f"flat + {DEFAULT_SWEEPS} sweeps, numpy" in out
     code, out, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--refine", "3",
-                             "--refine-backend", "onnx", "--refine-probe", "--json")
+                             "--refine-backend", "onnx", "--refine-probe", "--amplitude-prior", "none", "--json")
     assert code == 0, err
     refined = json.loads(out)["refined"]
     assert refined["backend"] == "onnx" and refined["probe_updated"] is True and refined["sweeps"] == 3
+    assert refined["amplitude_prior"] == {"rule": "none"}
     code, _, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--refine", "0")
     assert code == 2
 
