@@ -374,3 +374,27 @@ def test_the_default_amplitude_prior_lowers_the_amplitude_error_within_the_datas
     np.testing.assert_allclose(np.angle(runs["tv"].object[lit]), np.angle(runs["none"].object[lit]), atol=1e-5)
     with pytest.raises(ValueError, match="amplitude_prior must be one of tv, none"):
         RefineSettings(amplitude_prior="median")
+
+
+def test_a_stream_judges_its_fit_against_the_noise_floor_and_warns_once(problem, caplog):
+    from ptycho_runtime.inference.scan_refinement import PROBE_SUSPECT, RefineSettings
+    from ptycho_runtime.inference.stream_refinement import StreamRefinement
+
+    _, amp, pos, start, _ = problem
+    noisy, _ = _counted(amp, 1e6)
+    half = len(pos) // 2
+    records = {}
+    for name, probe in (("right", _probe()), ("wrong", _probe(defocus=0.2))):
+        stream = StreamRefinement(RefineSettings(sweeps=20, start="flat"), probe, N, probe_source="the test's probe")
+        with caplog.at_level("WARNING", logger="ptycho_runtime"):
+            caplog.clear()
+            for part in (slice(0, half), slice(half, None)):  # two micro-batches: the floor is averaged over both
+                stream.add(start, noisy[part], pos[part])
+                stream.sweep(20)
+            stream.sweep(5)  # nothing owed: no sweep, no second warning
+            records[name] = stream.apply(start).refinement
+            warnings = [r for r in caplog.records if "Poisson noise" in r.getMessage()]
+        assert len(warnings) == (name == "wrong"), [r.getMessage() for r in warnings]
+    assert records["right"]["noise_floor"] > 0
+    assert records["right"]["noise_floor"] == pytest.approx(records["wrong"]["noise_floor"])
+    assert records["right"]["misfit_over_floor"] < PROBE_SUSPECT < records["wrong"]["misfit_over_floor"]

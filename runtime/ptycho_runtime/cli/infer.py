@@ -103,7 +103,9 @@ def run_infer(bundle_path: str, scan_path: str, output: str, png: Optional[str] 
     done = recon.refinement
     summary = (f"reconstructed {n} patterns in {elapsed:.2f} s ({rate:.1f} patterns/s) on {provider}"
                + (f", including {done['sweeps']} refinement sweeps ({done['backend']}, start: {done['start']}, "
-                  f"probe: {done['probe_source']})" if done else ", network only (no refinement)"))
+                  f"probe: {done['probe_source']}"
+                  + (", amplitude denoised (TV at its noise level)" if (done.get("amplitude_prior") or {}).get(
+                      "applied") else "") + ")" if done else ", network only (no refinement)"))
     progress.close(summary)
     return summary
 

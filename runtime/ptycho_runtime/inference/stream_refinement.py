@@ -17,6 +17,12 @@ scan: the probe's units (``normalise_probe`` on those frames) and the start
 ``scan_refinement.refine_scan``, but judged by the candidates' own misfit on
 those frames, since a live stream has no time for trial sweeps).
 
+The fit is judged against the frames' Poisson noise floor as in
+``scan_refinement`` (``refinement.noise_floor``, averaged over the frames as
+they come): each picture's record holds ``misfit_over_floor``, and a stream
+whose sweeps are done far above the floor (``PROBE_SUSPECT``) warns once, with
+the fix. A stream cannot rerun with the probe refined, as a whole scan does.
+
 The amplitude prior of the settings (``refinement.object_prior``) is applied
 to a picture only once every frame seen has had its sweeps (``owed`` is 0),
 and never fed back into the sweeps: it removes the grain of a converged
@@ -25,6 +31,7 @@ object, and would only slow the fit of one still converging.
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import replace
 from typing import Any, Callable, Optional
@@ -36,15 +43,19 @@ from ..reconstruction.probe_scale import normalise_probe
 from ..reconstruction.stitching import Reconstruction
 from ..refinement import RefinementCancelled, Refiner, far_field_misfit
 from ..refinement.batching import window_corners
+from ..refinement.noise_floor import poisson_floor
 from ..refinement.object_prior import apply_amplitude_prior, well_lit
 from .scan_refinement import (
     AUTO_STARTS,
     MISFIT_SAMPLE,
+    PROBE_SUSPECT,
     RefineSettings,
     frames_on_grid,
     start_candidates,
     transmission_level,
 )
+
+log = logging.getLogger(__name__)
 
 
 class StreamRefinement:
@@ -86,6 +97,9 @@ class StreamRefinement:
         self.cancelled = False
         self._wall_s = 0.0  # the sweeps' time, summed over the stream
         self._seen: set[tuple[float, float]] = set()  # positions already added
+        self._floor_sum, self._floor_frames = 0.0, 0  # Σ floor·frames over the micro-batches whose floor is known
+        self._floor_unknown = False  # some frames are not counts: no floor is claimed
+        self._warned = False
         self.frames_repeated = 0
 
     @property
@@ -126,6 +140,12 @@ class StreamRefinement:
             if not keep.any():
                 return
             amp, pos, starts = amp[keep], pos[keep], starts[keep]
+            floor = poisson_floor(amp)
+            if floor is None:
+                self._floor_unknown = True
+            else:
+                self._floor_sum += floor * amp.shape[0]
+                self._floor_frames += amp.shape[0]
             if self._refiner is None:
                 self._begin(canvas, amp, pos, starts)
             else:
@@ -178,9 +198,32 @@ class StreamRefinement:
                     self.settings.progress(self.sweeps_since_add, self.settings.sweeps)
         return done
 
+    @property
+    def noise_floor(self) -> Optional[float]:
+        """The frames' Poisson floor of the misfit, averaged over those added (None unless all are counts)."""
+        if self._floor_unknown or not self._floor_frames:
+            return None
+        return self._floor_sum / self._floor_frames
+
+    def _fit_over_floor(self) -> Optional[float]:
+        floor, misfit = self.noise_floor, self._refiner.misfit
+        return float(misfit[-1]) / floor if floor and misfit else None
+
+    def _warn_once_if_poor_fit(self, fit: Optional[float], probe_updated: bool) -> None:
+        if self._warned or fit is None or fit <= PROBE_SUSPECT or self.owed:
+            return
+        self._warned = True
+        fix = ("more sweeps (settings.sweeps)" if probe_updated else
+               "refine the probe too (RefineSettings(refine_probe=True)), or refine the whole scan afterwards with "
+               "Bundle.reconstruct(refine=True), which refines a probe guess the data reject")
+        log.warning("the streamed object fits the frames %.1f× worse than their Poisson noise explains (probe: "
+                    "%s): do not trust it as it is; %s", fit, self.probe_source, fix)
+
     def _publish(self, obj: np.ndarray, probe: np.ndarray, engine_record: dict[str, Any]) -> None:
         r = self._refiner
         self._wall_s += float(engine_record.get("wall_s", 0.0))
+        fit = self._fit_over_floor()
+        self._warn_once_if_poor_fit(fit, bool(engine_record.get("probe_updated")))
         record = {k: v for k, v in engine_record.items() if k != "misfit"}
         record.update({
             "wall_s": self._wall_s,
@@ -193,6 +236,7 @@ class StreamRefinement:
             "probe_rule": self.settings.refine_probe,  # "auto" keeps the probe here: a stream cannot rerun
             "probe_scale": self._scale_note, "frames_refined": r.n_frames,
             "frames_outside_grid": self.frames_outside_grid, "frames_repeated": self.frames_repeated,
+            "noise_floor": self.noise_floor, "misfit_over_floor": fit, "probe_suspect_above": PROBE_SUSPECT,
         })
         with self._view_lock:
             self._view = (obj, probe, self._mask.copy(), record)
