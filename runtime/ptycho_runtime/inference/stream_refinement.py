@@ -255,15 +255,18 @@ class StreamRefinement:
         take = mask & canvas.covered
         out = np.where(take, obj, canvas.object).astype(np.complex64)
         record = dict(record)
-        if self.owed == 0 and self.settings.amplitude_prior != "none":
+        rule = self.settings.amplitude_prior
+        if rule == "none":
+            record["amplitude_prior"] = {"rule": rule}
+        elif self.cancelled or self.owed:
+            record["amplitude_prior"] = {"rule": rule, "applied": False, "why_not": (
+                "refinement was cancelled" if self.cancelled else
+                "sweeps still owed: the prior is applied once they have run")}
+        else:
             final = self._final
             if final is None or final[0] is not view or final[1].shape != out.shape:
-                prior_obj, prior = apply_amplitude_prior(out, well_lit(canvas.weight), take,
-                                                         self.settings.amplitude_prior)
+                prior_obj, prior = apply_amplitude_prior(out, well_lit(canvas.weight), take, rule)
                 final = self._final = (view, prior_obj, prior)
             out = np.where(take, final[1], out).astype(np.complex64)  # the canvas outside may have moved on
             record["amplitude_prior"] = dict(final[2])
-        else:
-            record["amplitude_prior"] = {"rule": self.settings.amplitude_prior, "applied": False,
-                                         "why_not": "sweeps still owed: the prior is applied once they have run"}
         return replace(canvas, object=out, probe=np.array(probe, copy=True), refinement=record)
