@@ -171,7 +171,7 @@ def write_benchmark_scans(folder: str | os.PathLike) -> tuple[Path, Path]:
 if __name__ == "__main__":  # python -m ptycho_export.data.realistic FOLDER
     import sys
 
-    if len(sys.argv) != 2:
+    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
         sys.exit("usage: python -m ptycho_export.data.realistic FOLDER  (writes FOLDER/train.npz, FOLDER/test.npz)")
     for written in write_benchmark_scans(sys.argv[1]):
         print(f"wrote {written}")
