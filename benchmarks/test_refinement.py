@@ -8,7 +8,11 @@ frames, continuing from the previous round's object (as refinement does).
 Paths (group ``refine_N64_n{frames}``):
 - ``epie_loop``: ``refine_epie(iterations=1)``, the original numpy loop (the reference for the ratios);
 - ``numpy`` / ``onnx_cpu`` / ``torch_cpu``: ``Refiner(..., backend=...).run(1)`` on the CPU;
-- ``torch_cuda`` / ``onnx_cuda``: the same on a GPU (skipped without one).
+- ``torch_cuda`` / ``onnx_cuda``: the same on a GPU (skipped without one);
+- ``amplitude_prior``: one application of the amplitude prior that ends every
+  refinement (``object_prior.apply_amplitude_prior``, TV at the noise level) to
+  the scan's object with 2 % noise, for scale against a sweep (its row's
+  "sweeps/s" is applications per second).
 report.py prints sweeps/s and the ratio to ``epie_loop`` of the same run.
 """
 
@@ -23,7 +27,7 @@ from ._common import SMOKE, common_info, latency_info, timed_pedantic, torch_cud
 
 N = 64
 REFINE_FRAMES = 200 if SMOKE else 1000
-PATHS = ("epie_loop", "numpy", "onnx_cpu", "torch_cpu", "torch_cuda", "onnx_cuda")
+PATHS = ("epie_loop", "numpy", "onnx_cpu", "torch_cpu", "torch_cuda", "onnx_cuda", "amplitude_prior")
 GROUP = f"refine_N{N}_n{REFINE_FRAMES}"
 
 
@@ -50,7 +54,7 @@ def scan():
     amplitude = (np.abs(np.fft.fftshift(np.fft.fft2(probe * patches), axes=(-2, -1))) / N).astype(np.float32)
     canvas = StitchCanvas(shape, N, origin=(x0, y0), window=probe_window(probe))
     canvas.add(np.ones((REFINE_FRAMES, N, N), np.complex64), positions)
-    return {"positions": positions, "amplitude": amplitude, "probe": probe, "start": canvas.result()}
+    return {"positions": positions, "amplitude": amplitude, "probe": probe, "start": canvas.result(), "object": obj}
 
 
 def _skip_unless(path: str) -> None:
@@ -81,6 +85,18 @@ def test_refine_sweep(benchmark, scan, path):
             state[0] = refine_epie(state[0], amp, pos, probe, iterations=1)
 
         info.update(backend="numpy loop", batches=REFINE_FRAMES)
+    elif path == "amplitude_prior":
+        from ptycho_runtime.refinement.object_prior import apply_amplitude_prior, well_lit
+
+        rng = np.random.default_rng(4)
+        noisy = (scan["object"] * (1 + 0.02 * rng.standard_normal(scan["object"].shape))).astype(np.complex64)
+        lit, region = well_lit(start.weight), start.covered
+        record = {}
+
+        def sweep():
+            record.update(apply_amplitude_prior(noisy, lit, region, "tv")[1])
+
+        info.update(backend="numpy", batches="-")
     else:
         backend = path.split("_")[0]
         try:
@@ -96,7 +112,9 @@ def test_refine_sweep(benchmark, scan, path):
             info["provider"] = refiner._backend.providers[0]
     benchmark.group = GROUP
     data = timed_pedantic(benchmark, sweep, min_rounds=3, slow_rounds=3)
-    if path != "epie_loop":  # functional check: the sweeps moved the object towards the data
+    if path == "amplitude_prior":  # functional check: it ran, at the noise it was given
+        assert record["applied"] and 0.01 < record["weight"] < 0.04, record
+    elif path != "epie_loop":  # functional check: the sweeps moved the object towards the data
         sweep()
         m = refiner.misfit
         assert np.isfinite(m).all() and m[-1] < m[0]
