@@ -67,6 +67,8 @@ def test_the_prior_removes_noise_from_the_amplitude_and_leaves_the_phase_and_the
     dark = np.zeros(obj.shape, bool)
     kept, skipped = apply_amplitude_prior(obj, dark, region, "tv")
     assert kept is obj and not skipped["applied"] and "well-lit" in skipped["why_not"]
+    nothing, empty = apply_amplitude_prior(obj, region, dark, "tv")
+    assert nothing is obj and "no refined pixel" in empty["why_not"]
     with pytest.raises(ValueError, match="amplitude prior must be one of tv, none"):
         apply_amplitude_prior(obj, region, region, "median")
 
