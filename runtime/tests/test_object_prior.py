@@ -77,3 +77,15 @@ def test_well_lit_is_a_fraction_of_the_brightest_pixel():
     weight = np.array([[0.0, 0.1, 0.2], [0.5, 1.0, 0.19]])
     np.testing.assert_array_equal(well_lit(weight), [[False, False, True], [True, True, False]])
     assert not well_lit(np.zeros((3, 3))).any()
+
+
+def test_the_noise_estimate_of_a_large_image_reads_a_strided_sample(monkeypatch):
+    from ptycho_runtime.refinement import object_prior
+
+    rng = np.random.default_rng(5)
+    image = np.kron(rng.random((40, 40)), np.ones((16, 16))) + 0.02 * rng.standard_normal((640, 640))
+    lit = np.ones(image.shape, bool)
+    whole = noise_sigma(image, lit)
+    monkeypatch.setattr(object_prior, "SAMPLE_BLOCKS", 20_000)  # ~1/20 of the blocks
+    sampled = noise_sigma(image, lit)
+    assert whole == pytest.approx(0.02, rel=0.05) and sampled == pytest.approx(whole, rel=0.05)
