@@ -198,3 +198,14 @@ def test_clipped_patches_keep_their_inside_pixels():
     assert np.all(got.object[~inside] == 1 + 0j)  # uncovered pixels take the fill value (ptychodus: 1+0j)
     with pytest.raises(ValueError, match="out_of_grid must be one of"):
         StitchCanvas((40, 40), N, out_of_grid="wrap")
+
+
+def test_a_whole_pixel_patch_flush_with_the_far_edges_is_inside_and_exact():
+    """Its bilinear box (one pixel wider) would leave the canvas; the extra row and column weigh 0."""
+    obj = _object((40, 40), seed=4)
+    pos = np.array([[40 - N + (N - 1) / 2, 40 - N + (N - 1) / 2], [(N - 1) / 2, 40 - N + (N - 1) / 2]])
+    canvas = StitchCanvas((40, 40), N, crop=N, out_of_grid="raise")
+    canvas.add(_extract(obj, pos), pos)
+    got = canvas.result()
+    assert got.n_clipped == 0 and got.covered[-N:, -N:].all() and got.covered[-N:, :N].all()
+    np.testing.assert_allclose(got.object[-N:, -N:], obj[-N:, -N:], rtol=1e-6)

@@ -108,14 +108,28 @@ def _window(N: int, crop: Optional[int], window: Optional[np.ndarray]) -> np.nda
 
 OUT_OF_GRID = ("clip", "drop", "raise")
 _CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))
+_CHUNK = 128  # patches spread at once by the slice-add path (≈ 9 MB of complex128 at N = 64)
+
+
+def _spread(values: np.ndarray, fy: np.ndarray, fx: np.ndarray) -> np.ndarray:
+    """Bilinear splat of [n, h, w] values shifted by (fy, fx) ∈ [0, 1)² onto [n, h+1, w+1] (rows, then columns)."""
+    n, h, w = values.shape
+    rows = np.zeros((n, h + 1, w), dtype=np.result_type(values, np.float64))
+    rows[:, :-1] = values * (1 - fy)
+    rows[:, 1:] += values * fy
+    out = np.zeros((n, h + 1, w + 1), dtype=rows.dtype)
+    out[:, :, :-1] = rows * (1 - fx)
+    out[:, :, 1:] += rows * fx
+    return out
 
 
 class StitchCanvas:
     """An object canvas that patches are added to as they arrive.
 
     ``origin`` (x0, y0) is the object-pixel coordinate of canvas pixel (0, 0).
-    Adding is vectorised over all patches and pixels (np.bincount); only
-    the window's non-zero pixels are touched. ``out_of_grid`` and ``fill``:
+    Adding is vectorised over a chunk of patches and their pixels, then one
+    slice add per patch (a scatter, np.bincount, for patches partly off the
+    canvas); only the window's bounding box is touched. ``out_of_grid`` and ``fill``:
     see the module docstring.
     """
 
@@ -221,9 +235,47 @@ class StitchCanvas:
         self.n_patches += int(keep.sum())
         if not keep.all():
             patches, ix, iy, fx, fy, partial = patches[keep], ix[keep], iy[keep], fx[keep], fy[keep], partial[keep]
+        inside = ~partial
+        if inside.any():
+            self._add_inside(patches[inside], ix[inside], iy[inside], fx[inside], fy[inside])
+        if partial.any():
+            self._add_clipped(patches[partial], ix[partial], iy[partial], fx[partial], fy[partial])
+
+    def _add_inside(self, patches: np.ndarray, ix: np.ndarray, iy: np.ndarray, fx: np.ndarray,
+                    fy: np.ndarray) -> None:
+        """Patches whose footprint lies wholly on the canvas: each splat is one slice add per accumulator.
+
+        The window's bounding box times the patch is spread bilinearly onto a
+        box one pixel larger (separably, rows then columns), a few array
+        passes per chunk of ``_CHUNK`` patches; then a loop of slice adds,
+        several times faster than the scatter (``np.bincount``) that clipped
+        patches need.
+        """
+        r0, c0 = int(self._rows.min()), int(self._cols.min())
+        h, w = int(self._rows.max()) - r0 + 1, int(self._cols.max()) - c0 + 1
+        window = np.zeros((h, w))
+        window[self._rows - r0, self._cols - c0] = self._w
+        re, im, wsum = (a.reshape(self.shape) for a in (self._re, self._im, self._wsum))
+        for k in range(0, patches.shape[0], _CHUNK):
+            part = slice(k, k + _CHUNK)
+            values = patches[part, r0:r0 + h, c0:c0 + w] * window  # complex128 [n, h, w]
+            ty, tx = fy[part, None, None], fx[part, None, None]
+            splat = (_spread(values, ty, tx), _spread(np.broadcast_to(window, values.shape), ty, tx))
+            H, W = self.shape
+            for j, (r, c) in enumerate(zip(iy[part] + r0, ix[part] + c0, strict=True)):
+                # a whole-pixel offset (fy or fx = 0) may end at the canvas edge: its extra row/column is all 0
+                dh, dw = min(h + 1, H - r), min(w + 1, W - c)
+                box = (slice(r, r + dh), slice(c, c + dw))
+                re[box] += splat[0][j, :dh, :dw].real
+                im[box] += splat[0][j, :dh, :dw].imag
+                wsum[box] += splat[1][j, :dh, :dw]
+
+    def _add_clipped(self, patches: np.ndarray, ix: np.ndarray, iy: np.ndarray, fx: np.ndarray,
+                     fy: np.ndarray) -> None:
+        """Patches partly off the canvas: only their pixels on it are scattered (np.bincount)."""
         values = patches[:, self._rows, self._cols]  # [n, K]
         size = self.shape[0] * self.shape[1]
-        for idx, w in self._corners(ix, iy, fx, fy, clip=bool(partial.any())):
+        for idx, w in self._corners(ix, iy, fx, fy, clip=True):
             idx = idx.ravel()
             self._re += np.bincount(idx, weights=(w * values.real).ravel(), minlength=size)
             self._im += np.bincount(idx, weights=(w * values.imag).ravel(), minlength=size)
