@@ -95,17 +95,19 @@ def run_infer(bundle_path: str, scan_path: str, output: str, png: Optional[str] 
     rate = n / elapsed if elapsed > 0 else float("inf")
     write_reconstruction(Path(output), recon, positions, Provenance.of(bundle), rate, elapsed, scan_path,
                          notes={"probe_scale": scan.get("probe_scale"), "mismatches": found})
+    done = recon.refinement
+    denoised = bool(done and (done.get("amplitude_prior") or {}).get("applied"))
     if png is not None:
         write_png(Path(png), recon, title=f"{Path(scan_path).name} — {Path(bundle.path).name} "
                                           f"(N={bundle.N}, gridsize={bundle.gridsize})"
-                                          + (f" + {sweeps} refinement sweeps" if settings else ""))
+                                          + (f" + {sweeps} refinement sweeps" if settings else "")
+                                          + (" + TV amplitude" if denoised else ""))
     provider = bundle.providers[0] if bundle.providers else bundle.backend
-    done = recon.refinement
     summary = (f"reconstructed {n} patterns in {elapsed:.2f} s ({rate:.1f} patterns/s) on {provider}"
                + (f", including {done['sweeps']} refinement sweeps ({done['backend']}, start: {done['start']}, "
                   f"probe: {done['probe_source']}"
-                  + (", amplitude denoised (TV at its noise level)" if (done.get("amplitude_prior") or {}).get(
-                      "applied") else "") + ")" if done else ", network only (no refinement)"))
+                  + (", amplitude denoised (TV at its noise level)" if denoised else "") + ")"
+                  if done else ", network only (no refinement)"))
     progress.close(summary)
     return summary
 
