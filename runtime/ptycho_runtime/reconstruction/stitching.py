@@ -108,7 +108,7 @@ def _window(N: int, crop: Optional[int], window: Optional[np.ndarray]) -> np.nda
 
 OUT_OF_GRID = ("clip", "drop", "raise")
 _CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))
-_CHUNK = 128  # patches spread at once by the slice-add path (≈ 9 MB of complex128 at N = 64)
+_CHUNK = 128  # patches spread at once by the slice-add path (≈ 9 MB per complex128 array at N = 64)
 
 
 def _spread(values: np.ndarray, fy: np.ndarray, fx: np.ndarray) -> np.ndarray:
@@ -256,12 +256,12 @@ class StitchCanvas:
         window = np.zeros((h, w))
         window[self._rows - r0, self._cols - c0] = self._w
         re, im, wsum = (a.reshape(self.shape) for a in (self._re, self._im, self._wsum))
+        H, W = self.shape
         for k in range(0, patches.shape[0], _CHUNK):
             part = slice(k, k + _CHUNK)
             values = patches[part, r0:r0 + h, c0:c0 + w] * window  # complex128 [n, h, w]
             ty, tx = fy[part, None, None], fx[part, None, None]
             splat = (_spread(values, ty, tx), _spread(np.broadcast_to(window, values.shape), ty, tx))
-            H, W = self.shape
             for j, (r, c) in enumerate(zip(iy[part] + r0, ix[part] + c0, strict=True)):
                 # a whole-pixel offset (fy or fx = 0) may end at the canvas edge: its extra row/column is all 0
                 dh, dw = min(h + 1, H - r), min(w + 1, W - c)

@@ -82,7 +82,7 @@ def tv_denoise(image: np.ndarray, weight: float, *, eps: float = TV_EPS,
     Chambolle's dual iteration: u = f + div p, and each step moves the dual
     field p along ∇u by τ = 1/4, shrunk so that |p| ≤ ``weight`` (isotropic
     TV, forward differences, zero flux across the border). It computes in
-    the image's precision (float32 stays float32; anything else float64) and
+    the image's precision (float32 or float64; other types as float64) and
     in place: eight image-sized arrays in all, 32 bytes per pixel in float32.
     """
     f = np.asarray(image)
