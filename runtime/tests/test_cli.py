@@ -88,7 +88,6 @@ def test_infer_refines_by_default_with_the_scans_probe(bundle_path, tmp_path, ca
     out = tmp_path / "recon.h5"
     assert cli.main(["infer", str(path), str(scan_file), "-o", str(out)]) == 0
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert f"including {DEFAULT_SWEEPS} refinement sweeps (numpy, start: " in last and "probe: the host's probe" in last
     b, pos, network = _reference(path, scan_file)
     scan = read_npz_arrays(scan_file)
     with h5py.File(out, "r") as f:
@@ -97,7 +96,12 @@ def test_infer_refines_by_default_with_the_scans_probe(bundle_path, tmp_path, ca
         obj, probe = f["object"][()], f["probe"][()]
         source = f["probe"].attrs["source"]
         np.testing.assert_array_equal(f["params/probe"][()], b.probe)
-    assert record["sweeps"] == DEFAULT_SWEEPS and record["engine"] == "builtin" and record["batching"] == "sparse"
+    # the sweeps of the result kept: those asked for, plus any the "auto" rule added to compare the probes fairly
+    added = record.get("sweeps_added_refined" if record["probe_updated"] else "sweeps_added_fixed", 0)
+    assert record["sweeps"] == DEFAULT_SWEEPS + added and record["sweeps_requested"] == DEFAULT_SWEEPS
+    assert f"including {record['sweeps']} refinement sweeps (numpy, start: " in last
+    assert "probe: the host's probe" in last
+    assert record["engine"] == "builtin" and record["batching"] == "sparse"
     # the default "auto" rule: the scan's probe is kept unless refining it, after a fit far above the noise, fits better
     assert record["probe_rule"] == "auto" and record["probe_updated"] is (
         "fixed_misfit_over_floor" in record and record["misfit_over_floor"] < record["fixed_misfit_over_floor"])
@@ -388,7 +392,9 @@ def test_infer_refine_runs_the_batched_refinement_from_the_network_object(bundle
     with h5py.File(out, "r") as f:
         got = f["object"][()]
         record = json.loads(f.attrs["refinement_json"])
-        assert record["sweeps"] == 3 and record["amplitude_prior"] == {"rule": "none"}
+        added = record.get("sweeps_added_refined" if record["probe_updated"] else "sweeps_added_fixed", 0)
+        assert record["sweeps_requested"] == 3 and record["sweeps"] == 3 + added
+        assert record["amplitude_prior"] == {"rule": "none"}
     np.testing.assert_allclose(got, expected.object, atol=1e-5)
     starts = frame_origin(pos, b.N) - np.array([net.x_coords[0], net.y_coords[0]])
     filled = np.where(net.covered, net.object, 1)
