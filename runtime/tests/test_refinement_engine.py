@@ -366,7 +366,7 @@ def test_auto_probe_rule_sweeps_on_while_a_far_guess_still_converges(problem, ca
                         refine_probe=True), probe_source="the test's probe")  # "on" runs exactly what was asked
     assert asked.refinement["sweeps"] == 4 and "sweeps_added_refined" not in asked.refinement
     assert asked.refinement["misfit_over_floor"] > PROBE_SUSPECT
-    assert _error(auto.object, obj, lit) < 0.5 * _error(asked.object, obj, lit)
+    assert _error(auto.object, obj, lit) < 0.7 * _error(asked.object, obj, lit)
 
 
 class _ScriptedRefiner:

@@ -56,11 +56,11 @@ class NumpyBackend:
         return self.probe.copy()
 
     # ---------------------------------------------------------------- one sweep
-    def begin_sweep(self, momentum: float) -> None:
+    def begin_momentum_step(self, momentum: float) -> None:
         self._before = self.obj.copy() if momentum else None
 
-    def end_sweep(self, momentum: float) -> None:
-        """Sweep-level momentum (mPIE's idea once per sweep): v ← η·v + ΔO, O ← O + η·v."""
+    def end_momentum_step(self, momentum: float) -> None:
+        """Momentum after each part of a sweep (mPIE's idea; the engine sets the parts): v ← η·v + ΔO, O ← O + η·v."""
         if not momentum or self._before is None:
             return
         change = self.obj - self._before

@@ -89,10 +89,10 @@ class OnnxBackend(NumpyBackend):
         super().set_object(obj)
         self._split = to_split(self.obj)
 
-    def begin_sweep(self, momentum: float) -> None:
+    def begin_momentum_step(self, momentum: float) -> None:
         self._before = self._split.copy() if momentum else None
 
-    def end_sweep(self, momentum: float) -> None:
+    def end_momentum_step(self, momentum: float) -> None:
         if not momentum or self._before is None:
             return
         change = self._split - self._before

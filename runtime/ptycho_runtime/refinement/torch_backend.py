@@ -58,10 +58,10 @@ class TorchBackend:
     def get_probe(self) -> np.ndarray:
         return self.probe.cpu().numpy().copy()
 
-    def begin_sweep(self, momentum: float) -> None:
+    def begin_momentum_step(self, momentum: float) -> None:
         self._before = self.obj.clone() if momentum else None
 
-    def end_sweep(self, momentum: float) -> None:
+    def end_momentum_step(self, momentum: float) -> None:
         if not momentum or self._before is None:
             return
         change = self.obj - self._before
