@@ -36,8 +36,10 @@ Three decisions are made here, once for every caller:
   pty-chi's scan, 0.674 → 0.913; docs/fidelity.md), ``False`` never. If the
   refined probe's fit is still far above the floor, "auto" sweeps on in
   chunks while the fit keeps falling, up to ``EXTEND_FACTOR`` × the sweeps
-  asked for: a guess far off converges late, not never (ptychodus's scan with
-  a guess of overlap 0.07: phase SSIM 0.21 at 30 sweeps). A fit still far
+  asked for, and the fixed probe's run gets as many (unless it stalls first)
+  before the two are compared: a guess far off converges late, not never
+  (ptychodus's scan with a guess of overlap 0.07: phase SSIM 0.21 at 30
+  sweeps, 0.99 after 70). A fit still far
   above the floor at the end is warned about with the fix;
 - **the amplitude prior**: ``amplitude_prior="tv"`` (the default) ends with a
   total-variation denoising of the refined amplitude at the strength of its
@@ -75,13 +77,13 @@ MISFIT_SAMPLE = 256
 TRIAL_SWEEPS = 2
 """Sweeps run from every candidate start before the best is kept (they count towards the requested sweeps)."""
 PROBE_SUSPECT = 4.0
+"""Misfit over the Poisson floor above which a fixed probe guess is judged wrong. Measured after 30 sweeps: 0.93–1.15
+with the exact probe (the project's scan and two independent simulators'), 9.0–58 with it defocused by 6 or 12 rad."""
 # with the probe refined and the fit still above PROBE_SUSPECT, sweeps go on in chunks (_continue_while_improving)
 EXTEND_CHUNK = 10
 EXTEND_FACTOR = 3  # at most this many times the sweeps asked for, added (to each of the two runs)
 SETTLED_GAIN = 0.1  # below PROBE_SUSPECT, a chunk that lowers the fit by less than this (relative) ends it
 STALL_CHUNKS, STALL_GAIN = 3, 0.01  # above it, less than STALL_GAIN over STALL_CHUNKS chunks ends it
-"""Misfit over the Poisson floor above which a fixed probe guess is judged wrong. Measured after 30 sweeps: 0.93–1.15
-with the exact probe (the project's scan and two independent simulators'), 9.0–58 with it defocused by 6 or 12 rad."""
 
 PROBE_RULE_NAMES = {"auto": "auto", "on": True, "off": False}
 """The command lines' words for ``RefineSettings.refine_probe`` (``--refine-probe [auto|on|off]``)."""
