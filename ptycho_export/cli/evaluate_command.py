@@ -106,16 +106,11 @@ def run_evaluate(options: EvaluateOptions) -> dict[str, Any]:
     return report
 
 
-def _sweeps_run(summary: Mapping[str, Any]) -> int:
-    """The sweeps behind the kept result: those asked for, plus any the probe rule added (``sweeps_added``)."""
-    return int(summary.get("sweeps") or summary["iterations"])
-
-
 def _refinement_name(summary: Mapping[str, Any]) -> str:
     """"20 sweeps, numpy, TV amplitude" / "20 sweeps, pty-chi LSQML": what ran, for a column heading."""
     engine = summary.get("engine", "builtin")
     what = f"pty-chi {summary.get('algorithm', '')}".strip() if engine == "ptychi" else summary.get("backend", "")
-    return (f"{_sweeps_run(summary)} sweeps, {what}" + (", probe refined" if summary.get("probe_updated") else "")
+    return (f"{summary['iterations']} sweeps, {what}" + (", probe refined" if summary.get("probe_updated") else "")
             + (", TV amplitude" if (summary.get("amplitude_prior") or {}).get("applied") else ""))
 
 
@@ -166,11 +161,8 @@ def print_evaluation(report: Mapping[str, Any], options: EvaluateOptions) -> Non
                  if "refined_speedup" in report else "") + ".")
     gain = report.get("network_start_gain")
     if gain is not None:
-        runs = {_sweeps_run(report["refined"]), _sweeps_run(report["refine_control"])}
-        after = (f"both after {runs.pop()} sweeps" if len(runs) == 1 else
-                 f"after {_sweeps_run(report['refined'])} and {_sweeps_run(report['refine_control'])} sweeps "
-                 f"(the probe was refined until each fit settled)")
-        print(f"The network's start against a flat start, {after}: phase SSIM "
+        sweeps = report["refined"]["iterations"]
+        print(f"The network's start against a flat start, both after {sweeps} sweeps: phase SSIM "
               f"{gain['phase_ssim']:+.3f}, amplitude SSIM {gain['amplitude_ssim']:+.3f}, phase PSNR "
               f"{gain['phase_psnr_db']:+.2f} dB ({'better' if gain['phase_ssim'] > 0 else 'NOT better'} on phase)")
     for ref in report.get("references", [])[1:]:

@@ -43,7 +43,7 @@ def test_each_scan_is_refined_with_its_own_probe_as_bundle_reconstruct_refines(g
     np.testing.assert_allclose(refined.object, ref.object, rtol=0, atol=1e-4)
     np.testing.assert_allclose(refined.probe, ref.probe, rtol=0, atol=1e-6)
     r = refined.refinement
-    assert r["sweeps_requested"] == 5 and r["sweeps"] == ref.refinement["sweeps"]  # the "auto" rule may add some
+    assert r["sweeps"] == 5 == r["sweeps_requested"]
     assert r["probe_source"] == "the host's probe"
     assert r["frames_refined"] == plan.n_patterns
     assert r["probe_source"] == ref.refinement["probe_source"] and r["start"] == ref.refinement["start"]

@@ -349,59 +349,6 @@ def test_auto_is_the_default_and_a_poor_fit_with_the_probe_refined_is_warned_abo
     assert short["misfit_over_floor"] > PROBE_SUSPECT and "more sweeps" in caplog.text
 
 
-def test_auto_probe_rule_sweeps_on_while_a_far_guess_still_converges(problem, caplog):
-    from ptycho_runtime.inference.scan_refinement import EXTEND_FACTOR, PROBE_SUSPECT, RefineSettings, refine_scan
-
-    obj, amp, pos, start, lit = problem
-    noisy, _ = _counted(amp, 1e6)
-    with caplog.at_level("WARNING", logger="ptycho_runtime"):
-        auto = refine_scan(start, noisy, pos, _probe(defocus=0.2), RefineSettings(sweeps=4, start="flat"),
-                           probe_source="the test's probe")
-    record = auto.refinement
-    assert record["probe_updated"] and 0 < record["sweeps_added_refined"] <= EXTEND_FACTOR * 4
-    assert record["sweeps"] == 4 + record["sweeps_added_refined"] and record["sweeps_requested"] == 4
-    assert record["misfit_over_floor"] < record["fixed_misfit_over_floor"]  # the fixed probe got sweeps too and lost
-    assert record["misfit_over_floor"] < PROBE_SUSPECT and "sweeping on" in caplog.text
-    asked = refine_scan(start, noisy, pos, _probe(defocus=0.2), RefineSettings(sweeps=4, start="flat",
-                        refine_probe=True), probe_source="the test's probe")  # "on" runs exactly what was asked
-    assert asked.refinement["sweeps"] == 4 and "sweeps_added_refined" not in asked.refinement
-    assert asked.refinement["misfit_over_floor"] > PROBE_SUSPECT
-    assert _error(auto.object, obj, lit) < 0.7 * _error(asked.object, obj, lit)
-
-
-class _ScriptedRefiner:
-    """Hands back a scripted fit (over a floor of 1) per chunk, to pin down when the sweeps stop."""
-
-    def __init__(self, fits: list) -> None:
-        self.fits, self.chunks = list(fits), []
-
-    def run(self, k, cancel=None, progress=None):
-        from types import SimpleNamespace
-
-        self.chunks.append(k)
-        return SimpleNamespace(record={"misfit": [self.fits.pop(0)]})
-
-
-@pytest.mark.parametrize("fits, beat, chunks_run, last", [
-    ([6.04, 5.99, 1.17, 1.12, 1.11], None, 4, 1.12),  # ptychodus's far guess: a plateau, the drop, then settled
-    ([6.28, 6.27, 6.26, 6.25], None, 3, 6.26),  # stalled far above the floor: left to the warning
-    ([3.0, 2.0, 1.5, 1.1, 0.9, 0.8, 0.7, 0.6, 0.5], None, 9, 0.5),  # still falling: the cap (3 × 30 sweeps)
-    ([5.0, 4.0, 3.0, 2.0], 3.5, 3, 3.0),  # the fixed probe's run, given as many sweeps: it reached the other's fit
-    ([6.0, 5.9, 5.8], 1.1, 1, 6.0),  # ... or could not reach it at its rate in the sweeps left
-])
-def test_the_added_sweeps_stop_when_the_fit_settles_stalls_or_reaches_the_cap(fits, beat, chunks_run, last):
-    from types import SimpleNamespace
-
-    from ptycho_runtime.inference.scan_refinement import EXTEND_CHUNK, RefineSettings, _continue_while_improving
-
-    refiner = _ScriptedRefiner(fits)
-    first = SimpleNamespace(record={"misfit": [6.30]})
-    _, fit, added = _continue_while_improving(refiner, first, 6.30, 1.0, RefineSettings(sweeps=30), None, 90,
-                                              beat=beat)
-    assert len(refiner.chunks) == chunks_run and added == sum(refiner.chunks) == chunks_run * EXTEND_CHUNK
-    assert fit == last
-
-
 def test_the_default_amplitude_prior_lowers_the_amplitude_error_within_the_datas_noise(problem):
     from ptycho_runtime.inference.scan_refinement import RefineSettings, refine_scan
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 
 import numpy as np
@@ -296,8 +295,7 @@ def test_evaluate_cli_reference_row_and_speedup(make_bundle, capsys, tmp_path):
                              "--reference-iterations", "2", "--refine", "2")
     assert code == 0, err
     assert "ePIE (2 it)" in out and "LSQML (2 it)" in out  # both in one table, from one invocation
-    assert re.search(r"The network's start against a flat start, (both after \d+ sweeps|after \d+ and \d+ sweeps "
-                     r"\(the probe was refined until each fit settled\)): phase SSIM", out)
+    assert "The network's start against a flat start, both after 2 sweeps: phase SSIM" in out
     assert "pty-chi epie: 2/2 iterations" in err and "pty-chi lsqml: 2/2 iterations" in err  # progress lines
 
 
@@ -345,15 +343,11 @@ def test_evaluate_cli_refine_row_improves_on_the_network(make_bundle, capsys, tm
     assert refined["engine"] == "builtin" and refined["batching"] == "sparse" and refined["probe_updated"] is False
     assert 0 < control["metrics"]["phase_rmse_rad"] < net["metrics"]["phase_rmse_rad"]
     assert fig.stat().st_size > 10_000
-    report_file = tmp_path / "default.json"
-    code, out, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--refine", "-o", report_file)
+    code, out, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--refine")
     assert code == 0, err
     from ptycho_runtime.refinement import DEFAULT_SWEEPS
 
-    report = json.loads(report_file.read_text())
-    for row, name in (("refined", "network"), ("refine_control", "flat")):  # the heading says what ran
-        assert report[row]["sweeps_requested"] == DEFAULT_SWEEPS <= report[row]["sweeps"]
-        assert f"{name} + {report[row]['sweeps']} sweeps, numpy" in out
+    assert f"network + {DEFAULT_SWEEPS} sweeps, numpy" in out and f"flat + {DEFAULT_SWEEPS} sweeps, numpy" in out
     code, out, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--refine", "3",
                              "--refine-backend", "onnx", "--refine-probe", "--amplitude-prior", "none", "--json")
     assert code == 0, err

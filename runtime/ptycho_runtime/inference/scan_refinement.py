@@ -33,14 +33,8 @@ Three decisions are made here, once for every caller:
   scan it ran off with a 3 rad ramp). With a guess defocused by 6 rad this
   lifts phase SSIM from 0.023 to 0.922 on the project's scan; with an
   accurate guess nothing changes. ``True`` always refines it (better on
-  pty-chi's scan, 0.674 → 0.913; docs/fidelity.md), ``False`` never. If the
-  refined probe's fit is still far above the floor, "auto" sweeps on in
-  chunks while the fit keeps falling, up to ``EXTEND_FACTOR`` × the sweeps
-  asked for, and the fixed probe's run gets as many (unless it stalls first)
-  before the two are compared: a guess far off converges late, not never
-  (ptychodus's scan with a guess of overlap 0.07: phase SSIM 0.21 at 30
-  sweeps, 0.99 after 70). A fit still far
-  above the floor at the end is warned about with the fix;
+  pty-chi's scan, 0.674 → 0.913; docs/fidelity.md), ``False`` never. A fit
+  still far above the floor is warned about with the fix;
 - **the amplitude prior**: ``amplitude_prior="tv"`` (the default) ends with a
   total-variation denoising of the refined amplitude at the strength of its
   own noise (``refinement.object_prior``): the sweeps fit the frames to their
@@ -79,11 +73,6 @@ TRIAL_SWEEPS = 2
 PROBE_SUSPECT = 4.0
 """Misfit over the Poisson floor above which a fixed probe guess is judged wrong. Measured after 30 sweeps: 0.93–1.15
 with the exact probe (the project's scan and two independent simulators'), 9.0–58 with it defocused by 6 or 12 rad."""
-# with the probe refined and the fit still above PROBE_SUSPECT, sweeps go on in chunks (_continue_while_improving)
-EXTEND_CHUNK = 10
-EXTEND_FACTOR = 3  # at most this many times the sweeps asked for, added (to each of the two runs)
-SETTLED_GAIN = 0.1  # below PROBE_SUSPECT, a chunk that lowers the fit by less than this (relative) ends it
-STALL_CHUNKS, STALL_GAIN = 3, 0.01  # above it, less than STALL_GAIN over STALL_CHUNKS chunks ends it
 
 PROBE_RULE_NAMES = {"auto": "auto", "on": True, "off": False}
 """The command lines' words for ``RefineSettings.refine_probe`` (``--refine-probe [auto|on|off]``)."""
@@ -227,52 +216,12 @@ def _fit_over_floor(result: RefineResult, floor: Optional[float]) -> Optional[fl
     return float(misfit[-1]) / floor if misfit and floor else None
 
 
-def _continue_while_improving(refiner: Refiner, result: RefineResult, fit: float, floor: float,
-                              settings: RefineSettings, cancel: Optional[Any], limit: int,
-                              beat: Optional[float] = None) -> tuple[RefineResult, float, int]:
-    """More sweeps, in chunks, until the fit has reached the noise and settled, or stalls, or beats ``beat``.
-
-    A guess far from the real probe converges late, not never: on ptychodus's
-    scan with a guess defocused to overlap 0.07 the fit creeps from 7× to 6×
-    the floor over 30 sweeps while the phase keeps changing, then drops to
-    1.1× within ten (phase SSIM 0.21 at 30 sweeps, 0.99 at 60–100;
-    docs/fidelity.md). So the fit's progress is judged over ``STALL_CHUNKS``
-    chunks, not one. It stops when the fit is below ``PROBE_SUSPECT`` and
-    fell less than ``SETTLED_GAIN`` in the last chunk, when it fell less than
-    ``STALL_GAIN`` over the last ``STALL_CHUNKS`` chunks (a fit that has
-    stopped falling is left to the warning), when it is below ``beat`` or
-    could not reach it at its last chunk's rate in the sweeps left, or
-    after ``limit`` sweeps. Returns the newest result, its fit and the sweeps added.
-    """
-    added = 0
-    progress = settings.progress
-    history = [fit]
-    while added < limit and (beat is None or fit >= beat):
-        chunk = min(EXTEND_CHUNK, limit - added)
-        more = refiner.run(chunk, cancel=cancel, progress=None if progress is None else (
-            lambda d, _t, before=settings.sweeps + added, k=chunk: progress(before + d, before + k)))
-        added += chunk
-        new_fit = _fit_over_floor(more, floor)
-        if new_fit is None:
-            break
-        result, fit = more, new_fit  # the refiner's state is the newest
-        history.append(fit)
-        if fit <= PROBE_SUSPECT and history[-2] - fit < SETTLED_GAIN * history[-2]:
-            break
-        if len(history) > STALL_CHUNKS and history[-1 - STALL_CHUNKS] - fit < STALL_GAIN * history[-1 - STALL_CHUNKS]:
-            break
-        chunks_left = -(-(limit - added) // EXTEND_CHUNK)
-        if beat is not None and fit - beat > (history[-2] - fit) * chunks_left:
-            break  # not even at its last chunk's rate would it reach ``beat`` in the sweeps left
-    return result, fit, added
-
-
 def _warn_if_poor_fit(fit: Optional[float], probe_updated: bool) -> None:
     """Warn, with the fix, when the kept result fits the frames far above their noise floor."""
     if fit is None or fit <= PROBE_SUSPECT:
         return
-    fix = ("the probe was refined and the sweeps went on while the fit fell: the probe guess may be too far off "
-           "(try more sweeps, --refine 150), or positions, background or bad pixels are off" if probe_updated else
+    fix = ("a probe guess far off needs more sweeps (a defocused guess of overlap 0.07 took 100: --refine 100), "
+           "or positions, background or bad pixels are off" if probe_updated else
            "the probe guess is probably wrong: refine it (--refine-probe on, RefineSettings(refine_probe=True))")
     log.warning("the refined object fits the frames %.1f× worse than their Poisson noise explains: %s; do not "
                 "trust it as it is", fit, fix)
@@ -332,18 +281,7 @@ def refine_scan(recon: Reconstruction, amplitude: np.ndarray, positions: np.ndar
                         device=settings.device, refine_probe=True).add_frames(amp, pos)
         second = retry.run(settings.sweeps, cancel=cancel, progress=settings.progress)
         second_fit = _fit_over_floor(second, floor)
-        added = {"fixed": 0, "refined": 0}
-        if second_fit is not None and second_fit > PROBE_SUSPECT:
-            log.warning("with the probe refined the fit is still %.1f× the noise floor: sweeping on while it falls "
-                        "(at most %d more sweeps)", second_fit, EXTEND_FACTOR * settings.sweeps)
-            second, second_fit, added["refined"] = _continue_while_improving(
-                retry, second, second_fit, floor, settings, cancel, EXTEND_FACTOR * settings.sweeps)
-            if added["refined"] and second_fit < fit:  # a fair comparison: the fixed probe gets those sweeps too,
-                # unless it stalls first (a slowly converging scan with an exact probe must not lose it to more sweeps)
-                result, fit, added["fixed"] = _continue_while_improving(refiner, result, fit, floor, settings,
-                                                                        cancel, added["refined"], beat=second_fit)
-        probe_check.update(fixed_misfit_over_floor=fit, refined_probe_misfit_over_floor=second_fit,
-                           sweeps_added_fixed=added["fixed"], sweeps_added_refined=added["refined"])
+        probe_check.update(fixed_misfit_over_floor=fit, refined_probe_misfit_over_floor=second_fit)
         if second_fit is not None and second_fit < fit:  # the better fit is kept: a free probe can also run off
             refiner, result, fit = retry, second, second_fit
     probe_check["misfit_over_floor"] = fit  # of the result kept
@@ -359,9 +297,7 @@ def refine_scan(recon: Reconstruction, amplitude: np.ndarray, positions: np.ndar
     record.update(probe_check)
     record.update({
         "start": choice, "start_rule": settings.start, "start_misfit": misfit, "wall_s": wall_s,
-        "sweeps": settings.sweeps + probe_check.get(
-            "sweeps_added_refined" if record.get("probe_updated") else "sweeps_added_fixed", 0),
-        "sweeps_requested": settings.sweeps,
+        "sweeps": settings.sweeps, "sweeps_requested": settings.sweeps,
         "misfit_per_sweep": [float(v) for v in (refiner.misfit if refiner is not None
                                                 else result.record.get("misfit", []))],
         "probe_source": probe_source + (", refined" if record.get("probe_updated") else ""),
