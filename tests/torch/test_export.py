@@ -271,9 +271,11 @@ def test_add_graphs_is_idempotent_unless_forced(make_bundle):
         assert new.graph("onnx", model).data == old.graph("onnx", model).data
         assert new.graph("torchscript", model).metadata["sha256"] == hashlib.sha256(
             new.graph("torchscript", model).data).hexdigest()
-    for case in old.parity:  # parity vectors are recomputed identically (fixed seed, same weights)
+    for case in old.parity:  # parity vectors are recomputed from the same seed and weights: the same to float32
+        # rounding (not bit for bit: the cached bundle may have been built under another torch thread count, whose
+        # convolutions sum in another order)
         for key, value in old.parity[case].items():
-            np.testing.assert_array_equal(new.parity[case][key], value)
+            np.testing.assert_allclose(new.parity[case][key], value, rtol=1e-5, atol=1e-4 * np.abs(value).max())
 
 
 def test_compiling_graphs_never_swaps_sys_stdout_and_prints_nothing(make_bundle, capfd):
