@@ -90,6 +90,22 @@ def test_every_backend_agrees_with_the_numpy_reference_after_20_sweeps(problem, 
     assert _error(a, obj, lit) < 0.7 * _error(np.ones_like(obj), obj, lit)  # and they did move (not a no-op match)
 
 
+@pytest.mark.parametrize("refine_probe", [False, True])
+def test_the_numpy_backend_gives_the_same_object_with_numpys_fft_as_with_scipys(problem, refine_probe, monkeypatch):
+    pytest.importorskip("scipy")
+    from ptycho_runtime.refinement import numpy_backend
+
+    obj, amp, pos, start, _ = problem
+    probe = _probe(defocus=0.6) if refine_probe else _probe()
+    assert numpy_backend.FFT.__name__ == "scipy.fft"  # where scipy is installed, the backend uses it
+    with_scipy = refine(start, amp, pos, probe, sweeps=20, backend="numpy", refine_probe=refine_probe)
+    monkeypatch.setattr(numpy_backend, "FFT", np.fft)  # what a runtime without scipy runs
+    with_numpy = refine(start, amp, pos, probe, sweeps=20, backend="numpy", refine_probe=refine_probe)
+    a, b = with_numpy.reconstruction.object, with_scipy.reconstruction.object
+    assert np.linalg.norm(b - a) / np.linalg.norm(a) < 1e-4
+    assert np.linalg.norm(with_scipy.probe - with_numpy.probe) / np.linalg.norm(with_numpy.probe) < 1e-4
+
+
 def test_onnx_graph_with_the_canvas_in_the_graph_agrees_too(problem):
     pytest.importorskip("onnxruntime")
     obj, amp, pos, start, _ = problem
