@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from ptycho_runtime.refinement.phase_ramp import DEFAULT_EVERY as DEFAULT_RAMP_EVERY
+
 from .errors import EXIT_OK, CliError
 from .output import METRIC_ROWS, metric_cell, plain, print_json, table, write_text_atomic
 
@@ -32,6 +34,7 @@ class EvaluateOptions:
     refine_backend: str = "auto"
     refine_probe: str = "auto"
     amplitude_prior: str = "tv"
+    phase_ramp_every: int = DEFAULT_RAMP_EVERY
     align: str = "none"
     refine_start: str = "auto"
     output: Optional[Path] = None
@@ -86,7 +89,8 @@ def run_evaluate(options: EvaluateOptions) -> dict[str, Any]:
                       remove_amplitude_scale=not options.keep_amplitude_scale,
                       refine_options={"engine": options.refine_engine, "backend": options.refine_backend,
                                       "refine_probe": probe_rule(options.refine_probe), "start": options.refine_start,
-                                      "amplitude_prior": options.amplitude_prior},
+                                      "amplitude_prior": options.amplitude_prior,
+                                      "phase_ramp_every": options.phase_ramp_every},
                       align=options.align)
     except NoGroundTruthError as exc:
         raise CliError(str(exc)) from None
@@ -111,7 +115,8 @@ def _refinement_name(summary: Mapping[str, Any]) -> str:
     engine = summary.get("engine", "builtin")
     what = f"pty-chi {summary.get('algorithm', '')}".strip() if engine == "ptychi" else summary.get("backend", "")
     return (f"{summary['iterations']} sweeps, {what}" + (", probe refined" if summary.get("probe_updated") else "")
-            + (", TV amplitude" if (summary.get("amplitude_prior") or {}).get("applied") else ""))
+            + (", TV amplitude" if (summary.get("amplitude_prior") or {}).get("applied") else "")
+            + (", ramp fitted" if any(f.get("applied") for f in summary.get("phase_ramp_fits") or ()) else ""))
 
 
 def _ramp_cell(alignment: Mapping[str, Any]) -> str:
@@ -181,7 +186,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                               reference_batch_size=args.reference_batch_size, refine=args.refine,
                               refine_engine=args.refine_engine, refine_backend=args.refine_backend,
                               refine_probe=args.refine_probe, refine_start=args.refine_start, align=args.align,
-                              amplitude_prior=args.amplitude_prior,
+                              amplitude_prior=args.amplitude_prior, phase_ramp_every=args.phase_ramp_every,
                               output=args.output, figure=args.figure, min_weight=args.min_weight,
                               no_register=args.no_register, keep_amplitude_scale=args.keep_amplitude_scale,
                               counts=args.counts, backend=args.backend)

@@ -318,6 +318,9 @@ def _add_evaluate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--amplitude-prior", choices=PRIORS, default=EvaluateOptions.amplitude_prior,
                    help="the refined rows' last step: tv (the refined amplitude denoised at its own noise level) "
                         "or none (the data-only object) (default: %(default)s)")
+    p.add_argument("--phase-ramp-every", type=int, default=EvaluateOptions.phase_ramp_every, metavar="N",
+                   help="with the probe fixed, fit the object's phase ramp to the frames after every N sweeps: the "
+                        "mode the sweeps remove slowest (0: never; default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument("-o", "--output", type=Path, default=None, metavar="REPORT.json",
                    help="write the JSON report (default: none)")

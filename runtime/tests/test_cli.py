@@ -379,6 +379,24 @@ def test_console_script_subprocess(bundle_path, tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("ptycho-runtime: error: No bundle at")
 
 
+def test_infer_phase_ramp_every_sets_when_the_ramp_is_fitted_and_the_file_records_it(bundle_path, tmp_path, capsys):
+    path = bundle_path("n64_g1")
+    scan_file = path.parent / "scan.npz"
+    out = tmp_path / "recon.h5"
+    rc = cli.main(["infer", str(path), str(scan_file), "-o", str(out), "--refine", "3", "--refine-probe", "off",
+                   "--phase-ramp-every", "1"])
+    assert rc == 0, capsys.readouterr().err
+    with h5py.File(out, "r") as f:
+        record = json.loads(f.attrs["refinement_json"])
+    assert record["phase_ramp_every"] == 1 and not record["probe_updated"]
+    assert [fit["after_sweep"] for fit in record["phase_ramp_fits"]] == [3]  # after the start's two trial sweeps
+    capsys.readouterr()
+    rc = cli.main(["infer", str(path), str(scan_file), "-o", str(tmp_path / "bad.h5"), "--refine", "3",
+                   "--phase-ramp-every", "-1"])
+    assert rc == 2 and "phase_ramp_every must be an integer >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "bad.h5").exists()
+
+
 def test_infer_refine_runs_the_batched_refinement_from_the_network_object(bundle_path, tmp_path, capsys):
     """--refine N: the written object is Bundle.reconstruct(refine=N) with the scan's own probe, and fits better."""
     from ptycho_runtime.reconstruction.geometry import frame_origin

@@ -431,3 +431,70 @@ def test_a_stream_judges_its_fit_against_the_noise_floor_and_warns_once(problem,
     assert records["right"]["noise_floor"] > 0
     assert records["right"]["noise_floor"] == pytest.approx(records["wrong"]["noise_floor"])
     assert records["right"]["misfit_over_floor"] < PROBE_SUSPECT < records["wrong"]["misfit_over_floor"]
+
+
+def test_a_phase_ramp_put_on_the_true_object_is_fitted_back_off(problem):
+    from ptycho_runtime.refinement.phase_ramp import fit_phase_ramp, ramp_factor
+
+    obj, amp, pos, start, _ = problem
+    starts = pos - (N - 1) / 2  # the canvas is the object's own grid (origin 0, 0)
+    fit = fit_phase_ramp(obj * ramp_factor(obj.shape, (0.004, -0.003)), amp, _probe(), starts)
+    np.testing.assert_allclose(fit.rad_per_px, (-0.004, 0.003), rtol=0.02)
+    assert fit.applied and fit.misfit_after < 1e-3 * fit.misfit_before
+    exact = fit_phase_ramp(obj, amp, _probe(), starts)
+    assert np.abs(exact.rad_per_px).max() < 1e-5  # the truth carries no ramp to remove
+    record = fit.record(after_sweep=10)
+    assert record["after_sweep"] == 10 and record["applied"] and record["misfit_ratio"] < 1e-3
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_multiplying_the_object_mid_run_agrees_across_backends(problem, backend):
+    from ptycho_runtime.refinement.phase_ramp import ramp_factor
+
+    _, amp, pos, start, _ = problem
+    runs = []
+    for name in ("numpy", backend):
+        refiner = Refiner(start, _probe(), backend=name).add_frames(amp, pos)
+        refiner.run(5)
+        refiner.multiply_object(ramp_factor(start.object.shape, (0.01, -0.02)))  # momentum is carried along
+        runs.append(refiner.run(5).reconstruction.object)
+    assert np.linalg.norm(runs[1] - runs[0]) / np.linalg.norm(runs[0]) < 1e-4
+    with pytest.raises(ValueError, match="canvas's shape"):
+        refiner.multiply_object(np.ones((3, 3), np.complex64))
+
+
+def test_scan_refinement_fits_the_phase_ramp_while_the_probe_is_fixed_and_records_it(problem):
+    from dataclasses import replace
+
+    from ptycho_runtime.inference.scan_refinement import RefineSettings, refine_scan
+    from ptycho_runtime.refinement.phase_ramp import DEFAULT_EVERY, ramp_factor
+
+    obj, amp, pos, start, lit = problem
+    assert RefineSettings().phase_ramp_every == DEFAULT_EVERY == 10
+    ramped = replace(start, object=(obj * ramp_factor(obj.shape, (0.02, -0.015))).astype(np.complex64))
+    runs = {every: refine_scan(ramped, amp, pos, _probe(), RefineSettings(
+        sweeps=10, start="network", phase_ramp_every=every, amplitude_prior="none", refine_probe=False),
+        probe_source="the test's probe") for every in (0, 5)}
+    fits = runs[5].refinement["phase_ramp_fits"]
+    assert [f["after_sweep"] for f in fits] == [5, 10] and all(f["applied"] for f in fits)
+    assert runs[5].refinement["phase_ramp_every"] == 5 and runs[0].refinement["phase_ramp_fits"] == []
+    assert _error(runs[5].object, obj, lit) < 0.9 * _error(runs[0].object, obj, lit)
+    free = refine_scan(ramped, amp, pos, _probe(), RefineSettings(sweeps=10, start="network", phase_ramp_every=5,
+                       refine_probe=True), probe_source="the test's probe")
+    assert free.refinement["phase_ramp_fits"] == [] and free.refinement["phase_ramp_every"] == 0  # a free probe
+    # takes a ramp with it: no fit then
+    with pytest.raises(ValueError, match="phase_ramp_every must be an integer >= 0"):
+        RefineSettings(phase_ramp_every=-1)
+
+
+def test_the_ramp_fits_misfit_is_far_field_misfit_of_the_ramped_object(problem):
+    from ptycho_runtime.refinement.phase_ramp import RampFit, fit_phase_ramp, ramp_factor
+
+    obj, amp, pos, start, _ = problem
+    starts = pos - (N - 1) / 2
+    noisy = amp * np.float32(1.05)  # a misfit well above round-off, so the two sums can be compared
+    fit = fit_phase_ramp(obj, noisy, _probe(), starts, sample=len(pos))
+    assert isinstance(fit, RampFit)
+    assert fit.misfit_before == pytest.approx(far_field_misfit(obj, noisy, _probe(), starts), rel=1e-4)
+    ramped = obj * ramp_factor(obj.shape, fit.rad_per_px)
+    assert fit.misfit_after == pytest.approx(far_field_misfit(ramped, noisy, _probe(), starts), rel=1e-3)

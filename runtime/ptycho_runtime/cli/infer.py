@@ -156,7 +156,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         raise UsageError("--patterns goes with --product (a ptychodus diffraction file and its product file)")
     settings = RefineSettings(engine=args.refine_engine, backend=args.refine_backend,
                               refine_probe=probe_rule(args.refine_probe), start=args.refine_start,
-                              amplitude_prior=args.amplitude_prior)
+                              amplitude_prior=args.amplitude_prior, phase_ramp_every=args.phase_ramp_every)
     run_infer(args.bundle, args.scan, args.output, args.png, args.backend, args.device, args.precision,
               args.batch_size, args.units, args.counts, args.position_centre, args.refine, args.align_phase,
               align=args.align, refine_settings=settings, accept_mismatch=args.accept_mismatch)
@@ -211,6 +211,9 @@ def add_infer_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--amplitude-prior", choices=PRIORS, default=RefineSettings.amplitude_prior,
                    help="after the sweeps: tv denoises the refined amplitude at the strength of its own shot noise "
                         "(the fit stays at the noise floor); none keeps the data-only object (default: %(default)s)")
+    p.add_argument("--phase-ramp-every", type=int, default=RefineSettings.phase_ramp_every, metavar="N",
+                   help="with the probe fixed, fit the object's phase ramp to the frames after every N sweeps: the "
+                        "mode the sweeps remove slowest (0: never; default: %(default)s)")
     p.add_argument("--accept-mismatch", action="store_true",
                    help="with --no-refine, write the network's object even when the scan's probe or photon count "
                         "is beyond what the bundle was trained for (default: refuse)")

@@ -196,6 +196,12 @@ class Refiner:
             self._touched[r:r + side, c:c + side] = True
         self._n_marked = self.n_frames
 
+    def multiply_object(self, factor: np.ndarray) -> None:
+        """Multiply the object being refined (and its momentum) by ``factor`` [H, W], e.g. a fitted phase ramp."""
+        if np.shape(factor) != self.start.object.shape:
+            raise ValueError(f"factor {np.shape(factor)} must have the canvas's shape {self.start.object.shape}")
+        self._backend.multiply_object(np.asarray(factor, dtype=np.complex64))
+
     def batches(self) -> list[np.ndarray]:
         """The frame groups one sweep visits (computed once per set of frames)."""
         if self._batches is None:

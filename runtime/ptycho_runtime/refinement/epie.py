@@ -48,7 +48,7 @@ def far_field_misfit(obj: np.ndarray, amplitude: np.ndarray, probe: np.ndarray, 
     n, N, _ = amplitude.shape
     total = 0.0
     for j in range(n):
-        o = _read(obj, starts[j], N)
+        o = bilinear_read(obj, starts[j], N)
         model = np.abs(np.fft.fftshift(np.fft.fft2(probe * o))) / N
         total += float(np.sum((model - amplitude[j]) ** 2))
     return total / (n * N * N)
@@ -65,7 +65,8 @@ def _interpolate(s: np.ndarray, w: tuple[float, float, float, float]) -> np.ndar
     return w[0] * s[:-1, :-1] + w[1] * s[:-1, 1:] + w[2] * s[1:, :-1] + w[3] * s[1:, 1:]
 
 
-def _read(obj: np.ndarray, start: np.ndarray, N: int) -> np.ndarray:
+def bilinear_read(obj: np.ndarray, start: np.ndarray, N: int) -> np.ndarray:
+    """The N×N patch of ``obj`` whose pixel (0, 0) is at ``start`` (column, row), read bilinearly."""
     r, c, w = _bilinear(start)
     return _interpolate(obj[r:r + N + 1, c:c + N + 1], w)
 

@@ -60,6 +60,12 @@ class NumpyBackend:
     def get_probe(self) -> np.ndarray:
         return self.probe.copy()
 
+    def multiply_object(self, factor: np.ndarray) -> None:
+        """O ← O·factor and the momentum with it (a phase correction moves the motion too; a reset costs sweeps)."""
+        self.obj *= factor
+        if self._velocity is not None:
+            self._velocity *= factor
+
     # ---------------------------------------------------------------- one sweep
     def begin_momentum_step(self, momentum: float) -> None:
         self._before = self.obj.copy() if momentum else None

@@ -89,6 +89,11 @@ class OnnxBackend(NumpyBackend):
         super().set_object(obj)
         self._split = to_split(self.obj)
 
+    def multiply_object(self, factor: np.ndarray) -> None:
+        self._split = to_split(from_split(self._split) * factor)
+        if self._velocity is not None:
+            self._velocity = to_split(from_split(self._velocity) * factor)
+
     def begin_momentum_step(self, momentum: float) -> None:
         self._before = self._split.copy() if momentum else None
 

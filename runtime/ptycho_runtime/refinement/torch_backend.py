@@ -58,6 +58,12 @@ class TorchBackend:
     def get_probe(self) -> np.ndarray:
         return self.probe.cpu().numpy().copy()
 
+    def multiply_object(self, factor: np.ndarray) -> None:
+        f = self.torch.as_tensor(np.ascontiguousarray(factor, dtype=np.complex64), device=self._dev)
+        self.obj.mul_(f)
+        if self._velocity is not None:
+            self._velocity.mul_(f)
+
     def begin_momentum_step(self, momentum: float) -> None:
         self._before = self.obj.clone() if momentum else None
 
