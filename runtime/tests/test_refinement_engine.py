@@ -498,3 +498,14 @@ def test_the_ramp_fits_misfit_is_far_field_misfit_of_the_ramped_object(problem):
     assert fit.misfit_before == pytest.approx(far_field_misfit(obj, noisy, _probe(), starts), rel=1e-4)
     ramped = obj * ramp_factor(obj.shape, fit.rad_per_px)
     assert fit.misfit_after == pytest.approx(far_field_misfit(ramped, noisy, _probe(), starts), rel=1e-3)
+
+
+def test_a_ramp_fit_takes_at_most_a_quarter_far_field_pixel_at_once(problem):
+    from ptycho_runtime.refinement.phase_ramp import MAX_SHIFT_PX, fit_phase_ramp, ramp_factor
+
+    obj, amp, pos, start, _ = problem
+    starts = pos - (N - 1) / 2
+    far = 2 * np.pi * 0.6 / N  # 0.6 far-field px: more than one fit may take
+    fit = fit_phase_ramp(obj * ramp_factor(obj.shape, (far, 0.0)), amp, _probe(), starts)
+    assert np.hypot(*fit.rad_per_px) <= 2 * np.pi * MAX_SHIFT_PX / N * (1 + 1e-9)
+    assert fit.rad_per_px[0] < 0 and fit.applied  # towards the truth, and the frames fit better for it
