@@ -12,10 +12,10 @@ ramp across the field: phase SSIM 0.72, 0.89 with the ramp removed
 
 The ramp is two numbers, so it is fitted as two numbers: the misfit of the
 object times a trial ramp (``far_field_misfit``'s), on a sample of the
-frames, at six trial ramps around none; a Newton step on that quadratic model; kept only when it lowers
-the sampled misfit. With the probe refined, a ramp is shared between object
-and probe (blind ptychography's ambiguity) and the probe absorbs it, so the
-fit is for a fixed probe.
+frames, at six trial ramps around none; a Newton step on that quadratic
+model; kept only when it lowers the sampled misfit. With the probe refined,
+a ramp is shared between object and probe (blind ptychography's ambiguity)
+and the probe absorbs it, so the fit is for a fixed probe.
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ def ramp_factor(shape: tuple[int, int], rad_per_px: tuple[float, float]) -> np.n
     """exp(i(k_r·row + k_c·col)) over a canvas, centred on it (so the ramp adds no global phase at the centre)."""
     rows = np.arange(shape[0], dtype=np.float64) - (shape[0] - 1) / 2
     cols = np.arange(shape[1], dtype=np.float64) - (shape[1] - 1) / 2
-    phase = rad_per_px[0] * rows[:, None] + rad_per_px[1] * cols[None, :]
-    return np.exp(1j * phase).astype(np.complex64)
+    along_rows = np.exp(1j * rad_per_px[0] * rows).astype(np.complex64)
+    along_cols = np.exp(1j * rad_per_px[1] * cols).astype(np.complex64)
+    return along_rows[:, None] * along_cols[None, :]  # separable: one product per pixel, no exp
 
 
 def fit_phase_ramp(obj: np.ndarray, amplitude: np.ndarray, probe: np.ndarray, starts: np.ndarray,
