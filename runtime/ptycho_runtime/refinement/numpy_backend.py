@@ -20,7 +20,7 @@ from typing import Optional
 
 import numpy as np
 
-try:  # scipy's pocketfft has complex64 kernels and less overhead per call: 1.16× per sweep (docs/fidelity.md)
+try:  # scipy's pocketfft: 13.6 vs 17.5 µs per 64² frame, 1.08× on a whole refinement (docs/fidelity.md)
     from scipy import fft as FFT
 except ImportError:  # a runtime without scipy computes the same transforms with numpy's
     FFT = np.fft
