@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -75,13 +76,38 @@ def test_cancel_between_micro_batches(worker, scan):
     assert worker.reconstruct(d, pos).covered.any() and worker.starts == 1
 
 
-def test_a_dead_worker_is_reported_then_replaced(fixture_dir, scan):
+def _wait_until_dead(worker: BundleWorker) -> None:
+    deadline = time.monotonic() + 30
+    while worker.alive and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not worker.alive
+
+
+@pytest.mark.parametrize("seen_dead", [False, True], ids=["killed-just-before", "seen-dead-before"])
+def test_a_worker_dead_between_calls_is_reported_then_replaced(fixture_dir, scan, seen_dead):
+    """Whether or not the parent has seen the exit yet when the call starts, the death is reported once."""
     d, pos = scan
     with BundleWorker(fixture_dir / "n64_g1" / "wts.h5", device="cpu") as w:
         first = w.pid
         os.kill(first, signal.SIGKILL)
+        if seen_dead:
+            _wait_until_dead(w)
         with pytest.raises(WorkerError, match="died|stopped"):
             w.reconstruct(d, pos)
+        assert w.reconstruct(d, pos).covered.any() and w.starts == 2 and w.pid != first
+
+
+def test_a_worker_killed_during_a_call_is_reported_then_replaced(fixture_dir, scan):
+    d, pos = scan
+    with BundleWorker(fixture_dir / "n64_g1" / "wts.h5", device="cpu") as w:
+        first = w.pid
+        events = w.run(d, pos, batch_size=4, refine=500)
+        assert isinstance(next(events), Progress)
+        os.kill(first, signal.SIGKILL)
+        with pytest.raises(WorkerError, match="died"):
+            for _ in events:
+                pass
+        assert not w.alive
         assert w.reconstruct(d, pos).covered.any() and w.starts == 2 and w.pid != first
 
 

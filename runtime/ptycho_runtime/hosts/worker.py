@@ -307,6 +307,7 @@ class BundleWorker:
         if "refine" in kwargs:
             kwargs = {**kwargs, "refine": plain_refine(kwargs["refine"])}
         with self._lock:
+            self._report_death_locked()
             self._start_locked()
             job = next(self._jobs)
             self._job = job
@@ -337,6 +338,18 @@ class BundleWorker:
                             pass
                     except Exception:  # noqa: BLE001 - the cancelled job's own ending is not news
                         pass
+
+    def _report_death_locked(self) -> None:
+        """Raise WorkerError if the worker died since the last call (and forget it, so the next call starts one).
+
+        Without this, a worker that died between calls would be restarted without a word, or the death reported,
+        depending on whether the parent had seen the exit yet: a host must learn of a crash (out of memory, killed)
+        the same way every time.
+        """
+        if self._proc is not None and not self._proc.is_alive():
+            code = self._proc.exitcode
+            self._stop_locked()
+            raise WorkerError(f"the worker for {self.path} died (exit code {code}); the next call starts a new one")
 
     def cancel(self) -> None:
         """Cancel the running call (if any) at its next micro-batch boundary."""
