@@ -43,6 +43,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from ptycho_runtime.reconstruction.grouping import count_groups
 from ptycho_runtime.reconstruction.stitching import probe_window
 
 from .metrics import (
@@ -234,9 +235,9 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
 
         settings = RefineSettings(sweeps=int(refine), **dict(refine_options or {}))
 
-        def sweeps_from(start: str) -> tuple[Any, float]:
+        def sweeps_from(start: str, network: Any) -> tuple[Any, float]:
             t0 = time.perf_counter()
-            result = refine_scan(recon, data.diffraction, positions, data.probe,
+            result = refine_scan(network, data.diffraction, positions, data.probe,
                                  dataclasses.replace(settings, start=start), probe_source="the scan's probeGuess")
             return result, time.perf_counter() - t0
 
@@ -245,11 +246,20 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
             return {**rec, "iterations": int(refine), "probe": rec["probe_source"]
                     + ("" if rec.get("probe_updated") else ", fixed")}
 
-        polished, refine_s = sweeps_from(settings.start)
-        refined = score("network + refinement", polished, net_s + refine_s,
-                        {**refine_details(polished),
-                         "time_covers": "the network's reconstruction, then the refinement sweeps from it"})
-        alone, alone_s = sweeps_from("flat")
+        start, start_s = recon, net_s
+        if settings.start_groups != "all" and bundle.channels > 1:  # as Bundle.reconstruct(refine=...) starts
+            t0 = time.perf_counter()
+            start = bundle.reconstruct(data.diffraction, positions, counts=False, batch_size=batch_size,
+                                       window=probe_window(data.probe), align=align, groups=settings.start_groups)
+            start_s = time.perf_counter() - t0
+        polished, refine_s = sweeps_from(settings.start, start)
+        network_groups = {"rule": settings.start_groups, "frames": int(data.n),
+                          "groups": count_groups(data.xcoords, data.ycoords, bundle.gridsize, settings.start_groups)}
+        refined = score("network + refinement", polished, start_s + refine_s,
+                        {**refine_details(polished), "network_groups": network_groups,
+                         "time_covers": "the network's reconstruction (on the groups network_groups says), then "
+                                        "the refinement sweeps from it"})
+        alone, alone_s = sweeps_from("flat", recon)
         control = score("refinement from a flat object", alone, alone_s,
                         {**refine_details(alone), "time_covers": "the refinement sweeps"})
     refs = [_reference(data, positions, algorithm, reference_iterations, reference_batch_size,

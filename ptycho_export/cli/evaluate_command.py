@@ -37,6 +37,7 @@ class EvaluateOptions:
     phase_ramp_every: int = DEFAULT_RAMP_EVERY
     align: str = "none"
     refine_start: str = "auto"
+    start_groups: str = "cover"
     output: Optional[Path] = None
     figure: Optional[Path] = None
     min_weight: float = 0.2
@@ -90,7 +91,8 @@ def run_evaluate(options: EvaluateOptions) -> dict[str, Any]:
                       refine_options={"engine": options.refine_engine, "backend": options.refine_backend,
                                       "refine_probe": probe_rule(options.refine_probe), "start": options.refine_start,
                                       "amplitude_prior": options.amplitude_prior,
-                                      "phase_ramp_every": options.phase_ramp_every},
+                                      "phase_ramp_every": options.phase_ramp_every,
+                                      "start_groups": options.start_groups},
                       align=options.align)
     except NoGroundTruthError as exc:
         raise CliError(str(exc)) from None
@@ -187,7 +189,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                               refine_engine=args.refine_engine, refine_backend=args.refine_backend,
                               refine_probe=args.refine_probe, refine_start=args.refine_start, align=args.align,
                               amplitude_prior=args.amplitude_prior, phase_ramp_every=args.phase_ramp_every,
-                              output=args.output, figure=args.figure, min_weight=args.min_weight,
+                              start_groups=args.start_groups, output=args.output, figure=args.figure,
+                              min_weight=args.min_weight,
                               no_register=args.no_register, keep_amplitude_scale=args.keep_amplitude_scale,
                               counts=args.counts, backend=args.backend)
     report = run_evaluate(options)

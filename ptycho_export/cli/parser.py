@@ -267,6 +267,7 @@ def _algorithms(allowed: tuple[str, ...]) -> Any:
 def _add_evaluate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     from ptycho_runtime.inference.scan_refinement import PROBE_RULE_NAMES, START_CHOICES
     from ptycho_runtime.reconstruction.alignment import ALIGN_MODES
+    from ptycho_runtime.reconstruction.grouping import GROUPINGS
     from ptycho_runtime.refinement import DEFAULT_SWEEPS
     from ptycho_runtime.refinement.engine import BACKENDS, ENGINES
     from ptycho_runtime.refinement.object_prior import PRIORS
@@ -321,6 +322,10 @@ def _add_evaluate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--phase-ramp-every", type=int, default=EvaluateOptions.phase_ramp_every, metavar="N",
                    help="with the probe fixed, fit the object's phase ramp to the frames after every N sweeps: the "
                         "mode the sweeps remove slowest (0: never; default: %(default)s)")
+    p.add_argument("--start-groups", choices=GROUPINGS, default=EvaluateOptions.start_groups,
+                   help="gridsize > 1: the refined row's network predicts a cover of the frames (each in at least "
+                        "one group, about a third of them) or all groups, as the network row does "
+                        "(default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.add_argument("-o", "--output", type=Path, default=None, metavar="REPORT.json",
                    help="write the JSON report (default: none)")

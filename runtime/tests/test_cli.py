@@ -424,3 +424,25 @@ def test_infer_refine_runs_the_batched_refinement_from_the_network_object(bundle
         far_field_misfit(filled, scan["diffraction"], scan["probeGuess"], starts)
     assert cli.main(["infer", str(path), str(scan_file), "-o", str(out), "--refine", "-1"]) == 2
     assert "--refine" in _one_error_line(capsys.readouterr().err)
+
+
+def test_infer_refines_from_a_cover_of_the_frames_unless_told_all(bundle_path, tmp_path, capsys):
+    """gridsize 2: --refine predicts a cover of the frames (the progress counts those groups); --start-groups all."""
+    path = bundle_path("n64_g2")
+    scan_file = path.parent / "scan.npz"
+    n = read_npz_arrays(scan_file)["xcoords"].size
+    seen = {}
+    for rule in ("cover", "all"):
+        out = tmp_path / f"{rule}.h5"
+        rc = cli.main(["infer", str(path), str(scan_file), "-o", str(out), "--refine", "2", "--refine-probe", "off",
+                       "--start-groups", rule])
+        err = capsys.readouterr().err
+        assert rc == 0, err
+        with h5py.File(out, "r") as f:
+            seen[rule] = json.loads(f.attrs["refinement_json"])["network_groups"]
+        assert f"{seen[rule]['groups']}/{seen[rule]['groups']} groups 100%" in err
+    assert seen["all"] == {"rule": "all", "groups": n, "frames": n}
+    assert seen["cover"]["rule"] == "cover" and seen["cover"]["groups"] < 0.6 * n
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["infer", str(path), str(scan_file), "-o", str(tmp_path / "x.h5"), "--start-groups", "x"])
+    assert exc.value.code == 2 and "--start-groups" in capsys.readouterr().err

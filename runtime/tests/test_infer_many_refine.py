@@ -71,3 +71,21 @@ def test_refine_and_no_refine_exclude_each_other(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["infer-many", "B.h5", "s.npz", "-o", "out", "--refine", "3", "--no-refine"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_a_gridsize_2_scan_to_refine_is_loaded_as_a_cover_and_refined_as_infer_refines(fixture_dir):
+    """read_scan(groups="cover") holds the groups Bundle.reconstruct(refine=...) predicts; the record says so."""
+    import ptycho_runtime as pr
+
+    bundle = pr.load_bundle(fixture_dir / "n64_g2" / "wts.h5")
+    scan_path = str(fixture_dir / "n64_g2" / "scan.npz")
+    loaded = im.read_scan(bundle, scan_path, keep_frames=True, groups="cover")
+    plan = loaded[0]
+    assert plan.n_groups < 0.6 * plan.n_patterns
+    settings = RefineSettings(sweeps=2, refine_probe=False)
+    refined = im.refine_stitched(loaded, _stitched(bundle, loaded), settings)
+    scan = read_npz_arrays(scan_path)
+    ref = bundle.reconstruct(scan["diffraction"], plan.positions, refine=settings, probe=scan["probeGuess"])
+    assert refined.refinement["network_groups"] == ref.refinement["network_groups"] == {
+        "rule": "cover", "groups": plan.n_groups, "frames": plan.n_patterns}
+    np.testing.assert_allclose(refined.object, ref.object, rtol=0, atol=1e-4)

@@ -368,3 +368,24 @@ def test_evaluate_cli_align_runs_the_overlap_solve_and_says_so(make_bundle, caps
     assert isinstance(net["metrics"]["phase_ssim"], float)
     code, _, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--align", "planes")
     assert code == 2 and "--align" in err
+
+
+def test_evaluate_refines_from_a_cover_of_the_frames_and_says_so(make_bundle, capsys):
+    """gridsize 2: the refined row's network predicts a cover (as infer refines), the network row every group."""
+    bundle = make_bundle(gridsize=2)
+    runs = {}
+    for rule in ("cover", "all"):
+        code, out, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--refine", "2",
+                                 "--start-groups", rule, "--json")
+        assert code == 0, err
+        runs[rule] = json.loads(out)
+    cover, every = (runs[k]["refined"]["network_groups"] for k in ("cover", "all"))
+    n = runs["all"]["n_patterns"]
+    assert every == {"rule": "all", "groups": n, "frames": n}
+    assert cover["rule"] == "cover" and cover["frames"] == n and 0 < cover["groups"] < 0.6 * n
+    assert "groups network_groups says" in runs["cover"]["refined"]["time_covers"]
+    # the network row is the same in both (every group), so the network-alone score does not depend on the rule
+    assert runs["cover"]["network"]["metrics"] == runs["all"]["network"]["metrics"]
+    code, _, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--refine", "2",
+                           "--start-groups", "half")
+    assert code == 2 and "--start-groups" in err

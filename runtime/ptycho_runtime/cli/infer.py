@@ -24,6 +24,7 @@ from ..inference.compatibility import check_scan
 from ..inference.scan_refinement import PROBE_RULE_NAMES, START_CHOICES, RefineSettings, probe_rule
 from ..reconstruction.alignment import ALIGN_MODES, DEFAULT_PHASE_ITERATIONS
 from ..reconstruction.geometry import DEFAULT_CENTRE
+from ..reconstruction.grouping import GROUPINGS, count_groups
 from ..refinement import DEFAULT_SWEEPS
 from ..refinement.engine import BACKENDS, ENGINES
 from ..refinement.object_prior import PRIORS
@@ -85,7 +86,9 @@ def run_infer(bundle_path: str, scan_path: str, output: str, png: Optional[str] 
                          "--accept-mismatch to keep the network's object as it is")
     positions = np.stack([scan["xcoords"], scan["ycoords"]], axis=1)
     n = positions.shape[0]
-    progress = Progress(n, "patterns" if bundle.channels == 1 else "groups", stream)  # one group per position
+    groups = settings.start_groups if settings is not None else "all"
+    progress = Progress(count_groups(positions[:, 0], positions[:, 1], bundle.gridsize, groups),
+                        "patterns" if bundle.channels == 1 else "groups", stream)  # all: one group per position
     t0 = time.perf_counter()
     # the file's probe is in the units of its (normalised) diffraction; the bundle's is the training one
     recon = bundle.reconstruct(scan["diffraction"], positions, counts=False, batch_size=batch_size,
@@ -156,7 +159,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
         raise UsageError("--patterns goes with --product (a ptychodus diffraction file and its product file)")
     settings = RefineSettings(engine=args.refine_engine, backend=args.refine_backend,
                               refine_probe=probe_rule(args.refine_probe), start=args.refine_start,
-                              amplitude_prior=args.amplitude_prior, phase_ramp_every=args.phase_ramp_every)
+                              amplitude_prior=args.amplitude_prior, phase_ramp_every=args.phase_ramp_every,
+                              start_groups=args.start_groups)
     run_infer(args.bundle, args.scan, args.output, args.png, args.backend, args.device, args.precision,
               args.batch_size, args.units, args.counts, args.position_centre, args.refine, args.align_phase,
               align=args.align, refine_settings=settings, accept_mismatch=args.accept_mismatch)
@@ -214,6 +218,10 @@ def add_infer_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--phase-ramp-every", type=int, default=RefineSettings.phase_ramp_every, metavar="N",
                    help="with the probe fixed, fit the object's phase ramp to the frames after every N sweeps: the "
                         "mode the sweeps remove slowest (0: never; default: %(default)s)")
+    p.add_argument("--start-groups", choices=GROUPINGS, default=RefineSettings.start_groups,
+                   help="gridsize > 1, refining: the network predicts a cover of the frames (each in at least one "
+                        "group, about a third of them: a faster start, the same refined object) or all groups "
+                        "(default: %(default)s)")
     p.add_argument("--accept-mismatch", action="store_true",
                    help="with --no-refine, write the network's object even when the scan's probe or photon count "
                         "is beyond what the bundle was trained for (default: refuse)")

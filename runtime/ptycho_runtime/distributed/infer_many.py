@@ -43,7 +43,7 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -167,23 +167,25 @@ Loaded = tuple  # (plan, graph input [g, C, N, N], positions [g, C, 2], and, to 
 
 
 def load_scan(plugin_name: str, scan_path: str, units: str = "auto", counts: bool = False,
-              position_centre: str = DEFAULT_CENTRE, keep_frames: bool = False) -> Loaded:
+              position_centre: str = DEFAULT_CENTRE, keep_frames: bool = False, groups: str = "all") -> Loaded:
     """Task: ``read_scan`` with this worker's bundle."""
-    return read_scan(_bundle(plugin_name), scan_path, units, counts, position_centre, keep_frames)
+    return read_scan(_bundle(plugin_name), scan_path, units, counts, position_centre, keep_frames, groups)
 
 
 def read_scan(bundle: Any, scan_path: str, units: str = "auto", counts: bool = False,
-              position_centre: str = DEFAULT_CENTRE, keep_frames: bool = False) -> Loaded:
+              position_centre: str = DEFAULT_CENTRE, keep_frames: bool = False, groups: str = "all") -> Loaded:
     """Read a scan as ``infer`` does → (plan, graph input [g, C, N, N], positions [g, C, 2]).
 
     ``keep_frames`` (for refinement) appends the measured amplitudes [n, N, N]
     and the scan's ``probeGuess``, both in the normalised data's units.
+    ``groups``: "all" or "cover" (``Bundle.group``; a refined scan's start
+    needs only a cover, ``RefineSettings.start_groups``).
     """
     from ..files.npz import read_npz_arrays
 
     scan = read_npz_arrays(scan_path, counts=counts, units=units, position_centre=position_centre)
     positions = np.stack([scan["xcoords"], scan["ycoords"]], axis=1)
-    x, pos = bundle.group(scan["diffraction"], positions, counts=False)  # Bundle.reconstruct's own grouping
+    x, pos = bundle.group(scan["diffraction"], positions, counts=False, groups=groups)  # reconstruct's grouping
     origin, shape = canvas_bounds(pos.reshape(-1, 2), bundle.N)
     mismatches = (check_scan(bundle.contents.physics, bundle.params, scan.get("probeGuess"), scan.get("nphotons"))
                   if hasattr(bundle, "contents") else [])
@@ -255,7 +257,9 @@ def refine_stitched(loaded: Loaded, recon: Reconstruction, settings: RefineSetti
         raise ValueError("refine_stitched needs the scan's frames: load it with keep_frames=True")
     plan, amplitude, probe = loaded[0], loaded[3], loaded[4]
     # as Bundle.reconstruct(refine=..., probe=probeGuess) in infer: the host's probe, uncovered pixels 0
-    return refine_scan(recon, amplitude, plan.positions, probe, settings, probe_source="the host's probe", fill=0.0)
+    rec = refine_scan(recon, amplitude, plan.positions, probe, settings, probe_source="the host's probe", fill=0.0)
+    network_groups = {"rule": settings.start_groups, "groups": plan.n_groups, "frames": plan.n_patterns}
+    return replace(rec, refinement={**rec.refinement, "network_groups": network_groups})
 
 
 # --------------------------------------------------------------------------- driver side
@@ -396,7 +400,7 @@ class _ScanRun:
         """Load the scan on a worker; return the future of its (small) plan."""
         self.started[scan] = time.perf_counter()
         loaded = self.client.submit(load_scan, self.plugin_name, scan, units, counts, position_centre,
-                                    self.refine is not None)
+                                    self.refine is not None, "all" if self.refine is None else self.refine.start_groups)
         plan = self.client.submit(scan_plan, loaded)
         self.held[scan] = [loaded, plan]
         self.stage[plan] = (scan, "plan")

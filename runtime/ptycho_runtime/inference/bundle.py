@@ -35,7 +35,7 @@ import numpy as np
 from .. import format as fmt
 from ..reconstruction.alignment import align_patch_phases, check_align, overlap_factors
 from ..reconstruction.geometry import DEFAULT_CENTRE, ObjectGrid, make_grid, scan_positions_px
-from ..reconstruction.grouping import group_neighbors
+from ..reconstruction.grouping import GROUPINGS, cover_groups, group_neighbors
 from ..reconstruction.inputs import check_positions, check_scan_positions, prepare_diffraction, repair_bad_pixels
 from ..reconstruction.stitching import MAX_CANVAS_PIXELS, Reconstruction, StitchCanvas, probe_window
 from .backends import OnnxBackend, TorchScriptBackend, check_device_precision
@@ -301,7 +301,7 @@ class Bundle:
                     on_batch: Optional[Callable[[int, int, Callable[[], Reconstruction]], None]] = None,
                     host: Optional[HostPhysics] = None, strict: bool = False,
                     max_canvas_pixels: int = MAX_CANVAS_PIXELS, align: str = "none", refine: RefineRequest = None,
-                    probe: Optional[np.ndarray] = None) -> Reconstruction:
+                    probe: Optional[np.ndarray] = None, groups: Optional[str] = None) -> Reconstruction:
         """Predict and stitch a scan into the full object, on the host's object grid.
 
         ``positions`` (x, y), one per frame: [n, 2] for n frames [n, N, N] —
@@ -362,7 +362,14 @@ class Bundle:
         ``RefineSettings``; None: off, the default) with ``probe`` — the
         scan's probe at any absolute scale — or, without one, the bundle's
         training probe. The result then carries ``probe`` and ``refinement``
-        (the record of what ran); ``cancel`` also stops the sweeps.
+        (the record of what ran, with ``network_groups``: the settings'
+        ``start_groups`` rule, how many groups the network predicted, of how
+        many frames); ``cancel`` also stops the sweeps.
+
+        ``groups`` (gridsize > 1, flat frames): "all" (a group per frame) or
+        "cover" (each frame in at least one group, about a third of them at
+        gridsize 2; ``Bundle.group``). None (the default): the refine
+        settings' ``start_groups`` ("cover") when refining, else "all".
         """
         t0 = time.perf_counter()
         settings = as_settings(refine)
@@ -370,7 +377,9 @@ class Bundle:
             self.check_host(host, counts=diffraction if counts else None, strict=strict)
         the_grid = make_grid(grid, object_shape, pixel_size_m, object_centre_m)
         pos_px = scan_positions_px(positions, self.N, units, the_grid, frame_centre)
-        x, pos = self.group(diffraction, pos_px, counts)
+        if groups is None:
+            groups = settings.start_groups if settings is not None else "all"
+        x, pos = self.group(diffraction, pos_px, counts, groups)
         repair_bad_pixels(x, bad_pixels)
         w = None if crop is not None else self.stitch_window(window)
         flat_pos = pos.reshape(-1, 2)
@@ -423,6 +432,8 @@ class Bundle:
             rec = refine_scan(rec, amplitude, np.asarray(pos_px).reshape(-1, 2),
                               self.probe if probe is None else probe, settings, fill=fill, cancel=cancel,
                               probe_source="the bundle's training probe" if probe is None else "the host's probe")
+            network_groups = {"rule": groups, "groups": int(total), "frames": int(amplitude.shape[0])}
+            rec = dataclasses.replace(rec, refinement={**rec.refinement, "network_groups": network_groups})
         dt = time.perf_counter() - t0
         log.info("reconstructed %d frame group(s) of %s on a %d×%d grid in %.3f s (%d clipped, %d dropped at "
                  "the grid's edge)", total, self.path,
@@ -438,20 +449,26 @@ class Bundle:
             raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
         return bs
 
-    def group(self, diffraction: np.ndarray, positions: np.ndarray, counts: Optional[bool] = None
-              ) -> tuple[np.ndarray, np.ndarray]:
+    def group(self, diffraction: np.ndarray, positions: np.ndarray, counts: Optional[bool] = None,
+              groups: str = "all") -> tuple[np.ndarray, np.ndarray]:
         """Prepared graph input [g, C, N, N] and positions [g, C, 2], grouped as ``reconstruct`` groups them.
 
         Flat frames [n, N, N] with positions [n, 2] are grouped with their nearest
-        neighbours when gridsize > 1 (as training's ``make_groups`` does);
-        pre-grouped input is checked and prepared as it is.
+        neighbours when gridsize > 1 (as training's ``make_groups`` does):
+        every frame's group (``groups="all"``, g = n) or a cover of the frames
+        (``"cover"``, ``grouping.cover_groups``: each frame at least once, g ≈ n/3
+        at gridsize 2). Pre-grouped input is checked and prepared as it is.
         """
+        if groups not in GROUPINGS:
+            raise ValueError(f"groups must be one of {', '.join(GROUPINGS)} (got {groups!r})")
         d = np.asarray(diffraction)
         pos = np.asarray(positions)
         if d.ndim == 3 and self.channels > 1:
             # flat frames: group them with their neighbours, as make_groups does in training
             pos = check_positions(pos, d.shape[0], 1)[:, 0]  # [n, 2]
             idx = group_neighbors(pos[:, 0], pos[:, 1], self.gridsize)
+            if groups == "cover":
+                idx = idx[cover_groups(idx, d.shape[0])]
             x = prepare_diffraction(d, self.N, 1, counts, self.intensity_scale)[:, 0]
             return x[idx], pos[idx]
         x = prepare_diffraction(d, self.N, self.channels, counts, self.intensity_scale)

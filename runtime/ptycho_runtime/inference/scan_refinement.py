@@ -60,6 +60,7 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 
 from ..reconstruction.geometry import frame_origin
+from ..reconstruction.grouping import GROUPINGS
 from ..reconstruction.probe_scale import normalise_probe
 from ..reconstruction.stitching import Reconstruction
 from ..refinement import DEFAULT_SWEEPS, Refiner, RefineResult, far_field_misfit, refine
@@ -108,6 +109,11 @@ class RefineSettings:
     (the default: the refined amplitude denoised at its own noise level,
     module docstring) or "none"; ``phase_ramp_every`` sweeps between fits of
     the object's phase ramp while the probe is fixed (built-in engine; 0: none);
+    ``start_groups`` which network groups ``Bundle.reconstruct`` predicts
+    for the start when gridsize > 1: "cover" (the default: each frame in at
+    least one group, ``grouping.cover_groups``; the refined object is the
+    same to 0.002 phase SSIM and the network's pass ~3× shorter,
+    docs/fidelity.md) or "all" (one group per frame, as without refinement);
     ``progress(done, sweeps)`` after each sweep.
     """
 
@@ -119,6 +125,7 @@ class RefineSettings:
     start: str = "auto"
     amplitude_prior: str = "tv"
     phase_ramp_every: int = DEFAULT_RAMP_EVERY
+    start_groups: str = "cover"
     progress: Optional[Callable[[int, int], None]] = None
 
     def __post_init__(self) -> None:
@@ -127,7 +134,8 @@ class RefineSettings:
                              "refinement off")
         for name, value, allowed in (("engine", self.engine, ENGINES), ("backend", self.backend, BACKENDS),
                                      ("start", self.start, START_CHOICES), ("device", self.device, ("cpu", "cuda")),
-                                     ("amplitude_prior", self.amplitude_prior, PRIORS)):
+                                     ("amplitude_prior", self.amplitude_prior, PRIORS),
+                                     ("start_groups", self.start_groups, GROUPINGS)):
             if value not in allowed:
                 raise ValueError(f"refine {name} must be one of {', '.join(allowed)} (got {value!r})")
         every = self.phase_ramp_every

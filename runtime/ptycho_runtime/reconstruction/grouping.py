@@ -101,3 +101,54 @@ def group_neighbors(
     if C == 1:
         return anchors[:, None].copy()
     return _nearest(np.stack([x, y], axis=1), anchors, C)
+
+
+GROUPINGS = ("all", "cover")
+"""Which groups a reconstruction predicts: every anchor's ("all") or a cover of the frames (``cover_groups``)."""
+
+
+def cover_groups(groups: np.ndarray, n: int) -> np.ndarray:
+    """Rows of ``groups`` [B, C] that together hold each of the ``n`` frames at least once, greedily few.
+
+    Why: with gridsize > 1 every frame anchors a group, so each frame is
+    predicted C times on average. A refinement only needs a start on every
+    frame's window, and predicting a cover (about a third of the groups at
+    C = 4 on a spiral) cuts the network's pass by as much at no measured cost
+    to the refined object (docs/fidelity.md, "Fewer network groups").
+
+    Greedy and deterministic: groups whose C frames are all still uncovered
+    are taken first (in row order), then those adding C − 1 new frames, and
+    so on; a group is only taken while its anchor (column 0) is uncovered.
+    Every frame anchors a group when ``groups`` has all n anchors, so the
+    last pass covers whatever is left. Returns the kept row indices, sorted.
+
+    Raises:
+        ValueError: ``groups`` is not [B, C] of indices below ``n``, or some
+            frame is in no group (a cover of all n frames is impossible).
+    """
+    g = np.asarray(groups)
+    if g.ndim != 2 or g.shape[1] < 1 or not np.issubdtype(g.dtype, np.integer):
+        raise ValueError(f"groups must be an integer array [B, C] (got {g.dtype} {g.shape})")
+    if g.size and (g.min() < 0 or g.max() >= n):
+        raise ValueError(f"group indices must lie in [0, {n}) (got {g.min()}..{g.max()})")
+    if np.unique(g).size != n:
+        raise ValueError(f"{n - np.unique(g).size} of the {n} frames are in no group, so no cover of them exists")
+    covered = np.zeros(n, dtype=bool)
+    keep = np.zeros(g.shape[0], dtype=bool)
+    for need in range(g.shape[1], 0, -1):
+        for row in np.flatnonzero(~keep & ~covered[g[:, 0]]):  # anchors still uncovered, in row order
+            members = g[row]
+            if not covered[members[0]] and np.count_nonzero(~covered[members]) >= need:
+                keep[row] = True
+                covered[members] = True
+    return np.flatnonzero(keep)
+
+
+def count_groups(xcoords: np.ndarray, ycoords: np.ndarray, gridsize: int, groups: str = "all") -> int:
+    """How many groups a scan of these positions is predicted as under the ``groups`` rule (for progress totals)."""
+    x, _ = checked_coordinates(xcoords, ycoords)
+    if groups not in GROUPINGS:
+        raise ValueError(f"groups must be one of {', '.join(GROUPINGS)} (got {groups!r})")
+    if groups == "all" or gridsize == 1:
+        return int(x.size)
+    return int(cover_groups(group_neighbors(xcoords, ycoords, gridsize), x.size).size)
