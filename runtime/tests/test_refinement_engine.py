@@ -509,3 +509,40 @@ def test_a_ramp_fit_takes_at_most_a_quarter_far_field_pixel_at_once(problem):
     fit = fit_phase_ramp(obj * ramp_factor(obj.shape, (far, 0.0)), amp, _probe(), starts)
     assert np.hypot(*fit.rad_per_px) <= 2 * np.pi * MAX_SHIFT_PX / N * (1 + 1e-9)
     assert fit.rad_per_px[0] < 0 and fit.applied  # towards the truth, and the frames fit better for it
+
+
+def test_the_auto_start_keeps_a_network_start_that_helps_and_drops_one_that_is_noise(problem):
+    """start="auto" tries the network's object, its phase and a flat object for two sweeps and finishes the best.
+
+    A start near the truth (what a network trained for the probe gives) is kept; a start of random phase (what
+    a network gives under a probe it never saw) fits worse than flat after two sweeps and is dropped for flat.
+    """
+    from dataclasses import replace
+
+    from ptycho_runtime.inference.scan_refinement import AUTO_STARTS, RefineSettings, refine_scan
+
+    obj, amp, pos, start, lit = problem
+    settings = RefineSettings(sweeps=6, refine_probe=False, amplitude_prior="none", phase_ramp_every=0)
+    assert RefineSettings().start == "auto" and set(AUTO_STARTS) == {"network", "network phase", "flat"}
+    near = replace(start, object=np.where(start.covered, obj * np.exp(0.05j), 1).astype(np.complex64))
+    good = refine_scan(near, amp, pos, _probe(), settings, probe_source="the test's probe").refinement
+    assert good["start"] in ("network", "network phase") and set(good["start_misfit"]) == set(AUTO_STARTS)
+    rng = np.random.default_rng(7)
+    noise = np.exp(1j * rng.uniform(-np.pi, np.pi, obj.shape)).astype(np.complex64)
+    wild = replace(start, object=np.where(start.covered, noise, 1).astype(np.complex64))
+    chosen = refine_scan(wild, amp, pos, _probe(), settings, probe_source="the test's probe")
+    assert chosen.refinement["start"] == "flat"
+    assert chosen.refinement["start_misfit"]["flat"] < min(chosen.refinement["start_misfit"][k]
+                                                         for k in ("network", "network phase"))
+    forced = refine_scan(wild, amp, pos, _probe(), replace(settings, start="network phase"),
+                         probe_source="the test's probe")
+    assert _error(chosen.object, obj, lit) < _error(forced.object, obj, lit)  # dropping the noise was right
+
+
+def test_a_flat_start_replaces_the_networks_only_when_it_fits_clearly_better():
+    from ptycho_runtime.inference.scan_refinement import FLAT_MARGIN, _choose_start
+
+    assert _choose_start({"network": 1.0, "network phase": 0.98, "flat": 0.97}) == "network phase"  # a near tie
+    assert _choose_start({"network": 1.0, "network phase": 1.2, "flat": 0.99 * FLAT_MARGIN}) == "flat"
+    assert _choose_start({"network": 1.0, "flat": 0.5}) == "flat" and _choose_start({"flat": 2.0}) == "flat"
+    assert _choose_start({"network": 1.0, "network phase": 2.0}) == "network"

@@ -16,16 +16,17 @@ Three decisions are made here, once for every caller:
   NPZ reader's rule; without one, the bundle's training probe is used and
   the record says so;
 - **the start**: ``start="auto"`` (the default) runs two sweeps from the
-  network's object and from its phase at the transmission level the data
-  imply (its amplitude set aside), and finishes whichever then fits the
-  measured patterns better. The network's phase is what one pattern cannot
-  give and the overlap gives slowly; its amplitude is the part that goes
-  wrong under a probe it was not trained for (docs/independent-scans.md).
-  Measured on the project's scan and two independent simulators' scans,
-  this ends within 0.003 phase SSIM of the better of the two on each. It
-  ends above a flat start on the project's scan. On the independent scans,
-  whose probes the network was not trained for, it ends level (ptychodus)
-  or 0.025 below (pty-chi) since the phase-ramp fits (docs/fidelity.md);
+  network's object, from its phase at the transmission level the data
+  imply (its amplitude set aside), and from a flat object, and finishes
+  whichever then fits the measured patterns best (flat only when clearly
+  better, ``FLAT_MARGIN``). The network's phase is
+  what one pattern cannot give and the overlap gives slowly; its amplitude
+  is the part that goes wrong under a probe it was not trained for
+  (docs/independent-scans.md). Under such a probe the network's start is
+  noise, fits worse than a flat one after two sweeps, and is dropped: on
+  the independent simulators' scans this picks the flat start (ending
+  level with the flat control rather than up to 0.025 below it), on the
+  project's scans the network's (ending above it; docs/fidelity.md);
 - **the probe**: ``refine_probe="auto"`` (the default) keeps the scan's
   probe guess fixed, then compares the misfit reached with the frames'
   Poisson noise floor (``refinement.noise_floor``). Far above it
@@ -73,9 +74,17 @@ from ..refinement.phase_ramp import fit_phase_ramp, ramp_factor
 log = logging.getLogger(__name__)
 
 START_CHOICES = ("auto", "network", "network phase", "flat")
-AUTO_STARTS = ("network", "network phase")
-"""What ``start="auto"`` compares. Not "flat": it fits the patterns fastest in the first sweeps (amplitude) yet ends
-worse on phase, which is the part the network is there for (docs/fidelity.md)."""
+NETWORK_STARTS = ("network", "network phase")
+"""The starts made from the network's object (``start_candidates``)."""
+AUTO_STARTS = NETWORK_STARTS + ("flat",)
+"""What ``start="auto"`` compares after ``TRIAL_SWEEPS`` (the built-in engine). "flat" is one of them since the
+phase-ramp fits: under a probe the network was not trained for its start is noise that the sweeps must undo
+(docs/fidelity.md, "The start, flat included")."""
+FLAT_MARGIN = 0.9
+"""A flat start replaces the network's only when its misfit after the trial sweeps is below this fraction of the
+best network start's: the network's start is kept unless the data clearly say it is worse. Measured ratios (flat
+over network): 0.17–0.75 on the scans where the flat start ends better (the independent simulators' scans, exact
+and defocused probes); 0.999–2.96 where the network's ends better (the project's scans, exact and defocused)."""
 MISFIT_SAMPLE = 256
 """Frames whose far-field misfit decides the start for engines that cannot be resumed (pty-chi), ~0.1 s."""
 TRIAL_SWEEPS = 2
@@ -104,8 +113,8 @@ class RefineSettings:
     True also updates the probe, False keeps it, "auto" (the default) keeps
     it unless the fit then stays far above the noise floor (module docstring;
     the built-in engine only: elsewhere "auto" keeps it); ``start`` "auto" (the default: whichever of the
-    network's object and its phase alone fits the data better after two
-    sweeps), "network", "network phase" or "flat"; ``amplitude_prior`` "tv"
+    network's object, its phase alone and a flat object fits the data best
+    after two sweeps), "network", "network phase" or "flat"; ``amplitude_prior`` "tv"
     (the default: the refined amplitude denoised at its own noise level,
     module docstring) or "none"; ``phase_ramp_every`` sweeps between fits of
     the object's phase ramp while the probe is fixed (built-in engine; 0: none);
@@ -190,7 +199,7 @@ def transmission_level(amplitude: np.ndarray, probe: np.ndarray) -> float:
 def start_candidates(obj: np.ndarray, covered: np.ndarray, level: float = 1.0) -> dict[str, np.ndarray]:
     """The starts a refinement can begin from: the network's object, its phase alone, a flat object.
 
-    ``start="auto"`` compares the first two (``AUTO_STARTS``).
+    ``start="auto"`` compares all three (``AUTO_STARTS``); a stream the first two (``NETWORK_STARTS``).
 
     "network phase" is the network's phase at the transmission ``level`` the
     data imply (``transmission_level``), not at the network's own amplitude.
@@ -250,12 +259,21 @@ def _refine_best_start(recon: Reconstruction, candidates: dict[str, np.ndarray],
         if progress is not None:
             progress(k + 1, settings.sweeps)
     misfit = {name: (r.misfit[-1] if r.misfit else float("nan")) for name, r in refiners.items()}
-    choice = min(misfit, key=misfit.get) if trial else next(iter(refiners))
+    choice = _choose_start(misfit) if trial else next(iter(refiners))
     every = 0 if settings.probe_refined_first else settings.phase_ramp_every  # a free probe absorbs a ramp
     result = _run_fitting_ramps(refiners[choice], settings.sweeps - trial, amp, starts, every, cancel,
                                 None if progress is None else (lambda d, _t: progress(d + trial, settings.sweeps)),
                                 fits)
     return refiners[choice], result, choice, misfit
+
+
+def _choose_start(misfit: dict[str, float]) -> str:
+    """The network start that fits best, or "flat" where it fits clearly better still (``FLAT_MARGIN``)."""
+    network = {name: value for name, value in misfit.items() if name != "flat"}
+    if not network:
+        return "flat"
+    best = min(network, key=network.get)
+    return "flat" if "flat" in misfit and misfit["flat"] < FLAT_MARGIN * network[best] else best
 
 
 def _misfit(obj: np.ndarray, amplitude: np.ndarray, probe: np.ndarray, starts: np.ndarray) -> float:
@@ -310,7 +328,9 @@ def refine_scan(recon: Reconstruction, amplitude: np.ndarray, positions: np.ndar
                          "sized to the scan (no grid shape), or refine=None")
     amp, pos, starts = amp[keep], pos[keep], starts[keep]
     candidates = start_candidates(recon.object, recon.covered, transmission_level(amp, P))
-    names = AUTO_STARTS if settings.start == "auto" else (settings.start,)
+    # pty-chi cannot be stopped for trial sweeps: a flat start would win on its raw misfit (its amplitude is right)
+    auto = AUTO_STARTS if settings.engine == "builtin" else NETWORK_STARTS
+    names = auto if settings.start == "auto" else (settings.start,)
     candidates = {name: candidates[name] for name in names}
     t0 = time.perf_counter()
     refiner: Optional[Refiner] = None

@@ -13,9 +13,10 @@ since (``close()`` finishes them).
 
 Decisions made once, on the first micro-batch refined, and kept for the
 scan: the probe's units (``normalise_probe`` on those frames) and the start
-("auto": the network's object or its phase alone, as
-``scan_refinement.refine_scan``, but judged by the candidates' own misfit on
-those frames, since a live stream has no time for trial sweeps).
+("auto": the network's object or its phase alone, judged by the candidates'
+own misfit on those frames, since a live stream has no time for the trial
+sweeps ``scan_refinement.refine_scan`` runs; a flat start is not a candidate
+here, because before any sweep it fits best for its right amplitude alone).
 
 The fit is judged against the frames' Poisson noise floor as in
 ``scan_refinement`` (``refinement.noise_floor``, averaged over the frames as
@@ -46,8 +47,8 @@ from ..refinement.batching import window_corners
 from ..refinement.noise_floor import poisson_floor
 from ..refinement.object_prior import apply_amplitude_prior, well_lit
 from .scan_refinement import (
-    AUTO_STARTS,
     MISFIT_SAMPLE,
+    NETWORK_STARTS,
     PROBE_SUSPECT,
     RefineSettings,
     frames_on_grid,
@@ -163,7 +164,7 @@ class StreamRefinement:
         candidates = start_candidates(canvas.object, canvas.covered, self._level)
         step = max(1, amp.shape[0] // MISFIT_SAMPLE)
         self._start_misfit = {name: far_field_misfit(candidates[name], amp[::step], self._P, starts[::step])
-                              for name in AUTO_STARTS}
+                              for name in NETWORK_STARTS}
         self._choice = (min(self._start_misfit, key=self._start_misfit.get) if s.start == "auto" else s.start)
         self._refiner = Refiner(self._as_start(canvas), self._P, backend=s.backend, device=s.device,
                                 refine_probe=s.probe_refined_first)
