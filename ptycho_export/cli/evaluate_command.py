@@ -121,6 +121,20 @@ def _refinement_name(summary: Mapping[str, Any]) -> str:
             + (", ramp fitted" if any(f.get("applied") for f in summary.get("phase_ramp_fits") or ()) else ""))
 
 
+def _start_line(refined: Mapping[str, Any]) -> str:
+    """Which start the refined row finished, and why, as the head of the gain line."""
+    start, misfit = refined.get("start"), refined.get("start_misfit") or {}
+    if refined.get("start_rule") != "auto" or start is None:
+        return f"The refined row's start ({start})"
+    if start != "flat":
+        return f"The network's start ({start!r}, the best fit after the trial sweeps)"
+    network = min((v for k, v in misfit.items() if k != "flat"), default=None)
+    ratio = f"{network / misfit['flat']:.1f}x " if network and misfit.get("flat") else ""
+    return (f"The refined row finished a flat start (start='auto': it fit the frames {ratio}better than the "
+            "network's after the trial sweeps, so the network's start was not used; a probe the bundle was not "
+            "trained for?)")
+
+
 def _ramp_cell(alignment: Mapping[str, Any]) -> str:
     """The removed phase ramp (rows, cols) in mrad/px, or "-" where none was (a known probe fixes it)."""
     ramp = alignment.get("phase_ramp_rad_per_px") or {"rows": 0.0, "cols": 0.0}
@@ -169,9 +183,12 @@ def print_evaluation(report: Mapping[str, Any], options: EvaluateOptions) -> Non
     gain = report.get("network_start_gain")
     if gain is not None:
         sweeps = report["refined"]["iterations"]
-        print(f"The network's start against a flat start, both after {sweeps} sweeps: phase SSIM "
+        flat = report["refined"].get("start") == "flat"
+        verdict = "both flat starts" if flat else "better" if gain["phase_ssim"] > 0 else "NOT better"
+        print(_start_line(report["refined"])
+              + f" against a flat start, both after {sweeps} sweeps: phase SSIM "
               f"{gain['phase_ssim']:+.3f}, amplitude SSIM {gain['amplitude_ssim']:+.3f}, phase PSNR "
-              f"{gain['phase_psnr_db']:+.2f} dB ({'better' if gain['phase_ssim'] > 0 else 'NOT better'} on phase)")
+              f"{gain['phase_psnr_db']:+.2f} dB ({verdict}{'' if flat else ' on phase'})")
     for ref in report.get("references", [])[1:]:
         print(f"  vs {ref['engine']} ({ref['iterations']} iterations, {ref['wall_time_s']:.1f} s): the network is "
               f"{ref['wall_time_s'] / report['network']['wall_time_s']:.1f}x faster"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import numpy as np
@@ -295,7 +296,9 @@ def test_evaluate_cli_reference_row_and_speedup(make_bundle, capsys, tmp_path):
                              "--reference-iterations", "2", "--refine", "2")
     assert code == 0, err
     assert "ePIE (2 it)" in out and "LSQML (2 it)" in out  # both in one table, from one invocation
-    assert "The network's start against a flat start, both after 2 sweeps: phase SSIM" in out
+    head = (r"(The network's start \('network( phase)?', the best fit after the trial sweeps\)|"
+            r"The refined row finished a flat start \(start='auto': it fit the frames [0-9.]+x better .*\))")
+    assert re.search(head + r" against a flat start, both after 2 sweeps: phase SSIM", out), out
     assert "pty-chi epie: 2/2 iterations" in err and "pty-chi lsqml: 2/2 iterations" in err  # progress lines
 
 
@@ -389,3 +392,14 @@ def test_evaluate_refines_from_a_cover_of_the_frames_and_says_so(make_bundle, ca
     code, _, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--refine", "2",
                            "--start-groups", "half")
     assert code == 2 and "--start-groups" in err
+
+
+def test_the_gain_line_says_which_start_auto_finished_and_why():
+    from ptycho_export.cli.evaluate_command import _start_line
+
+    flat = _start_line({"start": "flat", "start_rule": "auto",
+                        "start_misfit": {"network": 0.02, "network phase": 0.01, "flat": 0.005}})
+    assert "finished a flat start" in flat and "2.0x better" in flat and "was not used" in flat
+    assert _start_line({"start": "network phase", "start_rule": "auto", "start_misfit": {}}).startswith(
+        "The network's start ('network phase'")
+    assert _start_line({"start": "network", "start_rule": "network"}) == "The refined row's start (network)"
