@@ -328,7 +328,7 @@ def refine_scan(recon: Reconstruction, amplitude: np.ndarray, positions: np.ndar
                          "sized to the scan (no grid shape), or refine=None")
     amp, pos, starts = amp[keep], pos[keep], starts[keep]
     candidates = start_candidates(recon.object, recon.covered, transmission_level(amp, P))
-    # pty-chi cannot be stopped for trial sweeps: a flat start would win on its raw misfit (its amplitude is right)
+    # pty-chi cannot be stopped for trial sweeps, and the raw misfit does not tell when a flat start would do better
     auto = AUTO_STARTS if settings.engine == "builtin" else NETWORK_STARTS
     names = auto if settings.start == "auto" else (settings.start,)
     candidates = {name: candidates[name] for name in names}

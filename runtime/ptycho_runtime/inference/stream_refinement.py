@@ -16,7 +16,9 @@ scan: the probe's units (``normalise_probe`` on those frames) and the start
 ("auto": the network's object or its phase alone, judged by the candidates'
 own misfit on those frames, since a live stream has no time for the trial
 sweeps ``scan_refinement.refine_scan`` runs; a flat start is not a candidate
-here, because before any sweep it fits best for its right amplitude alone).
+here: before any sweep the network's phase fits better than flat on every
+scan measured, even on those where after two sweeps it no longer does, so
+the raw misfit cannot tell when to drop it; docs/fidelity.md).
 
 The fit is judged against the frames' Poisson noise floor as in
 ``scan_refinement`` (``refinement.noise_floor``, averaged over the frames as
