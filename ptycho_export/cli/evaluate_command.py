@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from ptycho_runtime.refinement.phase_ramp import DEFAULT_EVERY as DEFAULT_RAMP_EVERY
+from ptycho_runtime.inference.scan_refinement import RefineSettings
 
 from .errors import EXIT_OK, CliError
 from .output import METRIC_ROWS, metric_cell, plain, print_json, table, write_text_atomic
@@ -34,7 +34,8 @@ class EvaluateOptions:
     refine_backend: str = "auto"
     refine_probe: str = "auto"
     amplitude_prior: str = "tv"
-    phase_ramp_every: int = DEFAULT_RAMP_EVERY
+    phase_ramp_every: int = RefineSettings.phase_ramp_every
+    phase_field_every: int = RefineSettings.phase_field_every
     align: str = "none"
     refine_start: str = "auto"
     start_groups: str = "cover"
@@ -92,6 +93,7 @@ def run_evaluate(options: EvaluateOptions) -> dict[str, Any]:
                                       "refine_probe": probe_rule(options.refine_probe), "start": options.refine_start,
                                       "amplitude_prior": options.amplitude_prior,
                                       "phase_ramp_every": options.phase_ramp_every,
+                                      "phase_field_every": options.phase_field_every,
                                       "start_groups": options.start_groups},
                       align=options.align)
     except NoGroundTruthError as exc:
@@ -206,6 +208,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                               refine_engine=args.refine_engine, refine_backend=args.refine_backend,
                               refine_probe=args.refine_probe, refine_start=args.refine_start, align=args.align,
                               amplitude_prior=args.amplitude_prior, phase_ramp_every=args.phase_ramp_every,
+                              phase_field_every=args.phase_field_every,
                               start_groups=args.start_groups, output=args.output, figure=args.figure,
                               min_weight=args.min_weight,
                               no_register=args.no_register, keep_amplitude_scale=args.keep_amplitude_scale,

@@ -320,8 +320,13 @@ def _add_evaluate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="the refined rows' last step: tv (the refined amplitude denoised at its own noise level) "
                         "or none (the data-only object) (default: %(default)s)")
     p.add_argument("--phase-ramp-every", type=int, default=EvaluateOptions.phase_ramp_every, metavar="N",
-                   help="with the probe fixed, fit the object's phase ramp to the frames after every N sweeps: the "
-                        "mode the sweeps remove slowest (0: never; default: %(default)s)")
+                   help="with the probe fixed, also fit the object's global phase ramp alone to a sample of the "
+                        "frames after every N sweeps (the phase field's fits include the ramp; 0: never; default: "
+                        "%(default)s)")
+    p.add_argument("--phase-field-every", type=int, default=EvaluateOptions.phase_field_every, metavar="N",
+                   help="with the probe fixed, fit the object's slowly varying phase (a smooth field, ramp included) "
+                        "to every frame's local ramp after every N sweeps: what the sweeps remove slowest "
+                        "(0: never; default: %(default)s)")
     p.add_argument("--start-groups", choices=GROUPINGS, default=EvaluateOptions.start_groups,
                    help="gridsize > 1: the refined row's network predicts a cover of the frames (each in at least "
                         "one group, about a third of them) or all groups, as the network row does "

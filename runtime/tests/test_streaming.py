@@ -178,6 +178,10 @@ def test_a_refined_stream_fits_the_data_better_and_its_snapshots_are_valid(b1, s
     assert rec["streamed"] and rec["sweeps"] == sweeps and rec["sweeps_requested"] == sweeps
     assert rec["frames_refined"] == d.shape[0] and rec["frames_outside_grid"] == 0 and not rec["cancelled"]
     assert rec["sweeps_total"] > sweeps  # sweeps ran between micro-batches too
+    # the slow phase was fitted every phase_field_every sweeps of the stream's total, over the frames seen then
+    every = settings.phase_field_every
+    assert rec["phase_field_every"] == every and [f["after_sweep"] for f in rec["phase_field_fits"]] == list(
+        range(every, rec["sweeps_total"] + 1, every))
     # a stream keeps the probe under the default "auto" rule (it cannot rerun); the object goes with that probe
     assert rec["probe_source"] == "the bundle's training probe" and rec["probe_updated"] is False
     assert rec["probe_rule"] == "auto"

@@ -160,7 +160,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     settings = RefineSettings(engine=args.refine_engine, backend=args.refine_backend,
                               refine_probe=probe_rule(args.refine_probe), start=args.refine_start,
                               amplitude_prior=args.amplitude_prior, phase_ramp_every=args.phase_ramp_every,
-                              start_groups=args.start_groups)
+                              phase_field_every=args.phase_field_every, start_groups=args.start_groups)
     run_infer(args.bundle, args.scan, args.output, args.png, args.backend, args.device, args.precision,
               args.batch_size, args.units, args.counts, args.position_centre, args.refine, args.align_phase,
               align=args.align, refine_settings=settings, accept_mismatch=args.accept_mismatch)
@@ -216,8 +216,13 @@ def add_infer_command(sub: argparse._SubParsersAction) -> None:
                    help="after the sweeps: tv denoises the refined amplitude at the strength of its own shot noise "
                         "(the fit stays at the noise floor); none keeps the data-only object (default: %(default)s)")
     p.add_argument("--phase-ramp-every", type=int, default=RefineSettings.phase_ramp_every, metavar="N",
-                   help="with the probe fixed, fit the object's phase ramp to the frames after every N sweeps: the "
-                        "mode the sweeps remove slowest (0: never; default: %(default)s)")
+                   help="with the probe fixed, also fit the object's global phase ramp alone to a sample of the "
+                        "frames after every N sweeps (the phase field's fits include the ramp; 0: never; default: "
+                        "%(default)s)")
+    p.add_argument("--phase-field-every", type=int, default=RefineSettings.phase_field_every, metavar="N",
+                   help="with the probe fixed, fit the object's slowly varying phase (a smooth field, ramp included) "
+                        "to every frame's local ramp after every N sweeps: what the sweeps remove slowest "
+                        "(0: never; default: %(default)s)")
     p.add_argument("--start-groups", choices=GROUPINGS, default=RefineSettings.start_groups,
                    help="gridsize > 1, refining: the network predicts a cover of the frames (each in at least one "
                         "group, about a third of them: a faster start, the same refined object) or all groups "

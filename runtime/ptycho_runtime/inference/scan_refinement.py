@@ -68,7 +68,9 @@ from ..refinement import DEFAULT_SWEEPS, Refiner, RefineResult, far_field_misfit
 from ..refinement.engine import BACKENDS, ENGINES
 from ..refinement.noise_floor import poisson_floor
 from ..refinement.object_prior import PRIORS, apply_amplitude_prior, well_lit
-from ..refinement.phase_ramp import DEFAULT_EVERY as DEFAULT_RAMP_EVERY
+from ..refinement.phase_field import DEFAULT_EVERY as DEFAULT_FIELD_EVERY
+from ..refinement.phase_field import SPACING as PHASE_FIELD_SPACING
+from ..refinement.phase_field import PhaseField
 from ..refinement.phase_ramp import fit_phase_ramp, ramp_factor
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,11 @@ TRIAL_SWEEPS = 2
 PROBE_SUSPECT = 4.0
 """Misfit over the Poisson floor above which a fixed probe guess is judged wrong. Measured after 30 sweeps: 0.93–1.15
 with the exact probe (the project's scan and two independent simulators'), 9.0–58 with it defocused by 6 or 12 rad."""
+
+PROBE_RETRY_SWEEPS = 30
+"""Sweeps at least, when the probe is refined after its guess failed (``refine_probe="auto"``): no phase fits help
+a free probe (it absorbs their ramp), and from a guess defocused by 12 rad 16 sweeps reach phase SSIM 0.74, 30
+reach 0.85 (docs/fidelity.md)."""
 
 PROBE_RULE_NAMES = {"auto": "auto", "on": True, "off": False}
 """The command lines' words for ``RefineSettings.refine_probe`` (``--refine-probe [auto|on|off]``)."""
@@ -133,7 +140,8 @@ class RefineSettings:
     refine_probe: Union[bool, str] = "auto"
     start: str = "auto"
     amplitude_prior: str = "tv"
-    phase_ramp_every: int = DEFAULT_RAMP_EVERY
+    phase_ramp_every: int = 0
+    phase_field_every: int = DEFAULT_FIELD_EVERY
     start_groups: str = "cover"
     progress: Optional[Callable[[int, int], None]] = None
 
@@ -147,11 +155,19 @@ class RefineSettings:
                                      ("start_groups", self.start_groups, GROUPINGS)):
             if value not in allowed:
                 raise ValueError(f"refine {name} must be one of {', '.join(allowed)} (got {value!r})")
-        every = self.phase_ramp_every
-        if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 0:
-            raise ValueError(f"phase_ramp_every must be an integer >= 0 (0: no ramp fits; got {every!r})")
+        for name, every in (("phase_ramp_every", self.phase_ramp_every), ("phase_field_every", self.phase_field_every)):
+            if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 0:
+                raise ValueError(f"{name} must be an integer >= 0 (0: no such fits; got {every!r})")
         if not (isinstance(self.refine_probe, (bool, np.bool_)) or self.refine_probe == "auto"):
             raise ValueError(f"refine_probe must be True, False or 'auto' (got {self.refine_probe!r})")
+
+    @property
+    def phase_fit_periods(self) -> dict[str, int]:
+        """Sweeps between fits of each kind of slow phase (none with a probe refined from the start: it absorbs
+        them)."""
+        if self.probe_refined_first:
+            return {"phase_field": 0, "phase_ramp": 0}
+        return {"phase_field": int(self.phase_field_every), "phase_ramp": int(self.phase_ramp_every)}
 
     @property
     def probe_refined_first(self) -> bool:
@@ -210,37 +226,50 @@ def start_candidates(obj: np.ndarray, covered: np.ndarray, level: float = 1.0) -
     return {"network": network, "network phase": phase_only.astype(np.complex64), "flat": np.ones_like(network)}
 
 
-def _run_fitting_ramps(refiner: Refiner, sweeps: int, amp: np.ndarray, starts: np.ndarray, every: int,
+def _run_fitting_phase(refiner: Refiner, sweeps: int, amp: np.ndarray, starts: np.ndarray, every: dict[str, int],
                        cancel: Optional[Any], progress: Optional[Callable[[int, int], None]],
-                       fits: list[dict[str, Any]]) -> RefineResult:
-    """``refiner.run(sweeps)``, with the object's phase ramp fitted after every ``every``-th sweep of its total.
+                       fits: dict[str, list[dict[str, Any]]]) -> RefineResult:
+    """``refiner.run(sweeps)``, fitting the object's slow phase after every ``every[kind]``-th sweep of its total.
 
-    Each fit (``phase_ramp.fit_phase_ramp``, with the refiner's probe) is
-    applied only when it lowers the sampled misfit, and appended to ``fits``.
+    Kinds: "phase_field" (``phase_field.PhaseField``: the smooth phase, ramp
+    included) and "phase_ramp" (``phase_ramp.fit_phase_ramp``: the global
+    ramp alone, on a sample of the frames), both with the refiner's probe;
+    each fit is applied only when it lowers its misfit, and its record is
+    appended to ``fits[kind]``. 0 turns a kind off.
     """
+    field: Optional[PhaseField] = None
     done = 0
     result = refiner.run(0) if sweeps == 0 else None
     while done < sweeps:
-        chunk = min(sweeps - done, every - refiner.sweeps_run % every) if every else sweeps - done
+        chunk = sweeps - done
+        for period in every.values():
+            if period:
+                chunk = min(chunk, period - refiner.sweeps_run % period)
         base = done
         result = refiner.run(chunk, cancel=cancel, progress=None if progress is None else (
             lambda d, _t, base=base: progress(base + d, sweeps)))
         done += chunk
-        if every and refiner.sweeps_run % every == 0:
-            fit = fit_phase_ramp(result.reconstruction.object, amp, result.probe, starts)
-            fits.append(fit.record(refiner.sweeps_run))
-            if fit.applied:
-                factor = ramp_factor(result.reconstruction.object.shape, fit.rad_per_px)
+        for kind, period in every.items():
+            if not period or refiner.sweeps_run % period:
+                continue
+            obj = result.reconstruction.object
+            if kind == "phase_field":
+                field = field or PhaseField(obj.shape, result.probe, starts)
+                factor, fit = field.fit(obj, amp, result.probe)
+            else:
+                fit = fit_phase_ramp(obj, amp, result.probe, starts)
+                factor = ramp_factor(obj.shape, fit.rad_per_px) if fit.applied else None
+            fits[kind].append(fit.record(refiner.sweeps_run))
+            if factor is not None:
                 refiner.multiply_object(factor)
-                if done == sweeps:  # the result with the last fit applied (its record kept: misfit per sweep)
-                    result = replace(result, reconstruction=replace(result.reconstruction,
-                                                                    object=result.reconstruction.object * factor))
+                # the result carries the fit (its record kept: misfit per sweep)
+                result = replace(result, reconstruction=replace(result.reconstruction, object=obj * factor))
     return result
 
 
 def _refine_best_start(recon: Reconstruction, candidates: dict[str, np.ndarray], amp: np.ndarray, pos: np.ndarray,
                        starts: np.ndarray, probe: np.ndarray, settings: RefineSettings, cancel: Optional[Any],
-                       fits: list[dict[str, Any]]) -> tuple[Refiner, RefineResult, str, dict[str, float]]:
+                       fits: dict[str, list[dict[str, Any]]]) -> tuple[Refiner, RefineResult, str, dict[str, float]]:
     """Run ``TRIAL_SWEEPS`` from each candidate start, keep the one that then fits the data best, finish it.
 
     A start is judged by where a few sweeps take it, not by its own misfit:
@@ -260,9 +289,9 @@ def _refine_best_start(recon: Reconstruction, candidates: dict[str, np.ndarray],
             progress(k + 1, settings.sweeps)
     misfit = {name: (r.misfit[-1] if r.misfit else float("nan")) for name, r in refiners.items()}
     choice = _choose_start(misfit) if trial else next(iter(refiners))
-    every = 0 if settings.probe_refined_first else settings.phase_ramp_every  # a free probe absorbs a ramp
-    result = _run_fitting_ramps(refiners[choice], settings.sweeps - trial, amp, starts, every, cancel,
-                                None if progress is None else (lambda d, _t: progress(d + trial, settings.sweeps)),
+    result = _run_fitting_phase(refiners[choice], settings.sweeps - trial, amp, starts, settings.phase_fit_periods,
+                                cancel, None if progress is None else (lambda d, _t: progress(d + trial,
+                                                                                              settings.sweeps)),
                                 fits)
     return refiners[choice], result, choice, misfit
 
@@ -334,10 +363,11 @@ def refine_scan(recon: Reconstruction, amplitude: np.ndarray, positions: np.ndar
     candidates = {name: candidates[name] for name in names}
     t0 = time.perf_counter()
     refiner: Optional[Refiner] = None
-    ramp_fits: list[dict[str, Any]] = []
+    phase_fits: dict[str, list[dict[str, Any]]] = {"phase_field": [], "phase_ramp": []}
+    sweeps_run = settings.sweeps
     if settings.engine == "builtin":
         refiner, result, choice, misfit = _refine_best_start(recon, candidates, amp, pos, starts, P, settings,
-                                                             cancel, ramp_fits)
+                                                             cancel, phase_fits)
     else:  # another engine cannot be stopped and resumed here: the starts are compared as they are
         misfit = {name: _misfit(obj, amp, P, starts) for name, obj in candidates.items()}
         choice = min(misfit, key=misfit.get)
@@ -354,12 +384,13 @@ def refine_scan(recon: Reconstruction, amplitude: np.ndarray, positions: np.ndar
                     "the probe refined", probe_source, fit)
         retry = Refiner(replace(recon, object=candidates[choice]), P, backend=settings.backend,
                         device=settings.device, refine_probe=True).add_frames(amp, pos)
-        second = retry.run(settings.sweeps, cancel=cancel, progress=settings.progress)
+        retry_sweeps = max(settings.sweeps, PROBE_RETRY_SWEEPS)
+        second = retry.run(retry_sweeps, cancel=cancel, progress=settings.progress)
         second_fit = _fit_over_floor(second, floor)
         probe_check.update(fixed_misfit_over_floor=fit, refined_probe_misfit_over_floor=second_fit)
         if second_fit is not None and second_fit < fit:  # the better fit is kept: a free probe can also run off
-            refiner, result, fit = retry, second, second_fit
-            ramp_fits = []  # the result kept had none
+            refiner, result, fit, sweeps_run = retry, second, second_fit, retry_sweeps
+            phase_fits = {kind: [] for kind in phase_fits}  # the result kept had none
     probe_check["misfit_over_floor"] = fit  # of the result kept
     _warn_if_poor_fit(fit, bool(result.record.get("probe_updated")))
     obj, prior = apply_amplitude_prior(result.reconstruction.object, well_lit(recon.weight), recon.covered,
@@ -370,19 +401,22 @@ def refine_scan(recon: Reconstruction, amplitude: np.ndarray, positions: np.ndar
         prior["misfit_over_floor"] = after / floor if floor else None
     wall_s = time.perf_counter() - t0
     record = {k: v for k, v in result.record.items() if k != "misfit"}
+    fixed_fits_off = bool(record.get("probe_updated")) or settings.engine != "builtin"  # what the kept result ran
     record.update(probe_check)
     record.update({
         "start": choice, "start_rule": settings.start, "start_misfit": misfit, "wall_s": wall_s,
-        "sweeps": settings.sweeps, "sweeps_requested": settings.sweeps,
+        "sweeps": sweeps_run, "sweeps_requested": settings.sweeps,
         "misfit_per_sweep": [float(v) for v in (refiner.misfit if refiner is not None
                                                 else result.record.get("misfit", []))],
         "probe_source": probe_source + (", refined" if record.get("probe_updated") else ""),
         "probe_scale": scale_note, "frames_refined": int(keep.sum()), "frames_outside_grid": int((~keep).sum()),
         "amplitude_prior": prior,
         # what the kept result ran: no fits with a free probe or another engine
-        "phase_ramp_every": 0 if record.get("probe_updated") or settings.engine != "builtin"
-        else settings.phase_ramp_every,
-        "phase_ramp_fits": ramp_fits,
+        "phase_ramp_every": 0 if fixed_fits_off else settings.phase_ramp_every,
+        "phase_ramp_fits": phase_fits["phase_ramp"],
+        "phase_field_every": 0 if fixed_fits_off else settings.phase_field_every,
+        "phase_field_spacing_px": PHASE_FIELD_SPACING,
+        "phase_field_fits": phase_fits["phase_field"],
     })
     refined = np.where(recon.covered, obj, np.complex64(fill)).astype(np.complex64)
     return replace(result.reconstruction, object=refined, probe=result.probe, refinement=record)

@@ -26,6 +26,12 @@ they come): each picture's record holds ``misfit_over_floor``, and a stream
 whose sweeps are done far above the floor (``PROBE_SUSPECT``) warns once, with
 the fix. A stream cannot rerun with the probe refined, as a whole scan does.
 
+The object's slow phase is fitted every ``phase_field_every`` sweeps (of
+the stream's total) over all frames seen so far, as ``scan_refinement``
+does (``refinement.phase_field``), while the probe is fixed; the field
+extends smoothly past the frames seen, and pixels no frame has read yet
+still take the next network canvas.
+
 The amplitude prior of the settings (``refinement.object_prior``) is applied
 to a picture only once every frame seen has had its sweeps (``owed`` is 0),
 and never fed back into the sweeps: it removes the grain of a converged
@@ -48,6 +54,7 @@ from ..refinement import RefinementCancelled, Refiner, far_field_misfit
 from ..refinement.batching import window_corners
 from ..refinement.noise_floor import poisson_floor
 from ..refinement.object_prior import apply_amplitude_prior, well_lit
+from ..refinement.phase_field import PhaseField
 from .scan_refinement import (
     MISFIT_SAMPLE,
     NETWORK_STARTS,
@@ -104,6 +111,10 @@ class StreamRefinement:
         self._floor_unknown = False  # some frames are not counts: no floor is claimed
         self._warned = False
         self.frames_repeated = 0
+        self._amplitudes: list[np.ndarray] = []  # every frame refined, for the phase-field fits
+        self._starts: list[np.ndarray] = []
+        self._field: Optional[PhaseField] = None
+        self._field_fits: list[dict[str, Any]] = []
 
     @property
     def owed(self) -> int:
@@ -153,6 +164,9 @@ class StreamRefinement:
                 self._begin(canvas, amp, pos, starts)
             else:
                 self._refiner.add_frames(amp, pos, start=self._as_start(canvas))
+            self._amplitudes.append(amp)
+            self._starts.append(starts)
+            self._field = None  # made again for the frames now held
             rows, cols, _ = window_corners(starts)
             side = self.N + 1
             for r, c in zip(rows, cols, strict=True):
@@ -196,10 +210,27 @@ class StreamRefinement:
                     break
                 self.sweeps_since_add += 1
                 done += 1
-                self._publish(result.reconstruction.object, result.probe, result.record)
+                obj = self._fit_phase_field(result.reconstruction.object, result.probe)
+                self._publish(obj, result.probe, result.record)
                 if self.settings.progress is not None:
                     self.settings.progress(self.sweeps_since_add, self.settings.sweeps)
         return done
+
+    def _fit_phase_field(self, obj: np.ndarray, probe: np.ndarray) -> np.ndarray:
+        """``obj`` with the slow phase fitted to every frame seen, when a fit is due (else as it is)."""
+        every = self.settings.phase_fit_periods["phase_field"]
+        r = self._refiner
+        if not every or r.sweeps_run % every:
+            return obj
+        if self._field is None:
+            self._field = PhaseField(obj.shape, probe, np.concatenate(self._starts))
+            self._amplitude_all = np.concatenate(self._amplitudes)
+        factor, fit = self._field.fit(obj, self._amplitude_all, probe)
+        self._field_fits.append(fit.record(r.sweeps_run))
+        if factor is None:
+            return obj
+        r.multiply_object(factor)
+        return obj * factor
 
     @property
     def noise_floor(self) -> Optional[float]:
@@ -240,6 +271,8 @@ class StreamRefinement:
             "probe_scale": self._scale_note, "frames_refined": r.n_frames,
             "frames_outside_grid": self.frames_outside_grid, "frames_repeated": self.frames_repeated,
             "noise_floor": self.noise_floor, "misfit_over_floor": fit, "probe_suspect_above": PROBE_SUSPECT,
+            "phase_field_every": self.settings.phase_fit_periods["phase_field"],
+            "phase_field_fits": list(self._field_fits),
         })
         with self._view_lock:
             self._view = (obj, probe, self._mask.copy(), record)

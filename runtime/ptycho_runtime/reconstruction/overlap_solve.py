@@ -34,7 +34,7 @@ wavelengths at once. Measured in ``docs/fidelity.md``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -263,7 +263,9 @@ def _tree_start(G: int, gi: np.ndarray, gj: np.ndarray, m: dict[str, np.ndarray]
     return offset, np.array([root(a) for a in range(G)])
 
 
-def _cg(matvec, b: np.ndarray, precond, tol: float = 1e-6, maxiter: int = 2000) -> np.ndarray:
+def conjugate_gradients(matvec: Callable[[np.ndarray], np.ndarray], b: np.ndarray,
+                        precond: Callable[[np.ndarray], np.ndarray], tol: float = 1e-6,
+                        maxiter: int = 2000) -> np.ndarray:
     """Preconditioned conjugate gradients for a symmetric positive semi-definite system (b in its range)."""
     x = np.zeros_like(b)
     r = b.copy()
@@ -356,7 +358,7 @@ def _solve_planes(G: int, gi: np.ndarray, gj: np.ndarray, m: dict[str, np.ndarra
     atb = (np.bincount(idx_i, np.matmul(Ci.transpose(0, 2, 1), rhs[:, :, None]).ravel(), minlength=n)
            + np.bincount(idx_j, np.matmul(Cj.transpose(0, 2, 1), rhs[:, :, None]).ravel(), minlength=n))
     inv = np.linalg.inv(blocks)  # block-Jacobi preconditioner
-    x = _cg(AtA, atb, lambda r: np.matmul(inv, r.reshape(G, k)[:, :, None]).ravel())
+    x = conjugate_gradients(AtA, atb, lambda r: np.matmul(inv, r.reshape(G, k)[:, :, None]).ravel())
     return _expand(x.reshape(G, k), part)
 
 
@@ -499,7 +501,7 @@ def _solve_log_scales(G: int, gi: np.ndarray, gj: np.ndarray, rho: np.ndarray, w
 
     b = np.bincount(gi, -sw * sw * rho, minlength=G) - np.bincount(gj, -sw * sw * rho, minlength=G)
     diag = np.bincount(gi, sw * sw, minlength=G) + np.bincount(gj, sw * sw, minlength=G) + 1e-12
-    s = _cg(AtA, b, lambda r: r / diag)
+    s = conjugate_gradients(AtA, b, lambda r: r / diag)
     for c in np.unique(label):
         sel = label == c
         s[sel] -= s[sel].mean()

@@ -24,8 +24,11 @@ from .result import CancelFn, ProgressFn, RefinementCancelled, RefineResult, can
 
 # measured on the held-out realistic scan (docs/fidelity.md, "Batched refinement" and "The default path"): with
 # rPIE's α = 0.3, 20 sweeps from the network's object reach phase SSIM 0.858 and 30 reach 0.959, above pty-chi's
-# LSQML run to 200 epochs (0.900) in one second more; ePIE's α = 1 gives 0.736 at 20 and needs about 40 for 0.86
-DEFAULT_SWEEPS = 30
+# LSQML run to 200 epochs (0.900) in one second more; ePIE's α = 1 gives 0.736 at 20 and needs about 40 for 0.86.
+# The scan path (inference.scan_refinement) also fits the object's slow phase every 4 sweeps
+# (refinement.phase_field), which reaches more in 16 sweeps (0.975-0.980) than the sweeps alone in 30 (0.965), so 16
+# is the default everywhere; this engine's own run(), without those fits, takes the same number
+DEFAULT_SWEEPS = 16
 DEFAULT_MOMENTUM = 0.9
 # momentum steps per sweep: the sweep's batches (in their random order) are split in this many parts and the
 # momentum applied after each. Twice per sweep (mPIE applies it every T positions, not once per pass) lifted the

@@ -28,6 +28,36 @@ except ImportError:  # a runtime without scipy computes the same transforms with
 TINY = 1e-20  # |Ψ| below this has no phase to keep: no correction there (every backend does the same)
 
 
+def window_view(obj: np.ndarray, N: int) -> np.ndarray:
+    """A writeable [H−N, W−N, N+1, N+1] view of a canvas: [r, c] is the window with corner (r, c).
+
+    Indexing it with a batch's corners copies whole window rows at once (several
+    times faster than a flat fancy index per pixel); writing through it is safe
+    when no two windows of a batch share a pixel.
+    """
+    H, W = obj.shape
+    side = N + 1
+    sr, sc = obj.strides
+    return np.lib.stride_tricks.as_strided(obj, (H - side + 1, W - side + 1, side, side), (sr, sc, sr, sc))
+
+
+def interpolate_windows(s: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """[B, N, N] bilinear reads of windows ``s`` [B, N+1, N+1] with corner weights [B, 4] (``window_corners``).
+
+    Separably and as lerps, rows then columns (the corner weights are products (1−fy|fy)·(1−fx|fx)).
+    """
+    w = weights[:, :, None, None]
+    fy = w[:, 2] + w[:, 3]  # [B, 1, 1]
+    fx = w[:, 1] + w[:, 3]
+    rows = s[:, 1:] - s[:, :-1]
+    rows *= fy
+    rows += s[:, :-1]
+    o = rows[:, :, 1:] - rows[:, :, :-1]
+    o *= fx
+    o += rows[:, :, :-1]
+    return o
+
+
 class NumpyBackend:
     """Holds the object canvas and probe as numpy arrays and updates them one batch at a time."""
 
@@ -84,16 +114,7 @@ class NumpyBackend:
         self._before = None
 
     def _windows(self) -> np.ndarray:
-        """A writeable [H−N, W−N, N+1, N+1] view of the canvas: [r, c] is the window with corner (r, c).
-
-        Indexing it with a batch's corners copies whole window rows at once (several
-        times faster than a flat fancy index per pixel); writing through it is safe
-        because no two windows of a batch share a pixel.
-        """
-        H, W = self.obj.shape
-        side = self.N + 1
-        sr, sc = self.obj.strides
-        return np.lib.stride_tricks.as_strided(self.obj, (H - side + 1, W - side + 1, side, side), (sr, sc, sr, sc))
+        return window_view(self.obj, self.N)
 
     def _step(self, measured: np.ndarray, s: np.ndarray, weights: np.ndarray):
         """From the batch's windows ``s`` [B, N+1, N+1]: (patches O, F⁻¹(Ψ' − Ψ)/N², Σ misfit, weights).
@@ -104,15 +125,7 @@ class NumpyBackend:
         number of passes over it, not into memory traffic (profiled).
         """
         w = weights[:, :, None, None]
-        fy = w[:, 2] + w[:, 3]  # [B, 1, 1]: the corner weights are (1−fy|fy)·(1−fx|fx)
-        fx = w[:, 1] + w[:, 3]
-        # bilinear read, separably and as lerps: rows, then columns
-        rows = s[:, 1:] - s[:, :-1]
-        rows *= fy
-        rows += s[:, :-1]
-        o = rows[:, :, 1:] - rows[:, :, :-1]
-        o *= fx
-        o += rows[:, :, :-1]
+        o = interpolate_windows(s, weights)
         N = self.N
         n2 = np.float32(N**2)
         # Ψ/N², the spectrum in norm="forward" units: numpy 2.4's unscaled complex64 transforms (fft2's default,
