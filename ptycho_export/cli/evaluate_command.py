@@ -120,6 +120,7 @@ def _refinement_name(summary: Mapping[str, Any]) -> str:
     what = f"pty-chi {summary.get('algorithm', '')}".strip() if engine == "ptychi" else summary.get("backend", "")
     return (f"{summary['iterations']} sweeps, {what}" + (", probe refined" if summary.get("probe_updated") else "")
             + (", TV amplitude" if (summary.get("amplitude_prior") or {}).get("applied") else "")
+            + (", slow phase fitted" if any(f.get("applied") for f in summary.get("phase_field_fits") or ()) else "")
             + (", ramp fitted" if any(f.get("applied") for f in summary.get("phase_ramp_fits") or ()) else ""))
 
 
@@ -185,6 +186,8 @@ def print_evaluation(report: Mapping[str, Any], options: EvaluateOptions) -> Non
     gain = report.get("network_start_gain")
     if gain is not None:
         sweeps = report["refined"]["iterations"]
+        if report["refine_control"].get("iterations", sweeps) != sweeps:  # a probe refined after its guess failed
+            sweeps = f"{sweeps} and {report['refine_control']['iterations']}"
         flat = report["refined"].get("start") == "flat"
         verdict = "both flat starts" if flat else "better" if gain["phase_ssim"] > 0 else "NOT better"
         print(_start_line(report["refined"])
