@@ -12,7 +12,10 @@ Paths (group ``refine_N64_n{frames}``):
 - ``amplitude_prior``: one application of the amplitude prior that ends every
   refinement (``object_prior.apply_amplitude_prior``, TV at the noise level) to
   the scan's object with 2 % noise, for scale against a sweep (its row's
-  "sweeps/s" is applications per second).
+  "sweeps/s" is applications per second);
+- ``phase_field``: one fit of the object's slow phase (``phase_field.PhaseField.fit``,
+  run every 4 sweeps by the default path) on the same scan from the flat start, for
+  scale against a sweep (its row's "sweeps/s" is fits per second).
 report.py prints sweeps/s and the ratio to ``epie_loop`` of the same run.
 """
 
@@ -27,7 +30,7 @@ from ._common import SMOKE, common_info, latency_info, timed_pedantic, torch_cud
 
 N = 64
 REFINE_FRAMES = 200 if SMOKE else 1000
-PATHS = ("epie_loop", "numpy", "onnx_cpu", "torch_cpu", "torch_cuda", "onnx_cuda", "amplitude_prior")
+PATHS = ("epie_loop", "numpy", "onnx_cpu", "torch_cpu", "torch_cuda", "onnx_cuda", "amplitude_prior", "phase_field")
 GROUP = f"refine_N{N}_n{REFINE_FRAMES}"
 
 
@@ -97,6 +100,19 @@ def test_refine_sweep(benchmark, scan, path):
             record.update(apply_amplitude_prior(noisy, lit, region, "tv")[1])
 
         info.update(backend="numpy", batches="-")
+    elif path == "phase_field":
+        from ptycho_runtime.reconstruction.geometry import frame_origin
+        from ptycho_runtime.refinement.phase_field import PhaseField
+
+        starts = frame_origin(pos, N) - np.array([float(start.x_coords[0]), float(start.y_coords[0])])
+        field = PhaseField(start.object.shape, probe, starts)
+        flat = np.where(start.covered, start.object, 1).astype(np.complex64)
+        fits = []
+
+        def sweep():
+            fits.append(field.fit(flat, amp, probe)[1])
+
+        info.update(backend="numpy", batches=f"{len(field.frames)} frames")
     else:
         backend = path.split("_")[0]
         try:
@@ -114,6 +130,8 @@ def test_refine_sweep(benchmark, scan, path):
     data = timed_pedantic(benchmark, sweep, min_rounds=3, slow_rounds=3)
     if path == "amplitude_prior":  # functional check: it ran, at the noise it was given
         assert record["applied"] and 0.01 < record["weight"] < 0.04, record
+    elif path == "phase_field":  # functional check: a flat start's slow phase is wrong, and the fit lowers the misfit
+        assert fits and fits[-1].applied and fits[-1].misfit_after < fits[-1].misfit_before
     elif path != "epie_loop":  # functional check: the sweeps moved the object towards the data
         sweep()
         m = refiner.misfit
