@@ -298,7 +298,7 @@ def _add_evaluate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                    default=EvaluateOptions.refine, metavar="N",
                    help="also score the network's object after N sweeps of the runtime's refinement with the scan's "
                         "probe (ptycho_runtime.refinement.refine), and the same N sweeps from a flat object "
-                        f"(what the network's start is worth; N defaults to {DEFAULT_SWEEPS})")
+                        f"(what the network's start is worth; default: 0, off; N defaults to {DEFAULT_SWEEPS})")
     p.add_argument("--align", default=EvaluateOptions.align, choices=ALIGN_MODES,
                    help="phase-align the network's patches over their overlaps before stitching, by one "
                         "least-squares solve (reconstruction.overlap_solve; 'ramps': offset and damped ramp per "

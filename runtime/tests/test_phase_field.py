@@ -138,9 +138,25 @@ def test_refine_scan_fits_the_field_while_the_probe_is_fixed_and_records_it(scan
     assert runs[2].refinement["phase_field_every"] == 2 and runs[0].refinement["phase_field_fits"] == []
     assert runs[2].refinement["phase_field_spacing_px"] == SPACING
     assert _phase_error(runs[2].object, obj, lit) < 0.6 * _phase_error(runs[0].object, obj, lit)
-    free = refine_scan(slow, amp, positions, probe, RefineSettings(**{**common, "refine_probe": True},
-                                                                   phase_field_every=2),
-                       probe_source="the test's probe")
-    assert free.refinement["phase_field_fits"] == [] and free.refinement["phase_field_every"] == 0
+    assert runs[2].refinement["phase_field_planes"]
+    # with the probe refined the fits go on without their plane (the probe takes a ramp up); the slow phase is
+    # still removed
+    free = {every: refine_scan(slow, amp, positions, probe, RefineSettings(**{**common, "refine_probe": True},
+                                                                           phase_field_every=every),
+                               probe_source="the test's probe") for every in (0, 2)}
+    assert len(free[2].refinement["phase_field_fits"]) == 4 and not free[2].refinement["phase_field_planes"]
+    assert _phase_error(free[2].object, obj, lit) < 0.8 * _phase_error(free[0].object, obj, lit)
     with pytest.raises(ValueError, match="phase_field_every must be an integer >= 0"):
         RefineSettings(phase_field_every=-1)
+
+
+def test_without_planes_a_fit_leaves_a_global_ramp_to_the_probe(scan):
+    obj, probe, amp, starts, _, _, lit = scan
+    rows, cols = np.indices(obj.shape)
+    ramped = (obj * np.exp(1j * (0.01 * rows - 0.006 * cols))).astype(np.complex64)
+    field = PhaseField(obj.shape, probe, starts)
+    with_planes, _ = field.fit(ramped, amp, probe)
+    assert with_planes is not None and _phase_error(ramped * with_planes, obj, lit) < 0.3 * _phase_error(
+        ramped, obj, lit)
+    without, fit = field.fit(ramped, amp, probe, planes=False)
+    assert without is None or _phase_error(ramped * without, ramped, lit) < 0.05 * _phase_error(ramped, obj, lit)

@@ -99,11 +99,6 @@ PROBE_SUSPECT = 4.0
 """Misfit over the Poisson floor above which a fixed probe guess is judged wrong. Measured after 30 sweeps: 0.93–1.15
 with the exact probe (the project's scan and two independent simulators'), 9.0–58 with it defocused by 6 or 12 rad."""
 
-PROBE_RETRY_SWEEPS = 30
-"""Sweeps at least, when the probe is refined after its guess failed (``refine_probe="auto"``): no phase fits help
-a free probe (it absorbs their ramp), and from a guess defocused by 12 rad 16 sweeps reach phase SSIM 0.74, 30
-reach 0.85 (docs/fidelity.md)."""
-
 PROBE_RULE_NAMES = {"auto": "auto", "on": True, "off": False}
 """The command lines' words for ``RefineSettings.refine_probe`` (``--refine-probe [auto|on|off]``)."""
 
@@ -168,11 +163,10 @@ class RefineSettings:
 
     @property
     def phase_fit_periods(self) -> dict[str, int]:
-        """Sweeps between fits of each kind of slow phase (none with a probe refined from the start: it absorbs
-        them)."""
-        if self.probe_refined_first:
-            return {"phase_field": 0, "phase_ramp": 0}
-        return {"phase_field": int(self.phase_field_every), "phase_ramp": int(self.phase_ramp_every)}
+        """Sweeps between fits of each kind of slow phase (with a probe refined from the start, no ramp fits: it
+        takes the ramp up, and the field's fits leave their plane out)."""
+        return {"phase_field": int(self.phase_field_every),
+                "phase_ramp": 0 if self.probe_refined_first else int(self.phase_ramp_every)}
 
     @property
     def probe_refined_first(self) -> bool:
@@ -233,14 +227,15 @@ def start_candidates(obj: np.ndarray, covered: np.ndarray, level: float = 1.0) -
 
 def _run_fitting_phase(refiner: Refiner, sweeps: int, amp: np.ndarray, starts: np.ndarray, every: dict[str, int],
                        cancel: Optional[Any], progress: Optional[Callable[[int, int], None]],
-                       fits: dict[str, list[dict[str, Any]]]) -> RefineResult:
+                       fits: dict[str, list[dict[str, Any]]], planes: bool = True) -> RefineResult:
     """``refiner.run(sweeps)``, fitting the object's slow phase after every ``every[kind]``-th sweep of its total.
 
     Kinds: "phase_field" (``phase_field.PhaseField``: the smooth phase, ramp
     included) and "phase_ramp" (``phase_ramp.fit_phase_ramp``: the global
     ramp alone, on a sample of the frames), both with the refiner's probe;
     each fit is applied only when it lowers its misfit, and its record is
-    appended to ``fits[kind]``. 0 turns a kind off.
+    appended to ``fits[kind]``. 0 turns a kind off. ``planes=False`` (the
+    probe is being refined) leaves the field's plane to the probe.
     """
     field: Optional[PhaseField] = None
     done = 0
@@ -260,7 +255,7 @@ def _run_fitting_phase(refiner: Refiner, sweeps: int, amp: np.ndarray, starts: n
             obj = result.reconstruction.object
             if kind == "phase_field":
                 field = field or PhaseField(obj.shape, result.probe, starts)
-                factor, fit = field.fit(obj, amp, result.probe)
+                factor, fit = field.fit(obj, amp, result.probe, planes=planes)
             else:
                 fit = fit_phase_ramp(obj, amp, result.probe, starts)
                 factor = ramp_factor(obj.shape, fit.rad_per_px) if fit.applied else None
@@ -297,7 +292,7 @@ def _refine_best_start(recon: Reconstruction, candidates: dict[str, np.ndarray],
     result = _run_fitting_phase(refiners[choice], settings.sweeps - trial, amp, starts, settings.phase_fit_periods,
                                 cancel, None if progress is None else (lambda d, _t: progress(d + trial,
                                                                                               settings.sweeps)),
-                                fits)
+                                fits, planes=not settings.probe_refined_first)
     return refiners[choice], result, choice, misfit
 
 
@@ -369,7 +364,6 @@ def refine_scan(recon: Reconstruction, amplitude: np.ndarray, positions: np.ndar
     t0 = time.perf_counter()
     refiner: Optional[Refiner] = None
     phase_fits: dict[str, list[dict[str, Any]]] = {"phase_field": [], "phase_ramp": []}
-    sweeps_run = settings.sweeps
     if settings.engine == "builtin":
         refiner, result, choice, misfit = _refine_best_start(recon, candidates, amp, pos, starts, P, settings,
                                                              cancel, phase_fits)
@@ -389,13 +383,15 @@ def refine_scan(recon: Reconstruction, amplitude: np.ndarray, positions: np.ndar
                     "the probe refined", probe_source, fit)
         retry = Refiner(replace(recon, object=candidates[choice]), P, backend=settings.backend,
                         device=settings.device, refine_probe=True).add_frames(amp, pos)
-        retry_sweeps = max(settings.sweeps, PROBE_RETRY_SWEEPS)
-        second = retry.run(retry_sweeps, cancel=cancel, progress=settings.progress)
+        retry_fits: dict[str, list[dict[str, Any]]] = {"phase_field": [], "phase_ramp": []}
+        second = _run_fitting_phase(retry, settings.sweeps, amp, starts, {"phase_field": settings.phase_field_every,
+                                                                       "phase_ramp": 0},
+                                    cancel, settings.progress, retry_fits, planes=False)
         second_fit = _fit_over_floor(second, floor)
         probe_check.update(fixed_misfit_over_floor=fit, refined_probe_misfit_over_floor=second_fit)
         if second_fit is not None and second_fit < fit:  # the better fit is kept: a free probe can also run off
-            refiner, result, fit, sweeps_run = retry, second, second_fit, retry_sweeps
-            phase_fits = {kind: [] for kind in phase_fits}  # the result kept had none
+            refiner, result, fit = retry, second, second_fit
+            phase_fits = retry_fits  # the result kept ran these
     probe_check["misfit_over_floor"] = fit  # of the result kept
     _warn_if_poor_fit(fit, bool(result.record.get("probe_updated")))
     obj, prior = apply_amplitude_prior(result.reconstruction.object, well_lit(recon.weight), recon.covered,
@@ -406,20 +402,22 @@ def refine_scan(recon: Reconstruction, amplitude: np.ndarray, positions: np.ndar
         prior["misfit_over_floor"] = after / floor if floor else None
     wall_s = time.perf_counter() - t0
     record = {k: v for k, v in result.record.items() if k != "misfit"}
-    fixed_fits_off = bool(record.get("probe_updated")) or settings.engine != "builtin"  # what the kept result ran
+    free_probe = bool(record.get("probe_updated"))  # the kept result's: no ramp fits, the field's without planes
+    builtin = settings.engine == "builtin"
     record.update(probe_check)
     record.update({
         "start": choice, "start_rule": settings.start, "start_misfit": misfit, "wall_s": wall_s,
-        "sweeps": sweeps_run, "sweeps_requested": settings.sweeps,
+        "sweeps": settings.sweeps, "sweeps_requested": settings.sweeps,
         "misfit_per_sweep": [float(v) for v in (refiner.misfit if refiner is not None
                                                 else result.record.get("misfit", []))],
         "probe_source": probe_source + (", refined" if record.get("probe_updated") else ""),
         "probe_scale": scale_note, "frames_refined": int(keep.sum()), "frames_outside_grid": int((~keep).sum()),
         "amplitude_prior": prior,
         # what the kept result ran: no fits with a free probe or another engine
-        "phase_ramp_every": 0 if fixed_fits_off else settings.phase_ramp_every,
+        "phase_ramp_every": settings.phase_ramp_every if builtin and not free_probe else 0,
         "phase_ramp_fits": phase_fits["phase_ramp"],
-        "phase_field_every": 0 if fixed_fits_off else settings.phase_field_every,
+        "phase_field_every": settings.phase_field_every if builtin else 0,
+        "phase_field_planes": not free_probe,
         "phase_field_spacing_px": PHASE_FIELD_SPACING,
         "phase_field_fits": phase_fits["phase_field"],
     })

@@ -28,7 +28,7 @@ the fix. A stream cannot rerun with the probe refined, as a whole scan does.
 
 The object's slow phase is fitted every ``phase_field_every`` sweeps (of
 the stream's total) over all frames seen so far, as ``scan_refinement``
-does (``refinement.phase_field``), while the probe is fixed; the field
+does (``refinement.phase_field``; without its plane while the probe is refined); the field
 extends smoothly past the frames seen, and pixels no frame has read yet
 still take the next network canvas.
 
@@ -225,7 +225,7 @@ class StreamRefinement:
         if self._field is None:
             self._field = PhaseField(obj.shape, probe, np.concatenate(self._starts))
             self._amplitude_all = np.concatenate(self._amplitudes)
-        factor, fit = self._field.fit(obj, self._amplitude_all, probe)
+        factor, fit = self._field.fit(obj, self._amplitude_all, probe, planes=not self.settings.probe_refined_first)
         self._field_fits.append(fit.record(r.sweeps_run))
         if factor is None:
             return obj

@@ -26,7 +26,8 @@ The penalty matters: a field free to bend within one frame fits every
 frame's ramp and adds curvature the model does not see (on the project's
 scan, an 8 px grid without it raised the misfit by 8% where it predicted
 −2.5%). With the probe refined a ramp is shared between object and probe
-and the probe absorbs it, so the fit is for a fixed probe (as ``phase_ramp``).
+and the probe takes it up, so a fit then leaves the field's plane out
+(``planes=False``): the rest of a smooth field no single probe can mimic.
 """
 
 from __future__ import annotations
@@ -163,8 +164,13 @@ class PhaseField:
         out += _second_difference_adjoint(_second_difference(grid, 1), 1, self.nodes[1])
         return out.reshape(-1)
 
-    def solve(self, gradient: np.ndarray, curvature: np.ndarray) -> np.ndarray:
-        """Node values c minimising Σ_j g_j·M_j c + ½ (M_j c)ᵀ H_j (M_j c) + the curvature penalty."""
+    def solve(self, gradient: np.ndarray, curvature: np.ndarray, planes: bool = True) -> np.ndarray:
+        """Node values c minimising Σ_j g_j·M_j c + ½ (M_j c)ᵀ H_j (M_j c) + the curvature penalty.
+
+        ``planes=False`` removes the solution's plane (fitted over the nodes the
+        frames reach, weighted by their data): what a probe being refined
+        shares with the object, and takes up itself.
+        """
         data_diagonal = np.bincount(self._index.reshape(-1), minlength=self.nodes[0] * self.nodes[1],
                                     weights=np.einsum("jaik,jab,jbik->jik", self._values, curvature,
                                                       self._values).reshape(-1))
@@ -178,6 +184,12 @@ class PhaseField:
         diagonal = data_diagonal + weight * self._penalty_diagonal + ridge
         c = conjugate_gradients(normal, -self.slopes_adjoint(gradient), lambda r: r / diagonal, tol=CG_TOLERANCE,
                                 maxiter=500)
+        if not planes:
+            rows, cols = (a.reshape(-1).astype(np.float64) for a in np.indices(self.nodes))
+            basis = np.stack([np.ones_like(rows), rows, cols], axis=1)
+            w = np.sqrt(data_diagonal)
+            coef = np.linalg.lstsq(basis * w[:, None], c * w, rcond=None)[0]
+            c = c - basis @ coef
         return c - c.mean()
 
     def field(self, c: np.ndarray) -> np.ndarray:
@@ -240,12 +252,13 @@ class PhaseField:
         return float(sum(self._misfits(self._waves(obj, probe, chosen[lo:lo + CHUNK]),
                                        amplitude[chosen[lo:lo + CHUNK]]).sum() for lo in range(0, len(chosen), CHUNK)))
 
-    def fit(self, obj: np.ndarray, amplitude: np.ndarray, probe: np.ndarray
+    def fit(self, obj: np.ndarray, amplitude: np.ndarray, probe: np.ndarray, planes: bool = True
             ) -> tuple[Optional[np.ndarray], PhaseFieldFit]:
         """The factor exp(iφ) [H, W] (complex64) that lowers the frames' misfit, or None, and the fit's record.
 
         ``amplitude`` [n, N, N] in ``probe``'s units, DC at N/2, for every
-        frame of ``starts`` (the fit reads those of ``frames``).
+        frame of ``starts`` (the fit reads those of ``frames``). ``planes=False``
+        while the probe is refined (``solve``).
         """
         amplitude = amplitude[self.frames]
         g, H, f0 = self.local_ramps(obj, amplitude, probe)
@@ -254,7 +267,7 @@ class PhaseField:
         before = float(f0[::CHECK_EVERY].sum())
         if not usable.any():
             return None, PhaseFieldFit(before, before, 0.0, 0)
-        phi = self.field(self.solve(g, H))
+        phi = self.field(self.solve(g, H, planes))
         factor = np.exp(1j * phi).astype(np.complex64)
         after = self.misfit(obj * factor, amplitude, probe, every=CHECK_EVERY)
         fit = PhaseFieldFit(before, after, float(np.ptp(phi)), int(usable.sum()))
