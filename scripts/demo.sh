@@ -7,12 +7,12 @@
 #  2. train PtychoPINN briefly on the training scan (--time-budget 2): the loss falls, a bundle is written;
 #  3. reconstruct the held-out scan with the SHIPPED bundle (models/realistic-zoneplate-n64-g2.h5, trained by
 #     `ptycho-export train` on this scan family, its command inside it, remade by scripts/gpu_train.sh):
-#     the network alone, the network + 30 sweeps of the runtime's batched refinement from its object, the same
+#     the network alone, the network + 16 sweeps of the runtime's batched refinement from its object, the same
 #     sweeps from a flat object (the control), and pty-chi's ePIE (100 iterations) from a flat start, each
 #     scored against the truth (figure: truth / each method / errors);
 #  4. score the briefly trained bundle the same way (without the pty-chi reference);
 #  5. reconstruct the held-out scan again with the lightweight runtime (numpy + ONNX Runtime, no torch): the
-#     network and, by default, 30 refinement sweeps with the scan's own probe.
+#     network and, by default, 16 refinement sweeps with the scan's own probe.
 # About 6-8 minutes on 2 CPU cores after the install.
 # Usage: bash scripts/demo.sh [OUTPUT_DIR] [extra 'ptycho-export train' options]   (later options win)
 set -euo pipefail
@@ -35,4 +35,4 @@ echo "                             truth / network / network + refinement / flat
 echo "                             ($OUT/evaluation.json)"
 echo "  $OUT/brief/evaluation.png  the bundle trained 2 minutes here ($OUT/brief/wts.h5), same scoring"
 echo "  $OUT/brief/report.md       its training report (loss per epoch in $OUT/brief/history.json)"
-echo "  $OUT/runtime_recon.png     the shipped bundle through ptycho-runtime (network + 30 refinement sweeps, the default)"
+echo "  $OUT/runtime_recon.png     the shipped bundle through ptycho-runtime (network + 16 refinement sweeps, the default)"
