@@ -186,8 +186,6 @@ def print_evaluation(report: Mapping[str, Any], options: EvaluateOptions) -> Non
     gain = report.get("network_start_gain")
     if gain is not None:
         sweeps = report["refined"]["iterations"]
-        if report["refine_control"].get("iterations", sweeps) != sweeps:  # a probe refined after its guess failed
-            sweeps = f"{sweeps} and {report['refine_control']['iterations']}"
         flat = report["refined"].get("start") == "flat"
         verdict = "both flat starts" if flat else "better" if gain["phase_ssim"] > 0 else "NOT better"
         print(_start_line(report["refined"])

@@ -97,7 +97,8 @@ TRIAL_SWEEPS = 2
 """Sweeps run from every candidate start before the best is kept (they count towards the requested sweeps)."""
 PROBE_SUSPECT = 4.0
 """Misfit over the Poisson floor above which a fixed probe guess is judged wrong. Measured after 30 sweeps: 0.93–1.15
-with the exact probe (the project's scan and two independent simulators'), 9.0–58 with it defocused by 6 or 12 rad."""
+with the exact probe (the project's scan and two independent simulators'), 9.0–58 with it defocused by 6 or 12 rad;
+after the default 16 with the slow-phase fits, 0.94–1.12 with the exact probe."""
 
 PROBE_RULE_NAMES = {"auto": "auto", "on": True, "off": False}
 """The command lines' words for ``RefineSettings.refine_probe`` (``--refine-probe [auto|on|off]``)."""
@@ -413,7 +414,8 @@ def refine_scan(recon: Reconstruction, amplitude: np.ndarray, positions: np.ndar
         "probe_source": probe_source + (", refined" if record.get("probe_updated") else ""),
         "probe_scale": scale_note, "frames_refined": int(keep.sum()), "frames_outside_grid": int((~keep).sum()),
         "amplitude_prior": prior,
-        # what the kept result ran: no fits with a free probe or another engine
+        # what the kept result ran: with a free probe no ramp fits and the field's without planes; with another
+        # engine neither
         "phase_ramp_every": settings.phase_ramp_every if builtin and not free_probe else 0,
         "phase_ramp_fits": phase_fits["phase_ramp"],
         "phase_field_every": settings.phase_field_every if builtin else 0,

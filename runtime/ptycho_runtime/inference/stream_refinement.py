@@ -28,8 +28,8 @@ the fix. A stream cannot rerun with the probe refined, as a whole scan does.
 
 The object's slow phase is fitted every ``phase_field_every`` sweeps (of
 the stream's total) over all frames seen so far, as ``scan_refinement``
-does (``refinement.phase_field``; without its plane while the probe is refined); the field
-extends smoothly past the frames seen, and pixels no frame has read yet
+does (``refinement.phase_field``; without its plane while the probe is
+refined); the field extends smoothly past the frames seen, and pixels no frame has read yet
 still take the next network canvas.
 
 The amplitude prior of the settings (``refinement.object_prior``) is applied
@@ -113,7 +113,8 @@ class StreamRefinement:
         self.frames_repeated = 0
         self._amplitudes: list[np.ndarray] = []  # every frame refined, for the phase-field fits
         self._starts: list[np.ndarray] = []
-        self._field: Optional[PhaseField] = None
+        self._field: Optional[PhaseField] = None  # made for the frames held when a fit is next due
+        self._amplitude_all: Optional[np.ndarray] = None
         self._field_fits: list[dict[str, Any]] = []
 
     @property
@@ -166,7 +167,7 @@ class StreamRefinement:
                 self._refiner.add_frames(amp, pos, start=self._as_start(canvas))
             self._amplitudes.append(amp)
             self._starts.append(starts)
-            self._field = None  # made again for the frames now held
+            self._field, self._amplitude_all = None, None  # made again for the frames now held
             rows, cols, _ = window_corners(starts)
             side = self.N + 1
             for r, c in zip(rows, cols, strict=True):
