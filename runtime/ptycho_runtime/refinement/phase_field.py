@@ -11,9 +11,10 @@ Each frame does see the *gradient* of such an error: under a frame it is a
 constant (invisible) plus a ramp, and a ramp shifts the frame's far field.
 So a fit here:
 
-1. measures every frame's local ramp at once: the misfit of its exit wave
-   times six trial ramps around none (one batched FFT each) gives the
-   misfit's gradient g_j and curvature H_j in the frame's two ramp numbers;
+1. measures every frame's local ramp at once: the misfit's gradient g_j
+   and Gauss-Newton curvature H_j in the frame's two ramp numbers, from
+   the far field of its exit wave and of the wave times each coordinate
+   (three batched FFTs);
 2. models the correction as a smooth field φ, bilinear between nodes
    ``spacing`` px apart, whose ramp under frame j is the |P|²-weighted plane
    slope of φ over the frame, M_j·c, linear in the nodes' values c;
@@ -47,8 +48,6 @@ SPACING = 16
 """Pixels between the field's nodes (a quarter of a 64² frame)."""
 SMOOTHNESS = 0.1
 """The curvature penalty's weight, relative to the data's mean curvature per node."""
-STEP = 5e-3
-"""The finite-difference ramp in rad/px (0.3 rad across a 64 px frame; measured local ramps are ≤ 0.005)."""
 MIN_FRAMES_PER_NODE = 0.5
 """Frames are thinned (every k-th) to this many per node the frames reach, at least: the field has far fewer
 unknowns than the frames have ramps. On three scans of 1,000 frames (1.5 per node) every 3rd frame gave the same
@@ -127,7 +126,8 @@ class PhaseField:
         w /= w.sum()
         r, c = np.indices((N, N), dtype=np.float64)
         dr, dc = r - (w * r).sum(), c - (w * c).sum()
-        slopes = np.stack([w * dr / (w * dr**2).sum(), w * dc / (w * dc**2).sum()])  # plane slope = Σ D·φ
+        spread = [max(float((w * d**2).sum()), 1e-12) for d in (dr, dc)]  # a one-pixel probe has none
+        slopes = np.stack([w * dr / spread[0], w * dc / spread[1]])  # plane slope = Σ D·φ
         m = N // s + 2  # nodes a frame's pixels reach along one axis, whatever its offset from the grid
         local = np.stack([_interpolation(N, m, s, first=rho) for rho in range(s)])  # [s, N, m]
         kernels = np.einsum("xaiq,yqk->xyaik", np.einsum("xpi,apq->xaiq", local, slopes), local)  # [s, s, 2, m, m]
