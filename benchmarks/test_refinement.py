@@ -107,10 +107,10 @@ def test_refine_sweep(benchmark, scan, path):
         starts = frame_origin(pos, N) - np.array([float(start.x_coords[0]), float(start.y_coords[0])])
         field = PhaseField(start.object.shape, probe, starts)
         flat = np.where(start.covered, start.object, 1).astype(np.complex64)
-        fits = []
+        field_amp, fits = amp[field.frames], []
 
         def sweep():
-            fits.append(field.fit(flat, amp, probe)[1])
+            fits.append(field.fit(flat, field_amp, probe)[1])
 
         info.update(backend="numpy", batches=f"{len(field.frames)} frames")
     else:

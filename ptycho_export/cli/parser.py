@@ -265,7 +265,12 @@ def _algorithms(allowed: tuple[str, ...]) -> Any:
 
 
 def _add_evaluate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    from ptycho_runtime.inference.scan_refinement import PROBE_RULE_NAMES, START_CHOICES
+    from ptycho_runtime.inference.scan_refinement import (
+        PHASE_FIELD_HELP,
+        PHASE_RAMP_HELP,
+        PROBE_RULE_NAMES,
+        START_CHOICES,
+    )
     from ptycho_runtime.reconstruction.alignment import ALIGN_MODES
     from ptycho_runtime.reconstruction.grouping import GROUPINGS
     from ptycho_runtime.refinement import DEFAULT_SWEEPS
@@ -320,13 +325,9 @@ def _add_evaluate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="the refined rows' last step: tv (the refined amplitude denoised at its own noise level) "
                         "or none (the data-only object) (default: %(default)s)")
     p.add_argument("--phase-ramp-every", type=int, default=EvaluateOptions.phase_ramp_every, metavar="N",
-                   help="with the probe fixed, also fit the object's global phase ramp alone to a sample of the "
-                        "frames after every N sweeps (the phase field's fits include the ramp; 0: never; default: "
-                        "%(default)s)")
+                   help=PHASE_RAMP_HELP)
     p.add_argument("--phase-field-every", type=int, default=EvaluateOptions.phase_field_every, metavar="N",
-                   help="with the probe fixed, fit the object's slowly varying phase (a smooth field, ramp included) "
-                        "to every frame's local ramp after every N sweeps: what the sweeps remove slowest "
-                        "(0: never; default: %(default)s)")
+                   help=PHASE_FIELD_HELP)
     p.add_argument("--start-groups", choices=GROUPINGS, default=EvaluateOptions.start_groups,
                    help="gridsize > 1: the refined row's network predicts a cover of the frames (each in at least "
                         "one group, about a third of them) or all groups, as the network row does "

@@ -106,7 +106,7 @@ def test_a_fit_removes_most_of_a_slow_phase_error_and_lowers_the_misfit(scan):
     field = PhaseField(obj.shape, probe, starts)
     corrected, fits = start, []
     for _ in range(3):  # each fit is a Gauss-Newton step: three take it most of the way
-        factor, fit = field.fit(corrected, amp, probe)
+        factor, fit = field.fit(corrected, amp[field.frames], probe)
         fits.append(fit)
         if factor is not None:
             corrected = corrected * factor
@@ -119,7 +119,8 @@ def test_a_fit_removes_most_of_a_slow_phase_error_and_lowers_the_misfit(scan):
 
 def test_the_true_object_is_left_as_it_is(scan):
     obj, probe, amp, starts, _, _, lit = scan
-    factor, fit = PhaseField(obj.shape, probe, starts).fit(obj, amp, probe)
+    field = PhaseField(obj.shape, probe, starts)
+    factor, fit = field.fit(obj, amp[field.frames], probe)
     assert factor is None or _phase_error(obj * factor, obj, lit) < 0.01
     assert fit.misfit_before < 1e-6 * float(np.sum(amp.astype(np.float64) ** 2))
     assert fit.record(4)["after_sweep"] == 4 and set(fit.record(4)) >= {"misfit_ratio", "applied", "peak_to_peak_rad"}
@@ -155,8 +156,16 @@ def test_without_planes_a_fit_leaves_a_global_ramp_to_the_probe(scan):
     rows, cols = np.indices(obj.shape)
     ramped = (obj * np.exp(1j * (0.01 * rows - 0.006 * cols))).astype(np.complex64)
     field = PhaseField(obj.shape, probe, starts)
-    with_planes, _ = field.fit(ramped, amp, probe)
+    with_planes, _ = field.fit(ramped, amp[field.frames], probe)
     assert with_planes is not None and _phase_error(ramped * with_planes, obj, lit) < 0.3 * _phase_error(
         ramped, obj, lit)
-    without, fit = field.fit(ramped, amp, probe, planes=False)
+    without, fit = field.fit(ramped, amp[field.frames], probe, planes=False)
     assert without is None or _phase_error(ramped * without, ramped, lit) < 0.05 * _phase_error(ramped, obj, lit)
+
+
+def test_a_fit_given_every_frames_amplitude_says_to_pass_the_fits_own(scan):
+    obj, probe, amp, starts, *_ = scan
+    field = PhaseField(obj.shape, probe, starts)
+    assert len(field.frames) < len(starts)
+    with pytest.raises(ValueError, match=r"amplitude\[field.frames\]"):
+        field.fit(obj, amp, probe)

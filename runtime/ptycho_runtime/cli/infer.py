@@ -21,7 +21,14 @@ from ..files.png import check_png_support, write_png
 from ..files.reconstruction_file import Provenance, write_reconstruction
 from ..inference.backends import DEVICES, PRECISIONS
 from ..inference.compatibility import check_scan
-from ..inference.scan_refinement import PROBE_RULE_NAMES, START_CHOICES, RefineSettings, probe_rule
+from ..inference.scan_refinement import (
+    PHASE_FIELD_HELP,
+    PHASE_RAMP_HELP,
+    PROBE_RULE_NAMES,
+    START_CHOICES,
+    RefineSettings,
+    probe_rule,
+)
 from ..reconstruction.alignment import ALIGN_MODES, DEFAULT_PHASE_ITERATIONS
 from ..reconstruction.geometry import DEFAULT_CENTRE
 from ..reconstruction.grouping import GROUPINGS, count_groups
@@ -216,13 +223,9 @@ def add_infer_command(sub: argparse._SubParsersAction) -> None:
                    help="after the sweeps: tv denoises the refined amplitude at the strength of its own shot noise "
                         "(the fit stays at the noise floor); none keeps the data-only object (default: %(default)s)")
     p.add_argument("--phase-ramp-every", type=int, default=RefineSettings.phase_ramp_every, metavar="N",
-                   help="with the probe fixed, also fit the object's global phase ramp alone to a sample of the "
-                        "frames after every N sweeps (the phase field's fits include the ramp; 0: never; default: "
-                        "%(default)s)")
+                   help=PHASE_RAMP_HELP)
     p.add_argument("--phase-field-every", type=int, default=RefineSettings.phase_field_every, metavar="N",
-                   help="with the probe fixed, fit the object's slowly varying phase (a smooth field, ramp included) "
-                        "to every frame's local ramp after every N sweeps: what the sweeps remove slowest "
-                        "(0: never; default: %(default)s)")
+                   help=PHASE_FIELD_HELP)
     p.add_argument("--start-groups", choices=GROUPINGS, default=RefineSettings.start_groups,
                    help="gridsize > 1, refining: the network predicts a cover of the frames (each in at least one "
                         "group, about a third of them: a faster start, the same refined object) or all groups "

@@ -100,6 +100,13 @@ PROBE_SUSPECT = 4.0
 with the exact probe (the project's scan and two independent simulators'), 9.0–58 with it defocused by 6 or 12 rad;
 after the default 16 with the slow-phase fits, 0.94–1.12 with the exact probe."""
 
+PHASE_FIELD_HELP = ("fit the object's slowly varying phase (a smooth field, ramp included; without its plane while "
+                    "the probe is refined) to every frame's local ramp after every N sweeps: what the sweeps remove "
+                    "slowest (0: never; default: %(default)s)")
+PHASE_RAMP_HELP = ("with the probe fixed, also fit the object's global phase ramp alone to a sample of the frames "
+                   "after every N sweeps (the phase field's fits include the ramp; 0: never; default: %(default)s)")
+"""The command lines' help for ``--phase-field-every`` and ``--phase-ramp-every`` (``infer`` and ``evaluate``)."""
+
 PROBE_RULE_NAMES = {"auto": "auto", "on": True, "off": False}
 """The command lines' words for ``RefineSettings.refine_probe`` (``--refine-probe [auto|on|off]``)."""
 
@@ -162,12 +169,11 @@ class RefineSettings:
         if not (isinstance(self.refine_probe, (bool, np.bool_)) or self.refine_probe == "auto"):
             raise ValueError(f"refine_probe must be True, False or 'auto' (got {self.refine_probe!r})")
 
-    @property
-    def phase_fit_periods(self) -> dict[str, int]:
-        """Sweeps between fits of each kind of slow phase (with a probe refined from the start, no ramp fits: it
-        takes the ramp up, and the field's fits leave their plane out)."""
+    def phase_fit_periods(self, probe_refined: bool) -> dict[str, int]:
+        """Sweeps between fits of each kind of slow phase (with the probe refined no ramp fits: it takes the ramp
+        up, and the field's fits leave their plane out)."""
         return {"phase_field": int(self.phase_field_every),
-                "phase_ramp": 0 if self.probe_refined_first else int(self.phase_ramp_every)}
+                "phase_ramp": 0 if probe_refined else int(self.phase_ramp_every)}
 
     @property
     def probe_refined_first(self) -> bool:
@@ -238,7 +244,7 @@ def _run_fitting_phase(refiner: Refiner, sweeps: int, amp: np.ndarray, starts: n
     appended to ``fits[kind]``. 0 turns a kind off. ``planes=False`` (the
     probe is being refined) leaves the field's plane to the probe.
     """
-    field: Optional[PhaseField] = None
+    field: Optional[tuple[PhaseField, np.ndarray]] = None  # made at the first fit, with its frames' amplitudes
     done = 0
     result = refiner.run(0) if sweeps == 0 else None
     while done < sweeps:
@@ -255,8 +261,10 @@ def _run_fitting_phase(refiner: Refiner, sweeps: int, amp: np.ndarray, starts: n
                 continue
             obj = result.reconstruction.object
             if kind == "phase_field":
-                field = field or PhaseField(obj.shape, result.probe, starts)
-                factor, fit = field.fit(obj, amp, result.probe, planes=planes)
+                if field is None:
+                    made = PhaseField(obj.shape, result.probe, starts)
+                    field = (made, amp[made.frames])
+                factor, fit = field[0].fit(obj, field[1], result.probe, planes=planes)
             else:
                 fit = fit_phase_ramp(obj, amp, result.probe, starts)
                 factor = ramp_factor(obj.shape, fit.rad_per_px) if fit.applied else None
@@ -290,9 +298,9 @@ def _refine_best_start(recon: Reconstruction, candidates: dict[str, np.ndarray],
             progress(k + 1, settings.sweeps)
     misfit = {name: (r.misfit[-1] if r.misfit else float("nan")) for name, r in refiners.items()}
     choice = _choose_start(misfit) if trial else next(iter(refiners))
-    result = _run_fitting_phase(refiners[choice], settings.sweeps - trial, amp, starts, settings.phase_fit_periods,
-                                cancel, None if progress is None else (lambda d, _t: progress(d + trial,
-                                                                                              settings.sweeps)),
+    after_trial = None if progress is None else (lambda d, _t: progress(d + trial, settings.sweeps))
+    result = _run_fitting_phase(refiners[choice], settings.sweeps - trial, amp, starts,
+                                settings.phase_fit_periods(settings.probe_refined_first), cancel, after_trial,
                                 fits, planes=not settings.probe_refined_first)
     return refiners[choice], result, choice, misfit
 
@@ -385,9 +393,8 @@ def refine_scan(recon: Reconstruction, amplitude: np.ndarray, positions: np.ndar
         retry = Refiner(replace(recon, object=candidates[choice]), P, backend=settings.backend,
                         device=settings.device, refine_probe=True).add_frames(amp, pos)
         retry_fits: dict[str, list[dict[str, Any]]] = {"phase_field": [], "phase_ramp": []}
-        second = _run_fitting_phase(retry, settings.sweeps, amp, starts, {"phase_field": settings.phase_field_every,
-                                                                       "phase_ramp": 0},
-                                    cancel, settings.progress, retry_fits, planes=False)
+        second = _run_fitting_phase(retry, settings.sweeps, amp, starts, settings.phase_fit_periods(True), cancel,
+                                    settings.progress, retry_fits, planes=False)
         second_fit = _fit_over_floor(second, floor)
         probe_check.update(fixed_misfit_over_floor=fit, refined_probe_misfit_over_floor=second_fit)
         if second_fit is not None and second_fit < fit:  # the better fit is kept: a free probe can also run off

@@ -114,7 +114,7 @@ class StreamRefinement:
         self._amplitudes: list[np.ndarray] = []  # every frame refined, for the phase-field fits
         self._starts: list[np.ndarray] = []
         self._field: Optional[PhaseField] = None  # made for the frames held when a fit is next due
-        self._amplitude_all: Optional[np.ndarray] = None
+        self._field_amplitude: Optional[np.ndarray] = None  # the measured amplitudes of its frames
         self._field_fits: list[dict[str, Any]] = []
 
     @property
@@ -167,7 +167,7 @@ class StreamRefinement:
                 self._refiner.add_frames(amp, pos, start=self._as_start(canvas))
             self._amplitudes.append(amp)
             self._starts.append(starts)
-            self._field, self._amplitude_all = None, None  # made again for the frames now held
+            self._field, self._field_amplitude = None, None  # made again for the frames now held
             rows, cols, _ = window_corners(starts)
             side = self.N + 1
             for r, c in zip(rows, cols, strict=True):
@@ -219,14 +219,15 @@ class StreamRefinement:
 
     def _fit_phase_field(self, obj: np.ndarray, probe: np.ndarray) -> np.ndarray:
         """``obj`` with the slow phase fitted to every frame seen, when a fit is due (else as it is)."""
-        every = self.settings.phase_fit_periods["phase_field"]
+        every = self.settings.phase_field_every
         r = self._refiner
         if not every or r.sweeps_run % every:
             return obj
         if self._field is None:
             self._field = PhaseField(obj.shape, probe, np.concatenate(self._starts))
-            self._amplitude_all = np.concatenate(self._amplitudes)
-        factor, fit = self._field.fit(obj, self._amplitude_all, probe, planes=not self.settings.probe_refined_first)
+            self._field_amplitude = _take(self._amplitudes, self._field.frames)
+        factor, fit = self._field.fit(obj, self._field_amplitude, probe,
+                                      planes=not self.settings.probe_refined_first)
         self._field_fits.append(fit.record(r.sweeps_run))
         if factor is None:
             return obj
@@ -272,7 +273,7 @@ class StreamRefinement:
             "probe_scale": self._scale_note, "frames_refined": r.n_frames,
             "frames_outside_grid": self.frames_outside_grid, "frames_repeated": self.frames_repeated,
             "noise_floor": self.noise_floor, "misfit_over_floor": fit, "probe_suspect_above": PROBE_SUSPECT,
-            "phase_field_every": self.settings.phase_fit_periods["phase_field"],
+            "phase_field_every": self.settings.phase_field_every,
             "phase_field_fits": list(self._field_fits),
         })
         with self._view_lock:
@@ -307,3 +308,13 @@ class StreamRefinement:
             out = np.where(take, final[1], out).astype(np.complex64)  # the canvas outside may have moved on
             record["amplitude_prior"] = dict(final[2])
         return replace(canvas, object=out, probe=np.array(probe, copy=True), refinement=record)
+
+
+def _take(parts: list[np.ndarray], index: np.ndarray) -> np.ndarray:
+    """``np.concatenate(parts)[index]`` for a sorted ``index``, without concatenating every frame first."""
+    out, offset = [], 0
+    for part in parts:
+        inside = index[(index >= offset) & (index < offset + part.shape[0])]
+        out.append(part[inside - offset])
+        offset += part.shape[0]
+    return np.concatenate(out)

@@ -257,11 +257,14 @@ class PhaseField:
             ) -> tuple[Optional[np.ndarray], PhaseFieldFit]:
         """The factor exp(iφ) [H, W] (complex64) that lowers the frames' misfit, or None, and the fit's record.
 
-        ``amplitude`` [n, N, N] in ``probe``'s units, DC at N/2, for every
-        frame of ``starts`` (the fit reads those of ``frames``). ``planes=False``
-        while the probe is refined (``solve``).
+        ``amplitude`` [len(frames), N, N] in ``probe``'s units, DC at N/2: the
+        measured amplitudes of the fit's frames, ``amplitude_all[field.frames]``
+        (selected once by the caller, not at every fit). ``planes=False`` while
+        the probe is refined (``solve``).
         """
-        amplitude = amplitude[self.frames]
+        if amplitude.shape[0] != len(self.frames):
+            raise ValueError(f"amplitude holds {amplitude.shape[0]} frames, the fit uses {len(self.frames)}: pass "
+                             "the measured amplitudes of the fit's frames, amplitude[field.frames]")
         g, H, f0 = self.local_ramps(obj, amplitude, probe)
         usable = np.linalg.eigvalsh(H)[:, 0] > 0  # a frame whose misfit is not convex in its ramp says nothing
         g, H = np.where(usable[:, None], g, 0.0), np.where(usable[:, None, None], H, 0.0)
