@@ -243,7 +243,7 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
 
         def refine_details(result: Any) -> dict[str, Any]:
             rec = {k: v for k, v in result.refinement.items() if k != "misfit_per_sweep"}
-            return {**rec, "iterations": int(refine), "probe": rec["probe_source"]
+            return {**rec, "iterations": int(rec["sweeps"]), "probe": rec["probe_source"]
                     + ("" if rec.get("probe_updated") else ", fixed")}
 
         start, start_s = recon, net_s

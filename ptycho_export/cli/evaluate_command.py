@@ -36,6 +36,7 @@ class EvaluateOptions:
     amplitude_prior: str = "tv"
     phase_ramp_every: int = RefineSettings.phase_ramp_every
     phase_field_every: int = RefineSettings.phase_field_every
+    refine_max_sweeps: int = RefineSettings.max_sweeps
     align: str = "none"
     refine_start: str = "auto"
     start_groups: str = "cover"
@@ -94,6 +95,7 @@ def run_evaluate(options: EvaluateOptions) -> dict[str, Any]:
                                       "amplitude_prior": options.amplitude_prior,
                                       "phase_ramp_every": options.phase_ramp_every,
                                       "phase_field_every": options.phase_field_every,
+                                      "max_sweeps": options.refine_max_sweeps,
                                       "start_groups": options.start_groups},
                       align=options.align)
     except NoGroundTruthError as exc:
@@ -186,6 +188,8 @@ def print_evaluation(report: Mapping[str, Any], options: EvaluateOptions) -> Non
     gain = report.get("network_start_gain")
     if gain is not None:
         sweeps = report["refined"]["iterations"]
+        control = report["refine_control"]["iterations"]
+        sweeps = sweeps if control == sweeps else f"{sweeps} and {control}"  # a run extended past its sweeps
         flat = report["refined"].get("start") == "flat"
         verdict = "both flat starts" if flat else "better" if gain["phase_ssim"] > 0 else "NOT better"
         print(_start_line(report["refined"])
@@ -209,7 +213,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                               refine_engine=args.refine_engine, refine_backend=args.refine_backend,
                               refine_probe=args.refine_probe, refine_start=args.refine_start, align=args.align,
                               amplitude_prior=args.amplitude_prior, phase_ramp_every=args.phase_ramp_every,
-                              phase_field_every=args.phase_field_every,
+                              phase_field_every=args.phase_field_every, refine_max_sweeps=args.refine_max_sweeps,
                               start_groups=args.start_groups, output=args.output, figure=args.figure,
                               min_weight=args.min_weight,
                               no_register=args.no_register, keep_amplitude_scale=args.keep_amplitude_scale,

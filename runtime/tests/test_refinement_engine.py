@@ -377,9 +377,51 @@ def test_auto_is_the_default_and_a_poor_fit_with_the_probe_refined_is_warned_abo
     assert RefineSettings().refine_probe == "auto"  # the rule the previous test exercises
     with caplog.at_level("WARNING", logger="ptycho_runtime"):
         short = refine_scan(start, noisy, pos, _probe(defocus=0.2), RefineSettings(sweeps=2, start="flat",
-                            refine_probe=True), probe_source="the test's probe").refinement
+                            refine_probe=True, max_sweeps=0), probe_source="the test's probe").refinement
     assert short["probe_updated"] and short["sweeps"] == 2 == len(short["misfit_per_sweep"])
     assert short["misfit_over_floor"] > PROBE_SUSPECT and "more sweeps" in caplog.text
+    assert short["sweeps_extended"] == 0 and short["max_sweeps"] == 0
+
+
+def test_a_refined_probe_that_leaves_the_fit_far_above_the_noise_sweeps_on_until_explained(problem, caplog):
+    from ptycho_runtime.inference.scan_refinement import (
+        DEFAULT_MAX_SWEEPS,
+        POLISH_SWEEPS,
+        PROBE_SUSPECT,
+        RefineSettings,
+        refine_scan,
+    )
+
+    obj, amp, pos, start, lit = problem
+    noisy, _ = _counted(amp, 1e6)
+    wrong = _probe(defocus=0.2)
+    seen: list[tuple[int, int]] = []
+    runs = {}
+    for name, cap in (("capped", 0), ("extended", DEFAULT_MAX_SWEEPS)):
+        settings = RefineSettings(sweeps=2, start="flat", refine_probe=True, max_sweeps=cap,
+                                  progress=lambda done, total: seen.append((done, total)))
+        with caplog.at_level("WARNING", logger="ptycho_runtime"):
+            caplog.clear()
+            runs[name] = refine_scan(start, noisy, pos, wrong, settings, probe_source="the test's probe")
+            warned = "Poisson noise" in caplog.text
+        assert warned is (name == "capped")  # the extended run ends explained, so it is not warned about
+    record = runs["extended"].refinement
+    floor, per_sweep = record["noise_floor"], record["misfit_per_sweep"]
+    assert record["max_sweeps"] == DEFAULT_MAX_SWEEPS == RefineSettings().max_sweeps
+    assert record["sweeps_requested"] == 2 and record["sweeps"] == 2 + record["sweeps_extended"] == len(per_sweep)
+    assert 2 < record["sweeps"] < DEFAULT_MAX_SWEEPS and record["misfit_over_floor"] < PROBE_SUSPECT
+    # it stopped POLISH_SWEEPS after the first check that found the fit explained, and not one block sooner
+    assert per_sweep[-POLISH_SWEEPS - 1] <= PROBE_SUSPECT * floor < per_sweep[-POLISH_SWEEPS - 5]
+    assert seen[-1] == (record["sweeps"], DEFAULT_MAX_SWEEPS)  # progress counts the extension out of its limit
+    assert _error(runs["extended"].object, obj, lit) < 0.6 * _error(runs["capped"].object, obj, lit)
+    limited = refine_scan(start, noisy, pos, wrong, RefineSettings(sweeps=2, start="flat", refine_probe=True,
+                          max_sweeps=7), probe_source="the test's probe").refinement
+    assert limited["sweeps"] == 7 and limited["misfit_over_floor"] > PROBE_SUSPECT  # the limit holds mid-block
+    fixed = refine_scan(start, noisy, pos, wrong, RefineSettings(sweeps=2, start="flat", refine_probe=False),
+                        probe_source="the test's probe").refinement
+    assert fixed["sweeps"] == 2 and fixed["sweeps_extended"] == 0  # more sweeps cannot correct a fixed probe
+    with pytest.raises(ValueError, match="max_sweeps must be an integer >= 0"):
+        RefineSettings(max_sweeps=-1)
 
 
 def test_the_default_amplitude_prior_lowers_the_amplitude_error_within_the_datas_noise(problem):

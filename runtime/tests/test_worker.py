@@ -142,8 +142,10 @@ def test_refinement_crosses_the_process_boundary_as_plain_data(worker, scan, fix
     d, pos = scan
     bundle = pr.load_bundle(fixture_dir / "n64_g1" / "wts.h5", device="cpu")
     probe = bundle.probe * 2.0  # the host's probe, at its own scale
-    ref = bundle.reconstruct(d, pos, refine=RefineSettings(sweeps=3, refine_probe=True), probe=probe)
-    events = list(worker.run(d, pos, batch_size=16, refine={"sweeps": 3, "refine_probe": True}, probe=probe))
+    # max_sweeps=0: exactly the 3 sweeps asked (this scan's fit stays above PROBE_SUSPECT, which would extend them)
+    ref = bundle.reconstruct(d, pos, refine=RefineSettings(sweeps=3, refine_probe=True, max_sweeps=0), probe=probe)
+    events = list(worker.run(d, pos, batch_size=16, refine={"sweeps": 3, "refine_probe": True, "max_sweeps": 0},
+                             probe=probe))
     sweeps = [e for e in events if isinstance(e, Progress) and e.stage == "refinement"]
     assert [(e.done, e.total, e.snapshot) for e in sweeps] == [(1, 3, None), (2, 3, None), (3, 3, None)]
     assert [e.stage for e in events[:3]] == ["inference"] * 3

@@ -22,6 +22,7 @@ from ..files.reconstruction_file import Provenance, write_reconstruction
 from ..inference.backends import DEVICES, PRECISIONS
 from ..inference.compatibility import check_scan
 from ..inference.scan_refinement import (
+    MAX_SWEEPS_HELP,
     PHASE_FIELD_HELP,
     PHASE_RAMP_HELP,
     PROBE_RULE_NAMES,
@@ -167,7 +168,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     settings = RefineSettings(engine=args.refine_engine, backend=args.refine_backend,
                               refine_probe=probe_rule(args.refine_probe), start=args.refine_start,
                               amplitude_prior=args.amplitude_prior, phase_ramp_every=args.phase_ramp_every,
-                              phase_field_every=args.phase_field_every, start_groups=args.start_groups)
+                              phase_field_every=args.phase_field_every, start_groups=args.start_groups,
+                              max_sweeps=args.refine_max_sweeps)
     run_infer(args.bundle, args.scan, args.output, args.png, args.backend, args.device, args.precision,
               args.batch_size, args.units, args.counts, args.position_centre, args.refine, args.align_phase,
               align=args.align, refine_settings=settings, accept_mismatch=args.accept_mismatch)
@@ -226,6 +228,8 @@ def add_infer_command(sub: argparse._SubParsersAction) -> None:
                    help=PHASE_RAMP_HELP)
     p.add_argument("--phase-field-every", type=int, default=RefineSettings.phase_field_every, metavar="N",
                    help=PHASE_FIELD_HELP)
+    p.add_argument("--refine-max-sweeps", type=int, default=RefineSettings.max_sweeps, metavar="N",
+                   help=MAX_SWEEPS_HELP)
     p.add_argument("--start-groups", choices=GROUPINGS, default=RefineSettings.start_groups,
                    help="gridsize > 1, refining: the network predicts a cover of the frames (each in at least one "
                         "group, about a third of them: a faster start, the same refined object) or all groups "
