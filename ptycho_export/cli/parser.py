@@ -319,7 +319,7 @@ def _add_evaluate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="refine the probe with the object: on (the bare flag), off, or auto: keep the probe guess "
                         "unless the fit then stays far above the frames' Poisson noise (default: %(default)s)")
     p.add_argument("--refine-start", choices=START_CHOICES, default=EvaluateOptions.refine_start,
-                   help="the refined row's start: auto (the network's object, its phase alone or a flat object, "
+                   help="the refined row's start: auto (the network's phase alone or a flat object, "
                         "whichever fits best after two sweeps), or one of them; the control row always starts "
                         "flat (default: %(default)s)")
     p.add_argument("--amplitude-prior", choices=PRIORS, default=EvaluateOptions.amplitude_prior,

@@ -219,7 +219,7 @@ def add_infer_command(sub: argparse._SubParsersAction) -> None:
                         "unless the fit then stays far above the frames' Poisson noise, and then refine it "
                         "(default: %(default)s)")
     p.add_argument("--refine-start", choices=START_CHOICES, default=RefineSettings.start,
-                   help="auto: the network's object, its phase alone or a flat object, whichever fits the patterns "
+                   help="auto: the network's phase alone or a flat object, whichever fits the patterns "
                         "best after two sweeps; or one of them (default: %(default)s)")
     p.add_argument("--amplitude-prior", choices=PRIORS, default=RefineSettings.amplitude_prior,
                    help="after the sweeps: tv denoises the refined amplitude at the strength of its own shot noise "

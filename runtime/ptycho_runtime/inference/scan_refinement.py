@@ -16,10 +16,11 @@ Three decisions are made here, once for every caller:
   NPZ reader's rule; without one, the bundle's training probe is used and
   the record says so;
 - **the start**: ``start="auto"`` (the default) runs two sweeps from the
-  network's object, from its phase at the transmission level the data
-  imply (its amplitude set aside), and from a flat object, and finishes
-  whichever then fits the measured patterns best (flat only when clearly
-  better, ``FLAT_MARGIN``). The network's phase is
+  network's phase at the transmission level the data imply (its amplitude
+  set aside) and from a flat object, and finishes whichever then fits the
+  measured patterns best (flat only when clearly better, ``FLAT_MARGIN``;
+  the network's object with its own amplitude, once a third candidate, never
+  ended better by more than 0.003, ``AUTO_STARTS``). The network's phase is
   what one pattern cannot give and the overlap gives slowly; its amplitude
   is the part that goes wrong under a probe it was not trained for
   (docs/independent-scans.md). Under such a probe the network's start is
@@ -82,10 +83,12 @@ log = logging.getLogger(__name__)
 START_CHOICES = ("auto", "network", "network phase", "flat")
 NETWORK_STARTS = ("network", "network phase")
 """The starts made from the network's object (``start_candidates``)."""
-AUTO_STARTS = NETWORK_STARTS + ("flat",)
+AUTO_STARTS = ("network phase", "flat")
 """What ``start="auto"`` compares after ``TRIAL_SWEEPS`` (the built-in engine). "flat" is one of them since the
 phase-ramp fits: under a probe the network was not trained for its start is noise that the sweeps must undo
-(docs/fidelity.md, "The start, flat included")."""
+(docs/fidelity.md, "The start, flat included"). "network" (its own amplitude) was a third until the trial's two
+sweeps were measured against it on eight scans: it won on one (`test.npz` defocused by 12 rad, by 0.003
+amplitude SSIM) and tied or lost on the rest, for two more sweeps on every scan (docs/fidelity.md)."""
 FLAT_MARGIN = 0.9
 """A flat start replaces the network's only when its misfit after the trial sweeps is below this fraction of the
 best network start's: the network's start is kept unless the data clearly say it is worse. Measured ratios (flat
@@ -139,9 +142,10 @@ class RefineSettings:
     or "ptychi"; ``backend``/``device`` of the builtin engine; ``refine_probe``
     True also updates the probe, False keeps it, "auto" (the default) keeps
     it unless the fit then stays far above the noise floor (module docstring;
-    the built-in engine only: elsewhere "auto" keeps it); ``start`` "auto" (the default: whichever of the
-    network's object, its phase alone and a flat object fits the data best
-    after two sweeps), "network", "network phase" or "flat"; ``amplitude_prior`` "tv"
+    the built-in engine only: elsewhere "auto" keeps it); ``start`` "auto"
+    (the default: whichever of the network's phase alone and a flat object
+    fits the data best after two sweeps), "network", "network phase" or
+    "flat"; ``amplitude_prior`` "tv"
     (the default: the refined amplitude denoised at its own noise level,
     module docstring) or "none"; ``phase_field_every`` sweeps between fits of
     the object's slow phase while the probe is fixed (built-in engine; 0:
@@ -241,7 +245,8 @@ def transmission_level(amplitude: np.ndarray, probe: np.ndarray) -> float:
 def start_candidates(obj: np.ndarray, covered: np.ndarray, level: float = 1.0) -> dict[str, np.ndarray]:
     """The starts a refinement can begin from: the network's object, its phase alone, a flat object.
 
-    ``start="auto"`` compares all three (``AUTO_STARTS``); a stream the first two (``NETWORK_STARTS``).
+    ``start="auto"`` compares "network phase" and "flat" (``AUTO_STARTS``); a stream the first two
+    (``NETWORK_STARTS``).
 
     "network phase" is the network's phase at the transmission ``level`` the
     data imply (``transmission_level``), not at the network's own amplitude.
