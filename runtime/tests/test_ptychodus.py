@@ -137,7 +137,7 @@ def test_batch_mode_end_to_end(scan_dir, tmp_path):
     scan = host_scan(parameters)
     bundle = pr.load_bundle(scan_dir / "model.h5", device="cpu")
     ref = bundle.reconstruct(scan.counts, scan.positions_px, **scan.reconstruct_kwargs(),
-                             refine=RefineSettings(sweeps=DEFAULT_SWEEPS, refine_probe=True))
+                             refine=RefineSettings(sweeps=DEFAULT_SWEEPS, refine_probe=True, max_sweeps=0))
     obj = got.object_.get_layer(0)
     np.testing.assert_allclose(obj, ref.object, atol=1e-4)
     assert ref.covered.any() and not ref.covered.all()
@@ -152,7 +152,9 @@ def test_batch_mode_end_to_end(scan_dir, tmp_path):
     print(f"far-field misfit: refined {refined_misfit:.4g}, network alone {network_misfit:.4g}")
     assert refined_misfit < 0.5 * network_misfit
     assert "ptycho_runtime" in proc.stdout  # the runtime's log lines reach ptychodus's log
-    assert f"refined: {DEFAULT_SWEEPS} sweeps" in proc.stdout
+    # the host's sweeps are bounded by default (RefineMaxSweeps = 0): this 1e9-photon scan's fit stays far above its
+    # noise with the probe refined, which in-process (max_sweeps=64) would sweep on to 64 for nothing
+    assert f"refined: {DEFAULT_SWEEPS} sweeps" in proc.stdout and ref.refinement["sweeps_extended"] == 0
 
 
 def test_batch_mode_without_refinement_passes_the_probe_through(scan_dir, tmp_path):
@@ -171,6 +173,18 @@ def test_batch_mode_without_refinement_passes_the_probe_through(scan_dir, tmp_pa
                                                                           **scan.reconstruct_kwargs())
     np.testing.assert_allclose(got.object_.get_layer(0), ref.object, atol=1e-5)
     assert "refined:" not in proc.stdout
+
+
+def test_refine_max_sweeps_lets_a_poor_fit_sweep_on(scan_dir, tmp_path):
+    """RefineMaxSweeps = 24: this scan's fit stays far above its noise with the probe refined, so it sweeps to 24."""
+    on = tmp_path / "in"
+    shutil.copytree(scan_dir, on)
+    (on / "settings.ini").write_text(f"[Processing]\nAlgorithm = {ALGORITHM}\n\n"
+                                     "[PtychoRuntime]\nRefineMaxSweeps = 24\n")
+    proc = _ptychodus("-b", "reconstruct", "-i", str(on), "-o", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "refined: 24 sweeps" in proc.stdout
+    assert (tmp_path / "out" / "product.000100.h5").is_file()
 
 
 def test_unknown_algorithm_is_an_error(scan_dir, tmp_path):

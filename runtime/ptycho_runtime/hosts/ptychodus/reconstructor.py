@@ -30,8 +30,13 @@ there), ``AlignPhase`` (passes, 0: off), ``OutOfGrid`` (clip, drop),
 ``StrictPhysics`` (refuse a host whose instrument, counts or probe do not
 match the bundle; off: warn), ``Refine`` (on by default; off: the network's
 object alone, the input's probes passed through), ``RefineSweeps`` (sweeps
-over all patterns, default ``DEFAULT_SWEEPS``) and ``RefineProbe`` (also
-refine the probe; on by default, since a product's probe is a guess).
+over all patterns, default ``DEFAULT_SWEEPS``), ``RefineProbe`` (also
+refine the probe; on by default, since a product's probe is a guess) and
+``RefineMaxSweeps`` (0, the default: exactly ``RefineSweeps``; N: with the
+probe refined, sweep on up to N in all while the fit stays far above the
+patterns' noise, ``RefineSettings.max_sweeps``). A live host keeps its time
+per scan bounded by default: on data whose fit the model itself limits (high
+dose, background) the extension runs to its limit for nothing.
 """
 
 from __future__ import annotations
@@ -85,6 +90,7 @@ class PtychoRuntimeSettings(Observable, Observer):
         self.refine = self._group.create_boolean_parameter("Refine", True)
         self.refine_sweeps = self._group.create_integer_parameter("RefineSweeps", DEFAULT_SWEEPS, minimum=1)
         self.refine_probe = self._group.create_boolean_parameter("RefineProbe", True)
+        self.refine_max_sweeps = self._group.create_integer_parameter("RefineMaxSweeps", 0, minimum=0)
         self.amplitude_prior = self._group.create_boolean_parameter("AmplitudePrior", True)  # TV at the noise level
 
     def refine_request(self) -> Optional[dict[str, Any]]:
@@ -92,7 +98,8 @@ class PtychoRuntimeSettings(Observable, Observer):
         if not bool(self.refine.get_value()):
             return None
         return {"sweeps": int(self.refine_sweeps.get_value()), "refine_probe": bool(self.refine_probe.get_value()),
-                "amplitude_prior": "tv" if bool(self.amplitude_prior.get_value()) else "none"}
+                "amplitude_prior": "tv" if bool(self.amplitude_prior.get_value()) else "none",
+                "max_sweeps": int(self.refine_max_sweeps.get_value())}
 
     def _update(self, observable: Observable) -> None:
         if observable is self._group:
@@ -174,6 +181,7 @@ class PtychoRuntimeReconstructor(TrainableReconstructor):
                  + (" (refined too)" if refine["refine_probe"] else ""))
         share = PROGRESS_GOAL if refine is None else INFERENCE_SHARE
         shown = None  # the last product shown: refinement sweeps keep showing it
+        swept = share  # the progress the sweeps have shown
         events = worker.run(scan.counts, scan.positions_px, snapshots=live, **kwargs)
         try:
             for event in events:
@@ -182,8 +190,10 @@ class PtychoRuntimeReconstructor(TrainableReconstructor):
                         continue
                     if event.stage == "refinement":
                         if shown is not None and event.done < event.total:
-                            yield ReconstructOutput(shown, progress=share + (PROGRESS_GOAL - share) * event.done
-                                                    // event.total)
+                            # a refinement run past its sweeps counts on out of RefineSettings.max_sweeps: the bar
+                            # (and the outputs' names, which are the progress) never go back
+                            swept = max(swept, share + (PROGRESS_GOAL - share) * event.done // event.total)
+                            yield ReconstructOutput(shown, progress=swept)
                     elif event.done < event.total or refine is not None:
                         shown = output_product(parameters.product, event.snapshot)
                         yield ReconstructOutput(shown, progress=share * event.done // event.total)
