@@ -37,8 +37,12 @@ Three decisions are made here, once for every caller:
   scan it ran off with a 3 rad ramp). With a guess defocused by 6 rad this
   lifts phase SSIM from 0.023 to 0.922 on the project's scan; with an
   accurate guess nothing changes. ``True`` always refines it (better on
-  pty-chi's scan, 0.674 → 0.913; docs/fidelity.md), ``False`` never. A fit
-  still far above the floor is warned about with the fix;
+  pty-chi's scan, 0.674 → 0.913; docs/fidelity.md), ``False`` never. With
+  the probe refined, a fit still far above the floor after the requested
+  sweeps goes on, in blocks of 4, until it is below (then 8 more), up to
+  ``max_sweeps`` (``_sweep_until_explained``: a guess of overlap 0.07 with
+  the true probe took 48). A fit still far above the floor at the end is
+  warned about with the fix;
 - **the slow phase**: with the probe fixed, every ``phase_field_every`` (4)
   sweeps the object's slowly varying phase is fitted to every frame's local
   ramp and integrated over the scan in one solve (``refinement.phase_field``):
@@ -110,7 +114,7 @@ EXTEND_BLOCK = 4
 POLISH_SWEEPS = 8
 """Sweeps run once an extended refinement's fit first falls below ``PROBE_SUSPECT`` × the floor. Measured on
 ptychodus's scan with a guess of overlap 0.07: the fit goes from 3.6× to 1.15× the floor in the 8 sweeps after it
-crosses 4×, and gains under 4 % in the 70 after those."""
+crosses 4×, and gains under 4 % in the 75 after those."""
 
 PHASE_FIELD_HELP = ("fit the object's slowly varying phase (a smooth field, ramp included; without its plane while "
                     "the probe is refined) to every frame's local ramp after every N sweeps: what the sweeps remove "
@@ -118,7 +122,7 @@ PHASE_FIELD_HELP = ("fit the object's slowly varying phase (a smooth field, ramp
 PHASE_RAMP_HELP = ("with the probe fixed, also fit the object's global phase ramp alone to a sample of the frames "
                    "after every N sweeps (the phase field's fits include the ramp; 0: never; default: %(default)s)")
 MAX_SWEEPS_HELP = ("with the probe refined, go on past the requested sweeps, up to N in all, while the fit stays "
-                   f"above {PROBE_SUSPECT:g}x the frames' Poisson noise (a probe guess far off can take 40; no more "
+                   f"above {PROBE_SUSPECT:g}x the frames' Poisson noise (a probe guess far off took 48; no more "
                    "than the requested sweeps: never; default: %(default)s)")
 """The command lines' help for ``--phase-field-every``, ``--phase-ramp-every`` and ``--refine-max-sweeps``
 (``infer`` and ``evaluate``)."""
@@ -358,8 +362,8 @@ def _sweep_until_explained(refiner: Refiner, result: RefineResult, amp: np.ndarr
     A probe guess far off (ptychodus's scan with a defocused guess, overlap
     0.07 with its probe) holds the fit near 6× the floor for some 20 sweeps
     and then escapes within a few (docs/fidelity.md, "Sweeps until the data
-    are explained"). A rule that stops when the misfit stalls stops before the
-    escape, so the rule is the fit alone: blocks of ``EXTEND_BLOCK`` sweeps
+    are explained"). The rules that stop on a stalled misfit, worked through on
+    that trajectory, stop before the escape, so the rule is the fit alone: blocks of ``EXTEND_BLOCK`` sweeps
     until it is below ``PROBE_SUSPECT`` × floor, then ``POLISH_SWEEPS`` more,
     never past ``settings.max_sweeps`` in all. A fit already below it, or a
     fixed probe (which more sweeps cannot correct), adds nothing. Returns the
@@ -391,7 +395,7 @@ def _warn_if_poor_fit(fit: Optional[float], probe_updated: bool) -> None:
     if fit is None or fit <= PROBE_SUSPECT:
         return
     fix = ("a probe guess far off may need more sweeps than the extension's limit (--refine-max-sweeps, "
-           "RefineSettings.max_sweeps; a defocused guess of overlap 0.07 took 45), or positions, background or bad "
+           "RefineSettings.max_sweeps; a defocused guess of overlap 0.07 took 48), or positions, background or bad "
            "pixels are off" if probe_updated else
            "the probe guess is probably wrong: refine it (--refine-probe on, RefineSettings(refine_probe=True))")
     log.warning("the refined object fits the frames %.1f× worse than their Poisson noise explains: %s; do not "
