@@ -293,7 +293,7 @@ def test_evaluate_cli_reference_row_and_speedup(make_bundle, capsys, tmp_path):
     assert code == 0, err
     assert "LSQML (2 it)" in out and "faster than pty-chi" in out
     code, out, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--reference", "epie,lsqml",
-                             "--reference-iterations", "2", "--refine", "2")
+                             "--reference-iterations", "2", "--refine", "2", "--refine-max-sweeps", "0")
     assert code == 0, err
     assert "ePIE (2 it)" in out and "LSQML (2 it)" in out  # both in one table, from one invocation
     head = (r"(The network's start \('network( phase)?', the best fit after the trial sweeps\)|"
@@ -352,11 +352,21 @@ def test_evaluate_cli_refine_row_improves_on_the_network(make_bundle, capsys, tm
 
     assert f"network + {DEFAULT_SWEEPS} sweeps, numpy" in out and f"flat + {DEFAULT_SWEEPS} sweeps, numpy" in out
     code, out, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--refine", "3",
-                             "--refine-backend", "onnx", "--refine-probe", "--amplitude-prior", "none", "--json")
+                             "--refine-backend", "onnx", "--refine-probe", "--amplitude-prior", "none",
+                             "--refine-max-sweeps", "0", "--json")
     assert code == 0, err
     refined = json.loads(out)["refined"]
     assert refined["backend"] == "onnx" and refined["probe_updated"] is True and refined["sweeps"] == 3
     assert refined["amplitude_prior"] == {"rule": "none"}
+    # by default a refined probe whose fit stays far above the noise sweeps on (this tiny scan's does), and the
+    # report's sweeps and gain line say how many ran
+    code, out, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--refine", "3",
+                             "--refine-probe", "--refine-max-sweeps", "11", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    for row in (report["refined"], report["refine_control"]):
+        assert row["sweeps_requested"] == 3 and row["max_sweeps"] == 11
+        assert row["iterations"] == row["sweeps"] == 3 + row["sweeps_extended"] == 11, row
     code, _, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--refine", "0")
     assert code == 2
 
