@@ -189,11 +189,12 @@ def print_evaluation(report: Mapping[str, Any], options: EvaluateOptions) -> Non
     if gain is not None:
         sweeps = report["refined"]["iterations"]
         control = report["refine_control"]["iterations"]
-        sweeps = sweeps if control == sweeps else f"{sweeps} and {control}"  # a run extended past its sweeps
+        # a run extended past its sweeps (the probe refined, the fit far above the noise) ends on its own count
+        after = f"both after {sweeps} sweeps" if control == sweeps else f"after {sweeps} and {control} sweeps"
         flat = report["refined"].get("start") == "flat"
         verdict = "both flat starts" if flat else "better" if gain["phase_ssim"] > 0 else "NOT better"
         print(_start_line(report["refined"])
-              + f" against a flat start, both after {sweeps} sweeps: phase SSIM "
+              + f" against a flat start, {after}: phase SSIM "
               f"{gain['phase_ssim']:+.3f}, amplitude SSIM {gain['amplitude_ssim']:+.3f}, phase PSNR "
               f"{gain['phase_psnr_db']:+.2f} dB ({verdict}{'' if flat else ' on phase'})")
     for ref in report.get("references", [])[1:]:
