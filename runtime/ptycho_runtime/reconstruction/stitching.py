@@ -33,6 +33,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .geometry import frame_origin
+from .real_view import real_view
 
 # A canvas larger than this many pixels is refused (an outlier position or a unit mistake: x = 1e9 once asked
 # for 678 GiB). 2**26 px = 8192 × 8192, 1.5 GiB of float64 accumulators; callers may pass a larger max_pixels.
@@ -112,14 +113,21 @@ _CHUNK = 128  # patches spread at once by the slice-add path (≈ 9 MB per compl
 
 
 def _spread(values: np.ndarray, fy: np.ndarray, fx: np.ndarray) -> np.ndarray:
-    """Bilinear splat of [n, h, w] values shifted by (fy, fx) ∈ [0, 1)² onto [n, h+1, w+1] (rows, then columns)."""
+    """Bilinear splat of [n, h, w] values shifted by (fy, fx) ∈ [0, 1)² onto [n, h+1, w+1] (rows, then columns).
+
+    Complex values are scaled through their real view (``real_view``; a column is ``e`` floats).
+    """
     n, h, w = values.shape
-    rows = np.zeros((n, h + 1, w), dtype=np.result_type(values, np.float64))
-    rows[:, :-1] = values * (1 - fy)
-    rows[:, 1:] += values * fy
-    out = np.zeros((n, h + 1, w + 1), dtype=rows.dtype)
-    out[:, :, :-1] = rows * (1 - fx)
-    out[:, :, 1:] += rows * fx
+    dtype = np.result_type(values, np.float64)
+    v, _ = real_view(np.ascontiguousarray(values) if np.iscomplexobj(values) else values)
+    rows = np.zeros((n, h + 1, w), dtype=dtype)
+    r, _ = real_view(rows)
+    np.multiply(v, 1 - fy, out=r[:, :-1])
+    r[:, 1:] += v * fy
+    out = np.zeros((n, h + 1, w + 1), dtype=dtype)
+    o, e = real_view(out)
+    np.multiply(r, 1 - fx, out=o[:, :, :-e])
+    o[:, :, e:] += r * fx
     return out
 
 
