@@ -115,6 +115,7 @@ def test_infer_many_refines_each_scan_by_default_as_infer_does(cluster, scans, t
     # the default sweeps, or more where the probe was refined and the fit stayed far above the noise (the extension)
     sweeps = [int(n) for n in re.findall(r"refined \((\d+) sweeps\)", err)]
     assert len(sweeps) == 2 and all(DEFAULT_SWEEPS <= n <= DEFAULT_MAX_SWEEPS for n in sweeps), err
+    assert max(sweeps) > DEFAULT_SWEEPS  # one fixture scan's refined probe fits far above its noise: it swept on
     for scan in scan_files:
         ref = _infer_single(bundle, scan, tmp_path / f"single_{scan.stem}.h5")
         with h5py.File(out / f"{scan.stem}.h5", "r") as f, h5py.File(ref, "r") as g:
@@ -126,6 +127,25 @@ def test_infer_many_refines_each_scan_by_default_as_infer_does(cluster, scans, t
             plain = _infer_single(bundle, scan, tmp_path / f"plain_{scan.stem}.h5", *NETWORK_ONLY)
             with h5py.File(plain, "r") as g:
                 assert np.abs(f["object"][()] - g["object"][()]).max() > 1e-3  # refinement did change it
+
+
+def test_refine_max_sweeps_bounds_each_scan_as_infer_does(cluster, scans, tmp_path, capsys):
+    """--refine-max-sweeps 0: every scan stops at its requested sweeps, probe refined or not; -1 is refused."""
+    address, _ = cluster
+    bundle, scan_files = scans("n64_g1")
+    out = tmp_path / "bounded"
+    rc = cli.main(["infer-many", str(bundle), *map(str, scan_files), "-o", str(out), "--scheduler", address,
+                   "--refine", "5", "--refine-max-sweeps", "0"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert err.count("refined (5 sweeps)") == 2, err
+    for scan in scan_files:
+        with h5py.File(out / f"{scan.stem}.h5", "r") as f:
+            record = json.loads(f.attrs["refinement_json"])
+        assert record["sweeps"] == 5 == record["sweeps_requested"] and record["max_sweeps"] == 0
+    assert cli.main(["infer-many", str(bundle), str(scan_files[0]), "-o", str(out), "--scheduler", address,
+                     "--refine-max-sweeps", "-1"]) == 2
+    assert "--refine-max-sweeps must be >= 0" in capsys.readouterr().err
 
 
 def test_local_scheduler_starts_its_own_cluster(scans, tmp_path, capsys):

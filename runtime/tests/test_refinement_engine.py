@@ -384,6 +384,12 @@ def test_auto_is_the_default_and_a_poor_fit_with_the_probe_refined_is_warned_abo
 
 
 def test_a_refined_probe_that_leaves_the_fit_far_above_the_noise_sweeps_on_until_explained(problem, caplog):
+    """A defocused guess, refined, ends far above the noise at 2 sweeps: the extension runs until it is explained.
+
+    Against the same run capped at its 2 sweeps: no warning, a much better object, the polish after the first
+    check below PROBE_SUSPECT, progress counted out of the limit, a limit that holds mid-block, and nothing added
+    with the probe fixed.
+    """
     from ptycho_runtime.inference.scan_refinement import (
         DEFAULT_MAX_SWEEPS,
         POLISH_SWEEPS,
@@ -408,10 +414,12 @@ def test_a_refined_probe_that_leaves_the_fit_far_above_the_noise_sweeps_on_until
     record = runs["extended"].refinement
     floor, per_sweep = record["noise_floor"], record["misfit_per_sweep"]
     assert record["max_sweeps"] == DEFAULT_MAX_SWEEPS == RefineSettings().max_sweeps
-    assert record["sweeps_requested"] == 2 and record["sweeps"] == 2 + record["sweeps_extended"] == len(per_sweep)
+    assert record["sweeps_requested"] == 2 and record["sweeps"] == 2 + record["sweeps_extended"]
+    assert len(per_sweep) == 2 + record["extension_sweeps_run"] >= record["sweeps"]
     assert 2 < record["sweeps"] < DEFAULT_MAX_SWEEPS and record["misfit_over_floor"] < PROBE_SUSPECT
     # it stopped POLISH_SWEEPS after the first check that found the fit explained, and not one block sooner
     assert per_sweep[-POLISH_SWEEPS - 1] <= PROBE_SUSPECT * floor < per_sweep[-POLISH_SWEEPS - 5]
+    assert record["misfit_over_floor"] * floor == pytest.approx(min(per_sweep[1::4] + per_sweep[-1:]), rel=1e-6)
     assert seen[-1] == (record["sweeps"], DEFAULT_MAX_SWEEPS)  # progress counts the extension out of its limit
     assert _error(runs["extended"].object, obj, lit) < 0.6 * _error(runs["capped"].object, obj, lit)
     limited = refine_scan(start, noisy, pos, wrong, RefineSettings(sweeps=2, start="flat", refine_probe=True,
@@ -554,8 +562,26 @@ def test_a_ramp_fit_takes_at_most_a_quarter_far_field_pixel_at_once(problem):
     assert fit.rad_per_px[0] < 0 and fit.applied  # towards the truth, and the frames fit better for it
 
 
+def test_the_extension_keeps_the_best_fitting_result_it_saw(monkeypatch):
+    """Where a later block fits worse (a fit the model, not the probe, limits, wanders), the best result is kept."""
+    from ptycho_runtime.inference import scan_refinement as sr
+    from ptycho_runtime.refinement.result import RefineResult
+
+    after_each_block = iter([10.0, 6.0, 9.0, 12.0, 11.0])  # misfit over a floor of 1: never explained
+
+    def block(refiner, sweeps, *args, **kwargs):
+        assert sweeps == sr.EXTEND_BLOCK
+        return RefineResult(reconstruction=None, probe=None, record={"misfit": [next(after_each_block)]})
+
+    monkeypatch.setattr(sr, "_run_fitting_phase", block)
+    settings = sr.RefineSettings(sweeps=4, max_sweeps=24, refine_probe=True)
+    start = RefineResult(reconstruction=None, probe=None, record={"misfit": [20.0]})
+    kept, extended, run = sr._sweep_until_explained(None, start, None, None, settings, 1.0, None, {})
+    assert kept.record["misfit"] == [6.0] and extended == 8 and run == 20  # the 2nd of 5 blocks, all 20 run
+
+
 def test_the_auto_start_keeps_a_network_start_that_helps_and_drops_one_that_is_noise(problem):
-    """start="auto" tries the network's object, its phase and a flat object for two sweeps and finishes the best.
+    """start="auto" tries the network's phase and a flat object for two sweeps and finishes the best.
 
     A start near the truth (what a network trained for the probe gives) is kept; a start of random phase (what
     a network gives under a probe it never saw) fits worse than flat after two sweeps and is dropped for flat.

@@ -358,8 +358,8 @@ def test_evaluate_cli_refine_row_improves_on_the_network(make_bundle, capsys, tm
     refined = json.loads(out)["refined"]
     assert refined["backend"] == "onnx" and refined["probe_updated"] is True and refined["sweeps"] == 3
     assert refined["amplitude_prior"] == {"rule": "none"}
-    # by default a refined probe whose fit stays far above the noise sweeps on (this tiny scan's does), and the
-    # report's sweeps and gain line say how many ran
+    # a refined probe whose fit stays far above the noise sweeps on, up to --refine-max-sweeps (this tiny scan's
+    # goes on to the limit), and the report's rows say how many ran and how many were asked for
     code, out, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--refine", "3",
                              "--refine-probe", "--refine-max-sweeps", "11", "--json")
     assert code == 0, err

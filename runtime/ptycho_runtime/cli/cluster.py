@@ -8,7 +8,7 @@ extra is a usage error (exit 2) that names the ``pip install`` to run.
                                [--tensorrt-fp16] [--max-queue-delay-us US]
     ptycho-runtime serve BUNDLE [--http-port P] [--grpc-port P] [--max-batch-size B] [--max-queue-delay-us US] ...
     ptycho-runtime infer-many BUNDLE SCAN... -o OUT_DIR [--scheduler local|tcp://HOST:8786] [--workers N]
-                              [--chunk-frames K] [--refine [SWEEPS] | --no-refine]
+                              [--chunk-frames K] [--refine [SWEEPS] | --no-refine] [--refine-max-sweeps N]
 """
 
 from __future__ import annotations
@@ -63,12 +63,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_infer_many(args: argparse.Namespace) -> int:
     from ..distributed.infer_many import dask_client, infer_many
+    from ..inference.scan_refinement import RefineSettings
+    from ..refinement import DEFAULT_SWEEPS
 
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be >= 1 (got {args.workers})")
     if args.refine is not None and args.refine < 0:
         raise UsageError(f"--refine must be >= 0 sweeps (got {args.refine}; 0 or --no-refine: off)")
-    refine = args.refine if args.refine is not None else True  # on by default, as infer
+    if args.refine_max_sweeps < 0:
+        raise UsageError(f"--refine-max-sweeps must be >= 0 (got {args.refine_max_sweeps})")
+    sweeps = args.refine if args.refine is not None else DEFAULT_SWEEPS  # on by default, as infer
+    refine = RefineSettings(sweeps=sweeps, max_sweeps=args.refine_max_sweeps) if sweeps else 0
     threads = None
     if args.scheduler == "local":  # share this machine's cores between the worker processes
         threads = max(1, (os.cpu_count() or 1) // (args.workers or 2))
@@ -106,6 +111,7 @@ def add_cluster_commands(sub: Any) -> None:
         DEFAULT_MAX_QUEUE_DELAY_US,
         DEFAULT_MODEL_NAME,
     )
+    from ..inference.scan_refinement import MAX_SWEEPS_HELP, RefineSettings
     from ..refinement import DEFAULT_SWEEPS
 
     fmt_class = argparse.RawDescriptionHelpFormatter
@@ -188,6 +194,8 @@ def add_cluster_commands(sub: Any) -> None:
     refine.add_argument("--no-refine", dest="refine", action="store_const", const=0,
                         help="the network's object alone, no refinement (default: refine each scan that has a "
                              "probeGuess)")
+    p.add_argument("--refine-max-sweeps", type=int, default=RefineSettings.max_sweeps, metavar="N",
+                   help=MAX_SWEEPS_HELP)
     add_scan_arguments(p)
     common(p)
     p.set_defaults(func=cmd_infer_many)

@@ -113,8 +113,8 @@ EXTEND_BLOCK = 4
 """Sweeps between checks of the fit while a refinement runs past its requested sweeps."""
 POLISH_SWEEPS = 8
 """Sweeps run once an extended refinement's fit first falls below ``PROBE_SUSPECT`` × the floor. Measured on
-ptychodus's scan with a guess of overlap 0.07: the fit goes from 3.6× to 1.15× the floor in the 8 sweeps after it
-crosses 4×, and gains under 4 % in the 75 after those."""
+ptychodus's scan with a guess of overlap 0.07: the first check below 4× (after sweep 40) finds 2.24×, the 8
+sweeps after it end at 1.15×, and the 75 after those gain under 4 %."""
 
 PHASE_FIELD_HELP = ("fit the object's slowly varying phase (a smooth field, ramp included; without its plane while "
                     "the probe is refined) to every frame's local ramp after every N sweeps: what the sweeps remove "
@@ -122,8 +122,8 @@ PHASE_FIELD_HELP = ("fit the object's slowly varying phase (a smooth field, ramp
 PHASE_RAMP_HELP = ("with the probe fixed, also fit the object's global phase ramp alone to a sample of the frames "
                    "after every N sweeps (the phase field's fits include the ramp; 0: never; default: %(default)s)")
 MAX_SWEEPS_HELP = ("with the probe refined, go on past the requested sweeps, up to N in all, while the fit stays "
-                   f"above {PROBE_SUSPECT:g}x the frames' Poisson noise (a probe guess far off took 48; no more "
-                   "than the requested sweeps: never; default: %(default)s)")
+                   f"above {PROBE_SUSPECT:g}x the frames' Poisson noise (a probe guess far off took 48; an N no "
+                   "larger than the requested sweeps turns this off; default: %(default)s)")
 """The command lines' help for ``--phase-field-every``, ``--phase-ramp-every`` and ``--refine-max-sweeps``
 (``infer`` and ``evaluate``)."""
 
@@ -161,7 +161,8 @@ class RefineSettings:
     docs/fidelity.md) or "all" (one group per frame, as without refinement);
     ``max_sweeps``: with the probe refined, the sweeps in all that a fit
     still above ``PROBE_SUSPECT`` × the noise floor may run to
-    (``_sweep_until_explained``; no more than ``sweeps``: no extension);
+    (``_sweep_until_explained``; no more than ``sweeps``: no extension; the
+    built-in engine on a whole scan only: a stream's sweeps are its own);
     ``progress(done, sweeps)`` after each sweep (``done`` of ``max_sweeps``
     while a refinement runs past its sweeps).
     """
@@ -356,7 +357,7 @@ def _fit_over_floor(result: RefineResult, floor: Optional[float]) -> Optional[fl
 
 def _sweep_until_explained(refiner: Refiner, result: RefineResult, amp: np.ndarray, starts: np.ndarray,
                            settings: RefineSettings, floor: Optional[float], cancel: Optional[Any],
-                           fits: dict[str, list[dict[str, Any]]]) -> tuple[RefineResult, int]:
+                           fits: dict[str, list[dict[str, Any]]]) -> tuple[RefineResult, int, int]:
     """Run a refinement with the probe refined past its sweeps while its fit stays above ``PROBE_SUSPECT`` × floor.
 
     A probe guess far off (ptychodus's scan with a defocused guess, overlap
@@ -365,11 +366,17 @@ def _sweep_until_explained(refiner: Refiner, result: RefineResult, amp: np.ndarr
     are explained"). The rules that stop on a stalled misfit, worked through on
     that trajectory, stop before the escape, so the rule is the fit alone: blocks of ``EXTEND_BLOCK`` sweeps
     until it is below ``PROBE_SUSPECT`` × floor, then ``POLISH_SWEEPS`` more,
-    never past ``settings.max_sweeps`` in all. A fit already below it, or a
-    fixed probe (which more sweeps cannot correct), adds nothing. Returns the
-    result and the sweeps added.
+    never past ``settings.max_sweeps`` in all. A fit already below it adds
+    nothing. The caller runs it only with the probe refined (a fixed probe is
+    not corrected by more sweeps; the field fits here leave their plane to the
+    probe). Where the model, not the probe, limits the fit (a high-dose scan:
+    300–390× the floor, wandering), a later block can end worse than an
+    earlier one, so the best-fitting result seen is returned, as the probe
+    retry keeps the better of its two. Returns it, the sweeps it has past the
+    requested ones, and the sweeps run past them.
     """
     done = settings.sweeps
+    best, best_fit, best_done = result, _fit_over_floor(result, floor), done
     polished = False
     while done < settings.max_sweeps:
         fit = _fit_over_floor(result, floor)
@@ -387,7 +394,10 @@ def _sweep_until_explained(refiner: Refiner, result: RefineResult, amp: np.ndarr
         result = _run_fitting_phase(refiner, block, amp, starts, settings.phase_fit_periods(True), cancel, progress,
                                     fits, planes=False)
         done += block
-    return result, done - settings.sweeps
+        fit = _fit_over_floor(result, floor)
+        if fit is not None and (best_fit is None or fit < best_fit):
+            best, best_fit, best_done = result, fit, done
+    return best, best_done - settings.sweeps, done - settings.sweeps
 
 
 def _warn_if_poor_fit(fit: Optional[float], probe_updated: bool) -> None:
@@ -395,8 +405,8 @@ def _warn_if_poor_fit(fit: Optional[float], probe_updated: bool) -> None:
     if fit is None or fit <= PROBE_SUSPECT:
         return
     fix = ("a probe guess far off may need more sweeps than the extension's limit (--refine-max-sweeps, "
-           "RefineSettings.max_sweeps; a defocused guess of overlap 0.07 took 48), or positions, background or bad "
-           "pixels are off" if probe_updated else
+           "RefineSettings.max_sweeps, the ptychodus host's RefineMaxSweeps; a defocused guess of overlap 0.07 "
+           "took 48), or positions, background or bad pixels are off" if probe_updated else
            "the probe guess is probably wrong: refine it (--refine-probe on, RefineSettings(refine_probe=True))")
     log.warning("the refined object fits the frames %.1f× worse than their Poisson noise explains: %s; do not "
                 "trust it as it is", fit, fix)
@@ -466,9 +476,10 @@ def refine_scan(recon: Reconstruction, amplitude: np.ndarray, positions: np.ndar
         if second_fit is not None and second_fit < fit:  # the better fit is kept: a free probe can also run off
             refiner, result, fit = retry, second, second_fit
             phase_fits = retry_fits  # the result kept ran these
-    extended = 0
+    extended = extension_run = 0
     if refiner is not None and result.record.get("probe_updated"):
-        result, extended = _sweep_until_explained(refiner, result, amp, starts, settings, floor, cancel, phase_fits)
+        result, extended, extension_run = _sweep_until_explained(refiner, result, amp, starts, settings, floor,
+                                                                 cancel, phase_fits)
         fit = _fit_over_floor(result, floor)
     probe_check["misfit_over_floor"] = fit  # of the result kept
     _warn_if_poor_fit(fit, bool(result.record.get("probe_updated")))
@@ -486,7 +497,8 @@ def refine_scan(recon: Reconstruction, amplitude: np.ndarray, positions: np.ndar
     record.update({
         "start": choice, "start_rule": settings.start, "start_misfit": misfit, "wall_s": wall_s,
         "sweeps": settings.sweeps + extended, "sweeps_requested": settings.sweeps,
-        "sweeps_extended": extended, "max_sweeps": settings.max_sweeps,
+        "sweeps_extended": extended, "extension_sweeps_run": extension_run,
+        "max_sweeps": settings.max_sweeps if builtin else None,  # the extension is the built-in engine's
         "misfit_per_sweep": [float(v) for v in (refiner.misfit if refiner is not None
                                                 else result.record.get("misfit", []))],
         "probe_source": probe_source + (", refined" if record.get("probe_updated") else ""),

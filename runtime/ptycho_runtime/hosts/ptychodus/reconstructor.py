@@ -190,10 +190,13 @@ class PtychoRuntimeReconstructor(TrainableReconstructor):
                         continue
                     if event.stage == "refinement":
                         if shown is not None and event.done < event.total:
-                            # a refinement run past its sweeps counts on out of RefineSettings.max_sweeps: the bar
-                            # (and the outputs' names, which are the progress) never go back
-                            swept = max(swept, share + (PROGRESS_GOAL - share) * event.done // event.total)
-                            yield ReconstructOutput(shown, progress=swept)
+                            # a refinement run past its sweeps counts on out of RefineSettings.max_sweeps, so its
+                            # fraction drops: the bar (and the outputs' names, which are the progress) never go
+                            # back, and holds where it was until the extension passes it (no output repeated)
+                            now = share + (PROGRESS_GOAL - share) * event.done // event.total
+                            if now > swept:
+                                swept = now
+                                yield ReconstructOutput(shown, progress=swept)
                     elif event.done < event.total or refine is not None:
                         shown = output_product(parameters.product, event.snapshot)
                         yield ReconstructOutput(shown, progress=share * event.done // event.total)
