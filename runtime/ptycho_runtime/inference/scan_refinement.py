@@ -124,8 +124,8 @@ PHASE_RAMP_HELP = ("with the probe fixed, also fit the object's global phase ram
 MAX_SWEEPS_HELP = ("with the probe refined, go on past the requested sweeps, up to N in all, while the fit stays "
                    f"above {PROBE_SUSPECT:g}x the frames' Poisson noise (a probe guess far off took 48; an N no "
                    "larger than the requested sweeps turns this off; default: %(default)s)")
-"""The command lines' help for ``--phase-field-every``, ``--phase-ramp-every`` and ``--refine-max-sweeps``
-(``infer`` and ``evaluate``)."""
+"""The command lines' help for ``--phase-field-every``, ``--phase-ramp-every`` (``infer`` and ``evaluate``) and
+``--refine-max-sweeps`` (also ``infer-many``)."""
 
 PROBE_RULE_NAMES = {"auto": "auto", "on": True, "off": False}
 """The command lines' words for ``RefineSettings.refine_probe`` (``--refine-probe [auto|on|off]``)."""
@@ -376,12 +376,10 @@ def _sweep_until_explained(refiner: Refiner, result: RefineResult, amp: np.ndarr
     requested ones, and the sweeps run past them.
     """
     done = settings.sweeps
-    best, best_fit, best_done = result, _fit_over_floor(result, floor), done
+    fit = _fit_over_floor(result, floor)
+    best, best_fit, best_done = result, fit, done
     polished = False
-    while done < settings.max_sweeps:
-        fit = _fit_over_floor(result, floor)
-        if fit is None:
-            break
+    while done < settings.max_sweeps and fit is not None:
         if fit > PROBE_SUSPECT:
             block = EXTEND_BLOCK
         elif done > settings.sweeps and not polished:
@@ -395,7 +393,7 @@ def _sweep_until_explained(refiner: Refiner, result: RefineResult, amp: np.ndarr
                                     fits, planes=False)
         done += block
         fit = _fit_over_floor(result, floor)
-        if fit is not None and (best_fit is None or fit < best_fit):
+        if fit is not None and fit < best_fit:  # best_fit is a number: the loop runs only from a known fit
             best, best_fit, best_done = result, fit, done
     return best, best_done - settings.sweeps, done - settings.sweeps
 

@@ -112,21 +112,28 @@ _CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))
 _CHUNK = 128  # patches spread at once by the slice-add path (≈ 9 MB per complex128 array at N = 64)
 
 
-def _spread(values: np.ndarray, fy: np.ndarray, fx: np.ndarray) -> np.ndarray:
-    """Bilinear splat of [n, h, w] values shifted by (fy, fx) ∈ [0, 1)² onto [n, h+1, w+1] (rows, then columns).
+def bilinear_spread(values: np.ndarray, fy: np.ndarray, fx: np.ndarray) -> np.ndarray:
+    """Bilinear splat of [n, h, w] values shifted by (fy, fx) ∈ [0, 1)² ([n, 1, 1]) onto [n, h+1, w+1].
 
-    Complex values are scaled through their real view (``real_view``; a column is ``e`` floats).
+    The adjoint of a bilinear read, shared by the stitching here and the
+    refinement's numpy backend. Separably (rows, then columns: the corner
+    weights are products (1−fy|fy)·(1−fx|fx)), which takes fewer passes than
+    four shifted adds, and on the real view of complex values (``real_view``;
+    a column is ``e`` floats). The result has the dtype of ``values`` and the
+    factors together (complex64 stays complex64 with float32 factors).
     """
     n, h, w = values.shape
-    dtype = np.result_type(values, np.float64)
+    dtype = np.result_type(values, fy, fx)
     v, _ = real_view(np.ascontiguousarray(values) if np.iscomplexobj(values) else values)
-    rows = np.zeros((n, h + 1, w), dtype=dtype)
+    rows = np.empty((n, h + 1, w), dtype=dtype)
     r, _ = real_view(rows)
     np.multiply(v, 1 - fy, out=r[:, :-1])
+    r[:, -1] = 0
     r[:, 1:] += v * fy
-    out = np.zeros((n, h + 1, w + 1), dtype=dtype)
+    out = np.empty((n, h + 1, w + 1), dtype=dtype)
     o, e = real_view(out)
     np.multiply(r, 1 - fx, out=o[:, :, :-e])
+    o[:, :, -e:] = 0
     o[:, :, e:] += r * fx
     return out
 
@@ -269,7 +276,7 @@ class StitchCanvas:
             part = slice(k, k + _CHUNK)
             values = patches[part, r0:r0 + h, c0:c0 + w] * window  # complex128 [n, h, w]
             ty, tx = fy[part, None, None], fx[part, None, None]
-            splat = (_spread(values, ty, tx), _spread(np.broadcast_to(window, values.shape), ty, tx))
+            splat = (bilinear_spread(values, ty, tx), bilinear_spread(np.broadcast_to(window, values.shape), ty, tx))
             for j, (r, c) in enumerate(zip(iy[part] + r0, ix[part] + c0, strict=True)):
                 # a whole-pixel offset (fy or fx = 0) may end at the canvas edge: its extra row/column is all 0
                 dh, dw = min(h + 1, H - r), min(w + 1, W - c)
