@@ -37,6 +37,7 @@ class EvaluateOptions:
     phase_ramp_every: int = RefineSettings.phase_ramp_every
     phase_field_every: int = RefineSettings.phase_field_every
     refine_max_sweeps: int = RefineSettings.max_sweeps
+    coarse_sweeps: int = RefineSettings.coarse_sweeps
     align: str = "none"
     refine_start: str = "auto"
     start_groups: str = "cover"
@@ -96,6 +97,7 @@ def run_evaluate(options: EvaluateOptions) -> dict[str, Any]:
                                       "phase_ramp_every": options.phase_ramp_every,
                                       "phase_field_every": options.phase_field_every,
                                       "max_sweeps": options.refine_max_sweeps,
+                                      "coarse_sweeps": options.coarse_sweeps,
                                       "start_groups": options.start_groups},
                       align=options.align)
     except NoGroundTruthError as exc:
@@ -215,6 +217,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                               refine_probe=args.refine_probe, refine_start=args.refine_start, align=args.align,
                               amplitude_prior=args.amplitude_prior, phase_ramp_every=args.phase_ramp_every,
                               phase_field_every=args.phase_field_every, refine_max_sweeps=args.refine_max_sweeps,
+                              coarse_sweeps=args.coarse_sweeps,
                               start_groups=args.start_groups, output=args.output, figure=args.figure,
                               min_weight=args.min_weight,
                               no_register=args.no_register, keep_amplitude_scale=args.keep_amplitude_scale,

@@ -266,6 +266,7 @@ def _algorithms(allowed: tuple[str, ...]) -> Any:
 
 def _add_evaluate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     from ptycho_runtime.inference.scan_refinement import (
+        COARSE_SWEEPS_HELP,
         MAX_SWEEPS_HELP,
         PHASE_FIELD_HELP,
         PHASE_RAMP_HELP,
@@ -331,6 +332,8 @@ def _add_evaluate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                    help=PHASE_FIELD_HELP)
     p.add_argument("--refine-max-sweeps", type=int, default=EvaluateOptions.refine_max_sweeps, metavar="N",
                    help=MAX_SWEEPS_HELP)
+    p.add_argument("--coarse-sweeps", type=int, default=EvaluateOptions.coarse_sweeps, metavar="N",
+                   help=COARSE_SWEEPS_HELP)
     p.add_argument("--start-groups", choices=GROUPINGS, default=EvaluateOptions.start_groups,
                    help="gridsize > 1: the refined row's network predicts a cover of the frames (each in at least "
                         "one group, about a third of them) or all groups, as the network row does "

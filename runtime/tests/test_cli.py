@@ -18,7 +18,7 @@ import pytest
 import ptycho_runtime as pr
 from ptycho_runtime import cli
 from ptycho_runtime.files.npz import normalization_factor, read_npz_arrays
-from ptycho_runtime.inference.scan_refinement import RefineSettings, _choose_start
+from ptycho_runtime.inference.scan_refinement import RefineSettings, choose_start
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -110,7 +110,7 @@ def test_infer_refines_by_default_with_the_scans_probe(bundle_path, tmp_path, ca
     assert record["amplitude_prior"]["rule"] == "tv"  # the default; applied where the lit pixels set a weight
     assert set(record["start_misfit"]) == {"network phase", "flat"}  # start="auto": both tried
     # the best fit after the trial sweeps is kept, flat only when clearly better (FLAT_MARGIN)
-    assert record["start"] == _choose_start(record["start_misfit"])
+    assert record["start"] == choose_start(record["start_misfit"])
     # the file holds the probe the object goes with: the scan's (data units), not the bundle's; refined or not, as
     # the rule decided on this small scan (whose fit stays far above the noise even with its exact probe)
     if record["probe_updated"]:
@@ -381,6 +381,26 @@ def test_console_script_subprocess(bundle_path, tmp_path):
     assert json.loads(proc.stdout)["gridsize"] == 2
     proc = subprocess.run([exe, "info", str(tmp_path / "missing.h5")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("ptycho-runtime: error: No bundle at")
+
+
+def test_infer_coarse_sweeps_sets_the_coarse_level_and_the_file_records_it(bundle_path, tmp_path, capsys):
+    path = bundle_path("n64_g1")
+    scan_file = path.parent / "scan.npz"
+    records = {}
+    for coarse in ("3", "0"):
+        out = tmp_path / f"coarse{coarse}.h5"
+        rc = cli.main(["infer", str(path), str(scan_file), "-o", str(out), "--refine", "8", "--refine-probe", "off",
+                       "--coarse-sweeps", coarse])
+        assert rc == 0, capsys.readouterr().err
+        with h5py.File(out, "r") as f:
+            records[coarse] = json.loads(f.attrs["refinement_json"])
+    assert records["3"]["coarse_sweeps"] == 3 and records["3"]["coarse_factor"] == 2
+    assert len(records["3"]["coarse_misfit_per_sweep"]) == 3 and len(records["3"]["misfit_per_sweep"]) == 5
+    assert records["0"]["coarse_sweeps"] == 0 and len(records["0"]["misfit_per_sweep"]) == 8
+    capsys.readouterr()
+    rc = cli.main(["infer", str(path), str(scan_file), "-o", str(tmp_path / "bad.h5"), "--refine", "8",
+                   "--coarse-sweeps", "-1"])
+    assert rc == 2 and "coarse_sweeps must be an integer >= 0" in capsys.readouterr().err
 
 
 def test_infer_phase_ramp_every_sets_when_the_ramp_is_fitted_and_the_file_records_it(bundle_path, tmp_path, capsys):

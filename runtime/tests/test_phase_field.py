@@ -131,7 +131,8 @@ def test_refine_scan_fits_the_field_while_the_probe_is_fixed_and_records_it(scan
     assert RefineSettings().phase_field_every == DEFAULT_EVERY
     slow = replace(start, object=np.where(start.covered, obj * np.exp(1j * _slow_phase(obj.shape)), 1)
                    .astype(np.complex64))
-    common = dict(sweeps=8, start="network", amplitude_prior="none", refine_probe=False, phase_ramp_every=0)
+    common = dict(sweeps=8, start="network", amplitude_prior="none", refine_probe=False, phase_ramp_every=0,
+                  coarse_sweeps=0)  # the fits of one level (test_coarse_level.py: the coarse level's)
     runs = {every: refine_scan(slow, amp, positions, probe, RefineSettings(phase_field_every=every, **common),
                                probe_source="the test's probe") for every in (0, 2)}
     fits = runs[2].refinement["phase_field_fits"]

@@ -524,7 +524,7 @@ def test_scan_refinement_fits_the_phase_ramp_while_the_probe_is_fixed_and_record
     ramped = replace(start, object=(obj * ramp_factor(obj.shape, (0.02, -0.015))).astype(np.complex64))
     runs = {every: refine_scan(ramped, amp, pos, _probe(), RefineSettings(
         sweeps=10, start="network", phase_ramp_every=every, amplitude_prior="none", refine_probe=False,
-        phase_field_every=0),
+        phase_field_every=0, coarse_sweeps=0),
         probe_source="the test's probe") for every in (0, 5)}
     fits = runs[5].refinement["phase_ramp_fits"]
     assert [f["after_sweep"] for f in fits] == [5, 10] and all(f["applied"] for f in fits)
@@ -573,7 +573,7 @@ def test_the_extension_keeps_the_best_fitting_result_it_saw(monkeypatch):
         assert sweeps == sr.EXTEND_BLOCK
         return RefineResult(reconstruction=None, probe=None, record={"misfit": [next(after_each_block)]})
 
-    monkeypatch.setattr(sr, "_run_fitting_phase", block)
+    monkeypatch.setattr(sr, "run_fitting_phase", block)
     settings = sr.RefineSettings(sweeps=4, max_sweeps=24, refine_probe=True)
     start = RefineResult(reconstruction=None, probe=None, record={"misfit": [20.0]})
     kept, extended, run = sr._sweep_until_explained(None, start, None, None, settings, 1.0, None, {})
@@ -608,9 +608,9 @@ def test_the_auto_start_keeps_a_network_start_that_helps_and_drops_one_that_is_n
 
 
 def test_a_flat_start_replaces_the_networks_only_when_it_fits_clearly_better():
-    from ptycho_runtime.inference.scan_refinement import FLAT_MARGIN, _choose_start
+    from ptycho_runtime.inference.refine_start import FLAT_MARGIN, choose_start
 
-    assert _choose_start({"network": 1.0, "network phase": 0.98, "flat": 0.97}) == "network phase"  # a near tie
-    assert _choose_start({"network": 1.0, "network phase": 1.2, "flat": 0.99 * FLAT_MARGIN}) == "flat"
-    assert _choose_start({"network": 1.0, "flat": 0.5}) == "flat" and _choose_start({"flat": 2.0}) == "flat"
-    assert _choose_start({"network": 1.0, "network phase": 2.0}) == "network"
+    assert choose_start({"network": 1.0, "network phase": 0.98, "flat": 0.97}) == "network phase"  # a near tie
+    assert choose_start({"network": 1.0, "network phase": 1.2, "flat": 0.99 * FLAT_MARGIN}) == "flat"
+    assert choose_start({"network": 1.0, "flat": 0.5}) == "flat" and choose_start({"flat": 2.0}) == "flat"
+    assert choose_start({"network": 1.0, "network phase": 2.0}) == "network"

@@ -367,6 +367,13 @@ def test_evaluate_cli_refine_row_improves_on_the_network(make_bundle, capsys, tm
     for row in (report["refined"], report["refine_control"]):
         assert row["sweeps_requested"] == 3 and row["max_sweeps"] == 11
         assert row["iterations"] == row["sweeps"] == 3 + row["sweeps_extended"] == 11, row
+        assert row["coarse_sweeps"] == 0  # the probe refined from the first sweep: no coarse level
+    code, out, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--refine", "8",
+                             "--coarse-sweeps", "2", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    for row in (report["refined"], report["refine_control"]):  # the same coarse level for both starts
+        assert row["coarse_sweeps"] == 2 and len(row["coarse_misfit_per_sweep"]) == 2 and row["sweeps"] == 8
     code, _, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--refine", "0")
     assert code == 2
 

@@ -22,6 +22,7 @@ from ..files.reconstruction_file import Provenance, write_reconstruction
 from ..inference.backends import DEVICES, PRECISIONS
 from ..inference.compatibility import check_scan
 from ..inference.scan_refinement import (
+    COARSE_SWEEPS_HELP,
     MAX_SWEEPS_HELP,
     PHASE_FIELD_HELP,
     PHASE_RAMP_HELP,
@@ -169,7 +170,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
                               refine_probe=probe_rule(args.refine_probe), start=args.refine_start,
                               amplitude_prior=args.amplitude_prior, phase_ramp_every=args.phase_ramp_every,
                               phase_field_every=args.phase_field_every, start_groups=args.start_groups,
-                              max_sweeps=args.refine_max_sweeps)
+                              max_sweeps=args.refine_max_sweeps, coarse_sweeps=args.coarse_sweeps)
     run_infer(args.bundle, args.scan, args.output, args.png, args.backend, args.device, args.precision,
               args.batch_size, args.units, args.counts, args.position_centre, args.refine, args.align_phase,
               align=args.align, refine_settings=settings, accept_mismatch=args.accept_mismatch)
@@ -230,6 +231,8 @@ def add_infer_command(sub: argparse._SubParsersAction) -> None:
                    help=PHASE_FIELD_HELP)
     p.add_argument("--refine-max-sweeps", type=int, default=RefineSettings.max_sweeps, metavar="N",
                    help=MAX_SWEEPS_HELP)
+    p.add_argument("--coarse-sweeps", type=int, default=RefineSettings.coarse_sweeps, metavar="N",
+                   help=COARSE_SWEEPS_HELP)
     p.add_argument("--start-groups", choices=GROUPINGS, default=RefineSettings.start_groups,
                    help="gridsize > 1, refining: the network predicts a cover of the frames (each in at least one "
                         "group, about a third of them: a faster start, the same refined object) or all groups "

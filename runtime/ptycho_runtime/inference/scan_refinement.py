@@ -64,51 +64,51 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional, Union
+from dataclasses import replace
+from typing import Any, Optional
 
 import numpy as np
 
 from ..reconstruction.geometry import frame_origin
-from ..reconstruction.grouping import GROUPINGS
 from ..reconstruction.probe_scale import normalise_probe
 from ..reconstruction.stitching import Reconstruction
-from ..refinement import DEFAULT_SWEEPS, Refiner, RefineResult, far_field_misfit, refine
-from ..refinement.engine import BACKENDS, ENGINES
+from ..refinement import Refiner, RefineResult, far_field_misfit, refine
 from ..refinement.noise_floor import poisson_floor
-from ..refinement.object_prior import PRIORS, apply_amplitude_prior, well_lit
-from ..refinement.phase_field import DEFAULT_EVERY as DEFAULT_FIELD_EVERY
+from ..refinement.object_prior import apply_amplitude_prior, well_lit
 from ..refinement.phase_field import SPACING as PHASE_FIELD_SPACING
-from ..refinement.phase_field import PhaseField
-from ..refinement.phase_ramp import fit_phase_ramp, ramp_factor
+
+# the settings and the starts live in their own modules; their names are re-exported here, where callers look
+from .refine_settings import (  # noqa: F401
+    COARSE_SWEEPS_HELP,
+    DEFAULT_COARSE_SWEEPS,
+    DEFAULT_MAX_SWEEPS,
+    MAX_SWEEPS_HELP,
+    NETWORK_STARTS,
+    PHASE_FIELD_HELP,
+    PHASE_RAMP_HELP,
+    PROBE_RULE_NAMES,
+    PROBE_SUSPECT,
+    START_CHOICES,
+    RefineRequest,
+    RefineSettings,
+    as_settings,
+    probe_rule,
+)
+from .refine_start import (  # noqa: F401
+    AUTO_STARTS,
+    FLAT_MARGIN,
+    TRIAL_SWEEPS,
+    choose_start,
+    refine_best_start,
+    run_fitting_phase,
+    start_candidates,
+    transmission_level,
+)
 
 log = logging.getLogger(__name__)
 
-START_CHOICES = ("auto", "network", "network phase", "flat")
-NETWORK_STARTS = ("network", "network phase")
-"""The starts made from the network's object (``start_candidates``)."""
-AUTO_STARTS = ("network phase", "flat")
-"""What ``start="auto"`` compares after ``TRIAL_SWEEPS`` (the built-in engine). "flat" is one of them since the
-phase-ramp fits: under a probe the network was not trained for its start is noise that the sweeps must undo
-(docs/fidelity.md, "The start, flat included"). "network" (its own amplitude) was a third until the trial's two
-sweeps were measured against it on eight scans: it won on one (`test.npz` defocused by 12 rad, by 0.003
-amplitude SSIM) and tied or lost on the rest, for two more sweeps on every scan (docs/fidelity.md)."""
-FLAT_MARGIN = 0.9
-"""A flat start replaces the network's only when its misfit after the trial sweeps is below this fraction of the
-best network start's: the network's start is kept unless the data clearly say it is worse. Measured ratios (flat
-over network): 0.17–0.75 on the scans where the flat start ends better (the independent simulators' scans, exact
-and defocused probes); 0.999–2.96 where the network's ends better (the project's scans, exact and defocused)."""
 MISFIT_SAMPLE = 256
 """Frames whose far-field misfit decides the start for engines that cannot be resumed (pty-chi), ~0.1 s."""
-TRIAL_SWEEPS = 2
-"""Sweeps run from every candidate start before the best is kept (they count towards the requested sweeps)."""
-PROBE_SUSPECT = 4.0
-"""Misfit over the Poisson floor above which a fixed probe guess is judged wrong. Measured after 30 sweeps: 0.93–1.15
-with the exact probe (the project's scan and two independent simulators'), 9.0–58 with it defocused by 6 or 12 rad;
-after the default 16 with the slow-phase fits, 0.94–1.12 with the exact probe."""
-DEFAULT_MAX_SWEEPS = 64
-"""``RefineSettings.max_sweeps``: how far a refinement with the probe refined may run past its requested sweeps
-while its fit stays above ``PROBE_SUSPECT`` × the noise floor (``_sweep_until_explained``)."""
 EXTEND_BLOCK = 4
 """Sweeps between checks of the fit while a refinement runs past its requested sweeps."""
 POLISH_SWEEPS = 8
@@ -116,115 +116,6 @@ POLISH_SWEEPS = 8
 ptychodus's scan with a guess of overlap 0.07: the first check below 4× (after sweep 40) finds 2.24×, the 8
 sweeps after it end at 1.15×, and the 75 after those gain under 4 %."""
 
-PHASE_FIELD_HELP = ("fit the object's slowly varying phase (a smooth field, ramp included; without its plane while "
-                    "the probe is refined) to every frame's local ramp after every N sweeps: what the sweeps remove "
-                    "slowest (0: never; default: %(default)s)")
-PHASE_RAMP_HELP = ("with the probe fixed, also fit the object's global phase ramp alone to a sample of the frames "
-                   "after every N sweeps (the phase field's fits include the ramp; 0: never; default: %(default)s)")
-MAX_SWEEPS_HELP = ("with the probe refined, go on past the requested sweeps, up to N in all, while the fit stays "
-                   f"above {PROBE_SUSPECT:g}x the frames' Poisson noise (a probe guess far off took 48; an N no "
-                   "larger than the requested sweeps turns this off; default: %(default)s)")
-"""The command lines' help for ``--phase-field-every``, ``--phase-ramp-every`` (``infer`` and ``evaluate``) and
-``--refine-max-sweeps`` (also ``infer-many``)."""
-
-PROBE_RULE_NAMES = {"auto": "auto", "on": True, "off": False}
-"""The command lines' words for ``RefineSettings.refine_probe`` (``--refine-probe [auto|on|off]``)."""
-
-
-def probe_rule(name: str) -> Union[bool, str]:
-    """``RefineSettings.refine_probe`` for a command line's word: "auto", "on" (True) or "off" (False)."""
-    if name not in PROBE_RULE_NAMES:
-        raise ValueError(f"refine probe must be one of {', '.join(PROBE_RULE_NAMES)} (got {name!r})")
-    return PROBE_RULE_NAMES[name]
-
-
-@dataclass(frozen=True)
-class RefineSettings:
-    """How to refine after the network (``Bundle.reconstruct(refine=...)``; ``True`` means these defaults).
-
-    ``sweeps`` over all frames; ``engine`` "builtin" (batched rPIE, torch-free)
-    or "ptychi"; ``backend``/``device`` of the builtin engine; ``refine_probe``
-    True also updates the probe, False keeps it, "auto" (the default) keeps
-    it unless the fit then stays far above the noise floor (module docstring;
-    the built-in engine only: elsewhere "auto" keeps it); ``start`` "auto"
-    (the default: whichever of the network's phase alone and a flat object
-    fits the data best after two sweeps), "network", "network phase" or
-    "flat"; ``amplitude_prior`` "tv"
-    (the default: the refined amplitude denoised at its own noise level,
-    module docstring) or "none"; ``phase_field_every`` sweeps between fits of
-    the object's slow phase while the probe is fixed (built-in engine; 0:
-    none), ``phase_ramp_every`` the same for the global ramp alone (off);
-    ``start_groups`` which network groups ``Bundle.reconstruct`` predicts
-    for the start when gridsize > 1: "cover" (the default: each frame in at
-    least one group, ``grouping.cover_groups``; the refined object is the
-    same to 0.002 phase SSIM and the network's pass ~3× shorter,
-    docs/fidelity.md) or "all" (one group per frame, as without refinement);
-    ``max_sweeps``: with the probe refined, the sweeps in all that a fit
-    still above ``PROBE_SUSPECT`` × the noise floor may run to
-    (``_sweep_until_explained``; no more than ``sweeps``: no extension; the
-    built-in engine on a whole scan only: a stream's sweeps are its own);
-    ``progress(done, sweeps)`` after each sweep (``done`` of ``max_sweeps``
-    while a refinement runs past its sweeps).
-    """
-
-    sweeps: int = DEFAULT_SWEEPS
-    engine: str = "builtin"
-    backend: str = "auto"
-    device: str = "cpu"
-    refine_probe: Union[bool, str] = "auto"
-    start: str = "auto"
-    amplitude_prior: str = "tv"
-    phase_ramp_every: int = 0
-    phase_field_every: int = DEFAULT_FIELD_EVERY
-    start_groups: str = "cover"
-    max_sweeps: int = DEFAULT_MAX_SWEEPS
-    progress: Optional[Callable[[int, int], None]] = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.sweeps, bool) or not isinstance(self.sweeps, (int, np.integer)) or self.sweeps < 1:
-            raise ValueError(f"refine sweeps must be an integer >= 1 (got {self.sweeps!r}); refine=None turns "
-                             "refinement off")
-        for name, value, allowed in (("engine", self.engine, ENGINES), ("backend", self.backend, BACKENDS),
-                                     ("start", self.start, START_CHOICES), ("device", self.device, ("cpu", "cuda")),
-                                     ("amplitude_prior", self.amplitude_prior, PRIORS),
-                                     ("start_groups", self.start_groups, GROUPINGS)):
-            if value not in allowed:
-                raise ValueError(f"refine {name} must be one of {', '.join(allowed)} (got {value!r})")
-        for name, count, meaning in (("phase_ramp_every", self.phase_ramp_every, "0: no such fits"),
-                                     ("phase_field_every", self.phase_field_every, "0: no such fits"),
-                                     ("max_sweeps", self.max_sweeps, "no more than sweeps: no extension")):
-            if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
-                raise ValueError(f"{name} must be an integer >= 0 ({meaning}; got {count!r})")
-        if not (isinstance(self.refine_probe, (bool, np.bool_)) or self.refine_probe == "auto"):
-            raise ValueError(f"refine_probe must be True, False or 'auto' (got {self.refine_probe!r})")
-
-    def phase_fit_periods(self, probe_refined: bool) -> dict[str, int]:
-        """Sweeps between fits of each kind of slow phase (with the probe refined no ramp fits: it takes the ramp
-        up, and the field's fits leave their plane out)."""
-        return {"phase_field": int(self.phase_field_every),
-                "phase_ramp": 0 if probe_refined else int(self.phase_ramp_every)}
-
-    @property
-    def probe_refined_first(self) -> bool:
-        """Whether the first refinement updates the probe (only ``refine_probe=True``; "auto" starts fixed)."""
-        return not isinstance(self.refine_probe, str) and bool(self.refine_probe)
-
-
-RefineRequest = Union[None, bool, int, RefineSettings]
-
-
-def as_settings(refine_request: RefineRequest) -> Optional[RefineSettings]:
-    """None/False/0 → None (off); True → the defaults; an int → that many sweeps; settings as given."""
-    if refine_request is None or refine_request is False:
-        return None
-    if refine_request is True:
-        return RefineSettings()
-    if isinstance(refine_request, RefineSettings):
-        return refine_request
-    if isinstance(refine_request, (int, np.integer)):
-        return None if int(refine_request) == 0 else RefineSettings(sweeps=int(refine_request))
-    raise ValueError(f"refine must be None, True/False, a number of sweeps or a RefineSettings (got "
-                     f"{type(refine_request).__name__})")
 
 
 def measured_amplitude(frames: np.ndarray, counts: Optional[bool]) -> np.ndarray:
@@ -238,110 +129,6 @@ def frames_on_grid(starts: np.ndarray, shape: tuple[int, int], N: int) -> np.nda
     """Frames whose (N+1)² bilinear window lies wholly on the canvas (the others cannot be refined there)."""
     low = np.floor(starts)
     return (low[:, 0] >= 0) & (low[:, 1] >= 0) & (low[:, 0] + N + 1 <= shape[1]) & (low[:, 1] + N + 1 <= shape[0])
-
-
-def transmission_level(amplitude: np.ndarray, probe: np.ndarray) -> float:
-    """The object's RMS transmission the data imply: sqrt(mean frame energy / Σ|P|²), for a probe in data units."""
-    energy = float(np.mean(np.sum(np.asarray(amplitude, dtype=np.float64) ** 2, axis=(-2, -1))))
-    p_energy = float(np.sum(np.abs(np.asarray(probe, dtype=np.complex128)) ** 2))
-    return float(np.sqrt(energy / p_energy)) if p_energy > 0 and energy > 0 else 1.0
-
-
-def start_candidates(obj: np.ndarray, covered: np.ndarray, level: float = 1.0) -> dict[str, np.ndarray]:
-    """The starts a refinement can begin from: the network's object, its phase alone, a flat object.
-
-    ``start="auto"`` compares "network phase" and "flat" (``AUTO_STARTS``); a stream the first two
-    (``NETWORK_STARTS``).
-
-    "network phase" is the network's phase at the transmission ``level`` the
-    data imply (``transmission_level``), not at the network's own amplitude.
-    Pixels the network did not cover start as free space (1) in each.
-    """
-    network = np.where(covered, obj, np.complex64(1.0)).astype(np.complex64)
-    phase_only = np.where(covered, np.float32(level) * np.exp(1j * np.angle(network)), np.complex64(1.0))
-    return {"network": network, "network phase": phase_only.astype(np.complex64), "flat": np.ones_like(network)}
-
-
-def _run_fitting_phase(refiner: Refiner, sweeps: int, amp: np.ndarray, starts: np.ndarray, every: dict[str, int],
-                       cancel: Optional[Any], progress: Optional[Callable[[int, int], None]],
-                       fits: dict[str, list[dict[str, Any]]], planes: bool = True) -> RefineResult:
-    """``refiner.run(sweeps)``, fitting the object's slow phase after every ``every[kind]``-th sweep of its total.
-
-    Kinds: "phase_field" (``phase_field.PhaseField``: the smooth phase, ramp
-    included) and "phase_ramp" (``phase_ramp.fit_phase_ramp``: the global
-    ramp alone, on a sample of the frames), both with the refiner's probe;
-    each fit is applied only when it lowers its misfit, and its record is
-    appended to ``fits[kind]``. 0 turns a kind off. ``planes=False`` (the
-    probe is being refined) leaves the field's plane to the probe.
-    """
-    field: Optional[tuple[PhaseField, np.ndarray]] = None  # made at the first fit, with its frames' amplitudes
-    done = 0
-    result = refiner.run(0) if sweeps == 0 else None
-    while done < sweeps:
-        chunk = sweeps - done
-        for period in every.values():
-            if period:
-                chunk = min(chunk, period - refiner.sweeps_run % period)
-        base = done
-        result = refiner.run(chunk, cancel=cancel, progress=None if progress is None else (
-            lambda d, _t, base=base: progress(base + d, sweeps)))
-        done += chunk
-        for kind, period in every.items():
-            if not period or refiner.sweeps_run % period:
-                continue
-            obj = result.reconstruction.object
-            if kind == "phase_field":
-                if field is None:
-                    made = PhaseField(obj.shape, result.probe, starts)
-                    field = (made, amp[made.frames])
-                factor, fit = field[0].fit(obj, field[1], result.probe, planes=planes)
-            else:
-                fit = fit_phase_ramp(obj, amp, result.probe, starts)
-                factor = ramp_factor(obj.shape, fit.rad_per_px) if fit.applied else None
-            fits[kind].append(fit.record(refiner.sweeps_run))
-            if factor is not None:
-                refiner.multiply_object(factor)
-                # the result carries the fit (its record kept: misfit per sweep)
-                result = replace(result, reconstruction=replace(result.reconstruction, object=obj * factor))
-    return result
-
-
-def _refine_best_start(recon: Reconstruction, candidates: dict[str, np.ndarray], amp: np.ndarray, pos: np.ndarray,
-                       starts: np.ndarray, probe: np.ndarray, settings: RefineSettings, cancel: Optional[Any],
-                       fits: dict[str, list[dict[str, Any]]]) -> tuple[Refiner, RefineResult, str, dict[str, float]]:
-    """Run ``TRIAL_SWEEPS`` from each candidate start, keep the one that then fits the data best, finish it.
-
-    A start is judged by where a few sweeps take it, not by its own misfit:
-    the network's object under a foreign probe can fit worse than a flat one
-    (its amplitude is off) and still lead to a better object (its phase is
-    right), which is what the measurements showed (docs/fidelity.md).
-    """
-    trial = min(TRIAL_SWEEPS, settings.sweeps) if len(candidates) > 1 else 0
-    refiners = {name: Refiner(replace(recon, object=obj), probe, backend=settings.backend, device=settings.device,
-                              refine_probe=settings.probe_refined_first).add_frames(amp, pos)
-                for name, obj in candidates.items()}
-    progress = settings.progress
-    for k in range(trial):  # side by side, so progress counts trial sweeps as the sweeps they are
-        for refiner in refiners.values():
-            refiner.run(1, cancel=cancel)
-        if progress is not None:
-            progress(k + 1, settings.sweeps)
-    misfit = {name: (r.misfit[-1] if r.misfit else float("nan")) for name, r in refiners.items()}
-    choice = _choose_start(misfit) if trial else next(iter(refiners))
-    after_trial = None if progress is None else (lambda d, _t: progress(d + trial, settings.sweeps))
-    result = _run_fitting_phase(refiners[choice], settings.sweeps - trial, amp, starts,
-                                settings.phase_fit_periods(settings.probe_refined_first), cancel, after_trial,
-                                fits, planes=not settings.probe_refined_first)
-    return refiners[choice], result, choice, misfit
-
-
-def _choose_start(misfit: dict[str, float]) -> str:
-    """The network start that fits best, or "flat" where it fits clearly better still (``FLAT_MARGIN``)."""
-    network = {name: value for name, value in misfit.items() if name != "flat"}
-    if not network:
-        return "flat"
-    best = min(network, key=network.get)
-    return "flat" if "flat" in misfit and misfit["flat"] < FLAT_MARGIN * network[best] else best
 
 
 def _misfit(obj: np.ndarray, amplitude: np.ndarray, probe: np.ndarray, starts: np.ndarray) -> float:
@@ -389,7 +176,7 @@ def _sweep_until_explained(refiner: Refiner, result: RefineResult, amp: np.ndarr
         block = min(block, settings.max_sweeps - done)
         progress = None if settings.progress is None else (
             lambda d, _t, base=done: settings.progress(base + d, settings.max_sweeps))
-        result = _run_fitting_phase(refiner, block, amp, starts, settings.phase_fit_periods(True), cancel, progress,
+        result = run_fitting_phase(refiner, block, amp, starts, settings.phase_fit_periods(True), cancel, progress,
                                     fits, planes=False)
         done += block
         fit = _fit_over_floor(result, floor)
@@ -448,10 +235,11 @@ def refine_scan(recon: Reconstruction, amplitude: np.ndarray, positions: np.ndar
     refiner: Optional[Refiner] = None
     phase_fits: dict[str, list[dict[str, Any]]] = {"phase_field": [], "phase_ramp": []}
     if settings.engine == "builtin":
-        refiner, result, choice, misfit = _refine_best_start(recon, candidates, amp, pos, starts, P, settings,
-                                                             cancel, phase_fits)
+        refiner, result, choice, misfit, coarse = refine_best_start(recon, candidates, amp, pos, starts, P,
+                                                                    settings, cancel, phase_fits)
     else:  # another engine cannot be stopped and resumed here: the starts are compared as they are
         misfit = {name: _misfit(obj, amp, P, starts) for name, obj in candidates.items()}
+        coarse = {"coarse_sweeps": 0, "coarse_factor": None}
         choice = min(misfit, key=misfit.get)
         result = refine(replace(recon, object=candidates[choice]), amp, pos, P, sweeps=settings.sweeps,
                         engine=settings.engine, backend=settings.backend, device=settings.device,
@@ -467,13 +255,14 @@ def refine_scan(recon: Reconstruction, amplitude: np.ndarray, positions: np.ndar
         retry = Refiner(replace(recon, object=candidates[choice]), P, backend=settings.backend,
                         device=settings.device, refine_probe=True).add_frames(amp, pos)
         retry_fits: dict[str, list[dict[str, Any]]] = {"phase_field": [], "phase_ramp": []}
-        second = _run_fitting_phase(retry, settings.sweeps, amp, starts, settings.phase_fit_periods(True), cancel,
+        second = run_fitting_phase(retry, settings.sweeps, amp, starts, settings.phase_fit_periods(True), cancel,
                                     settings.progress, retry_fits, planes=False)
         second_fit = _fit_over_floor(second, floor)
         probe_check.update(fixed_misfit_over_floor=fit, refined_probe_misfit_over_floor=second_fit)
         if second_fit is not None and second_fit < fit:  # the better fit is kept: a free probe can also run off
             refiner, result, fit = retry, second, second_fit
-            phase_fits = retry_fits  # the result kept ran these
+            phase_fits = retry_fits  # the result kept ran these, at full resolution only
+            coarse = {"coarse_sweeps": 0, "coarse_factor": None}
     extended = extension_run = 0
     if refiner is not None and result.record.get("probe_updated"):
         result, extended, extension_run = _sweep_until_explained(refiner, result, amp, starts, settings, floor,
@@ -497,8 +286,9 @@ def refine_scan(recon: Reconstruction, amplitude: np.ndarray, positions: np.ndar
         "sweeps": settings.sweeps + extended, "sweeps_requested": settings.sweeps,
         "sweeps_extended": extended, "extension_sweeps_run": extension_run,
         "max_sweeps": settings.max_sweeps if builtin else None,  # the extension is the built-in engine's
-        "misfit_per_sweep": [float(v) for v in (refiner.misfit if refiner is not None
-                                                else result.record.get("misfit", []))],
+        # the full-resolution sweeps' misfits: the trial's, then those after the coarse level (recorded apart)
+        "misfit_per_sweep": [float(v) for v in (coarse.pop("misfit_before_coarse", []) + refiner.misfit
+                                                if refiner is not None else result.record.get("misfit", []))],
         "probe_source": probe_source + (", refined" if record.get("probe_updated") else ""),
         "probe_scale": scale_note, "frames_refined": int(keep.sum()), "frames_outside_grid": int((~keep).sum()),
         "amplitude_prior": prior,
@@ -511,5 +301,7 @@ def refine_scan(recon: Reconstruction, amplitude: np.ndarray, positions: np.ndar
         "phase_field_spacing_px": PHASE_FIELD_SPACING,
         "phase_field_fits": phase_fits["phase_field"],
     })
+    record.update(coarse)  # how many of the sweeps ran at the coarse level (after the trial's), at what factor
     refined = np.where(recon.covered, obj, np.complex64(fill)).astype(np.complex64)
     return replace(result.reconstruction, object=refined, probe=result.probe, refinement=record)
+
