@@ -118,7 +118,8 @@ def test_a_coarse_level_does_what_its_sweeps_would_at_full_resolution_and_is_rec
     seen: list[tuple[int, int]] = []
     common = dict(start="flat", refine_probe=False, amplitude_prior="none", phase_field_every=4)
     with_level = refine_scan(start, amp, positions, probe, RefineSettings(
-        sweeps=16, coarse_sweeps=6, progress=lambda d, t: seen.append((d, t)), **common), probe_source="the test's probe")
+        sweeps=16, coarse_sweeps=6, progress=lambda d, t: seen.append((d, t)), **common),
+        probe_source="the test's probe")
     full_only = refine_scan(start, amp, positions, probe, RefineSettings(sweeps=10, coarse_sweeps=0, **common),
                             probe_source="the test's probe")
 
