@@ -10,8 +10,9 @@ reconstructions whose quality is recorded beside them.
 
 Paths (group ``end_to_end_N64_n{positions}``):
 - ``network``: ``Bundle.reconstruct`` (inference + |P|²-weighted stitching);
-- ``network_refined``: the same with ``refine=True`` (30 sweeps of the batched
-  engine with the scan's probe), what ``ptycho-runtime infer`` does by default;
+- ``network_refined``: the same with ``refine=True`` (the default refinement: 16
+  sweeps of the batched engine with the scan's probe, 4 of them on the coarse
+  level), what ``ptycho-runtime infer`` does by default;
 - ``ptychi_epie`` / ``ptychi_lsqml``: pty-chi from a flat object, 100 / 200
   epochs (2 each in smoke mode), as ``ptycho-export evaluate --reference``.
 report.py prints each path's wall time, its quality and the ratio to

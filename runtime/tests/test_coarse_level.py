@@ -156,3 +156,19 @@ def test_every_backend_runs_the_coarse_level_as_the_numpy_reference_does(smooth_
     lit = start.weight > 0
     a, b = runs[backend].object[lit], runs["numpy"].object[lit]
     assert np.linalg.norm(a - b) < 1e-4 * np.linalg.norm(b)
+
+
+def test_a_refinement_cancelled_on_the_coarse_level_hands_on_its_object_on_the_full_grid(smooth_scan):
+    from ptycho_runtime.refinement import RefinementCancelled
+
+    _, probe, amp, _, positions, start = smooth_scan
+    sweeps_seen = []
+    settings = RefineSettings(sweeps=16, start="flat", refine_probe=False,
+                              progress=lambda done, total: sweeps_seen.append(done))
+    with pytest.raises(RefinementCancelled) as caught:  # cancelled once the 2 trial sweeps and 1 coarse one ran
+        refine_scan(start, amp, positions, probe, settings, probe_source="the test's probe",
+                    cancel=lambda: len(sweeps_seen) >= TRIAL_SWEEPS + 1)
+    partial = caught.value.partial
+    assert partial.reconstruction.object.shape == start.object.shape and partial.record["coarse_level"]
+    assert partial.record["cancelled"] and np.all(np.isfinite(partial.reconstruction.object))
+    np.testing.assert_array_equal(partial.reconstruction.x_coords, start.x_coords)

@@ -5,14 +5,14 @@ finishes whichever then fits the measured patterns best (flat only when
 clearly better, ``FLAT_MARGIN``): a start is judged by where a few sweeps
 take it, not by its own misfit (``scan_refinement``'s docstring says why).
 
-The first ``coarse_sweeps`` of a refinement, trial sweeps included, run at
-half resolution (``refinement.coarse_level``): the central band of every
-frame, on a canvas of half the pixels, where a sweep costs about a third and
-finds the slowly varying phase as well. The chosen start's coarse
-correction is then carried to the full grid for the remaining sweeps. The
-coarse level is skipped where the probe is refined from the first sweep
-(its band outside the crop would be left behind) and where the frames are
-too small for it (``coarse_level.usable``).
+The trial runs at full resolution. Then ``coarse_sweeps`` of the requested
+sweeps run at half resolution (``refinement.coarse_level``): the central
+band of every frame, on a canvas of half the pixels, where a sweep costs
+about a third and finds the slowly varying phase as well; the chosen start's
+coarse correction is carried back to the full grid for the sweeps left. The
+coarse level is skipped where the probe is refined from the first sweep (its
+band outside the crop would be left behind) and where the frames are too
+small for it (``coarse_level.usable``); streams and pty-chi do not come here.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..reconstruction.stitching import Reconstruction
-from ..refinement import Refiner, RefineResult, coarse_level
+from ..refinement import RefinementCancelled, Refiner, RefineResult, coarse_level
 from ..refinement.coarse_level import CoarseScan
 from ..refinement.phase_field import PhaseField
 from ..refinement.phase_ramp import fit_phase_ramp, ramp_factor
@@ -170,21 +170,33 @@ def refine_best_start(recon: Reconstruction, candidates: dict[str, np.ndarray], 
     record: dict[str, Any] = {"coarse_sweeps": coarse, "coarse_factor": coarse_level.FACTOR if coarse else None}
     if coarse:
         t0 = time.perf_counter()
-        level = CoarseScan(recon, amp, starts, probe)
+        before = [float(v) for v in refiner.misfit]
         here = refiner.run(0).reconstruction.object
+        refiners.clear()  # each holds its own copy of the frames: none is needed past here
+        del refiner
+        level = CoarseScan(recon, amp, starts, probe)
         lower = level.refiner(here, **options)
         coarse_fits: dict[str, list[dict[str, Any]]] = {"phase_field": [], "phase_ramp": []}  # in coarse pixels
-        stage = run_fitting_phase(lower, coarse, level.amplitude, level.starts,
-                                  settings.phase_fit_periods(settings.probe_refined_first), cancel,
-                                  None if progress is None else (lambda d, _t: progress(d + trial, settings.sweeps)),
-                                  coarse_fits, planes=not settings.probe_refined_first, sweeps_before=trial)
+        try:
+            stage = run_fitting_phase(lower, coarse, level.amplitude, level.starts,
+                                      settings.phase_fit_periods(settings.probe_refined_first), cancel,
+                                      None if progress is None else (
+                                          lambda d, _t: progress(d + trial, settings.sweeps)),
+                                      coarse_fits, planes=not settings.probe_refined_first, sweeps_before=trial)
+        except RefinementCancelled as exc:  # its partial result is on the coarse grid: hand it on on the full one
+            part = exc.partial
+            if part is not None:
+                lifted = level.lift(here, lower.start.object, part.reconstruction.object)
+                part = RefineResult(replace(recon, object=lifted, weight=recon.weight.copy()), probe,
+                                    {**part.record, "coarse_level": True})
+            raise RefinementCancelled(str(exc), part) from None
         refiner = full(level.lift(here, lower.start.object, stage.reconstruction.object))
         done += coarse
         record.update(coarse_misfit_per_sweep=[float(v) for v in lower.misfit],  # in the coarse frames' units
                       coarse_wall_s=time.perf_counter() - t0,
                       coarse_phase_field_fits=coarse_fits["phase_field"],
                       coarse_phase_ramp_fits=coarse_fits["phase_ramp"],
-                      misfit_before_coarse=[float(v) for v in refiners[choice].misfit])
+                      misfit_before_coarse=before)
     after = None if progress is None else (lambda d, _t: progress(d + done, settings.sweeps))
     result = run_fitting_phase(refiner, settings.sweeps - done, amp, starts,
                                settings.phase_fit_periods(settings.probe_refined_first), cancel, after,

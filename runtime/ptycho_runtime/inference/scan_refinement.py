@@ -8,7 +8,7 @@ overlap, so ``Bundle.reconstruct(refine=...)``, the CLI, the streaming
 reconstructor and the hosts all finish with sweeps of the runtime's batched
 refinement (``refinement.refine``) with the scan's own probe.
 
-Three decisions are made here, once for every caller:
+These decisions are made here, once for every caller:
 
 - **the probe and its units**: the host's probe (a scan's ``probeGuess``, a
   ptychodus product's probe) at its own absolute scale is brought to the
@@ -43,6 +43,10 @@ Three decisions are made here, once for every caller:
   ``max_sweeps`` (``_sweep_until_explained``: a guess of overlap 0.07 with
   the true probe took 48). A fit still far above the floor at the end is
   warned about with the fix;
+- **the coarse level**: after the start's trial sweeps, ``coarse_sweeps`` (4 of
+  the default 16) run on each frame's central band at half resolution, where
+  a sweep costs about a third (``refine_start``, ``refinement.coarse_level``):
+  the same quality as 16 full sweeps in 16 % less time (docs/fidelity.md);
 - **the slow phase**: with the probe fixed, every ``phase_field_every`` (4)
   sweeps the object's slowly varying phase is fitted to every frame's local
   ramp and integrated over the scan in one solve (``refinement.phase_field``):

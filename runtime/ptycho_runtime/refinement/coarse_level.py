@@ -60,7 +60,7 @@ def band_limited_probe(probe: np.ndarray, n: int) -> np.ndarray:
 
 
 def decimate(obj: np.ndarray, f: int, shape: tuple[int, int]) -> np.ndarray:
-    """Every f-th pixel of ``obj``, after a [1, 2, 1]/4 smoothing per axis at f = 2, on a canvas of ``shape``.
+    """Every f-th pixel of ``obj`` on a canvas of ``shape``; at f = 2 (``FACTOR``), after a [1, 2, 1]/4 smoothing.
 
     Pixels the full canvas does not reach are 1 (free space, as the engine's uncovered pixels).
     """
