@@ -119,10 +119,12 @@ def run_evaluate(options: EvaluateOptions) -> dict[str, Any]:
 
 
 def _refinement_name(summary: Mapping[str, Any]) -> str:
-    """"20 sweeps, numpy, TV amplitude" / "20 sweeps, pty-chi LSQML": what ran, for a column heading."""
+    """"16 sweeps (4 coarse), numpy, TV amplitude" / "20 sweeps, pty-chi LSQML": what ran, for a column heading."""
     engine = summary.get("engine", "builtin")
     what = f"pty-chi {summary.get('algorithm', '')}".strip() if engine == "ptychi" else summary.get("backend", "")
-    return (f"{summary['iterations']} sweeps, {what}" + (", probe refined" if summary.get("probe_updated") else "")
+    coarse = summary.get("coarse_sweeps") or 0
+    return (f"{summary['iterations']} sweeps" + (f" ({coarse} coarse)" if coarse else "") + f", {what}"
+            + (", probe refined" if summary.get("probe_updated") else "")
             + (", TV amplitude" if (summary.get("amplitude_prior") or {}).get("applied") else "")
             + (", slow phase fitted" if any(f.get("applied") for f in summary.get("phase_field_fits") or ()) else "")
             + (", ramp fitted" if any(f.get("applied") for f in summary.get("phase_ramp_fits") or ()) else ""))

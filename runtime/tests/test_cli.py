@@ -100,7 +100,8 @@ def test_infer_refines_by_default_with_the_scans_probe(bundle_path, tmp_path, ca
     assert record["sweeps_requested"] == DEFAULT_SWEEPS
     assert record["sweeps"] == DEFAULT_SWEEPS + record["sweeps_extended"]
     assert record["probe_updated"] or record["sweeps_extended"] == 0
-    assert f"including {record['sweeps']} refinement sweeps (numpy, start: " in last
+    coarse = f"{record['coarse_sweeps']} at half resolution, " if record["coarse_sweeps"] else ""
+    assert f"including {record['sweeps']} refinement sweeps (numpy, {coarse}start: " in last
     assert "probe: the host's probe" in last
     assert record["engine"] == "builtin" and record["batching"] == "sparse"
     # the default "auto" rule: the scan's probe is kept unless refining it, after a fit far above the noise, fits better

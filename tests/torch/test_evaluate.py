@@ -348,9 +348,11 @@ def test_evaluate_cli_refine_row_improves_on_the_network(make_bundle, capsys, tm
     assert fig.stat().st_size > 10_000
     code, out, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--refine")
     assert code == 0, err
+    from ptycho_runtime.inference.scan_refinement import DEFAULT_COARSE_SWEEPS
     from ptycho_runtime.refinement import DEFAULT_SWEEPS
 
-    assert f"network + {DEFAULT_SWEEPS} sweeps, numpy" in out and f"flat + {DEFAULT_SWEEPS} sweeps, numpy" in out
+    what = f"{DEFAULT_SWEEPS} sweeps ({DEFAULT_COARSE_SWEEPS} coarse), numpy"  # the coarse level runs at the default
+    assert f"network + {what}" in out and f"flat + {what}" in out
     code, out, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--refine", "3",
                              "--refine-backend", "onnx", "--refine-probe", "--amplitude-prior", "none",
                              "--refine-max-sweeps", "0", "--json")

@@ -116,7 +116,9 @@ def run_infer(bundle_path: str, scan_path: str, output: str, png: Optional[str] 
                                           + (" + TV amplitude" if denoised else ""))
     provider = bundle.providers[0] if bundle.providers else bundle.backend
     summary = (f"reconstructed {n} patterns in {elapsed:.2f} s ({rate:.1f} patterns/s) on {provider}"
-               + (f", including {done['sweeps']} refinement sweeps ({done['backend']}, start: {done['start']}, "
+               + (f", including {done['sweeps']} refinement sweeps ({done['backend']}, "
+                  + (f"{done['coarse_sweeps']} at half resolution, " if done.get("coarse_sweeps") else "")
+                  + f"start: {done['start']}, "
                   f"probe: {done['probe_source']}"
                   + (", amplitude denoised (TV at its noise level)" if denoised else "") + ")"
                   if done else ", network only (no refinement)"))
