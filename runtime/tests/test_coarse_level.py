@@ -99,8 +99,7 @@ def test_which_refinements_run_a_coarse_level():
     assert coarse_sweeps(RefineSettings(sweeps=8), 64) == (8 - TRIAL_SWEEPS) // 2 == 3  # as many full after
     assert coarse_sweeps(RefineSettings(sweeps=3), 64) == 0
     assert coarse_sweeps(RefineSettings(coarse_sweeps=0), 64) == 0
-    assert coarse_sweeps(RefineSettings(refine_probe=True), 64) == 0  # the probe's outer band would be left
-    assert coarse_sweeps(RefineSettings(refine_probe="auto"), 64) == 4  # "auto" starts with the probe fixed
+    assert coarse_sweeps(RefineSettings(refine_probe=True), 64) == 4  # the coarse probe is lifted back too
     assert usable(32) and usable(128) and not usable(24) and not usable(30)
     assert coarse_sweeps(RefineSettings(), 24) == 0
     with pytest.raises(ValueError, match="coarse_sweeps must be an integer >= 0"):
@@ -172,3 +171,34 @@ def test_a_refinement_cancelled_on_the_coarse_level_hands_on_its_object_on_the_f
     assert partial.reconstruction.object.shape == start.object.shape and partial.record["coarse_level"]
     assert partial.record["cancelled"] and np.all(np.isfinite(partial.reconstruction.object))
     np.testing.assert_array_equal(partial.reconstruction.x_coords, start.x_coords)
+
+
+def test_the_lifted_probe_takes_the_coarse_probes_band_and_keeps_its_own_outside_it(smooth_scan):
+    _, probe, amp, starts, _, start = smooth_scan
+    level = CoarseScan(start, amp, starts, probe)
+    rng = np.random.default_rng(4)
+    refined = (level.probe * (1 + 0.2 * rng.standard_normal(level.probe.shape))).astype(np.complex64)
+    lifted = level.lift_probe(probe, level.probe, refined)
+    np.testing.assert_allclose(CoarseScan(start, amp, starts, lifted).probe, refined, atol=1e-5)
+    n, c0 = N // FACTOR, N // 2 - N // FACTOR // 2
+    outer = np.ones((N, N), bool)
+    outer[c0:c0 + n, c0:c0 + n] = False
+    spectra = [np.fft.fftshift(np.fft.fft2(p)) for p in (lifted, probe)]
+    np.testing.assert_allclose(spectra[0][outer], spectra[1][outer], atol=1e-4 * np.abs(spectra[1]).max())
+    np.testing.assert_allclose(level.lift_probe(probe, level.probe, level.probe), probe, atol=1e-6)
+
+
+def test_with_the_probe_refined_the_coarse_level_refines_it_too_and_the_record_says_so(smooth_scan):
+    _, probe, amp, _, positions, start = smooth_scan
+    wrong = _probe(defocus=0.5)
+    common = dict(sweeps=16, start="flat", refine_probe=True, amplitude_prior="none", max_sweeps=0)
+    run = refine_scan(start, amp, positions, wrong, RefineSettings(coarse_sweeps=4, **common),
+                      probe_source="the test's probe")
+    record = run.refinement
+    assert record["coarse_sweeps"] == 4 and record["probe_updated"]
+    assert record["coarse_misfit_per_sweep"][-1] < record["coarse_misfit_per_sweep"][0]
+
+    def probe_error(p: np.ndarray) -> float:
+        return float(np.linalg.norm(p * (np.vdot(p, probe) / np.vdot(p, p)) - probe) / np.linalg.norm(probe))
+
+    assert probe_error(run.probe) < 0.4 * probe_error(wrong)  # 0.048 against the guess's 0.148

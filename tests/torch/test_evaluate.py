@@ -369,7 +369,7 @@ def test_evaluate_cli_refine_row_improves_on_the_network(make_bundle, capsys, tm
     for row in (report["refined"], report["refine_control"]):
         assert row["sweeps_requested"] == 3 and row["max_sweeps"] == 11
         assert row["iterations"] == row["sweeps"] == 3 + row["sweeps_extended"] == 11, row
-        assert row["coarse_sweeps"] == 0  # the probe refined from the first sweep: no coarse level
+        assert row["coarse_sweeps"] == 0  # 3 sweeps: 2 trial and 1 left, too few to follow a coarse one
     code, out, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--refine", "8",
                              "--coarse-sweeps", "2", "--json")
     assert code == 0, err

@@ -86,9 +86,10 @@ class RefineSettings:
     still above ``PROBE_SUSPECT`` × the noise floor may run to
     (``_sweep_until_explained``; no more than ``sweeps``: no extension; the
     built-in engine on a whole scan only: a stream's sweeps are its own);
-    ``coarse_sweeps``: how many of the ``sweeps``, at most half, run first
-    on the coarse level (``refine_start``: the built-in engine on a whole
-    scan, the probe fixed at first; 0: none);
+    ``coarse_sweeps``: how many of the ``sweeps`` run on the coarse level
+    after the start's trial, with at least as many full ones after them
+    (``refine_start``: the built-in engine on a whole scan, the probe
+    refined or not; 0: none);
     ``progress(done, sweeps)`` after each sweep (``done`` of ``max_sweeps``
     while a refinement runs past its sweeps).
     """

@@ -9,10 +9,11 @@ The trial runs at full resolution. Then ``coarse_sweeps`` of the requested
 sweeps run at half resolution (``refinement.coarse_level``): the central
 band of every frame, on a canvas of half the pixels, where a sweep costs
 about a third and finds the slowly varying phase as well; the chosen start's
-coarse correction is carried back to the full grid for the sweeps left. The
-coarse level is skipped where the probe is refined from the first sweep (its
-band outside the crop would be left behind) and where the frames are too
-small for it (``coarse_level.usable``); streams and pty-chi do not come here.
+coarse correction is carried back to the full grid for the sweeps left, and
+so, where the probe is refined, is the coarse probe's: into the probe's band
+inside the crop (``CoarseScan.lift_probe``; the band outside it is left to the
+full sweeps). The coarse level is skipped where the frames are too small for
+it (``coarse_level.usable``); streams and pty-chi do not come here.
 """
 
 from __future__ import annotations
@@ -120,10 +121,9 @@ def coarse_sweeps(settings: RefineSettings, N: int) -> int:
 
     After the trial's sweeps, at least as many sweeps at full resolution
     follow the coarse level as run on it (the fine detail is theirs). None
-    where the probe is refined from the first sweep (module docstring) or
-    frames of N pixels have no coarse level.
+    where frames of N pixels have no coarse level.
     """
-    if settings.probe_refined_first or not coarse_level.usable(N):
+    if not coarse_level.usable(N):
         return 0
     return max(0, min(int(settings.coarse_sweeps), (settings.sweeps - TRIAL_SWEEPS) // 2))
 
@@ -152,8 +152,8 @@ def refine_best_start(recon: Reconstruction, candidates: dict[str, np.ndarray], 
     options: dict[str, Any] = {"backend": settings.backend, "device": settings.device,
                                "refine_probe": settings.probe_refined_first}
 
-    def full(obj: np.ndarray) -> Refiner:
-        return Refiner(replace(recon, object=obj), probe, **options).add_frames(amp, pos)
+    def full(obj: np.ndarray, guess: np.ndarray = probe) -> Refiner:
+        return Refiner(replace(recon, object=obj), guess, **options).add_frames(amp, pos)
 
     coarse = coarse_sweeps(settings, amp.shape[-1])
     trial = min(TRIAL_SWEEPS, settings.sweeps) if len(candidates) > 1 or coarse else 0
@@ -171,10 +171,11 @@ def refine_best_start(recon: Reconstruction, candidates: dict[str, np.ndarray], 
     if coarse:
         t0 = time.perf_counter()
         before = [float(v) for v in refiner.misfit]
-        here = refiner.run(0).reconstruction.object
+        now = refiner.run(0)
+        here, probe_now = now.reconstruction.object, now.probe
         refiners.clear()  # each holds its own copy of the frames: none is needed past here
         del refiner
-        level = CoarseScan(recon, amp, starts, probe)
+        level = CoarseScan(recon, amp, starts, probe_now)
         lower = level.refiner(here, **options)
         coarse_fits: dict[str, list[dict[str, Any]]] = {"phase_field": [], "phase_ramp": []}  # in coarse pixels
         try:
@@ -190,7 +191,9 @@ def refine_best_start(recon: Reconstruction, candidates: dict[str, np.ndarray], 
                 part = RefineResult(replace(recon, object=lifted, weight=recon.weight.copy()), probe,
                                     {**part.record, "coarse_level": True})
             raise RefinementCancelled(str(exc), part) from None
-        refiner = full(level.lift(here, lower.start.object, stage.reconstruction.object))
+        lifted_probe = (level.lift_probe(probe_now, level.probe, stage.probe) if settings.probe_refined_first
+                        else probe_now)
+        refiner = full(level.lift(here, lower.start.object, stage.reconstruction.object), lifted_probe)
         done += coarse
         record.update(coarse_misfit_per_sweep=[float(v) for v in lower.misfit],  # in the coarse frames' units
                       coarse_wall_s=time.perf_counter() - t0,

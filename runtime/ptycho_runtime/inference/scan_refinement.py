@@ -256,17 +256,15 @@ def refine_scan(recon: Reconstruction, amplitude: np.ndarray, positions: np.ndar
         log.warning("refinement with the probe guess (%s) fixed ends at %.1f× the Poisson noise floor of the "
                     "frames: the guess does not explain the data (wrong focus or optics?); refining again with "
                     "the probe refined", probe_source, fit)
-        retry = Refiner(replace(recon, object=candidates[choice]), P, backend=settings.backend,
-                        device=settings.device, refine_probe=True).add_frames(amp, pos)
         retry_fits: dict[str, list[dict[str, Any]]] = {"phase_field": [], "phase_ramp": []}
-        second = run_fitting_phase(retry, settings.sweeps, amp, starts, settings.phase_fit_periods(True), cancel,
-                                    settings.progress, retry_fits, planes=False)
+        retry, second, _, _, retry_coarse = refine_best_start(recon, {choice: candidates[choice]}, amp, pos, starts,
+                                                              P, replace(settings, refine_probe=True), cancel,
+                                                              retry_fits)
         second_fit = _fit_over_floor(second, floor)
         probe_check.update(fixed_misfit_over_floor=fit, refined_probe_misfit_over_floor=second_fit)
         if second_fit is not None and second_fit < fit:  # the better fit is kept: a free probe can also run off
             refiner, result, fit = retry, second, second_fit
-            phase_fits = retry_fits  # the result kept ran these, at full resolution only
-            coarse = {"coarse_sweeps": 0, "coarse_factor": None}
+            phase_fits, coarse = retry_fits, retry_coarse  # the result kept ran these
     extended = extension_run = 0
     if refiner is not None and result.record.get("probe_updated"):
         result, extended, extension_run = _sweep_until_explained(refiner, result, amp, starts, settings, floor,

@@ -24,7 +24,9 @@ pixel (f·j, f·i).
 
 Back on the full grid the coarse stage's correction (its object less the
 coarse start it began from) is interpolated and added to the full-resolution
-start, which keeps the start's own fine detail (the network's).
+start, which keeps the start's own fine detail (the network's). A coarse
+probe refined there goes back the same way, into the probe's central band of
+the far field (``CoarseScan.lift_probe``).
 """
 
 from __future__ import annotations
@@ -134,3 +136,18 @@ class CoarseScan:
         """``obj`` (full resolution) plus the coarse stage's correction, interpolated onto the full grid."""
         change = upsample(coarse_refined - coarse_start, self.factor, self.full_shape)
         return (np.asarray(obj, dtype=np.complex64) + change).astype(np.complex64)
+
+    def lift_probe(self, probe: np.ndarray, coarse_start: np.ndarray, coarse_refined: np.ndarray) -> np.ndarray:
+        """``probe`` [N, N] with its central band of the far field moved as the coarse level moved the coarse probe.
+
+        The inverse of ``band_limited_probe`` on the change: the band outside the
+        crop is the probe's own, the band inside it takes the coarse refinement.
+        """
+        N = np.shape(probe)[-1]
+        change = np.fft.fftshift(np.fft.fft2(np.asarray(coarse_refined, np.complex128)
+                                             - np.asarray(coarse_start, np.complex128))) * (N / self.n)
+        spectrum = np.fft.fftshift(np.fft.fft2(np.asarray(probe, dtype=np.complex128)))
+        c0 = N // 2 - self.n // 2
+        spectrum[c0:c0 + self.n, c0:c0 + self.n] += change
+        return np.fft.ifft2(np.fft.ifftshift(spectrum)).astype(np.complex64)
+
