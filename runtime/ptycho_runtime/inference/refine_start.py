@@ -71,7 +71,7 @@ def start_candidates(obj: np.ndarray, covered: np.ndarray, level: float = 1.0) -
 def run_fitting_phase(refiner: Refiner, sweeps: int, amp: np.ndarray, starts: np.ndarray, every: dict[str, int],
                        cancel: Optional[Any], progress: Optional[Callable[[int, int], None]],
                        fits: dict[str, list[dict[str, Any]]], planes: bool = True,
-                      sweeps_before: int = 0) -> RefineResult:
+                       sweeps_before: int = 0) -> RefineResult:
     """``refiner.run(sweeps)``, fitting the object's slow phase after every ``every[kind]``-th sweep of its total.
 
     Kinds: "phase_field" (``phase_field.PhaseField``: the smooth phase, ramp
