@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 
@@ -44,6 +44,21 @@ over network): 0.17–0.75 on the scans where the flat start ends better (the in
 and defocused probes); 0.999–2.96 where the network's ends better (the project's scans, exact and defocused)."""
 TRIAL_SWEEPS = 2
 """Sweeps run from every candidate start before the best is kept (they count towards the requested sweeps)."""
+NO_COARSE_LEVEL = {"coarse_sweeps": 0, "coarse_factor": None}
+"""The coarse level's record where none ran (copy it before adding to it)."""
+
+
+class StartRun(NamedTuple):
+    """What ``refine_best_start`` ran: the full-resolution refiner and its result, the start chosen, the trial's
+    misfits, the coarse level's record, and the chosen start's full-resolution misfits before the coarse level (the
+    refiner's own ``misfit`` holds those after it)."""
+
+    refiner: Refiner
+    result: RefineResult
+    choice: str
+    misfit: dict[str, float]
+    coarse: dict[str, Any]
+    misfit_before: list[float]
 
 
 def transmission_level(amplitude: np.ndarray, probe: np.ndarray) -> float:
@@ -130,8 +145,7 @@ def coarse_sweeps(settings: RefineSettings, N: int) -> int:
 
 def refine_best_start(recon: Reconstruction, candidates: dict[str, np.ndarray], amp: np.ndarray, pos: np.ndarray,
                       starts: np.ndarray, probe: np.ndarray, settings: RefineSettings, cancel: Optional[Any],
-                      fits: dict[str, list[dict[str, Any]]]
-                      ) -> tuple[Refiner, RefineResult, str, dict[str, float], dict[str, Any]]:
+                      fits: dict[str, list[dict[str, Any]]]) -> StartRun:
     """Run ``TRIAL_SWEEPS`` from each candidate start, keep the one that then fits the data best, finish it.
 
     A start is judged by where a few sweeps take it, not by its own misfit:
@@ -145,9 +159,7 @@ def refine_best_start(recon: Reconstruction, candidates: dict[str, np.ndarray], 
     defocused guess, where the network's is). Then, with a coarse level
     (``coarse_sweeps``), every start, a single one too, goes on there
     before its correction is carried back to the full grid for the sweeps
-    left. Returns the full-resolution refiner, its result, the start chosen,
-    the trial's misfits and the record of the coarse level (with the chosen
-    start's full-resolution misfits before it, ``misfit_before_coarse``).
+    left (``StartRun`` says what is returned).
     """
     options: dict[str, Any] = {"backend": settings.backend, "device": settings.device,
                                "refine_probe": settings.probe_refined_first}
@@ -167,7 +179,9 @@ def refine_best_start(recon: Reconstruction, candidates: dict[str, np.ndarray], 
     misfit = {name: (r.misfit[-1] if r.misfit else float("nan")) for name, r in refiners.items()}
     choice = choose_start(misfit) if len(refiners) > 1 else next(iter(refiners))
     refiner, done = refiners[choice], trial
-    record: dict[str, Any] = {"coarse_sweeps": coarse, "coarse_factor": coarse_level.FACTOR if coarse else None}
+    record: dict[str, Any] = {"coarse_sweeps": coarse, "coarse_factor": coarse_level.FACTOR} if coarse else dict(
+        NO_COARSE_LEVEL)
+    before: list[float] = []
     if coarse:
         t0 = time.perf_counter()
         before = [float(v) for v in refiner.misfit]
@@ -198,14 +212,13 @@ def refine_best_start(recon: Reconstruction, candidates: dict[str, np.ndarray], 
         record.update(coarse_misfit_per_sweep=[float(v) for v in lower.misfit],  # in the coarse frames' units
                       coarse_wall_s=time.perf_counter() - t0,
                       coarse_phase_field_fits=coarse_fits["phase_field"],
-                      coarse_phase_ramp_fits=coarse_fits["phase_ramp"],
-                      misfit_before_coarse=before)
+                      coarse_phase_ramp_fits=coarse_fits["phase_ramp"])
     after = None if progress is None else (lambda d, _t: progress(d + done, settings.sweeps))
     result = run_fitting_phase(refiner, settings.sweeps - done, amp, starts,
                                settings.phase_fit_periods(settings.probe_refined_first), cancel, after,
                                fits, planes=not settings.probe_refined_first,
                                sweeps_before=done if coarse else 0)
-    return refiner, result, choice, misfit, record
+    return StartRun(refiner, result, choice, misfit, record, before)
 
 
 def choose_start(misfit: dict[str, float]) -> str:

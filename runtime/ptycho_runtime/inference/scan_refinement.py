@@ -101,6 +101,7 @@ from .refine_settings import (  # noqa: F401
 from .refine_start import (  # noqa: F401
     AUTO_STARTS,
     FLAT_MARGIN,
+    NO_COARSE_LEVEL,
     TRIAL_SWEEPS,
     choose_start,
     refine_best_start,
@@ -239,11 +240,11 @@ def refine_scan(recon: Reconstruction, amplitude: np.ndarray, positions: np.ndar
     refiner: Optional[Refiner] = None
     phase_fits: dict[str, list[dict[str, Any]]] = {"phase_field": [], "phase_ramp": []}
     if settings.engine == "builtin":
-        refiner, result, choice, misfit, coarse = refine_best_start(recon, candidates, amp, pos, starts, P,
-                                                                    settings, cancel, phase_fits)
+        run = refine_best_start(recon, candidates, amp, pos, starts, P, settings, cancel, phase_fits)
+        refiner, result, choice, misfit, coarse, misfit_before = run
     else:  # another engine cannot be stopped and resumed here: the starts are compared as they are
         misfit = {name: _misfit(obj, amp, P, starts) for name, obj in candidates.items()}
-        coarse = {"coarse_sweeps": 0, "coarse_factor": None}
+        coarse, misfit_before = dict(NO_COARSE_LEVEL), []
         choice = min(misfit, key=misfit.get)
         result = refine(replace(recon, object=candidates[choice]), amp, pos, P, sweeps=settings.sweeps,
                         engine=settings.engine, backend=settings.backend, device=settings.device,
@@ -257,14 +258,14 @@ def refine_scan(recon: Reconstruction, amplitude: np.ndarray, positions: np.ndar
                     "frames: the guess does not explain the data (wrong focus or optics?); refining again with "
                     "the probe refined", probe_source, fit)
         retry_fits: dict[str, list[dict[str, Any]]] = {"phase_field": [], "phase_ramp": []}
-        retry, second, _, _, retry_coarse = refine_best_start(recon, {choice: candidates[choice]}, amp, pos, starts,
-                                                              P, replace(settings, refine_probe=True), cancel,
-                                                              retry_fits)
+        again = refine_best_start(recon, {choice: candidates[choice]}, amp, pos, starts, P,
+                                  replace(settings, refine_probe=True), cancel, retry_fits)
+        retry, second = again.refiner, again.result
         second_fit = _fit_over_floor(second, floor)
         probe_check.update(fixed_misfit_over_floor=fit, refined_probe_misfit_over_floor=second_fit)
         if second_fit is not None and second_fit < fit:  # the better fit is kept: a free probe can also run off
             refiner, result, fit = retry, second, second_fit
-            phase_fits, coarse = retry_fits, retry_coarse  # the result kept ran these
+            phase_fits, coarse, misfit_before = retry_fits, again.coarse, again.misfit_before  # what it ran
     extended = extension_run = 0
     if refiner is not None and result.record.get("probe_updated"):
         result, extended, extension_run = _sweep_until_explained(refiner, result, amp, starts, settings, floor,
@@ -289,8 +290,8 @@ def refine_scan(recon: Reconstruction, amplitude: np.ndarray, positions: np.ndar
         "sweeps_extended": extended, "extension_sweeps_run": extension_run,
         "max_sweeps": settings.max_sweeps if builtin else None,  # the extension is the built-in engine's
         # the full-resolution sweeps' misfits: the trial's, then those after the coarse level (recorded apart)
-        "misfit_per_sweep": [float(v) for v in (coarse.pop("misfit_before_coarse", []) + refiner.misfit
-                                                if refiner is not None else result.record.get("misfit", []))],
+        "misfit_per_sweep": [float(v) for v in (misfit_before + refiner.misfit if refiner is not None
+                                                else result.record.get("misfit", []))],
         "probe_source": probe_source + (", refined" if record.get("probe_updated") else ""),
         "probe_scale": scale_note, "frames_refined": int(keep.sum()), "frames_outside_grid": int((~keep).sum()),
         "amplitude_prior": prior,

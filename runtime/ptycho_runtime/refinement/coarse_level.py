@@ -46,11 +46,16 @@ MIN_FRAME = 16
 """The smallest coarse frame (N / FACTOR) worth a level: below it the probe's own far field is cut."""
 
 
+def _band(N: int, n: int) -> tuple[slice, slice]:
+    """The rows and columns of the central n×n band of a centred N×N far field (DC at N/2; n even)."""
+    c0 = N // 2 - n // 2
+    return slice(c0, c0 + n), slice(c0, c0 + n)
+
+
 def crop_band(amplitude: np.ndarray, n: int) -> np.ndarray:
     """The central n×n band of centred frames [..., N, N] (DC at N/2; n even): DC stays at n/2."""
-    N = amplitude.shape[-1]
-    c0 = N // 2 - n // 2
-    return np.ascontiguousarray(amplitude[..., c0:c0 + n, c0:c0 + n])
+    rows, cols = _band(amplitude.shape[-1], n)
+    return np.ascontiguousarray(amplitude[..., rows, cols])
 
 
 def band_limited_probe(probe: np.ndarray, n: int) -> np.ndarray:
@@ -129,13 +134,13 @@ class CoarseScan:
     def refiner(self, obj: np.ndarray, **options: Any) -> Refiner:
         """A ``Refiner`` on the coarse canvas, started from ``obj`` (full resolution) decimated, its frames added."""
         coarse = np.where(self._grid.covered, decimate(obj, self.factor, self.shape), np.complex64(1.0))
-        start = replace(self._grid, object=coarse.astype(np.complex64))  # as the Refiner starts: 1 where uncovered
+        start = replace(self._grid, object=coarse)  # as the Refiner starts: 1 where uncovered
         return Refiner(start, self.probe, **options).add_frames(self.amplitude, self.positions)
 
     def lift(self, obj: np.ndarray, coarse_start: np.ndarray, coarse_refined: np.ndarray) -> np.ndarray:
         """``obj`` (full resolution) plus the coarse stage's correction, interpolated onto the full grid."""
         change = upsample(coarse_refined - coarse_start, self.factor, self.full_shape)
-        return (np.asarray(obj, dtype=np.complex64) + change).astype(np.complex64)
+        return np.asarray(obj, dtype=np.complex64) + change
 
     def lift_probe(self, probe: np.ndarray, coarse_start: np.ndarray, coarse_refined: np.ndarray) -> np.ndarray:
         """``probe`` [N, N] with its central band of the far field moved as the coarse level moved the coarse probe.
@@ -147,7 +152,6 @@ class CoarseScan:
         change = np.fft.fftshift(np.fft.fft2(np.asarray(coarse_refined, np.complex128)
                                              - np.asarray(coarse_start, np.complex128))) * (N / self.n)
         spectrum = np.fft.fftshift(np.fft.fft2(np.asarray(probe, dtype=np.complex128)))
-        c0 = N // 2 - self.n // 2
-        spectrum[c0:c0 + self.n, c0:c0 + self.n] += change
+        spectrum[_band(N, self.n)] += change
         return np.fft.ifft2(np.fft.ifftshift(spectrum)).astype(np.complex64)
 
