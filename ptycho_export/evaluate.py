@@ -232,8 +232,12 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
     refined = control = None
     if refine:
         from ptycho_runtime.inference.scan_refinement import RefineSettings, refine_scan
+        from ptycho_runtime.refinement.engine import prepare_backend
 
         settings = RefineSettings(sweeps=int(refine), **dict(refine_options or {}))
+        t0 = time.perf_counter()
+        prepare_backend(settings.backend, settings.device)  # loaded before timing, as the bundle is (numba's kernels)
+        backend_load_s = time.perf_counter() - t0
 
         def sweeps_from(start: str, network: Any) -> tuple[Any, float]:
             t0 = time.perf_counter()
@@ -256,7 +260,7 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
         network_groups = {"rule": settings.start_groups, "frames": int(data.n),
                           "groups": count_groups(data.xcoords, data.ycoords, bundle.gridsize, settings.start_groups)}
         refined = score("network + refinement", polished, start_s + refine_s,
-                        {**refine_details(polished), "network_groups": network_groups,
+                        {**refine_details(polished), "network_groups": network_groups, "backend_load_s": backend_load_s,
                          "time_covers": "the network's reconstruction (on the groups network_groups says), then "
                                         "the refinement sweeps from it"})
         alone, alone_s = sweeps_from("flat", recon)

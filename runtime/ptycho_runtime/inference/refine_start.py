@@ -24,6 +24,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 
+from ..reconstruction.probe_scale import frame_energy
 from ..reconstruction.stitching import Reconstruction
 from ..refinement import RefinementCancelled, Refiner, RefineResult, coarse_level
 from ..refinement.coarse_level import CoarseScan
@@ -63,7 +64,7 @@ class StartRun(NamedTuple):
 
 def transmission_level(amplitude: np.ndarray, probe: np.ndarray) -> float:
     """The object's RMS transmission the data imply: sqrt(mean frame energy / Σ|P|²), for a probe in data units."""
-    energy = float(np.mean(np.sum(np.asarray(amplitude, dtype=np.float64) ** 2, axis=(-2, -1))))
+    energy = float(np.mean(frame_energy(amplitude)))
     p_energy = float(np.sum(np.abs(np.asarray(probe, dtype=np.complex128)) ** 2))
     return float(np.sqrt(energy / p_energy)) if p_energy > 0 and energy > 0 else 1.0
 

@@ -76,7 +76,8 @@ import numpy as np
 from ..reconstruction.geometry import frame_origin
 from ..reconstruction.probe_scale import normalise_probe
 from ..reconstruction.stitching import Reconstruction
-from ..refinement import Refiner, RefineResult, far_field_misfit, refine
+from ..refinement import Refiner, RefineResult, refine
+from ..refinement.exit_waves import frame_misfits
 from ..refinement.noise_floor import poisson_floor
 from ..refinement.object_prior import apply_amplitude_prior, well_lit
 from ..refinement.phase_field import SPACING as PHASE_FIELD_SPACING
@@ -137,8 +138,10 @@ def frames_on_grid(starts: np.ndarray, shape: tuple[int, int], N: int) -> np.nda
 
 
 def _misfit(obj: np.ndarray, amplitude: np.ndarray, probe: np.ndarray, starts: np.ndarray) -> float:
-    step = max(1, amplitude.shape[0] // MISFIT_SAMPLE)
-    return far_field_misfit(obj, amplitude[::step], probe, starts[::step])
+    """``far_field_misfit`` (mean over the pixels) on every k-th frame, about ``MISFIT_SAMPLE`` of them, batched."""
+    frames = np.arange(0, amplitude.shape[0], max(1, amplitude.shape[0] // MISFIT_SAMPLE))
+    N = amplitude.shape[-1]
+    return float(frame_misfits(obj, amplitude, probe, starts, frames).sum()) / (len(frames) * N * N)
 
 
 def _fit_over_floor(result: RefineResult, floor: Optional[float]) -> Optional[float]:

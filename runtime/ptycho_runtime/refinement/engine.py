@@ -3,7 +3,7 @@
 The engine owns what is the same for every backend: the checks of the
 inputs, where each frame's window lies, the batches, the sweep loop with its
 momentum, progress and cancellation, and the record of what ran. A backend
-(numpy, torch, onnxruntime) owns the arrays and the per-batch update.
+(numpy, numba, torch, onnxruntime) owns the arrays and the per-batch update.
 
 Positions stay fixed: only the object (and, with ``refine_probe``, the probe)
 is refined.
@@ -11,6 +11,8 @@ is refined.
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import time
 from dataclasses import replace
 from typing import Any, Optional
@@ -21,6 +23,8 @@ from ..reconstruction.geometry import frame_origin
 from ..reconstruction.stitching import Reconstruction
 from .batching import BATCHINGS, make_batches, window_corners
 from .result import CancelFn, ProgressFn, RefinementCancelled, RefineResult, cancel_requested
+
+log = logging.getLogger(__name__)
 
 # measured on the held-out realistic scan (docs/fidelity.md, "Batched refinement" and "The default path"): with
 # rPIE's α = 0.3, 20 sweeps from the network's object reach phase SSIM 0.858 and 30 reach 0.959, above pty-chi's
@@ -38,7 +42,7 @@ DEFAULT_MOMENTUM = 0.9
 DEFAULT_MOMENTUM_STEPS = 2
 DEFAULT_ALPHA = 0.3  # rPIE's regularisation of the object step; 1 = ePIE's step
 DEFAULT_PROBE_ALPHA = 1.0
-BACKENDS = ("auto", "numpy", "onnx", "torch")
+BACKENDS = ("auto", "numpy", "numba", "onnx", "torch")
 ENGINES = ("builtin", "ptychi")
 
 
@@ -52,28 +56,74 @@ def _number_in(name: str, value: Any, low: float, high: float, *, low_open: bool
     return v
 
 
+def prepare_backend(backend: str = "auto", device: str = "cpu") -> str:
+    """Load what ``backend`` needs at its first refinement, now; returns the backend "auto" resolves to on ``device``.
+
+    Only numba has such a cost (its import and its compiled kernels, ≈ 0.5 s
+    per process with numba's cache warm, a few seconds the first time on a
+    machine): a host calls this at start-up, and ``ptycho-export evaluate``
+    before it times a refinement, as it loads the bundle before timing the
+    network. A numba that fails to load here is left to ``make_backend`` (an
+    "auto" refinement then runs numpy, with a warning).
+    """
+    if device == "cpu" and backend in ("auto", "numba"):
+        from .numba_backend import load_kernels, numba_available
+
+        if numba_available():
+            try:
+                load_kernels()
+                return "numba"
+            except Exception:  # noqa: BLE001 - reported by make_backend, where it matters
+                if backend == "numba":
+                    raise
+        return "numba" if backend == "numba" else "numpy"
+    if backend == "auto":
+        return "numpy" if device == "cpu" else ("torch" if importlib.util.find_spec("torch") else "onnx")
+    return backend
+
+
 def make_backend(backend: str, device: str, obj: np.ndarray, probe: np.ndarray, **kwargs: Any):
     """The backend object for ``backend`` on ``device``.
 
-    "auto" is numpy on the CPU (the fastest backend there, measured in
-    docs/fidelity.md) and, on CUDA, torch when it is importable, else onnxruntime.
+    "auto" is, on the CPU, numba where it is installed (numpy's update in
+    compiled loops, the fastest there) and else numpy, and, on CUDA, torch
+    when it is importable, else onnxruntime (measured in docs/fidelity.md).
+    An "auto" numba that fails to load (a broken install) falls back to numpy
+    with a warning: an optional accelerator never stops a refinement.
     """
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda' (got {device!r})")
+    if backend in ("numpy", "numba") and device != "cpu":
+        raise ValueError(f"the {backend} backend runs on the CPU only: use device='cpu', or backend='torch'/'onnx'")
     if backend == "auto":
-        backend = "numpy"
-        if device == "cuda":
+        if device == "cpu":
+            from .numba_backend import numba_available
+
+            if numba_available():
+                try:
+                    return make_backend("numba", device, obj, probe, **kwargs)
+                except Exception as exc:  # noqa: BLE001 - numba's own errors (typing, LLVM) share no base but this
+                    log.warning("numba is installed but its refinement kernels did not load (%s: %s): refining "
+                                "with the numpy backend", type(exc).__name__, exc)
+            backend = "numpy"
+        else:
             try:
                 import torch  # noqa: F401
                 backend = "torch"
             except ImportError:
                 backend = "onnx"
     if backend == "numpy":
-        if device != "cpu":
-            raise ValueError("the numpy backend runs on the CPU only: use device='cpu', or backend='torch'/'onnx'")
         from .numpy_backend import NumpyBackend
 
         return NumpyBackend(obj, probe, **kwargs)
+    if backend == "numba":
+        from .numba_backend import NumbaBackend
+
+        try:
+            return NumbaBackend(obj, probe, **kwargs)
+        except ImportError:
+            raise ValueError("backend='numba' needs numba: pip install 'ptycho-runtime[fast]', or use "
+                             "backend='numpy' (the same update, slower)") from None
     if backend == "torch":
         from .torch_backend import TorchBackend
 
@@ -295,9 +345,11 @@ def refine(start: Reconstruction, amplitude: np.ndarray, positions: np.ndarray, 
       ``"parallel"``).
     - ``alpha``: rPIE's object-step regularisation (1 = ePIE's step).
     - ``refine_probe``: also update the probe (ePIE/rPIE's probe step, summed per batch).
-    - ``backend``: ``"numpy"`` (reference), ``"onnx"`` (onnxruntime, a
-      refinement-step graph built by the runtime), ``"torch"``, or ``"auto"``
-      (numpy on the CPU; torch, else onnx, on CUDA); ``device`` "cpu" or "cuda".
+    - ``backend``: ``"numpy"`` (reference), ``"numba"`` (numpy's update in
+      compiled loops; ``pip install ptycho-runtime[fast]``), ``"onnx"``
+      (onnxruntime, a refinement-step graph built by the runtime), ``"torch"``,
+      or ``"auto"`` (numba, else numpy, on the CPU; torch, else onnx, on CUDA);
+      ``device`` "cpu" or "cuda".
     - ``engine="ptychi"``: pty-chi's LSQML instead (``ptychi_engine.refine_ptychi``;
       needs torch and pty-chi).
     - ``progress(done, sweeps)`` after each sweep; ``cancel`` checked before

@@ -40,7 +40,8 @@ import numpy as np
 
 from ..reconstruction.overlap_solve import conjugate_gradients
 from .batching import window_corners
-from .numpy_backend import FFT, interpolate_windows, window_view
+from .exit_waves import CHUNK, exit_waves, wave_misfits
+from .numpy_backend import FFT
 
 DEFAULT_EVERY = 4
 """Sweeps between two fits."""
@@ -57,8 +58,6 @@ CHECK_EVERY = 4
 """Every k-th frame is re-measured to check that a fit lowers the misfit (a quarter of the frames: ~20 ms)."""
 CG_TOLERANCE = 1e-3
 """Relative residual of the solve: the field is a correction re-fitted a few sweeps later (1e-6 took 371 CG steps)."""
-CHUNK = 64
-"""Frames whose exit waves are held at once: a few MB at 64², in cache (2× faster than 256), whatever the scan."""
 
 
 @dataclass(frozen=True)
@@ -236,21 +235,12 @@ class PhaseField:
     def _waves(self, obj: np.ndarray, probe: np.ndarray, part: Union[slice, np.ndarray]) -> np.ndarray:
         """P·o_j for the frames in ``part``, read bilinearly from the canvas (the sweeps' read)."""
         rows, cols, weights = self._corners
-        windows = window_view(np.ascontiguousarray(obj, dtype=np.complex64), self.N)[rows[part], cols[part]]
-        patches = interpolate_windows(windows, weights[part])
-        patches *= np.asarray(probe, np.complex64)
-        return patches
-
-    def _misfits(self, waves: np.ndarray, amplitude: np.ndarray) -> np.ndarray:
-        model = np.abs(FFT.fft2(waves, norm="forward"))
-        model *= np.float32(self.N)
-        model -= np.fft.ifftshift(np.asarray(amplitude, np.float32), axes=(-2, -1))
-        return np.einsum("jpq,jpq->j", model, model, dtype=np.float64)
+        return exit_waves(obj, probe, rows[part], cols[part], weights[part])
 
     def misfit(self, obj: np.ndarray, amplitude: np.ndarray, probe: np.ndarray, every: int = 1) -> float:
         """Σ of the misfit over every ``every``-th of the fit's frames (``amplitude`` holds theirs; chunked)."""
         chosen = np.arange(0, amplitude.shape[0], max(1, int(every)))
-        return float(sum(self._misfits(self._waves(obj, probe, chosen[lo:lo + CHUNK]),
+        return float(sum(wave_misfits(self._waves(obj, probe, chosen[lo:lo + CHUNK]),
                                        amplitude[chosen[lo:lo + CHUNK]]).sum() for lo in range(0, len(chosen), CHUNK)))
 
     def fit(self, obj: np.ndarray, amplitude: np.ndarray, probe: np.ndarray, planes: bool = True
