@@ -165,8 +165,14 @@ def refine_best_start(recon: Reconstruction, candidates: dict[str, np.ndarray], 
     options: dict[str, Any] = {"backend": settings.backend, "device": settings.device,
                                "refine_probe": settings.probe_refined_first}
 
+    first: list[Refiner] = []  # the first refiner made: the others share its frames (Refiner.add_frames_of)
+
     def full(obj: np.ndarray, guess: np.ndarray = probe) -> Refiner:
-        return Refiner(replace(recon, object=obj), guess, **options).add_frames(amp, pos)
+        refiner = Refiner(replace(recon, object=obj), guess, **options)
+        if first:
+            return refiner.add_frames_of(first[0])
+        first.append(refiner.add_frames(amp, pos))
+        return refiner
 
     coarse = coarse_sweeps(settings, amp.shape[-1])
     trial = min(TRIAL_SWEEPS, settings.sweeps) if len(candidates) > 1 or coarse else 0
@@ -188,7 +194,7 @@ def refine_best_start(recon: Reconstruction, candidates: dict[str, np.ndarray], 
         before = [float(v) for v in refiner.misfit]
         now = refiner.run(0)
         here, probe_now = now.reconstruction.object, now.probe
-        refiners.clear()  # each holds its own copy of the frames: none is needed past here
+        refiners.clear()  # their canvases are not needed past here (the frames stay, in first[0], for the full level)
         del refiner
         level = CoarseScan(recon, amp, starts, probe_now)
         lower = level.refiner(here, **options)

@@ -32,6 +32,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .compiled import available_kernels
 from .geometry import frame_origin
 from .real_view import real_view
 
@@ -272,6 +273,12 @@ class StitchCanvas:
         window[self._rows - r0, self._cols - c0] = self._w
         re, im, wsum = (a.reshape(self.shape) for a in (self._re, self._im, self._wsum))
         H, W = self.shape
+        kernels = available_kernels()
+        if kernels is not None and patches.dtype == np.complex64:  # the same splat in one compiled loop
+            box = np.ascontiguousarray(patches[:, r0:r0 + h, c0:c0 + w]).view(np.float32)
+            kernels.splat(re, im, wsum, box, window, (iy + r0).astype(np.int64), (ix + c0).astype(np.int64),
+                          np.asarray(fy, np.float64), np.asarray(fx, np.float64))
+            return
         for k in range(0, patches.shape[0], _CHUNK):
             part = slice(k, k + _CHUNK)
             values = patches[part, r0:r0 + h, c0:c0 + w] * window  # complex128 [n, h, w]

@@ -67,7 +67,7 @@ def prepare_backend(backend: str = "auto", device: str = "cpu") -> str:
     "auto" refinement then runs numpy, with a warning).
     """
     if device == "cpu" and backend in ("auto", "numba"):
-        from .numba_backend import load_kernels, numba_available
+        from ..reconstruction.compiled import load_kernels, numba_available
 
         if numba_available():
             try:
@@ -97,7 +97,7 @@ def make_backend(backend: str, device: str, obj: np.ndarray, probe: np.ndarray, 
         raise ValueError(f"the {backend} backend runs on the CPU only: use device='cpu', or backend='torch'/'onnx'")
     if backend == "auto":
         if device == "cpu":
-            from .numba_backend import numba_available
+            from ..reconstruction.compiled import numba_available
 
             if numba_available():
                 try:
@@ -227,6 +227,30 @@ class Refiner:
         self._weights = np.concatenate([self._weights, weights])
         self._batches = None
         self._measured_all = None
+        return self
+
+    def add_frames_of(self, other: "Refiner") -> "Refiner":
+        """The frames ``other`` holds, shared, not copied: its measured amplitudes, windows and (same batching and
+        seed) batches.
+
+        For refiners of one scan on one grid (the start's candidates; the full
+        resolution after the coarse level): the checks, the transform and the
+        batching are done once, and the frames are held once.
+        """
+        if self.n_frames:
+            raise ValueError("add_frames_of needs a Refiner that holds no frames yet")
+        if (other.N != self.N or other.start.object.shape != self.start.object.shape
+                or not np.array_equal(other.start.x_coords, self.start.x_coords)
+                or not np.array_equal(other.start.y_coords, self.start.y_coords)):
+            raise ValueError("add_frames_of takes frames from a Refiner on the same grid with the same N")
+        if other._measured:
+            other._measured_all = other._measured_all if other._measured_all is not None else np.concatenate(
+                other._measured)
+            other._measured = [other._measured_all]
+        self._measured, self._measured_all = list(other._measured), other._measured_all
+        self._rows, self._cols, self._weights = other._rows, other._cols, other._weights
+        same = (other.batching, other.seed, other.max_batch) == (self.batching, self.seed, self.max_batch)
+        self._batches = other.batches() if same and other.n_frames else None
         return self
 
     def _merge_start(self, start: Reconstruction) -> None:

@@ -5,7 +5,7 @@ The sweeps' update lives in the backends. The slow-phase fit
 (``inference.scan_refinement``) need the same bilinear read, and the far
 field, of the scan's frames or a sample of them. Read here in chunks of
 ``CHUNK`` frames (a few MB at 64², in cache), by numba's compiled read where
-numba is installed (``numba_backend``), else by numpy's window view: the
+numba is installed (``reconstruction.compiled``), else by numpy's window view: the
 same values to float32 rounding. A frame-by-frame loop (``epie.far_field_misfit``,
 the reference) took 73 ms for the prior's two checks on 256 frames.
 """
@@ -16,22 +16,12 @@ from typing import Optional
 
 import numpy as np
 
+from ..reconstruction.compiled import available_kernels
 from .batching import window_corners
-from .numba_backend import load_kernels, numba_available
 from .numpy_backend import FFT, interpolate_windows, window_view
 
 CHUNK = 64
 """Frames whose exit waves are held at once: a few MB at 64², in cache (2× faster than 256), whatever the scan."""
-
-
-def _kernels():
-    """numba's kernels where they load, else None (numpy reads): the same rule as ``backend="auto"``."""
-    if not numba_available():
-        return None
-    try:
-        return load_kernels()
-    except Exception:  # noqa: BLE001 - a broken numba reads with numpy; make_backend warns about it
-        return None
 
 
 def exit_waves(obj: np.ndarray, probe: np.ndarray, rows: np.ndarray, cols: np.ndarray,
@@ -41,7 +31,7 @@ def exit_waves(obj: np.ndarray, probe: np.ndarray, rows: np.ndarray, cols: np.nd
     canvas = np.ascontiguousarray(obj, dtype=np.complex64)
     P = np.ascontiguousarray(probe, dtype=np.complex64)
     N = P.shape[0]
-    k = _kernels()
+    k = available_kernels()
     if k is None:
         waves = interpolate_windows(window_view(canvas, N)[rows, cols], weights)
         waves *= P

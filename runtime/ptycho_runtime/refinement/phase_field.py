@@ -38,6 +38,7 @@ from typing import Optional, Union
 
 import numpy as np
 
+from ..reconstruction.compiled import available_kernels
 from ..reconstruction.overlap_solve import conjugate_gradients
 from .batching import window_corners
 from .exit_waves import CHUNK, exit_waves, wave_misfits
@@ -212,24 +213,28 @@ class PhaseField:
         n, N = amplitude.shape[0], self.N
         g, H, f = np.empty((n, 2)), np.empty((n, 2, 2)), np.empty(n)
         u = np.arange(N, dtype=np.float32) - np.float32((N - 1) / 2)
+        k = available_kernels()
         for lo in range(0, n, CHUNK):
             part = slice(lo, min(n, lo + CHUNK))
             waves = self._waves(obj, probe, part)
             spectrum = FFT.fft2(waves, norm="forward")
+            # Φ_a = F(i·u_a·ψ)/N, so Re(conj(Ψ)·Φ_a) = −Im(conj(Ψ)·F(u_a·ψ))·N/N² and the Ns cancel in J
+            derivatives = [FFT.fft2(waves * weights, norm="forward") for weights in (u[:, None], u[None, :])]
+            measured = np.fft.ifftshift(np.asarray(amplitude[part], np.float32), axes=(-2, -1))
+            if k is not None:  # the same sums in one compiled pass (``reconstruction.compiled``)
+                k.ramp_sums(*(np.ascontiguousarray(a).view(np.float32) for a in (spectrum, *derivatives)),
+                            np.ascontiguousarray(measured), np.float32(N), g[part], H[part], f[part])
+                continue
             mag = np.abs(spectrum)
             residual = mag * np.float32(N)
-            residual -= np.fft.ifftshift(np.asarray(amplitude[part], np.float32), axes=(-2, -1))
+            residual -= measured
             np.maximum(mag, np.float32(1e-30), out=mag)
-            J = []
-            for weights in (u[:, None], u[None, :]):
-                # Φ_a = F(i·u_a·ψ)/N, so Re(conj(Ψ)·Φ_a) = −Im(conj(Ψ)·F(u_a·ψ))·N/N² and the Ns cancel in J
-                derivative = FFT.fft2(waves * weights, norm="forward")
-                J.append((spectrum.imag * derivative.real - spectrum.real * derivative.imag) / mag * np.float32(N))
+            J = [(spectrum.imag * d.real - spectrum.real * d.imag) / mag * np.float32(N) for d in derivatives]
             f[part] = np.einsum("jpq,jpq->j", residual, residual, dtype=np.float64)
             for i in range(2):
                 g[part, i] = 2 * np.einsum("jpq,jpq->j", residual, J[i])
-                for k in range(i, 2):
-                    H[part, i, k] = H[part, k, i] = 2 * np.einsum("jpq,jpq->j", J[i], J[k])
+                for m in range(i, 2):
+                    H[part, i, m] = H[part, m, i] = 2 * np.einsum("jpq,jpq->j", J[i], J[m])
         return g, H, f
 
     def _waves(self, obj: np.ndarray, probe: np.ndarray, part: Union[slice, np.ndarray]) -> np.ndarray:
