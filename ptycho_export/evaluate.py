@@ -43,6 +43,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from ptycho_runtime.reconstruction.compiled import available_kernels
 from ptycho_runtime.reconstruction.grouping import count_groups
 from ptycho_runtime.reconstruction.stitching import probe_window
 
@@ -209,6 +210,7 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
     positions = np.stack([data.xcoords, data.ycoords], axis=1)
     t0 = time.perf_counter()
     bundle = load_bundle(bundle_path, backend=backend, device=device)
+    available_kernels()  # numba's compiled loops (stitching, refinement), where installed: loading, not inference
     load_s = time.perf_counter() - t0
     if bundle.N != data.N:
         raise ValueError(f"the scan's frames are {data.N}×{data.N} but the bundle's model was trained with "

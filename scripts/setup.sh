@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Create (or update) .venv with ptycho-export, ptycho-runtime (with the CPU onnxruntime and numba: the [cpu] and
-# [fast] extras) and the
-# test tools (pytest, ruff). torch is pinned to the CPU wheel; for a GPU see README "Installs: CPU or GPU".
+# Create (or update) .venv with ptycho-export, ptycho-runtime (with the CPU onnxruntime and numba's compiled
+# loops: the [cpu] and [fast] extras) and the test tools (pytest, ruff). torch is pinned to the CPU wheel; for a
+# GPU see README "Installs: CPU or GPU".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

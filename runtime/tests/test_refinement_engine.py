@@ -66,9 +66,9 @@ def problem():
 
 def _backends() -> list:
     out = []
-    for name in ("onnx", "torch"):
+    for name in ("numba", "onnx", "torch"):
         try:
-            __import__("onnxruntime" if name == "onnx" else "torch")
+            __import__({"numba": "numba", "onnx": "onnxruntime"}.get(name, name))
             out.append(pytest.param(name))
         except ImportError:
             out.append(pytest.param(name, marks=pytest.mark.skip(reason=f"{name} backend's library not installed")))

@@ -11,7 +11,8 @@ importable, else numpy (``engine.make_backend``). ≈ 45 ms per sweep of
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, Optional
 
 import numpy as np
 
@@ -31,10 +32,14 @@ class NumbaBackend(NumpyBackend):
 
     name = "numba"
 
-    def __init__(self, obj: np.ndarray, probe: np.ndarray, **kwargs: Any) -> None:
-        kwargs.pop("threads", None)  # one thread: the kernels leave nothing for a second to split
+    def __init__(self, obj: np.ndarray, probe: np.ndarray, *, threads: Optional[int] = None, **kwargs: Any) -> None:
         super().__init__(obj, probe, **kwargs)
         self._k = load_kernels()
+        # the batch's slices run on numba's threads where its FFT is compiled too (rocket-fft): one per core, 2 at
+        # most (measured on 2; a 12-frame batch has little more to split). threads=1 keeps one.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.threads = max(1, min(2, cores) if threads is None else int(threads))
+        self.compiled_fft = self._k.batch_step is not None
 
     def run_batch(self, measured: np.ndarray, rows: np.ndarray, cols: np.ndarray, weights: np.ndarray) -> float:
         """``NumpyBackend.run_batch`` with the read, the projection and the write compiled; returns Σ misfit."""
@@ -43,21 +48,29 @@ class NumbaBackend(NumpyBackend):
         fy = np.ascontiguousarray(weights[:, 2] + weights[:, 3], dtype=np.float32)
         fx = np.ascontiguousarray(weights[:, 1] + weights[:, 3], dtype=np.float32)
         rows, cols = np.ascontiguousarray(rows, np.int64), np.ascontiguousarray(cols, np.int64)
+        measured = np.ascontiguousarray(measured, np.float32)
         canvas = _floats(self.obj)
-        waves = np.empty((len(rows), N, N), np.complex64)
-        patches = np.empty_like(waves) if self.refine_probe else waves[:0]
-        k.read_waves(canvas, _floats(self.probe), rows, cols, fy, fx, _floats(waves), _floats(patches),
-                     self.refine_probe)
-        spectrum = FFT.fft2(waves, norm="forward", **_IN_PLACE)  # Ψ/N², as NumpyBackend._step
-        misfit = float(k.project(_floats(spectrum).reshape(-1), np.ascontiguousarray(measured, np.float32).reshape(-1),
-                                 np.float32(1) / n2, np.float32(TINY) / n2)) * float(n2) ** 2
-        dpsi = np.ascontiguousarray(FFT.ifft2(spectrum, **_IN_PLACE), dtype=np.complex64)  # F⁻¹(Ψ' − Ψ)/N²
-        delta = dpsi.copy() if self.refine_probe else dpsi  # the probe step needs dpsi itself
-        k.correct(_floats(self._factor()), _floats(delta))
-        k.spread(canvas, _floats(delta), rows, cols, fy, fx)
-        if self.refine_probe:
+        keep = self.refine_probe
+        shape = (len(rows), N, N) if keep else (0, N, N)
+        patches, dpsi = np.empty(shape, np.complex64), np.empty(shape, np.complex64)
+        if self.compiled_fft:  # one compiled call: the FFTs too, the batch split between threads
+            misfit = float(k.batch_step(canvas, _floats(self.probe), _floats(self._factor()), rows, cols, fy, fx,
+                                        measured, np.float32(1) / n2, np.float32(TINY) / n2,
+                                        min(self.threads, len(rows)), keep, _floats(patches), _floats(dpsi)))
+        else:  # scipy's (or numpy's) FFTs between the compiled loops
+            waves = np.empty((len(rows), N, N), np.complex64)
+            k.read_waves(canvas, _floats(self.probe), rows, cols, fy, fx, _floats(waves), _floats(patches), keep)
+            spectrum = FFT.fft2(waves, norm="forward", **_IN_PLACE)  # Ψ/N², as NumpyBackend._step
+            misfit = float(k.project(_floats(spectrum).reshape(-1), measured.reshape(-1), np.float32(1) / n2,
+                                     np.float32(TINY) / n2))
+            delta = np.ascontiguousarray(FFT.ifft2(spectrum, **_IN_PLACE), dtype=np.complex64)  # F⁻¹(Ψ' − Ψ)/N²
+            if keep:
+                dpsi[...] = delta  # the probe step needs it before the correction
+            k.correct(_floats(self._factor()), _floats(delta))
+            k.spread(canvas, _floats(delta), rows, cols, fy, fx)
+        if keep:
             self._probe_step(patches, dpsi)
-        return misfit
+        return misfit * float(n2) ** 2
 
     def _probe_step(self, patches: np.ndarray, dpsi: np.ndarray) -> None:
         """``NumpyBackend._probe_update`` (scale N²) with its two sums over the batch in one compiled pass."""
