@@ -7,7 +7,8 @@ frames, continuing from the previous round's object (as refinement does).
 
 Paths (group ``refine_N64_n{frames}``):
 - ``epie_loop``: ``refine_epie(iterations=1)``, the original numpy loop (the reference for the ratios);
-- ``numpy`` / ``onnx_cpu`` / ``torch_cpu``: ``Refiner(..., backend=...).run(1)`` on the CPU;
+- ``numpy`` / ``numba`` / ``onnx_cpu`` / ``torch_cpu``: ``Refiner(..., backend=...).run(1)`` on the CPU
+  (``numba``: the compiled batch step on one thread per core, 2 at most; ``numba_1thread``: on one);
 - ``torch_cuda`` / ``onnx_cuda``: the same on a GPU (skipped without one);
 - ``amplitude_prior``: one application of the amplitude prior that ends every
   refinement (``object_prior.apply_amplitude_prior``, TV at the noise level) to
@@ -30,7 +31,8 @@ from ._common import SMOKE, common_info, latency_info, timed_pedantic, torch_cud
 
 N = 64
 REFINE_FRAMES = 200 if SMOKE else 1000
-PATHS = ("epie_loop", "numpy", "onnx_cpu", "torch_cpu", "torch_cuda", "onnx_cuda", "amplitude_prior", "phase_field")
+PATHS = ("epie_loop", "numpy", "numba", "numba_1thread", "onnx_cpu", "torch_cpu", "torch_cuda", "onnx_cuda",
+         "amplitude_prior", "phase_field")
 GROUP = f"refine_N{N}_n{REFINE_FRAMES}"
 
 
@@ -63,6 +65,8 @@ def scan():
 def _skip_unless(path: str) -> None:
     if path.startswith("torch") and importlib.util.find_spec("torch") is None:
         pytest.skip("torch not installed")
+    if path.startswith("numba") and importlib.util.find_spec("numba") is None:
+        pytest.skip("numba not installed (the runtime's [fast] extra)")
     if path.startswith("onnx") and importlib.util.find_spec("onnxruntime") is None:
         pytest.skip("onnxruntime not installed")
     if path == "torch_cuda" and not torch_cuda_available():
@@ -112,11 +116,15 @@ def test_refine_sweep(benchmark, scan, path):
         def sweep():
             fits.append(field.fit(flat, field_amp, probe)[1])
 
-        info.update(backend="numpy", batches=f"{len(field.frames)} frames")
+        from ptycho_runtime.reconstruction.compiled import available_kernels
+
+        info.update(backend="numba" if available_kernels() else "numpy", batches=f"{len(field.frames)} frames")
     else:
         backend = path.split("_")[0]
+        options = {"threads": 1} if path == "numba_1thread" else None
         try:
-            refiner = Refiner(start, probe, backend=backend, device=info["device"]).add_frames(amp, pos)
+            refiner = Refiner(start, probe, backend=backend, device=info["device"],
+                              backend_options=options).add_frames(amp, pos)
         except ValueError as exc:  # e.g. the CUDA provider did not load
             pytest.skip(f"{path} unusable: {exc}")
 
@@ -124,6 +132,8 @@ def test_refine_sweep(benchmark, scan, path):
             refiner.run(1)
 
         info.update(backend=backend, batches=len(refiner.batches()))
+        if backend == "numba":
+            info.update(threads=refiner._backend.threads, compiled_fft=refiner._backend.compiled_fft)
         if backend == "onnx":
             info["provider"] = refiner._backend.providers[0]
     benchmark.group = GROUP

@@ -314,7 +314,8 @@ def _add_evaluate_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="builtin (batched rPIE, torch-free) or ptychi (pty-chi LSQML; N is its epochs) "
                         "(default: %(default)s)")
     p.add_argument("--refine-backend", choices=BACKENDS, default=EvaluateOptions.refine_backend,
-                   help="the builtin engine's backend (default: %(default)s: numpy on the CPU)")
+                   help="the builtin engine's backend (default: %(default)s: numba on the CPU where it is "
+                        "installed, the runtime's [fast] extra, else numpy)")
     p.add_argument("--refine-probe", nargs="?", choices=tuple(PROBE_RULE_NAMES), const="on",
                    default=EvaluateOptions.refine_probe,
                    help="refine the probe with the object: on (the bare flag), off, or auto: keep the probe guess "

@@ -19,6 +19,7 @@ import ptycho_runtime as pr
 from ptycho_runtime import cli
 from ptycho_runtime.files.npz import normalization_factor, read_npz_arrays
 from ptycho_runtime.inference.scan_refinement import RefineSettings, choose_start
+from ptycho_runtime.refinement.engine import prepare_backend
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -101,7 +102,8 @@ def test_infer_refines_by_default_with_the_scans_probe(bundle_path, tmp_path, ca
     assert record["sweeps"] == DEFAULT_SWEEPS + record["sweeps_extended"]
     assert record["probe_updated"] or record["sweeps_extended"] == 0
     coarse = f"{record['coarse_sweeps']} at half resolution, " if record["coarse_sweeps"] else ""
-    assert f"including {record['sweeps']} refinement sweeps (numpy, {coarse}start: " in last
+    assert record["backend"] == prepare_backend()  # "auto": numba where it is installed, else numpy
+    assert f"including {record['sweeps']} refinement sweeps ({record['backend']}, {coarse}start: " in last
     assert "probe: the host's probe" in last
     assert record["engine"] == "builtin" and record["batching"] == "sparse"
     # the default "auto" rule: the scan's probe is kept unless refining it, after a fit far above the noise, fits better

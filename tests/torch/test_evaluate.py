@@ -350,8 +350,10 @@ def test_evaluate_cli_refine_row_improves_on_the_network(make_bundle, capsys, tm
     assert code == 0, err
     from ptycho_runtime.inference.scan_refinement import DEFAULT_COARSE_SWEEPS
     from ptycho_runtime.refinement import DEFAULT_SWEEPS
+    from ptycho_runtime.refinement.engine import prepare_backend
 
-    what = f"{DEFAULT_SWEEPS} sweeps ({DEFAULT_COARSE_SWEEPS} coarse), numpy"  # the coarse level runs at the default
+    # the coarse level runs at the default; the backend is what "auto" takes here (numba where installed)
+    what = f"{DEFAULT_SWEEPS} sweeps ({DEFAULT_COARSE_SWEEPS} coarse), {prepare_backend()}"
     assert f"network + {what}" in out and f"flat + {what}" in out
     code, out, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--refine", "3",
                              "--refine-backend", "onnx", "--refine-probe", "--amplitude-prior", "none",

@@ -216,7 +216,8 @@ def add_infer_command(sub: argparse._SubParsersAction) -> None:
                    help="builtin (batched rPIE, torch-free) or ptychi (pty-chi LSQML; needs torch and ptychi) "
                         "(default %(default)s)")
     p.add_argument("--refine-backend", choices=BACKENDS, default="auto",
-                   help="the builtin engine's backend (default %(default)s: numpy on the CPU)")
+                   help="the builtin engine's backend (default %(default)s: numba on the CPU where it is "
+                        "installed, the [fast] extra, else numpy)")
     p.add_argument("--refine-probe", nargs="?", choices=tuple(PROBE_RULE_NAMES), const="on", default="auto",
                    help="refine the probe with the object: on (the bare flag), off, or auto: keep the probe guess "
                         "unless the fit then stays far above the frames' Poisson noise, and then refine it "
