@@ -145,7 +145,13 @@ def test_batched_misfits_are_far_field_misfit_and_exit_waves_the_reads(scan, mon
     np.testing.assert_allclose(picked, exit_waves.frame_misfits(obj, amp, P, starts)[[2, 5]])
 
 
-def test_the_local_ramps_sums_compiled_are_numpys(scan, monkeypatch):
+@pytest.mark.parametrize("fft", ["compiled", "scipy"])
+def test_the_local_ramps_sums_compiled_are_numpys(scan, fft, monkeypatch):
+    kernels = compiled.load_kernels()
+    if fft == "compiled" and kernels.ramp_step is None:
+        pytest.skip("rocket-fft is not installed: no compiled FFT here")
+    if fft == "scipy":
+        monkeypatch.setattr(kernels, "ramp_step", None)  # the sums compiled, the FFTs scipy's
     obj = scan["object"] * np.exp(0.02j * np.indices(scan["object"].shape)[1]).astype(np.complex64)
     field = phase_field.PhaseField(obj.shape, scan["probe"], scan["starts"])
     amp = scan["amplitude"][field.frames]

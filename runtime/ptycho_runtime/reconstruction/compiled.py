@@ -22,14 +22,17 @@ its first reconstruction (``refinement.engine.prepare_backend``).
 from __future__ import annotations
 
 import importlib.util
+import os
 from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
 
 _KERNELS: Optional[SimpleNamespace] = None
-KERNELS = ("read_waves", "project", "correct", "spread", "probe_sums", "ramp_sums", "splat", "batch_step")
-"""What ``compiled_loops`` defines (``batch_step`` is None there without rocket-fft)."""
+KERNELS = ("read_waves", "project", "correct", "spread", "probe_sums", "ramp_sums", "splat", "batch_step",
+           "ramp_step")
+"""What ``compiled_loops`` defines (``batch_step`` and ``ramp_step``, which transform inside numba, are None there
+without rocket-fft)."""
 
 
 TINY = 1e-20  # |Ψ| below this has no phase to keep (numpy_backend.TINY, the same: a test holds them equal)
@@ -42,6 +45,13 @@ def numba_available() -> bool:
     is optional on top: without it the batch step's FFTs are scipy's, between
     the compiled loops (``compiled_loops.batch_step``)."""
     return importlib.util.find_spec("numba") is not None
+
+
+def default_threads() -> int:
+    """Threads for the parallel loops: one per core this process may use, 2 at most (measured on 2; a batch of a
+    dozen frames has little more to split)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(2, cores))
 
 
 def load_kernels() -> SimpleNamespace:
@@ -98,7 +108,10 @@ def _warm(k: SimpleNamespace) -> None:
         import numba
 
         if numba.threading_layer() == "workqueue":  # not thread-safe: a host refining in two threads would abort
-            k.batch_step = None
+            k.batch_step = k.ramp_step = None
+    if k.ramp_step is not None:
+        k.ramp_step(canvas, probe, rows, cols, f, f, np.zeros((1, 4, 4), np.float32), np.zeros(4, np.float32), 1,
+                    np.zeros((1, 2)), np.zeros((1, 2, 2)), np.zeros(1))
     k.ramp_sums(waves, waves, waves, np.zeros((1, 4, 4), np.float32), np.float32(4), np.zeros((1, 2)),
                 np.zeros((1, 2, 2)), np.zeros(1))
 

@@ -194,7 +194,7 @@ def splat(re, im, wsum, patches, window, rows, cols, fy, fx):  # pragma: no cove
 try:
     import rocket_fft  # noqa: F401 - gives numba numpy.fft
 except ImportError:
-    batch_step = None
+    batch_step = ramp_step = None
 else:
     @numba.njit(parallel=True, **_OPTIONS)
     def batch_step(canvas, probe, factor, rows, cols, fy, fx, measured, inv_n2, tiny, parts, keep, patches,
@@ -217,3 +217,26 @@ else:
             correct(factor, delta)
             spread(canvas, delta, rows[lo:hi], cols[lo:hi], fy[lo:hi], fx[lo:hi])
         return misfits.sum()
+
+    @numba.njit(parallel=True, **_OPTIONS)
+    def ramp_step(canvas, probe, rows, cols, fy, fx, measured, coords, parts, g, h, f):  # pragma: no cover
+        """``phase_field.local_ramps`` for a chunk of frames in one call: each of ``parts`` slices (on numba's
+        threads) reads its exit waves, transforms them and the waves times each centred coordinate, and sums
+        (``ramp_sums``); ``measured`` [B, N, N] unshifted, ``coords`` [N] the coordinates."""
+        B, n = rows.shape[0], probe.shape[0]
+        for t in numba.prange(parts):
+            lo, hi = t * B // parts, (t + 1) * B // parts
+            waves = np.empty((hi - lo, n, n), np.complex64)
+            floats = waves.view(np.float32)
+            read_waves(canvas, probe, rows[lo:hi], cols[lo:hi], fy[lo:hi], fx[lo:hi], floats, floats[:0], False)
+            along_rows, along_cols = np.empty_like(waves), np.empty_like(waves)
+            for b in range(hi - lo):
+                for i in range(n):
+                    for j in range(n):
+                        along_rows[b, i, j] = waves[b, i, j] * coords[i]
+                        along_cols[b, i, j] = waves[b, i, j] * coords[j]
+            spectrum = np.fft.fft2(waves, norm="forward")
+            d_rows = np.fft.fft2(along_rows, norm="forward")
+            d_cols = np.fft.fft2(along_cols, norm="forward")
+            ramp_sums(spectrum.view(np.float32), d_rows.view(np.float32), d_cols.view(np.float32), measured[lo:hi],
+                      np.float32(n), g[lo:hi], h[lo:hi], f[lo:hi])

@@ -11,12 +11,11 @@ importable, else numpy (``engine.make_backend``). ≈ 45 ms per sweep of
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import numpy as np
 
-from ..reconstruction.compiled import load_kernels
+from ..reconstruction.compiled import default_threads, load_kernels
 from .numpy_backend import FFT, TINY, NumpyBackend
 
 _IN_PLACE: dict[str, Any] = {} if FFT is np.fft else {"overwrite_x": True}  # scipy's FFT may reuse its input
@@ -35,10 +34,8 @@ class NumbaBackend(NumpyBackend):
     def __init__(self, obj: np.ndarray, probe: np.ndarray, *, threads: Optional[int] = None, **kwargs: Any) -> None:
         super().__init__(obj, probe, **kwargs)
         self._k = load_kernels()
-        # the batch's slices run on numba's threads where its FFT is compiled too (rocket-fft): one per core, 2 at
-        # most (measured on 2; a 12-frame batch has little more to split). threads=1 keeps one.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        self.threads = max(1, min(2, cores) if threads is None else int(threads))
+        # the batch's slices run on numba's threads where its FFT is compiled too (rocket-fft); threads=1 keeps one
+        self.threads = default_threads() if threads is None else max(1, int(threads))
         self.compiled_fft = self._k.batch_step is not None
 
     def run_batch(self, measured: np.ndarray, rows: np.ndarray, cols: np.ndarray, weights: np.ndarray) -> float:
