@@ -11,7 +11,8 @@
 #     sweeps from a flat object (the control), and pty-chi's ePIE (100 iterations) from a flat start, each
 #     scored against the truth (figure: truth / each method / errors);
 #  4. score the briefly trained bundle the same way (without the pty-chi reference);
-#  5. reconstruct the held-out scan again with the lightweight runtime (numpy + ONNX Runtime, no torch): the
+#  5. reconstruct the held-out scan again with the lightweight runtime (numpy, ONNX Runtime and, where the
+#     [fast] extra is installed as here, numba's compiled loops; no torch): the
 #     network and, by default, 16 refinement sweeps with the scan's own probe.
 # About 6-8 minutes on 2 CPU cores after the install.
 # Usage: bash scripts/demo.sh [OUTPUT_DIR] [extra 'ptycho-export train' options]   (later options win)

@@ -178,3 +178,24 @@ def test_refiners_of_one_scan_share_its_frames_and_batches(scan):
     moved = replace(scan["start"], x_coords=scan["start"].x_coords + 1)
     with pytest.raises(ValueError, match="same grid"):
         Refiner(moved, scan["probe"]).add_frames_of(first)
+
+
+def test_a_forked_child_refines_with_the_serial_loops(scan):
+    """GNU OpenMP's threads do not survive fork(): a child of a process that ran the parallel loops uses the
+    serial ones (scipy's FFTs between them) and gets the same object."""
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork() here")
+    parent = Refiner(scan["start"], scan["probe"]).add_frames(scan["amplitude"], scan["positions"]).run(5)
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        compiled_fft, obj = pool.apply(_refine_in_child, (scan["start"], scan["probe"], scan["amplitude"],
+                                                          scan["positions"]))
+    assert compiled_fft is False
+    assert _relative(obj, parent.reconstruction.object) < 1e-4
+
+
+def _refine_in_child(start, probe, amplitude, positions):
+    refiner = Refiner(start, probe).add_frames(amplitude, positions)
+    return refiner._backend.compiled_fft, refiner.run(5).reconstruction.object

@@ -4,19 +4,21 @@ Why: a numpy batch step, after its two FFTs, is some twenty passes over the
 batch's [B, N, N] arrays (the bilinear read, the probe multiply, the modulus
 projection, the gain, the bilinear spread, the windows' copies), each a
 separate ufunc call; on a 1,000-frame sweep at N = 64 they took ≈ 51 of its
-≈ 78 ms (profiled). The loops (``compiled_loops``) do them in one pass each, reading and
-writing the canvas in place (``refinement.numba_backend``), and the slow-phase fit's
-per-frame sums in one more (``refinement.phase_field``); the FFTs stay scipy's (or
-numpy's). The stitching's splat of a chunk of patches (``stitching``) is
-one more: a bilinear splat and three slice adds per patch in numpy. Each loop
-computes what its numpy counterpart computes, term for term, so they agree
-to rounding; numpy stays the reference, and the path where numba is absent.
+≈ 78 ms (profiled), and two Python threads could not share them (the glue
+between the calls holds the GIL). The loops (``compiled_loops``) do them in
+one pass each, reading and writing the canvas in place; where rocket-fft
+gives numba numpy's FFT, a whole batch step, FFTs included, is one parallel
+call (``refinement.numba_backend``), as are the slow-phase fit's local ramps
+(``refinement.phase_field``). The stitching's splat (``stitching``) is one
+more. Each loop computes what its numpy counterpart computes, term for term,
+so they agree to rounding; numpy stays the reference, and the path where
+numba is absent.
 
-numba is optional (``pip install ptycho-runtime[fast]``). The kernels are
-compiled on first use and cached on disk by numba (a few seconds once per
-machine); loading numba and the cached kernels costs ≈ 0.5 s per process
-after that, which ``load_kernels`` spends ahead where a host wants it out of
-its first reconstruction (``refinement.engine.prepare_backend``).
+numba is optional (``pip install ptycho-runtime[fast]``). The loops are
+compiled once per machine (≈ 10 s) and cached on disk by numba; a process
+then loads numba and the cached loops in ≈ 0.6 s, which ``load_kernels``
+spends ahead where a host wants it out of its first reconstruction
+(``refinement.engine.prepare_backend``).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def load_kernels() -> SimpleNamespace:
     without numba.
 
     A host calls this at start-up to keep numba's import and the kernels'
-    loading (≈ 0.5 s with a warm cache) out of its first reconstruction.
+    loading (≈ 0.6 s with a warm cache) out of its first reconstruction.
     Where numba cannot write its cache (a read-only install with no user
     cache directory: numba's RuntimeError) the callers read with numpy
     (``available_kernels``, ``refinement.engine.make_backend``).
@@ -72,6 +74,17 @@ def load_kernels() -> SimpleNamespace:
         _warm(kernels)
         _KERNELS = kernels
     return _KERNELS
+
+
+def _after_fork_in_child() -> None:
+    """A forked child must not start numba's parallel loops: GNU OpenMP's threads do not survive a fork (numba
+    aborts the child). It keeps the serial loops, with scipy's FFTs between them (the same numbers)."""
+    if _KERNELS is not None:
+        _KERNELS.batch_step = _KERNELS.ramp_step = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def available_kernels() -> Optional[SimpleNamespace]:

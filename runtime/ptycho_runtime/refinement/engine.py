@@ -59,8 +59,8 @@ def _number_in(name: str, value: Any, low: float, high: float, *, low_open: bool
 def prepare_backend(backend: str = "auto", device: str = "cpu") -> str:
     """Load what ``backend`` needs at its first refinement, now; returns the backend "auto" resolves to on ``device``.
 
-    Only numba has such a cost (its import and its compiled kernels, ≈ 0.5 s
-    per process with numba's cache warm, a few seconds the first time on a
+    Only numba has such a cost (its import and its compiled kernels, ≈ 0.6 s
+    per process with numba's cache warm, ≈ 10 s the first time on a
     machine): a host calls this at start-up, and ``ptycho-export evaluate``
     before it times a refinement, as it loads the bundle before timing the
     network. A numba that fails to load here is left to ``make_backend`` (an
