@@ -199,3 +199,24 @@ def test_a_forked_child_refines_with_the_serial_loops(scan):
 def _refine_in_child(start, probe, amplitude, positions):
     refiner = Refiner(start, probe).add_frames(amplitude, positions)
     return refiner._backend.compiled_fft, refiner.run(5).reconstruction.object
+
+
+def test_two_threads_refining_at_once_get_the_objects_of_one_at_a_time(scan):
+    """A host may refine two scans in two threads (the stream refines beside its stitching): numba's parallel
+    loops run under a thread-safe layer (OpenMP), or not at all (``compiled._warm``)."""
+    import threading
+
+    def run(out, key):
+        out[key] = Refiner(scan["start"], scan["probe"]).add_frames(scan["amplitude"], scan["positions"]).run(8)
+
+    alone: dict = {}
+    run(alone, "a")
+    together: dict = {}
+    threads = [threading.Thread(target=run, args=(together, k)) for k in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert set(together) == {"a", "b"}
+    for key in "ab":
+        np.testing.assert_array_equal(together[key].reconstruction.object, alone["a"].reconstruction.object)
