@@ -13,7 +13,6 @@ import pytest
 from ptycho_runtime.reconstruction import compiled, stitching
 from ptycho_runtime.reconstruction.stitching import StitchCanvas, probe_window
 from ptycho_runtime.refinement import Refiner, engine, exit_waves, far_field_misfit, phase_field
-from ptycho_runtime.refinement.numpy_backend import TINY
 
 numba = pytest.importorskip("numba")
 
@@ -59,10 +58,6 @@ def _read(obj: np.ndarray, start: np.ndarray) -> np.ndarray:
 
 def _relative(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def test_tiny_is_the_numpy_backends():
-    assert compiled.TINY == TINY
 
 
 @pytest.mark.parametrize("fft", ["compiled", "scipy"])

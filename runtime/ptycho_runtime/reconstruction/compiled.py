@@ -37,9 +37,6 @@ KERNELS = ("read_waves", "project", "correct", "spread", "probe_sums", "ramp_sum
 without rocket-fft)."""
 
 
-TINY = 1e-20  # |Ψ| below this has no phase to keep (numpy_backend.TINY, the same: a test holds them equal)
-
-
 def numba_available() -> bool:
     """Whether numba can be imported here (without importing it: ``backend="auto"`` asks this on every refinement).
 
@@ -109,7 +106,7 @@ def _warm(k: SimpleNamespace) -> None:
     f = np.zeros(1, np.float32)
     waves = np.zeros((1, 4, 8), np.float32)
     k.read_waves(canvas, probe, rows, cols, f, f, waves, waves, True)
-    k.project(waves.reshape(-1), np.zeros(16, np.float32), np.float32(1.0), np.float32(TINY))
+    k.project(waves.reshape(-1), np.zeros(16, np.float32), np.float32(1.0), np.float32(1e-20))
     k.correct(probe, waves)
     k.spread(canvas, waves, rows, cols, f, f)
     k.probe_sums(waves, waves, probe.copy(), np.zeros((4, 4), np.float32))
@@ -117,7 +114,7 @@ def _warm(k: SimpleNamespace) -> None:
             np.zeros(1))
     if k.batch_step is not None:
         k.batch_step(canvas, probe, probe, rows, cols, f, f, np.zeros((1, 4, 4), np.float32), np.float32(1.0),
-                     np.float32(TINY), 1, False, waves[:0], waves[:0])
+                     np.float32(1e-20), 1, False, waves[:0], waves[:0])
         import numba
 
         if numba.threading_layer() == "workqueue":  # not thread-safe: a host refining in two threads would abort

@@ -35,6 +35,14 @@ def window_corners(starts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return low[:, 1].astype(np.int64), low[:, 0].astype(np.int64), weights
 
 
+def fractions(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(fy, fx) [n] float32, contiguous: the row and column fractions whose products are the corner ``weights``
+    (``window_corners``), as the compiled loops take them."""
+    w = np.asarray(weights)
+    return (np.ascontiguousarray(w[:, 2] + w[:, 3], dtype=np.float32),
+            np.ascontiguousarray(w[:, 1] + w[:, 3], dtype=np.float32))
+
+
 def sparse_batches(rows: np.ndarray, cols: np.ndarray, N: int, seed: int = 0,
                    max_batch: int | None = None) -> list[np.ndarray]:
     """Frame indices grouped so that no two (N+1)² windows in a group overlap (greedy colouring).

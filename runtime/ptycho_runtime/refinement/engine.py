@@ -11,7 +11,6 @@ is refined.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import time
 from dataclasses import replace
@@ -59,59 +58,46 @@ def _number_in(name: str, value: Any, low: float, high: float, *, low_open: bool
 def prepare_backend(backend: str = "auto", device: str = "cpu") -> str:
     """Load what ``backend`` needs at its first refinement, now; returns the backend "auto" resolves to on ``device``.
 
-    Only numba has such a cost (its import and its compiled kernels, ≈ 0.6 s
-    per process with numba's cache warm, ≈ 10 s the first time on a
-    machine): a host calls this at start-up, and ``ptycho-export evaluate``
-    before it times a refinement, as it loads the bundle before timing the
-    network. A numba that fails to load here is left to ``make_backend`` (an
-    "auto" refinement then runs numpy, with a warning).
+    "auto" is, on the CPU, numba where it is installed and loads (numpy's
+    update in compiled loops, the fastest there) and else numpy, and, on CUDA,
+    torch when it is importable, else onnxruntime (measured in docs/fidelity.md).
+    A numba that is installed but fails to load (a broken install) leaves
+    "auto" on numpy with a warning: an optional accelerator never stops a
+    refinement. Only numba has a loading cost (its import and its compiled
+    kernels, ≈ 0.6 s per process with numba's cache warm, ≈ 10 s the first
+    time on a machine): a host calls this at start-up, and ``ptycho-export
+    evaluate`` before it times a refinement, as it loads the bundle before
+    timing the network.
     """
-    if device == "cpu" and backend in ("auto", "numba"):
-        from ..reconstruction.compiled import load_kernels, numba_available
+    from ..reconstruction.compiled import load_kernels, numba_available
 
-        if numba_available():
-            try:
-                load_kernels()
-                return "numba"
-            except Exception:  # noqa: BLE001 - reported by make_backend, where it matters
-                if backend == "numba":
-                    raise
-        return "numba" if backend == "numba" else "numpy"
-    if backend == "auto":
-        return "numpy" if device == "cpu" else ("torch" if importlib.util.find_spec("torch") else "onnx")
-    return backend
+    if backend == "numba" and device == "cpu" and numba_available():
+        load_kernels()  # a failure here is the caller's error: numba was asked for
+    if backend != "auto":
+        return backend
+    if device != "cpu":
+        try:
+            import torch  # noqa: F401
+            return "torch"
+        except ImportError:
+            return "onnx"
+    if numba_available():
+        try:
+            load_kernels()
+            return "numba"
+        except Exception as exc:  # noqa: BLE001 - numba's own errors (typing, LLVM) share no base but this
+            log.warning("numba is installed but its refinement kernels did not load (%s: %s): refining with the "
+                        "numpy backend", type(exc).__name__, exc)
+    return "numpy"
 
 
 def make_backend(backend: str, device: str, obj: np.ndarray, probe: np.ndarray, **kwargs: Any):
-    """The backend object for ``backend`` on ``device``.
-
-    "auto" is, on the CPU, numba where it is installed (numpy's update in
-    compiled loops, the fastest there) and else numpy, and, on CUDA, torch
-    when it is importable, else onnxruntime (measured in docs/fidelity.md).
-    An "auto" numba that fails to load (a broken install) falls back to numpy
-    with a warning: an optional accelerator never stops a refinement.
-    """
+    """The backend object for ``backend`` on ``device`` ("auto": ``prepare_backend``'s rule)."""
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda' (got {device!r})")
+    backend = prepare_backend(backend, device)
     if backend in ("numpy", "numba") and device != "cpu":
         raise ValueError(f"the {backend} backend runs on the CPU only: use device='cpu', or backend='torch'/'onnx'")
-    if backend == "auto":
-        if device == "cpu":
-            from ..reconstruction.compiled import numba_available
-
-            if numba_available():
-                try:
-                    return make_backend("numba", device, obj, probe, **kwargs)
-                except Exception as exc:  # noqa: BLE001 - numba's own errors (typing, LLVM) share no base but this
-                    log.warning("numba is installed but its refinement kernels did not load (%s: %s): refining "
-                                "with the numpy backend", type(exc).__name__, exc)
-            backend = "numpy"
-        else:
-            try:
-                import torch  # noqa: F401
-                backend = "torch"
-            except ImportError:
-                backend = "onnx"
     if backend == "numpy":
         from .numpy_backend import NumpyBackend
 
@@ -243,15 +229,19 @@ class Refiner:
                 or not np.array_equal(other.start.x_coords, self.start.x_coords)
                 or not np.array_equal(other.start.y_coords, self.start.y_coords)):
             raise ValueError("add_frames_of takes frames from a Refiner on the same grid with the same N")
-        if other._measured:
-            other._measured_all = other._measured_all if other._measured_all is not None else np.concatenate(
-                other._measured)
-            other._measured = [other._measured_all]
-        self._measured, self._measured_all = list(other._measured), other._measured_all
+        self._measured_all = other._all_measured()
+        self._measured = [] if self._measured_all is None else [self._measured_all]
         self._rows, self._cols, self._weights = other._rows, other._cols, other._weights
         same = (other.batching, other.seed, other.max_batch) == (self.batching, self.seed, self.max_batch)
         self._batches = other.batches() if same and other.n_frames else None
         return self
+
+    def _all_measured(self) -> Optional[np.ndarray]:
+        """Every frame added so far as one array (concatenated once after each ``add_frames``), None without frames."""
+        if self._measured_all is None and self._measured:
+            self._measured_all = np.concatenate(self._measured) if len(self._measured) > 1 else self._measured[0]
+            self._measured = [self._measured_all]
+        return self._measured_all
 
     def _merge_start(self, start: Reconstruction) -> None:
         old = self.start
@@ -298,9 +288,7 @@ class Refiner:
         if self.n_frames == 0 and sweeps:
             raise ValueError("no frames to refine against: add_frames(amplitude, positions) first")
         t0 = time.perf_counter()
-        if self._measured_all is None and self._measured:
-            self._measured_all = np.concatenate(self._measured) if len(self._measured) > 1 else self._measured[0]
-            self._measured = [self._measured_all]
+        self._all_measured()
         groups = self.batches() if sweeps else []
         if sweeps:
             self._mark_touched()

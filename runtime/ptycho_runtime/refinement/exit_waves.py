@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 
 from ..reconstruction.compiled import available_kernels
-from .batching import window_corners
+from .batching import fractions, window_corners
 from .numpy_backend import FFT, interpolate_windows, window_view
 
 CHUNK = 64
@@ -36,8 +36,7 @@ def exit_waves(obj: np.ndarray, probe: np.ndarray, rows: np.ndarray, cols: np.nd
         waves = interpolate_windows(window_view(canvas, N)[rows, cols], weights)
         waves *= P
         return waves
-    fy = np.ascontiguousarray(weights[:, 2] + weights[:, 3], dtype=np.float32)
-    fx = np.ascontiguousarray(weights[:, 1] + weights[:, 3], dtype=np.float32)
+    fy, fx = fractions(weights)
     waves = np.empty((len(rows), N, N), np.complex64)
     floats = waves.view(np.float32)
     k.read_waves(canvas.view(np.float32), P.view(np.float32), np.ascontiguousarray(rows, np.int64),

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..reconstruction.compiled import default_threads, load_kernels
+from .batching import fractions
 from .numpy_backend import FFT, TINY, NumpyBackend
 
 _IN_PLACE: dict[str, Any] = {} if FFT is np.fft else {"overwrite_x": True}  # scipy's FFT may reuse its input
@@ -43,8 +44,7 @@ class NumbaBackend(NumpyBackend):
         """``NumpyBackend.run_batch`` with the read, the projection and the write compiled; returns Σ misfit."""
         N, k = self.N, self._k
         n2 = np.float32(N**2)
-        fy = np.ascontiguousarray(weights[:, 2] + weights[:, 3], dtype=np.float32)
-        fx = np.ascontiguousarray(weights[:, 1] + weights[:, 3], dtype=np.float32)
+        fy, fx = fractions(weights)
         rows, cols = np.ascontiguousarray(rows, np.int64), np.ascontiguousarray(cols, np.int64)
         measured = np.ascontiguousarray(measured, np.float32)
         canvas = _floats(self.obj)

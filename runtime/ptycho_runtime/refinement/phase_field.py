@@ -40,7 +40,7 @@ import numpy as np
 
 from ..reconstruction.compiled import available_kernels, default_threads
 from ..reconstruction.overlap_solve import conjugate_gradients
-from .batching import window_corners
+from .batching import fractions, window_corners
 from .exit_waves import CHUNK, exit_waves, wave_misfits
 from .numpy_backend import FFT
 
@@ -216,8 +216,7 @@ class PhaseField:
         k = available_kernels()
         if k is not None and k.ramp_step is not None:  # all of it compiled, the chunk split between threads
             rows, cols, weights = self._corners
-            fy = np.ascontiguousarray(weights[:, 2] + weights[:, 3], dtype=np.float32)
-            fx = np.ascontiguousarray(weights[:, 1] + weights[:, 3], dtype=np.float32)
+            fy, fx = fractions(weights)
             canvas = np.ascontiguousarray(obj, dtype=np.complex64).view(np.float32)
             P = np.ascontiguousarray(probe, dtype=np.complex64).view(np.float32)
             for lo in range(0, n, CHUNK):
