@@ -8,7 +8,9 @@ frames, continuing from the previous round's object (as refinement does).
 Paths (group ``refine_N64_n{frames}``):
 - ``epie_loop``: ``refine_epie(iterations=1)``, the original numpy loop (the reference for the ratios);
 - ``numpy`` / ``numba`` / ``onnx_cpu`` / ``torch_cpu``: ``Refiner(..., backend=...).run(1)`` on the CPU
-  (``numba``: the compiled batch step on one thread per core, 2 at most; ``numba_1thread``: on one);
+  (``numba``: the compiled batch step on one thread per core, 2 at most; ``numba_1thread``: on one;
+  ``onnx_cpu``: each batch split between one thread per core, 2 at most, each running the graph on one
+  onnxruntime thread; ``onnx_cpu_1thread``: the whole batch in one call on one thread);
 - ``torch_cuda`` / ``onnx_cuda``: the same on a GPU (skipped without one);
 - ``amplitude_prior``: one application of the amplitude prior that ends every
   refinement (``object_prior.apply_amplitude_prior``, TV at the noise level) to
@@ -31,7 +33,8 @@ from ._common import SMOKE, common_info, latency_info, timed_pedantic, torch_cud
 
 N = 64
 REFINE_FRAMES = 200 if SMOKE else 1000
-PATHS = ("epie_loop", "numpy", "numba", "numba_1thread", "onnx_cpu", "torch_cpu", "torch_cuda", "onnx_cuda",
+PATHS = ("epie_loop", "numpy", "numba", "numba_1thread", "onnx_cpu", "onnx_cpu_1thread", "torch_cpu", "torch_cuda",
+         "onnx_cuda",
          "amplitude_prior", "phase_field")
 GROUP = f"refine_N{N}_n{REFINE_FRAMES}"
 
@@ -121,7 +124,7 @@ def test_refine_sweep(benchmark, scan, path):
         info.update(backend="numba" if available_kernels() else "numpy", batches=f"{len(field.frames)} frames")
     else:
         backend = path.split("_")[0]
-        options = {"threads": 1} if path == "numba_1thread" else None
+        options = {"threads": 1} if path.endswith("_1thread") else None
         try:
             refiner = Refiner(start, probe, backend=backend, device=info["device"],
                               backend_options=options).add_frames(amp, pos)
@@ -135,7 +138,7 @@ def test_refine_sweep(benchmark, scan, path):
         if backend == "numba":
             info.update(threads=refiner._backend.threads, compiled_fft=refiner._backend.compiled_fft)
         if backend == "onnx":
-            info["provider"] = refiner._backend.providers[0]
+            info.update(provider=refiner._backend.providers[0], threads=refiner._backend.threads)
     benchmark.group = GROUP
     data = timed_pedantic(benchmark, sweep, min_rounds=3, slow_rounds=3)
     if path == "amplitude_prior":  # functional check: it ran, at the noise it was given

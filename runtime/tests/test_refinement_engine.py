@@ -116,6 +116,69 @@ def test_onnx_graph_with_the_canvas_in_the_graph_agrees_too(problem):
     assert np.linalg.norm(b - a) / np.linalg.norm(a) < 1e-4
 
 
+@pytest.fixture(scope="module")
+def wide_problem():
+    """A scan wide enough for batches of up to a dozen frames (the small ``problem`` has at most three)."""
+    obj = _object(size=160, seed=3)
+    amp, pos = _scan(obj, _probe())
+    return amp, pos, _flat_start(obj, pos)
+
+
+@pytest.mark.parametrize("refine_probe", [False, True])
+def test_onnx_batches_split_between_two_threads_agree_with_the_numpy_reference(wide_problem, refine_probe,
+                                                                                monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from ptycho_runtime.refinement.onnx_backend import OnnxBackend
+
+    amp, pos, start = wide_problem
+    probe = _probe(defocus=0.6) if refine_probe else _probe()
+    parts = []
+    run_part = OnnxBackend._run_part
+    monkeypatch.setattr(OnnxBackend, "_run_part", lambda self, feed, views, measured, *rest:
+                        parts.append((threading.get_ident(), len(measured))) or
+                        run_part(self, feed, views, measured, *rest))
+    ref = refine(start, amp, pos, probe, sweeps=20, backend="numpy", refine_probe=refine_probe)
+    out = Refiner(start, probe, backend="onnx", refine_probe=refine_probe, backend_options={"threads": 2})
+    assert out._backend.threads == 2
+    out = out.add_frames(amp, pos).run(20)
+    assert len({ident for ident, _ in parts}) == 2  # the batches were shared between two threads
+    assert sum(n for _, n in parts) == 20 * len(pos)  # every frame once per sweep, in one part or another
+    a, b = ref.reconstruction.object, out.reconstruction.object
+    assert np.linalg.norm(b - a) / np.linalg.norm(a) < 1e-4
+    assert np.linalg.norm(out.probe - ref.probe) / np.linalg.norm(ref.probe) < 1e-4
+    if refine_probe:
+        assert np.linalg.norm(out.probe - probe) > 1e-3 * np.linalg.norm(probe)  # the probe step did run
+
+
+def test_a_forked_child_gets_its_own_onnx_helper_threads(wide_problem):
+    """The helper threads of a batch split do not survive fork(): a child that goes on with its parent's refiner
+    makes new ones (rather than waiting forever on the parent's) and gets the parent's object."""
+    pytest.importorskip("onnxruntime")
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork() here")
+    amp, pos, start = wide_problem
+    refiner = Refiner(start, _probe(), backend="onnx", backend_options={"threads": 2}).add_frames(amp, pos)
+    before = refiner.run(2).reconstruction.object  # the parent's helper thread exists now
+    _FORKED["refiner"] = refiner  # a session does not pickle: the child finds the refiner in its copy of memory
+    try:
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            child = pool.apply_async(_go_on_in_child).get(timeout=60)
+    finally:
+        _FORKED.clear()
+    parent = refiner.run(3).reconstruction.object
+    assert np.linalg.norm(child - before) > 0  # the child's sweeps ran
+    assert np.linalg.norm(child - parent) / np.linalg.norm(parent) < 1e-6
+
+
+_FORKED: dict = {}
+
+
+def _go_on_in_child() -> np.ndarray:
+    return _FORKED["refiner"].run(3).reconstruction.object
+
+
 def test_the_onnx_step_graph_is_valid_onnx():
     onnx = pytest.importorskip("onnx")
     from ptycho_runtime.refinement.onnx_graph import build_step_graph

@@ -128,7 +128,8 @@ class Refiner:
     space). ``add_frames`` appends measured frames; ``run(k)`` runs k sweeps
     over all frames added so far and returns a ``RefineResult``. See
     ``refine`` for the parameters; ``backend_options`` go to the backend
-    (onnx: ``threads``, ``canvas_in_graph``).
+    (numba and onnx: ``threads``, how many threads share each batch, one per core and 2 at most by default;
+    onnx also ``canvas_in_graph``).
     """
 
     def __init__(self, start: Reconstruction, probe: np.ndarray, *, backend: str = "auto", device: str = "cpu",

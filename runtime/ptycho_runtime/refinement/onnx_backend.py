@@ -1,18 +1,27 @@
 """The onnxruntime backend: the refinement-step graph (``onnx_graph``) run once per batch.
 
-The canvas lives on the host as two float32 arrays; each batch call passes
-them in and takes the updated ones back (onnxruntime's ScatterND writes a new
-output), so momentum and the record stay in numpy. On CUDA the same graph
+The canvas lives on the host as one row-split float32 array; each batch call
+passes the batch's windows in and adds the graph's update back through a
+strided view, so momentum and the record stay in numpy. On the CPU a batch is
+split between threads (``threads``, one per core, 2 at most): its frames are
+independent and their windows disjoint, and ``InferenceSession.run`` releases
+the GIL, so each part runs the graph on its own core (one intra-op thread
+each, which scales better than one run on two intra-op threads: measured in
+docs/fidelity.md). With probe refinement the parts' probe sums are added
+before the host makes the probe step. On CUDA the same graph
 runs on onnxruntime-gpu's CUDAExecutionProvider when that provider really
 loads (checked with ``session.get_providers()``), else this backend refuses.
 """
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 import numpy as np
 
+from ..reconstruction.compiled import default_threads
 from .numpy_backend import NumpyBackend
 
 _SESSIONS: dict[tuple[int, bool, bool, str, int], Any] = {}  # built sessions, keyed by what built them
@@ -70,13 +79,16 @@ class OnnxBackend(NumpyBackend):
         super().__init__(obj, probe, **kwargs)
         self.device = device
         self.canvas_in_graph = device == "cuda" if canvas_in_graph is None else bool(canvas_in_graph)
-        # one intra-op thread on the CPU unless asked: each batch call is a few hundred µs of small operators,
-        # and a second thread was measured to slow it down on 2 shared cores (docs/fidelity.md); 0 = onnxruntime's
-        if threads is None:
-            threads = 1 if device == "cpu" else 0
-        self._sess = _session(self.N, self.refine_probe, self.canvas_in_graph, device, threads)
+        # threads sharing each batch on the CPU, each running the session on one intra-op thread; on CUDA (or with
+        # the canvas in the graph, which rewrites the whole canvas per call) one call per batch, with onnxruntime's
+        # default intra-op threads there
+        split = device == "cpu" and not self.canvas_in_graph
+        self.threads = (default_threads() if threads is None else max(1, int(threads))) if split else 1
+        intra_op = 1 if device == "cpu" else 0
+        self._sess = _session(self.N, self.refine_probe, self.canvas_in_graph, device, intra_op)
         self.providers = list(self._sess.get_providers())
         self._factors: Optional[tuple[np.ndarray, ...]] = None
+        self._helpers: Optional[tuple[int, ThreadPoolExecutor]] = None  # (pid, pool): see _pool_of_this_process
         self._split = to_split(self.obj)  # [H, 2, W]: what the graph updates; self.obj is refreshed on demand
         H, _, W = self._split.shape
         o = np.arange(self.N + 1)
@@ -117,31 +129,54 @@ class OnnxBackend(NumpyBackend):
         return np.lib.stride_tricks.as_strided(self._split, (H - side + 1, W - side + 1, side, 2, side),
                                                (sr, sc, sr, sp, sc))
 
-    def run_batch(self, measured: np.ndarray, rows: np.ndarray, cols: np.ndarray, weights: np.ndarray) -> float:
-        W = self._split.shape[2]
-        if self._factors is None or self.refine_probe:  # a fixed probe's factors are made once
-            self._factors = (*_factor(self.probe), *_factor(self.gain()))
-        probe_a, probe_b, gain_a, gain_b = self._factors
-        feed = {"weights": np.ascontiguousarray(weights.T.reshape(4, -1, 1, 1, 1)),
-                "measured": np.ascontiguousarray(measured[:, :, None, :]),
-                "probe_a": probe_a, "probe_b": probe_b, "gain_a": gain_a, "gain_b": gain_b}
+    def _pool_of_this_process(self) -> ThreadPoolExecutor:
+        """The helper threads (threads − 1; the caller runs one part), made again in a forked child, where the
+        parent's threads do not exist."""
+        if self._helpers is None or self._helpers[0] != os.getpid():
+            self._helpers = (os.getpid(), ThreadPoolExecutor(self.threads - 1, thread_name_prefix="onnx-refine"))
+        return self._helpers[1]
+
+    def _run_part(self, feed: dict[str, np.ndarray], views: Optional[np.ndarray], measured: np.ndarray,
+                  rows: np.ndarray, cols: np.ndarray, weights: np.ndarray) -> list[np.ndarray]:
+        """One part of a batch through the graph; with host windows (``views``, ``_split_windows``) the windows'
+        update is added to the canvas here."""
+        feed = dict(feed, weights=np.ascontiguousarray(weights.T.reshape(4, -1, 1, 1, 1)),
+                    measured=np.ascontiguousarray(measured[:, :, None, :]))
         if self.canvas_in_graph:
+            W = self._split.shape[2]
             feed["canvas"] = self._split.reshape(-1)
             feed["index"] = (rows * 2 * W + cols)[:, None, None, None] + self._window
-        else:
-            views = self._split_windows()
-            feed["windows"] = views[rows, cols]
-        if self.refine_probe:
-            feed["probe"] = to_split(self.probe)
-            feed["probe_alpha"] = np.array(self.probe_alpha, np.float32)
-        out = self._sess.run(None, feed)
-        if self.canvas_in_graph:
+            out = self._sess.run(None, feed)
             self._split = out[0].reshape(self._split.shape)
+            return out
+        feed["windows"] = views[rows, cols]
+        out = self._sess.run(None, feed)
+        views[rows, cols] += out[0]  # no two windows of a batch share a pixel
+        return out
+
+    def run_batch(self, measured: np.ndarray, rows: np.ndarray, cols: np.ndarray, weights: np.ndarray) -> float:
+        if self._factors is None or self.refine_probe:  # a fixed probe's factors are made once
+            self._factors = (*_factor(self.probe), *_factor(self.gain()))
+        feed = dict(zip(("probe_a", "probe_b", "gain_a", "gain_b"), self._factors, strict=True))
+        views = None if self.canvas_in_graph else self._split_windows()  # made once: as_strided costs ≈ 30 µs
+        parts = max(1, min(self.threads, len(rows) // 2))
+        if parts > 1:
+            edges = np.linspace(0, len(rows), parts + 1).round().astype(int)
+            pieces = [slice(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+            pool = self._pool_of_this_process()
+            futures = [pool.submit(self._run_part, feed, views, measured[i], rows[i], cols[i], weights[i])
+                       for i in pieces[1:]]
+            i = pieces[0]  # the caller's own part
+            outs = [self._run_part(feed, views, measured[i], rows[i], cols[i], weights[i])]
+            outs += [f.result() for f in futures]
         else:
-            views[rows, cols] += out[0]  # no two windows of a batch share a pixel
+            outs = [self._run_part(feed, views, measured, rows, cols, weights)]
         if self.refine_probe:
-            self.probe = from_split(out[2])
-        return float(out[1])
+            num = from_split(sum(out[2] for out in outs))
+            den = sum(out[3] for out in outs)[:, 0, :]
+            a = self.probe_alpha
+            self.probe = (self.probe + num / ((1 - a) * den + a * np.max(den))).astype(np.complex64)
+        return float(sum(float(out[1]) for out in outs))
 
     def accumulate_batch(self, *args: Any) -> float:
         raise ValueError("batching='parallel' runs on the numpy backend only: use backend='numpy'")

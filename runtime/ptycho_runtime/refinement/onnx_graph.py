@@ -29,10 +29,12 @@ Two forms, chosen by ``canvas_in_graph``:
 Other inputs: ``weights`` [4, B, 1, 1, 1] (bilinear corner weights),
 ``measured`` [B, N, 1, N] (unshifted |fft2| per frame),
 ``probe_a``/``probe_b`` and ``gain_a``/``gain_b`` [N, 2, N] (a complex factor
-c as [Re c | Re c] and [−Im c | Im c], so that c·z = a·z + b·swap(z)); with
-probe refinement also ``probe`` [N, 2, N] and ``probe_alpha`` [].
+c as [Re c | Re c] and [−Im c | Im c], so that c·z = a·z + b·swap(z)).
 Other outputs: ``misfit`` [] (Σ(|Ψ| − A)² of the batch, before its update)
-and, with probe refinement, ``new_probe`` [N, 2, N]. The update is
+and, with probe refinement, the probe step's two sums over the batch,
+``probe_num`` = Σ conj(O)·F⁻¹(Ψ' − Ψ) [N, 2, N] and ``probe_den`` = Σ |O|²
+[N, 1, N]: the host makes the step from them, so that a batch split between
+threads (``onnx_backend``) sums its parts first. The update is
 ``numpy_backend.NumpyBackend.run_batch``'s, which the tests hold it to.
 """
 
@@ -100,9 +102,6 @@ def build_step_graph(N: int, refine_probe: bool, canvas_in_graph: bool = False) 
                helper.make_tensor_value_info("measured", f32, ["B", N, 1, N])]
     inputs += [helper.make_tensor_value_info(name, f32, [N, 2, N])
                for name in ("probe_a", "probe_b", "gain_a", "gain_b")]
-    if refine_probe:
-        inputs += [helper.make_tensor_value_info("probe", f32, [N, 2, N]),
-                   helper.make_tensor_value_info("probe_alpha", f32, [])]
     swap_index = g.ints(1, 0)
 
     def swap(t: str) -> str:  # [re | im] → [im | re] per row
@@ -157,13 +156,10 @@ def build_step_graph(N: int, refine_probe: bool, canvas_in_graph: bool = False) 
         # conj(o)·d = o_re·d + o_im·[di | −dr]
         conj_o_dpsi = g.op("Add", [g.op("Mul", [o_re, dpsi]), g.op("Mul", [g.op("Mul", [o_im, swap(dpsi)]),
                                                                       g.op("Neg", [sign])])])
-        num = g.op("ReduceSum", [conj_o_dpsi, first], keepdims=0)  # [N, 2, N]
-        den = g.op("ReduceSum", [g.op("ReduceSumSquare", [o], axes=[2], keepdims=1), first], keepdims=0)
-        a = "probe_alpha"
-        scale = g.op("Add", [g.op("Mul", [g.op("Sub", [g.const(np.array(1, np.float32)), a]), den]),
-                             g.op("Mul", [a, g.op("ReduceMax", [den], keepdims=0)])])
-        g.op("Add", ["probe", g.op("Div", [num, scale])], "new_probe")
-        outputs.append(helper.make_tensor_value_info("new_probe", f32, [N, 2, N]))
+        g.op("ReduceSum", [conj_o_dpsi, first], "probe_num", keepdims=0)  # [N, 2, N]
+        g.op("ReduceSum", [g.op("ReduceSumSquare", [o], axes=[2], keepdims=1), first], "probe_den", keepdims=0)
+        outputs += [helper.make_tensor_value_info("probe_num", f32, [N, 2, N]),
+                    helper.make_tensor_value_info("probe_den", f32, [N, 1, N])]
     graph = helper.make_graph(g.nodes, f"refine_step_N{N}", inputs, outputs, initializer=g.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="ptycho_runtime.refinement")
