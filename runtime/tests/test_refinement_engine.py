@@ -124,21 +124,26 @@ def wide_problem():
     return amp, pos, _flat_start(obj, pos)
 
 
-@pytest.mark.parametrize("refine_probe", [False, True])
-def test_onnx_batches_split_between_two_threads_agree_with_the_numpy_reference(wide_problem, refine_probe,
-                                                                                monkeypatch):
-    pytest.importorskip("onnxruntime")
-    from ptycho_runtime.refinement.onnx_backend import OnnxBackend
+_PART = {"numpy": ("numpy_backend", "NumpyBackend", "_part"), "onnx": ("onnx_backend", "OnnxBackend", "_run_part")}
+"""Where each backend runs one part of a split batch (the part's measured frames are its third argument)."""
 
+
+@pytest.mark.parametrize("backend", ["numpy", "onnx"])
+@pytest.mark.parametrize("refine_probe", [False, True])
+def test_batches_split_between_two_threads_agree_with_the_numpy_reference(wide_problem, backend, refine_probe,
+                                                                           monkeypatch):
+    if backend == "onnx":
+        pytest.importorskip("onnxruntime")
+    module, cls, method = _PART[backend]
+    cls = getattr(__import__(f"ptycho_runtime.refinement.{module}", fromlist=[cls]), cls)
     amp, pos, start = wide_problem
     probe = _probe(defocus=0.6) if refine_probe else _probe()
-    parts = []
-    run_part = OnnxBackend._run_part
-    monkeypatch.setattr(OnnxBackend, "_run_part", lambda self, feed, views, measured, *rest:
-                        parts.append((threading.get_ident(), len(measured))) or
-                        run_part(self, feed, views, measured, *rest))
     ref = refine(start, amp, pos, probe, sweeps=20, backend="numpy", refine_probe=refine_probe)
-    out = Refiner(start, probe, backend="onnx", refine_probe=refine_probe, backend_options={"threads": 2})
+    parts = []
+    run_part = getattr(cls, method)
+    monkeypatch.setattr(cls, method, lambda self, a, b, measured, *rest:
+                        parts.append((threading.get_ident(), len(measured))) or run_part(self, a, b, measured, *rest))
+    out = Refiner(start, probe, backend=backend, refine_probe=refine_probe, backend_options={"threads": 2})
     assert out._backend.threads == 2
     out = out.add_frames(amp, pos).run(20)
     assert len({ident for ident, _ in parts}) == 2  # the batches were shared between two threads
@@ -150,16 +155,18 @@ def test_onnx_batches_split_between_two_threads_agree_with_the_numpy_reference(w
         assert np.linalg.norm(out.probe - probe) > 1e-3 * np.linalg.norm(probe)  # the probe step did run
 
 
-def test_a_forked_child_gets_its_own_onnx_helper_threads(wide_problem):
+@pytest.mark.parametrize("backend", ["numpy", "onnx"])
+def test_a_forked_child_gets_its_own_helper_threads(wide_problem, backend):
     """The helper threads of a batch split do not survive fork(): a child that goes on with its parent's refiner
     makes new ones (rather than waiting forever on the parent's) and gets the parent's object."""
-    pytest.importorskip("onnxruntime")
+    if backend == "onnx":
+        pytest.importorskip("onnxruntime")
     import multiprocessing
 
     if "fork" not in multiprocessing.get_all_start_methods():
         pytest.skip("no fork() here")
     amp, pos, start = wide_problem
-    refiner = Refiner(start, _probe(), backend="onnx", backend_options={"threads": 2}).add_frames(amp, pos)
+    refiner = Refiner(start, _probe(), backend=backend, backend_options={"threads": 2}).add_frames(amp, pos)
     before = refiner.run(2).reconstruction.object  # the parent's helper thread exists now
     _FORKED["refiner"] = refiner  # a session does not pickle: the child finds the refiner in its copy of memory
     try:

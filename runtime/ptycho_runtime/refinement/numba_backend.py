@@ -67,14 +67,13 @@ class NumbaBackend(NumpyBackend):
             k.correct(_floats(self._factor()), _floats(delta))
             k.spread(canvas, _floats(delta), rows, cols, fy, fx)
         if keep:
-            self._probe_step(patches, dpsi)
+            self._compiled_probe_update(patches, dpsi)
         return misfit * float(n2) ** 2
 
-    def _probe_step(self, patches: np.ndarray, dpsi: np.ndarray) -> None:
+    def _compiled_probe_update(self, patches: np.ndarray, dpsi: np.ndarray) -> None:
         """``NumpyBackend._probe_update`` (scale N²) with its two sums over the batch in one compiled pass."""
         N = self.N
         num = np.empty((N, N), np.complex64)
         den = np.empty((N, N), np.float32)
         self._k.probe_sums(_floats(patches), _floats(dpsi), _floats(num), den)
-        a = self.probe_alpha
-        self.probe = self.probe + (num * np.float32(N**2) / ((1 - a) * den + a * np.max(den))).astype(np.complex64)
+        self._probe_step(num * np.float32(N**2), den)

@@ -16,7 +16,9 @@ Sub-pixel positions read the object by bilinear interpolation of an
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -77,7 +79,7 @@ class NumpyBackend:
         self.alpha, self.probe_alpha, self.refine_probe = float(alpha), float(probe_alpha), bool(refine_probe)
         self.step = float(step)
         self.threads = max(1, int(threads))
-        self._pool = None
+        self._helpers: Optional[tuple[int, ThreadPoolExecutor]] = None  # (pid, pool): see _in_parts
         self.N = self.probe.shape[0]
         self._offsets = np.arange(self.N + 1)
         self._velocity: Optional[np.ndarray] = None
@@ -156,10 +158,13 @@ class NumpyBackend:
 
     def _probe_update(self, o: np.ndarray, dpsi: np.ndarray, scale: float) -> None:
         """The probe step from the batch's patches ``o`` and corrections ``dpsi`` (times ``scale``)."""
-        den = np.sum(np.abs(o) ** 2, axis=0)
+        self._probe_step(np.sum(np.conj(o) * dpsi, axis=0) * np.float32(scale), np.sum(np.abs(o) ** 2, axis=0))
+
+    def _probe_step(self, num: np.ndarray, den: np.ndarray) -> None:
+        """P ← P + num / ((1 − α)·den + α·max den), from a batch's sums num = Σ conj(o)·Δψ and den = Σ |o|²
+        (every backend that sums them its own way makes the step here)."""
         a = self.probe_alpha
-        self.probe = self.probe + (np.sum(np.conj(o) * dpsi, axis=0) * np.float32(scale)
-                                   / ((1 - a) * den + a * np.max(den))).astype(np.complex64)
+        self.probe = self.probe + (num / ((1 - a) * den + a * np.max(den))).astype(np.complex64)
 
     def gain(self) -> np.ndarray:
         """The object step's per-pixel factor: step·conj(P) / ((1 − α)|P|² + α·max|P|²)."""
@@ -183,6 +188,23 @@ class NumpyBackend:
         windows[rows, cols] = s  # no two windows of a batch share a pixel
         return o, dpsi, misfit
 
+    def _in_parts(self, n: int, run: Callable[[slice], Any]) -> list[Any]:
+        """``run`` on each of up to ``threads`` slices of a batch of ``n`` frames (two frames at least each), the
+        first in the caller's thread and the others on helper threads; the results in the slices' order.
+
+        The helpers are made again in a forked child, where the parent's
+        threads do not exist (a child would otherwise wait on them forever).
+        """
+        parts = max(1, min(self.threads, n // 2))
+        if parts == 1:
+            return [run(slice(0, n))]
+        if self._helpers is None or self._helpers[0] != os.getpid():
+            self._helpers = (os.getpid(), ThreadPoolExecutor(self.threads - 1, thread_name_prefix="refine-part"))
+        edges = np.linspace(0, n, parts + 1).round().astype(int)
+        pieces = [slice(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+        futures = [self._helpers[1].submit(run, piece) for piece in pieces[1:]]
+        return [run(pieces[0])] + [f.result() for f in futures]
+
     def run_batch(self, measured: np.ndarray, rows: np.ndarray, cols: np.ndarray, weights: np.ndarray) -> float:
         """Update the object (and probe) from one batch of mutually non-overlapping frames; returns Σ misfit.
 
@@ -191,21 +213,12 @@ class NumpyBackend:
         windows they write are disjoint.
         """
         windows, factor = self._windows(), self._factor()
-        if self.threads > 1 and len(rows) >= 2 * self.threads:
-            if self._pool is None:
-                from concurrent.futures import ThreadPoolExecutor
-
-                self._pool = ThreadPoolExecutor(self.threads)
-            parts = np.array_split(np.arange(len(rows)), self.threads)
-            done = list(self._pool.map(lambda i: self._part(windows, factor, measured[i], rows[i], cols[i],
-                                                              weights[i]), parts))
-            o, dpsi = np.concatenate([d[0] for d in done]), np.concatenate([d[1] for d in done])
-            misfit = sum(d[2] for d in done)
-        else:
-            o, dpsi, misfit = self._part(windows, factor, measured, rows, cols, weights)
-        if self.refine_probe:
+        done = self._in_parts(len(rows), lambda i: self._part(windows, factor, measured[i], rows[i], cols[i],
+                                                                weights[i]))
+        if self.refine_probe:  # the step from the whole batch's patches and corrections
+            o, dpsi = (np.concatenate(x) if len(x) > 1 else x[0] for x in zip(*(d[:2] for d in done), strict=True))
             self._probe_update(o, dpsi, self.N**2)
-        return misfit
+        return sum(d[2] for d in done)
 
     # ---------------------------------------------------------------- parallel (all frames, then one update)
     def accumulate_batch(self, measured: np.ndarray, rows: np.ndarray, cols: np.ndarray,

@@ -15,8 +15,6 @@ loads (checked with ``session.get_providers()``), else this backend refuses.
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 import numpy as np
@@ -88,7 +86,6 @@ class OnnxBackend(NumpyBackend):
         self._sess = _session(self.N, self.refine_probe, self.canvas_in_graph, device, intra_op)
         self.providers = list(self._sess.get_providers())
         self._factors: Optional[tuple[np.ndarray, ...]] = None
-        self._helpers: Optional[tuple[int, ThreadPoolExecutor]] = None  # (pid, pool): see _pool_of_this_process
         self._split = to_split(self.obj)  # [H, 2, W]: what the graph updates; self.obj is refreshed on demand
         H, _, W = self._split.shape
         o = np.arange(self.N + 1)
@@ -129,13 +126,6 @@ class OnnxBackend(NumpyBackend):
         return np.lib.stride_tricks.as_strided(self._split, (H - side + 1, W - side + 1, side, 2, side),
                                                (sr, sc, sr, sp, sc))
 
-    def _pool_of_this_process(self) -> ThreadPoolExecutor:
-        """The helper threads (threads − 1; the caller runs one part), made again in a forked child, where the
-        parent's threads do not exist."""
-        if self._helpers is None or self._helpers[0] != os.getpid():
-            self._helpers = (os.getpid(), ThreadPoolExecutor(self.threads - 1, thread_name_prefix="onnx-refine"))
-        return self._helpers[1]
-
     def _run_part(self, feed: dict[str, np.ndarray], views: Optional[np.ndarray], measured: np.ndarray,
                   rows: np.ndarray, cols: np.ndarray, weights: np.ndarray) -> list[np.ndarray]:
         """One part of a batch through the graph; with host windows (``views``, ``_split_windows``) the windows'
@@ -159,23 +149,10 @@ class OnnxBackend(NumpyBackend):
             self._factors = (*_factor(self.probe), *_factor(self.gain()))
         feed = dict(zip(("probe_a", "probe_b", "gain_a", "gain_b"), self._factors, strict=True))
         views = None if self.canvas_in_graph else self._split_windows()  # made once: as_strided costs ≈ 30 µs
-        parts = max(1, min(self.threads, len(rows) // 2))
-        if parts > 1:
-            edges = np.linspace(0, len(rows), parts + 1).round().astype(int)
-            pieces = [slice(a, b) for a, b in zip(edges[:-1], edges[1:], strict=True)]
-            pool = self._pool_of_this_process()
-            futures = [pool.submit(self._run_part, feed, views, measured[i], rows[i], cols[i], weights[i])
-                       for i in pieces[1:]]
-            i = pieces[0]  # the caller's own part
-            outs = [self._run_part(feed, views, measured[i], rows[i], cols[i], weights[i])]
-            outs += [f.result() for f in futures]
-        else:
-            outs = [self._run_part(feed, views, measured, rows, cols, weights)]
+        outs = self._in_parts(len(rows), lambda i: self._run_part(feed, views, measured[i], rows[i], cols[i],
+                                                                   weights[i]))
         if self.refine_probe:
-            num = from_split(sum(out[2] for out in outs))
-            den = sum(out[3] for out in outs)[:, 0, :]
-            a = self.probe_alpha
-            self.probe = (self.probe + num / ((1 - a) * den + a * np.max(den))).astype(np.complex64)
+            self._probe_step(from_split(sum(out[2] for out in outs)), sum(out[3] for out in outs)[:, 0, :])
         return float(sum(float(out[1]) for out in outs))
 
     def accumulate_batch(self, *args: Any) -> float:
