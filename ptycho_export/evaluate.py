@@ -64,6 +64,20 @@ DEFAULT_MIN_WEIGHT_FRACTION = 0.2
 """Pixels lit by less than 20% of one exposure's peak intensity are scan edge, undetermined for any method."""
 GAIN_METRICS = ("phase_ssim", "amplitude_ssim", "phase_psnr_db", "amplitude_psnr_db")
 """What ``network_start_gain`` compares between the network's start and the flat start."""
+START_TIE_PHASE_SSIM = 0.002
+"""A phase-SSIM gain of the network's start over the flat one smaller than this is a tie, not a win: two runs of the
+same refinement differ by up to ±0.002 (threads' summation order; docs/fidelity.md, "The start, flat included")."""
+
+
+def start_verdict(gain: Mapping[str, float], start: Optional[str]) -> str:
+    """``network_start_gain`` in words: "flat start finished" (the network's start was not used), "better", "a tie"
+    (|Δ phase SSIM| < ``START_TIE_PHASE_SSIM``) or "worse", on phase SSIM, the quantity the network's start is for."""
+    if start == "flat":
+        return "flat start finished"
+    delta = float(gain["phase_ssim"])
+    if abs(delta) < START_TIE_PHASE_SSIM:
+        return "a tie"
+    return "better" if delta > 0 else "worse"
 
 
 class NoGroundTruthError(ValueError):
@@ -289,6 +303,7 @@ def evaluate(bundle_path: str | os.PathLike, scan_path: str | os.PathLike, *, co
         report["refined"] = refined.summary()
         report["refine_control"] = control.summary()
         report["network_start_gain"] = {key: refined.metrics[key] - control.metrics[key] for key in GAIN_METRICS}
+        report["network_start_verdict"] = start_verdict(report["network_start_gain"], report["refined"].get("start"))
     if ref is not None:
         report["reference"] = ref.summary()
         report["references"] = [r.summary() for r in refs]

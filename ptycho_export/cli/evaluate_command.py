@@ -195,12 +195,17 @@ def print_evaluation(report: Mapping[str, Any], options: EvaluateOptions) -> Non
         control = report["refine_control"]["iterations"]
         # a run extended past its sweeps (the probe refined, the fit far above the noise) ends on its own count
         after = f"both after {sweeps} sweeps" if control == sweeps else f"after {sweeps} and {control} sweeps"
-        flat = report["refined"].get("start") == "flat"
-        verdict = "both flat starts" if flat else "better" if gain["phase_ssim"] > 0 else "NOT better"
+        from ..evaluate import START_TIE_PHASE_SSIM
+
+        verdict = report["network_start_verdict"]
+        if verdict == "a tie":
+            verdict = f"a tie on phase: |difference| < {START_TIE_PHASE_SSIM:g}, the spread between two runs"
+        elif verdict != "flat start finished":
+            verdict += " on phase"
         print(_start_line(report["refined"])
               + f" against a flat start, {after}: phase SSIM "
               f"{gain['phase_ssim']:+.3f}, amplitude SSIM {gain['amplitude_ssim']:+.3f}, phase PSNR "
-              f"{gain['phase_psnr_db']:+.2f} dB ({verdict}{'' if flat else ' on phase'})")
+              f"{gain['phase_psnr_db']:+.2f} dB ({verdict})")
     for ref in report.get("references", [])[1:]:
         print(f"  vs {ref['engine']} ({ref['iterations']} iterations, {ref['wall_time_s']:.1f} s): the network is "
               f"{ref['wall_time_s'] / report['network']['wall_time_s']:.1f}x faster"

@@ -299,6 +299,8 @@ def test_evaluate_cli_reference_row_and_speedup(make_bundle, capsys, tmp_path):
     head = (r"(The network's start \('network( phase)?', the best fit after the trial sweeps\)|"
             r"The refined row finished a flat start \(start='auto': it fit the frames [0-9.]+x better .*\))")
     assert re.search(head + r" against a flat start, both after 2 sweeps: phase SSIM", out), out
+    assert re.search(r"dB \((better on phase|worse on phase|a tie on phase: \|difference\| < 0\.002, the spread "
+                     r"between two runs|flat start finished)\)", out), out
     assert "pty-chi epie: 2/2 iterations" in err and "pty-chi lsqml: 2/2 iterations" in err  # progress lines
 
 
@@ -413,6 +415,19 @@ def test_evaluate_refines_from_a_cover_of_the_frames_and_says_so(make_bundle, ca
     code, _, err = run_cli(capsys, "evaluate", bundle, bundle.parent / "scan.npz", "--refine", "2",
                            "--start-groups", "half")
     assert code == 2 and "--start-groups" in err
+
+
+def test_the_start_verdict_calls_a_gain_within_the_run_to_run_spread_a_tie():
+    """A +0.000 phase SSIM with a lower PSNR was printed "better on phase": the verdict now needs the spread's margin."""
+    from ptycho_export.evaluate import START_TIE_PHASE_SSIM, start_verdict
+
+    def verdict(delta, start="network phase"):
+        return start_verdict({"phase_ssim": delta, "phase_psnr_db": -0.12}, start)
+
+    assert verdict(0.0002) == verdict(-0.0015) == "a tie"
+    assert verdict(START_TIE_PHASE_SSIM + 1e-4) == "better" and verdict(0.061) == "better"
+    assert verdict(-0.01) == "worse"
+    assert verdict(0.05, start="flat") == "flat start finished"  # the network's start was not used: no verdict on it
 
 
 def test_the_gain_line_says_which_start_auto_finished_and_why():
