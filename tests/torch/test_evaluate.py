@@ -418,7 +418,7 @@ def test_evaluate_refines_from_a_cover_of_the_frames_and_says_so(make_bundle, ca
 
 
 def test_the_start_verdict_calls_a_gain_within_the_run_to_run_spread_a_tie():
-    """A +0.000 phase SSIM with a lower PSNR was printed "better on phase": the verdict now needs the spread's margin."""
+    """A +0.000 phase SSIM with a lower PSNR was printed "better on phase": now a gain needs the spread's margin."""
     from ptycho_export.evaluate import START_TIE_PHASE_SSIM, start_verdict
 
     def verdict(delta, start="network phase"):
