@@ -3,7 +3,7 @@
 ``bundle_format`` was one 1.4k-line module; it is now ``format.schema``
 (layout, limits), ``format.errors``, ``format.checksum``, ``format.atomic``,
 ``format.params`` (value checks), ``format.contents``, ``format.policy`` (the
-safe HDF5 walk), ``format.reader``, ``format.graphs`` (ONNX / TorchScript
+safe HDF5 walk), ``format.reader`` and ``format.isolated`` (``read_bundle``), ``format.graphs`` (ONNX / TorchScript
 checks) and ``format.writer``. Every name it had, public or not, is here
 unchanged; patch the defining module, not this one.
 """
@@ -15,7 +15,7 @@ from ._deprecation import warn_moved as _warn_moved
 _warn_moved(__name__, "ptycho_runtime.format")
 
 _MODULES = ("schema", "errors", "checksum", "atomic", "checks", "contents", "policy", "graphs", "reader",
-            "writer")
+            "isolated", "writer")
 for _name in _MODULES:
     globals().update({k: v for k, v in vars(_import_module(f"ptycho_runtime.format.{_name}")).items()
                       if not k.startswith("__")})

@@ -428,6 +428,19 @@ def make_cases(legit: Path, out_dir: Path, canary_dir: Path) -> list[Case]:
 
     case("bitflip_unhashed", "checksum", bitflip)
 
+    # ---- damaged HDF5 metadata that makes libhdf5 itself loop (found by fuzzing a real bundle): the global-heap
+    # object holding /params/config_json's checksum string gets a zeroed header (index, reference count, size)
+    heap_loop = out_dir / "global_heap_loop.h5"
+    shutil.copyfile(legit, heap_loop)
+    with h5py.File(legit, "r") as f:
+        text = f["params/config_json"].attrs["sha256"]
+    raw = bytearray(heap_loop.read_bytes())
+    at = raw.find(text.encode() if isinstance(text, str) else bytes(text))
+    assert at >= 16, "the checksum string is not in the file: the writer no longer uses the global heap"
+    raw[at - 16:at] = bytes(16)
+    heap_loop.write_bytes(raw)
+    cases.append(Case("global_heap_loop", "metadata", heap_loop, FILE_READERS))
+
     # ---- not a regular file (made here; the harness passes their paths)
     fifo_bundle = out_dir / "fifo_bundle.h5"
     if not fifo_bundle.exists():

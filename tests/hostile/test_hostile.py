@@ -32,6 +32,8 @@ HERE = Path(__file__).parent
 READERS = (gen.READ, gen.LOAD, gen.LOAD_TS, gen.TORCH, gen.INFO, gen.INSPECT, gen.VERIFY)
 AS_CAP = 8 * 2**30
 CASE_LIMIT_S = 2.0
+# the parsing process's base time limit: a case that makes libhdf5 loop must be refused within CASE_LIMIT_S
+PARSE_LIMIT = {"PTYCHO_RUNTIME_PARSE_SECONDS": "1"}
 
 
 def _cap() -> None:
@@ -70,7 +72,7 @@ def results(legit, cases, tmp_path_factory) -> dict[str, dict[str, dict]]:
     spec += [{"name": c.name, "path": str(c.path), "cwd": str(c.cwd or work)} for c in cases]
     spec_file = work / "cases.json"
     spec_file.write_text(json.dumps(spec))
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **PARSE_LIMIT, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     out: dict[str, dict[str, dict]] = {}
     for reader in READERS:
         gen.reset_canaries([p for c in cases for p in c.canaries])
@@ -125,7 +127,7 @@ def test_reader_handles_every_hostile_case(reader, cases, results, legit):
 def test_every_class_is_covered(cases):
     classes = {c.cls for c in cases}
     assert classes >= {"links", "external", "vds", "fifo", "bombs", "attributes", "dtypes", "params", "shadowing",
-                       "onnx", "torchscript", "rehash", "checksum", "graphs"}
+                       "onnx", "torchscript", "rehash", "checksum", "graphs", "metadata"}
 
 
 def test_outcome_table(cases, results, capsys):
@@ -150,14 +152,14 @@ def test_outcome_table(cases, results, capsys):
 # the real entry points, in fresh processes: a representative case of the main classes, each CLI (every case
 # already went through each CLI's main() in the capped children above)
 CLI_CASES = ("external_link_params", "external_storage_probe", "virtual_dataset", "bundle_is_fifo",
-             "gzip_bomb_graph", "params_scale_nan", "onnx_loop", "bitflip_unhashed")
+             "gzip_bomb_graph", "params_scale_nan", "onnx_loop", "bitflip_unhashed", "global_heap_loop")
 CLIS = {"runtime_info": ["-m", "ptycho_runtime.cli", "info"], "export_inspect": ["-m", "ptycho_export.cli", "inspect"]}
 
 
 @pytest.mark.parametrize("cli", sorted(CLIS))
 def test_cli_entry_points_exit_2_with_one_line(cli, cases, tmp_path):
     by_name = {c.name: c for c in cases}
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, **PARSE_LIMIT, "CUDA_VISIBLE_DEVICES": ""}
     for name in CLI_CASES:
         c = by_name[name]
         proc = subprocess.run([sys.executable, *CLIS[cli], str(c.path)], capture_output=True, text=True,

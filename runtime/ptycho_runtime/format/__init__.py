@@ -37,6 +37,7 @@ from .errors import (
     BundleLimitError,
     BundleNotFoundError,
     BundleParamsError,
+    BundleParserUnavailableError,
     BundleUnsafeError,
     resolve_bundle_path,
 )
@@ -44,12 +45,13 @@ from .graphs import (
     check_onnx_graph,
     check_torchscript_archive,
 )
+from .isolated import (
+    check_bundle_file,
+    close_parser,
+    read_bundle,
+)
 from .policy import (
     check_header,
-)
-from .reader import (
-    check_bundle_file,
-    read_bundle,
 )
 from .schema import (
     ALLOWED_N,
@@ -101,14 +103,16 @@ __all__ = [
     'AMP_ACTIVATIONS', 'MAX_PARAM_STRING',
     'ALLOWED_N', 'BUNDLE_FILENAME', 'BundleChecksumError', 'BundleContents', 'BundleError', 'BundleFormatError',
     'BundleGraphMissingError', 'BundleIntegrityError', 'BundleLimitError', 'BundleNotFoundError',
-    'BundleParamsError', 'BundleUnsafeError', 'CHECKSUM_ATTR', 'DEFAULT_OPSET', 'FORMAT_NAME', 'FORMAT_VERSION',
+    'BundleParamsError', 'BundleParserUnavailableError', 'BundleUnsafeError', 'CHECKSUM_ATTR', 'DEFAULT_OPSET',
+    'FORMAT_NAME', 'FORMAT_VERSION',
     'GRAPH_KINDS', 'GraphRecord', 'HDF5_MAGIC', 'MAX_ATTRS', 'MAX_ATTR_STRING', 'MAX_CHILDREN', 'MAX_EPOCHS',
     'MAX_FILTERS_SCALE', 'MAX_GRAPH_BYTES', 'MAX_GRIDSIZE', 'MAX_HISTORY_METRICS', 'MAX_JSON_BYTES',
     'MAX_JSON_DEPTH', 'MAX_PARAM_ARRAYS', 'MAX_PARITY_BATCH', 'MAX_PARITY_CASES', 'MAX_PARITY_ENTRIES',
     'MAX_TENSORS_PER_MODEL', 'MAX_ZIP_ENTRIES', 'MODEL_NAMES', 'ModelRecord', 'ONNX_ALLOWED_DOMAINS',
     'ONNX_ALLOWED_OPS', 'ONNX_ELEM_FLOAT', 'OUTPUT_NAMES', 'PHYSICS_KEYS', 'TORCHSCRIPT_PICKLE_GLOBALS',
     'WEIGHT_BYTES_PER_SCALE2', 'atomic_h5_write', 'atomic_write_path', 'check_bundle_file', 'check_graph_metadata',
-    'check_header', 'check_onnx_graph', 'check_torchscript_archive', 'check_writable_params', 'file_sha256',
+    'check_header', 'check_onnx_graph', 'check_torchscript_archive', 'check_writable_params', 'close_parser',
+    'file_sha256',
     'graph_io', 'payload_bytes', 'read_bundle', 'resolve_bundle_path', 'sha256_hex', 'split_params',
     'validate_params', 'validate_physics', 'write_bundle', 'write_graphs', 'write_header', 'write_json',
     'write_payload', 'write_physics'

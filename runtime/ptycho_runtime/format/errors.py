@@ -53,6 +53,10 @@ class BundleChecksumError(BundleIntegrityError):
     """A payload's bytes do not match the checksum stored beside them."""
 
 
+class BundleParserUnavailableError(BundleError):
+    """The child process that parses bundles could not be started: a problem of this host, not of the file."""
+
+
 def fix_damaged(path: Any) -> str:
     """The fix for a damaged or edited bundle, in every message that needs one."""
     return f"Copy {path} again from its source, or re-export it with ptycho-export."

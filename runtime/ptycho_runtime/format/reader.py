@@ -1,4 +1,10 @@
-"""``read_bundle``: the one reader of the format, under the reader policy (see ``format.schema``)."""
+"""The one parser of the format, under the reader policy (see ``format.schema``), run in the parsing process.
+
+``read_bundle_in_process`` and ``check_bundle_file_in_process`` run libhdf5
+in the calling process, so only ``format.worker`` calls them; everyone else
+calls ``format.read_bundle`` / ``check_bundle_file`` (``format.isolated``),
+which run them in that child under a time and memory limit.
+"""
 
 from __future__ import annotations
 
@@ -53,18 +59,18 @@ def _opened(path: str | os.PathLike) -> Iterator[tuple[Path, h5py.File, int, dic
             f.close()
 
 
-def check_bundle_file(path: str | os.PathLike) -> Path:
+def check_bundle_file_in_process(path: str | os.PathLike) -> Path:
     """Fail fast on anything that is not a bundle: a regular HDF5 file with this format's header.
 
     Reads no payload (milliseconds), so commands can refuse a wrong file
-    before importing torch or onnx; ``read_bundle`` still checks everything
+    before importing torch or onnx; ``read_bundle_in_process`` still checks everything
     else. Returns the resolved path; raises only ``BundleError`` subclasses.
     """
     with _opened(path) as (p, *_):
         return p
 
 
-def read_bundle(path: str | os.PathLike) -> BundleContents:
+def read_bundle_in_process(path: str | os.PathLike) -> BundleContents:
     """Open a bundle under the reader policy; return its verified contents in memory.
 
     Order: regular-file check, HDF5 magic, header, a walk of the whole tree by

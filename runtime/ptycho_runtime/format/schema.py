@@ -34,7 +34,10 @@ allow; and any dataset whose declared size exceeds its schema limit, its
 stored bytes or the file. Checksums are then verified (messages never echo a
 hash or the bytes that failed), params are checked against each other, and
 graph metadata against params. Every failure is a ``BundleError`` subclass
-naming the dataset and the fix; nothing else escapes a reader.
+naming the dataset and the fix; nothing else escapes a reader. libhdf5 runs
+all of this in a child process under a time and memory limit
+(``format.isolated``): some damaged metadata makes it loop where no check
+can reach.
 """
 
 from __future__ import annotations

@@ -1,0 +1,225 @@
+"""``read_bundle`` and ``check_bundle_file``: libhdf5 parses a stranger's file in a child process, never in yours.
+
+Why: libhdf5 is C and follows the file's own metadata. A bundle whose
+global heap (where variable-length strings live; it has no checksum in any
+HDF5 version) has a zeroed object header sends it into a loop that no Python
+code can interrupt: random fuzzing of a real bundle found one such file in
+250. Crafted files have crashed it too (its CVE list is long). The reader
+policy cannot help from inside the loop, so the parse runs in a long-lived
+child (``format.worker``, started on first use, one per process) under a
+time limit (``PARSE_SECONDS`` plus one second per ``PARSE_BYTES_PER_SECOND``
+of file) and a memory limit (``PARSE_MEMORY_FACTOR`` × the file + 1 GiB).
+Past either, the child is killed and the caller gets a ``BundleFormatError``;
+the next read starts a fresh child (≈ 0.5 s). The result comes back as JSON
+and raw array bytes (``format.wire``), never pickled. A forked process
+starts its own child instead of sharing its parent's.
+
+``PTYCHO_RUNTIME_PARSE_SECONDS`` in the environment replaces the base time
+limit (a host that must fail faster on a damaged file; the hostile tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from .contents import BundleContents
+from .errors import BundleFormatError, BundleParserUnavailableError, fix_damaged, resolve_bundle_path
+from .wire import WireError, decode_contents, decode_error, read_frame
+
+PARSE_SECONDS = 20.0
+PARSE_BYTES_PER_SECOND = 50e6
+PARSE_MEMORY_FACTOR = 3
+START_SECONDS = 120.0
+PARSE_SECONDS_ENV = "PTYCHO_RUNTIME_PARSE_SECONDS"
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def read_bundle(path: str | os.PathLike, *, time_limit_s: Optional[float] = None) -> BundleContents:
+    """Open a bundle under the reader policy; return its verified contents in memory.
+
+    Order (in the parsing process): regular-file check, HDF5 magic, header, a
+    walk of the whole tree by schema (links, storage, filters, dtypes,
+    declared sizes) *before* any payload is read, then every payload read and
+    checksum-verified, then params, weights and graph metadata checked
+    against each other. ``time_limit_s`` replaces the size-based limit.
+    Raises only ``BundleError`` subclasses.
+    """
+    p = resolve_bundle_path(path)
+    header, arrays = _ask("read", p, time_limit_s)
+    try:
+        return decode_contents(header.get("contents"), arrays, p)
+    except (WireError, RecursionError, TypeError, ValueError):
+        raise _malformed_answer(p) from None
+
+
+def check_bundle_file(path: str | os.PathLike, *, time_limit_s: Optional[float] = None) -> Path:
+    """Fail fast on anything that is not a bundle: a regular HDF5 file with this format's header.
+
+    Reads no payload (milliseconds once the parsing process runs), so commands
+    can refuse a wrong file before importing torch or onnx; ``read_bundle``
+    still checks everything else. Returns the resolved path; raises only
+    ``BundleError`` subclasses.
+    """
+    p = resolve_bundle_path(path)
+    _ask("check", p, time_limit_s)
+    return p
+
+
+def close_parser() -> None:
+    """Stop this process's parsing process now (a host shutting down); the next read starts a new one."""
+    global _parser
+    with _lock:
+        if _parser is not None:
+            _parser.stop()
+            _parser = None
+
+
+# --------------------------------------------------------------------------- the child
+
+
+class _Parser:
+    """One ``format.worker`` process and its pipes; used under ``_lock``, one request at a time."""
+
+    def __init__(self) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+               "HDF5_PLUGIN_PRELOAD": "::"}  # "::" = load no HDF5 filter plugin (the format uses no filter)
+        code = (f"import sys; sys.path[:] = [{_PACKAGE_ROOT!r}] + [p for p in sys.path if p not in ('', '.')]; "
+                "from ptycho_runtime.format.worker import main; main()")
+        flags = ["-P"] if sys.version_info >= (3, 11) else []  # -P: the working directory is not on sys.path
+        try:
+            self.proc = subprocess.Popen([sys.executable, *flags, "-c", code], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+        except OSError as exc:
+            raise BundleParserUnavailableError(_unavailable(f"{sys.executable} did not start: {exc.strerror}"),
+                                               None) from None
+        self.pid = os.getpid()
+        outcome = self._receive(START_SECONDS, 0)
+        if not (isinstance(outcome, tuple) and outcome[0].get("ready")):
+            self.stop()
+            raise BundleParserUnavailableError(_unavailable("it exited before it was ready (does "
+                                                            f"{sys.executable} import ptycho_runtime?)"), None)
+
+    def ask(self, request: dict[str, Any], limit_s: float, max_array_bytes: int) -> Any:
+        """Send one request; → (header, arrays), or "timeout", or the exception that ended the answer."""
+        try:
+            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+            self.proc.stdin.flush()
+        except OSError as exc:
+            return exc
+        return self._receive(limit_s, max_array_bytes)
+
+    def _receive(self, limit_s: float, max_array_bytes: int) -> Any:
+        box: list[Any] = []
+
+        def receive() -> None:
+            try:
+                box.append(read_frame(self.proc.stdout, max_array_bytes))
+            except Exception as exc:  # noqa: BLE001 - EOF (the child died), a malformed frame, an OS error
+                box.append(exc)
+
+        reader = threading.Thread(target=receive, name="ptycho-bundle-parser", daemon=True)
+        reader.start()
+        reader.join(limit_s)
+        if reader.is_alive():
+            self.stop()  # the pipe closes: the thread ends too
+            reader.join()
+            return "timeout"
+        return box[0]
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        _close_pipes(self.proc)
+
+
+def _close_pipes(proc: subprocess.Popen) -> None:
+    for pipe in (proc.stdin, proc.stdout):
+        with contextlib.suppress(OSError):  # unsent bytes to a dead child: a broken pipe
+            pipe.close()
+
+
+_lock = threading.Lock()
+_parser: Optional[_Parser] = None
+
+
+def _forget_parser_after_fork() -> None:
+    """In a forked child: drop the parent's parser (closing only this process's copies of its pipes)."""
+    global _lock, _parser
+    if _parser is not None:
+        _close_pipes(_parser.proc)
+        _parser.proc.returncode = 0  # not ours to wait for
+    _lock, _parser = threading.Lock(), None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_parser_after_fork)
+
+
+def _ask(op: str, p: Path, time_limit_s: Optional[float]) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """One request to the parsing process; its ``BundleError`` re-raised here, a timeout or crash as one."""
+    global _parser
+    try:
+        size = p.stat().st_size
+    except OSError:
+        size = 0  # the parser reports what is wrong with it
+    limit = time_limit_s if time_limit_s is not None else _base_seconds() + size / PARSE_BYTES_PER_SECOND
+    request = {"op": op, "path": str(p), "memory_bytes": PARSE_MEMORY_FACTOR * size + 2**30}
+    with _lock:
+        for _attempt in range(2):  # a second time only if the child had died since the last request
+            if _parser is not None and _parser.proc.poll() is not None:  # died since the last request
+                _parser.stop()
+                _parser = None
+            if _parser is None:
+                _parser = _Parser()
+            outcome = _parser.ask(request, limit, 2 * size + 2**20)
+            if isinstance(outcome, tuple):
+                break
+            dead, _parser = _parser, None
+            if outcome != "timeout":
+                dead.stop()
+            if not isinstance(outcome, OSError):
+                break
+    if outcome == "timeout":
+        raise BundleFormatError(
+            f"{p}: parsing its HDF5 structure took longer than {limit:.0f} s, the limit for a file of "
+            f"{size / 1e6:.1f} MB; the file is damaged or crafted to make the HDF5 library loop. "
+            f"{fix_damaged(p)} (On a machine too busy to parse it in time, raise {PARSE_SECONDS_ENV}.)", p)
+    if isinstance(outcome, EOFError):
+        code = dead.proc.returncode
+        how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        raise BundleFormatError(f"{p}: the HDF5 library crashed while parsing it ({how}); the file is damaged "
+                                f"or crafted. {fix_damaged(p)}", p)
+    if not isinstance(outcome, tuple):
+        raise _malformed_answer(p)
+    header, arrays = outcome
+    if header.get("ok") is not True:
+        raise decode_error(header)
+    return header, arrays
+
+
+def _base_seconds() -> float:
+    try:
+        value = float(os.environ.get(PARSE_SECONDS_ENV, PARSE_SECONDS))
+    except ValueError:
+        return PARSE_SECONDS
+    return value if value > 0 else PARSE_SECONDS
+
+
+def _malformed_answer(p: Path) -> BundleFormatError:
+    return BundleFormatError(f"{p}: the process that parses bundles returned a malformed answer; the file is "
+                             f"damaged or crafted. {fix_damaged(p)}", p)
+
+
+def _unavailable(why: str) -> str:
+    return (f"ptycho-runtime could not start the process that parses bundles: {why}. Bundles are parsed in a "
+            "child process so that a damaged or crafted file cannot hang or crash this one; run from an "
+            "environment whose Python can start subprocesses.")

@@ -1,0 +1,80 @@
+"""The bundle-parsing process: reads requests on stdin, parses each file with libhdf5 here, answers in frames.
+
+Started by ``format.isolated`` (``python -c "from ptycho_runtime.format.worker
+import main; main()"``) and nothing else. A damaged or crafted file can make
+libhdf5 loop or crash; here that costs only this process, which the caller
+kills after its time limit. Each request runs under an address-space limit
+(Linux) so a declared size cannot exhaust the host's memory either. The
+protocol's stdout is a private copy of descriptor 1; descriptor 1 itself
+goes to stderr, so nothing a library prints can corrupt a frame.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import signal
+import sys
+from typing import Any, Iterator
+
+from .errors import BundleError, BundleFormatError, fix_damaged
+from .reader import check_bundle_file_in_process, read_bundle_in_process
+from .wire import encode_contents, encode_error, write_frame
+
+
+def main() -> None:
+    """Serve requests until stdin closes (the caller exited or closed the parser)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the caller; it stops this process
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    write_frame(out, {"ok": True, "ready": os.getpid()})
+    for line in sys.stdin.buffer:
+        request = json.loads(line)
+        header, arrays = _answer(request)
+        write_frame(out, header, arrays)
+        del header, arrays
+        gc.collect()
+
+
+def _answer(request: dict[str, Any]) -> tuple[dict[str, Any], list]:
+    path = request["path"]
+    try:
+        with _address_space_limit(int(request["memory_bytes"])):
+            if request["op"] == "check":
+                check_bundle_file_in_process(path)
+                return {"ok": True}, []
+            body, arrays = encode_contents(read_bundle_in_process(path))
+            return {"ok": True, "contents": body}, arrays
+    except BundleError as exc:
+        return encode_error(exc), []
+    except Exception as exc:  # noqa: BLE001 - MemoryError past the limit, or anything the reader did not wrap
+        return encode_error(BundleFormatError(
+            f"{path} could not be parsed ({type(exc).__name__}); it is damaged, or declares more than it holds. "
+            f"{fix_damaged(path)}", path)), []
+
+
+@contextlib.contextmanager
+def _address_space_limit(extra_bytes: int) -> Iterator[None]:
+    """While parsing, this process may map at most ``extra_bytes`` more than it has now (Linux; elsewhere no limit)."""
+    try:
+        import resource
+
+        with open("/proc/self/statm") as f:
+            current = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    except (ImportError, OSError, ValueError):
+        yield
+        return
+    limit = current + extra_bytes
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    if soft != resource.RLIM_INFINITY:
+        limit = min(limit, soft)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))

@@ -1,0 +1,173 @@
+"""Bundles are parsed in a child process (``format.isolated``): a file that makes libhdf5 loop costs a time limit.
+
+Torch-free: the bundles are small ones written with ``format.write_bundle``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import select
+import signal
+import struct
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from ptycho_runtime import format as fmt
+from ptycho_runtime.format import isolated, wire
+from ptycho_runtime.format.reader import read_bundle_in_process
+
+TRAINING = {"epochs_run": 3, "device": "cpu"}
+
+
+def _bundle(folder: Path, training: dict = TRAINING) -> Path:
+    """A gridsize-1 bundle with one small model (what the reader checks, not a trained network)."""
+    rng = np.random.default_rng(0)
+    probe = np.exp(1j * rng.uniform(0, 1, (64, 64))).astype(np.complex64)
+    params = {"N": 64, "gridsize": 1, "intensity_scale": 3.0, "n_filters_scale": 1, "output_mode": "amp_phase",
+              "nphotons": 1e9, "probe": probe}
+    arch = {"N": 64, "gridsize": 1, "n_filters_scale": 1, "output_mode": "amp_phase"}
+    model = fmt.ModelRecord(arch, {"conv.weight": rng.normal(size=(4, 1, 3, 3)).astype(np.float32)}, 36)
+    return fmt.write_bundle(folder / "wts.h5", params, {"diffraction_to_obj": model}, "isolation test", {},
+                            training=training)
+
+
+def _heap_loop_copy(path: Path) -> Path:
+    """A copy whose global-heap object holding config_json's checksum string has a zeroed header.
+
+    libhdf5 then reads the heap object as free space of size 0 and loops forever (found by fuzzing a bundle).
+    """
+    with h5py.File(path, "r") as f:
+        text = f["params/config_json"].attrs["sha256"]
+    raw = bytearray(path.read_bytes())
+    at = raw.find(text.encode())
+    assert at >= 16 and raw.count(text.encode()) == 1
+    raw[at - 16:at] = bytes(16)  # index, reference count, reserved, size
+    out = path.with_name("heap_loop.h5")
+    out.write_bytes(raw)
+    return out
+
+
+def test_a_file_that_makes_libhdf5_loop_is_refused_and_the_next_read_works(tmp_path):
+    path = _bundle(tmp_path)
+    looping = _heap_loop_copy(path)
+    t0 = time.perf_counter()
+    with pytest.raises(fmt.BundleFormatError, match=r"took longer than 2 s.*damaged or crafted") as exc:
+        fmt.read_bundle(looping, time_limit_s=2)
+    assert 2 <= time.perf_counter() - t0 < 15
+    assert exc.value.path == str(looping)
+    with pytest.raises(fmt.BundleFormatError, match="took longer than 1 s"):
+        fmt.check_bundle_file(looping, time_limit_s=1)  # the header alone already loops
+    assert fmt.read_bundle(path).training == TRAINING  # a fresh parsing process
+
+
+def test_the_environment_sets_the_base_limit(tmp_path, monkeypatch):
+    looping = _heap_loop_copy(_bundle(tmp_path))
+    monkeypatch.setenv(isolated.PARSE_SECONDS_ENV, "1.5")
+    with pytest.raises(fmt.BundleFormatError, match=r"took longer than 2 s"):  # 1.5 s + the file's size, rounded
+        fmt.read_bundle(looping)
+
+
+def test_errors_cross_as_the_same_class_and_message(tmp_path):
+    path = _bundle(tmp_path)
+    with h5py.File(path, "r+") as f:
+        probe = f["params/arrays/probe"]
+        arr = probe[()]
+        arr.view(np.uint8)[5] ^= 0x01
+        probe[...] = arr  # not re-hashed
+    with pytest.raises(fmt.BundleChecksumError) as there:
+        fmt.read_bundle(path)
+    with pytest.raises(fmt.BundleChecksumError) as here:
+        read_bundle_in_process(path)
+    assert type(there.value) is type(here.value)
+    assert (str(there.value), there.value.path, there.value.dataset) == (
+        str(here.value), here.value.path, here.value.dataset) == (str(here.value), str(path),
+                                                                   "/params/arrays/probe")
+
+
+def test_json_in_a_bundle_cannot_pose_as_an_array(tmp_path):
+    forged = {**TRAINING, "a": ["A", 0], "b": ["B", 0], "d": ["D", [["x", 1]]], "nested": {"l": ["L", []]}}
+    c = fmt.read_bundle(_bundle(tmp_path, forged))
+    assert c.training == forged
+
+
+def test_a_parser_that_died_between_reads_is_replaced(tmp_path):
+    path = _bundle(tmp_path)
+    fmt.read_bundle(path)
+    dead = isolated._parser.proc
+    os.kill(dead.pid, signal.SIGKILL)
+    dead.wait()
+    assert fmt.read_bundle(path).training == TRAINING
+    assert isolated._parser.proc.pid != dead.pid
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_starts_its_own_parser(tmp_path):
+    path = _bundle(tmp_path)
+    fmt.read_bundle(path)
+    parent_parser = isolated._parser.proc.pid
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        ok = False
+        try:
+            ok = fmt.read_bundle(path).training == TRAINING and isolated._parser.proc.pid != parent_parser
+            fmt.close_parser()
+        finally:
+            os.write(w, b"1" if ok else b"0")
+            os._exit(0)
+    os.close(w)
+    ready, _, _ = select.select([r], [], [], 60)
+    answer = os.read(r, 1) if ready else b"timeout"
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert answer == b"1"
+    assert fmt.read_bundle(path).training == TRAINING and isolated._parser.proc.pid == parent_parser
+
+
+def test_a_host_that_cannot_start_the_parser_gets_a_bundle_error(tmp_path, monkeypatch):
+    path = _bundle(tmp_path)
+    fmt.close_parser()
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    with pytest.raises(fmt.BundleParserUnavailableError, match="could not start the process that parses bundles"):
+        fmt.read_bundle(path)
+    monkeypatch.undo()
+    assert fmt.read_bundle(path).training == TRAINING
+
+
+def _frame(header: dict, payload: bytes = b"") -> io.BytesIO:
+    text = json.dumps(header).encode()
+    return io.BytesIO(struct.pack("<Q", len(text)) + text + payload)
+
+
+@pytest.mark.parametrize("header, payload, error", [
+    ({"arrays": [["|O", [1]]]}, b"", wire.WireError),                        # object dtype
+    ({"arrays": [["<f4", [-1]]]}, b"", wire.WireError),                      # negative dimension
+    ({"arrays": [["<f4", [1024, 1024]]]}, b"", wire.WireError),              # more than the cap
+    ({"arrays": [["<f4", [4]]]}, b"\0" * 8, EOFError),                        # truncated bytes
+    ({"no": "arrays"}, b"", wire.WireError),
+])
+def test_a_malformed_frame_is_refused_before_it_allocates(header, payload, error):
+    with pytest.raises(error):
+        wire.read_frame(_frame(header, payload), max_array_bytes=1024)
+
+
+def test_an_oversized_header_is_refused_unread():
+    src = io.BytesIO(struct.pack("<Q", wire.MAX_HEADER_BYTES + 1))
+    with pytest.raises(wire.WireError, match="header"):
+        wire.read_frame(src, max_array_bytes=0)
+
+
+def test_contents_with_untagged_containers_are_refused(tmp_path):
+    body, arrays = wire.encode_contents(read_bundle_in_process(_bundle(tmp_path)))
+    assert wire.decode_contents(body, arrays, tmp_path).training == TRAINING
+    with pytest.raises(wire.WireError):
+        wire.decode_contents({**body, "training": {"epochs_run": 3}}, arrays, tmp_path)
+    with pytest.raises(wire.WireError):
+        wire.decode_contents({**body, "history": ["A", len(arrays)]}, arrays, tmp_path)
