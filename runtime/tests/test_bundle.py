@@ -155,7 +155,7 @@ def test_info_params_and_repr(bundles):
     b = bundles["n64_g2"]
     info = b.info()
     assert (info.N, info.gridsize, info.backend, info.device, info.precision) == (64, 2, "onnx", "cpu", "fp32")
-    assert info.format_version == 1 and info.output_mode == "amp_phase"
+    assert info.format_version == 2 and info.output_mode == "amp_phase"
     assert "onnx/diffraction_to_obj" in info.graphs and info.providers == b.providers
     assert b.channels == 4 and b.default_batch_size() == 64
     p = b.params

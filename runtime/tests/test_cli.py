@@ -214,7 +214,7 @@ def test_info_json_and_text(bundle_path, capsys):
     path = bundle_path("n64_g2")
     assert cli.main(["info", str(path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert (report["format_version"], report["N"], report["gridsize"]) == (1, 64, 2)
+    assert (report["format_version"], report["N"], report["gridsize"]) == (2, 64, 2)
     assert report["output_mode"] == "amp_phase" and report["intensity_scale"] > 0
     graphs = {(g["kind"], g["model"]): g for g in report["graphs"]}
     g = graphs[("onnx", "diffraction_to_obj")]

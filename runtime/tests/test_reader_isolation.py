@@ -39,17 +39,21 @@ def _bundle(folder: Path, training: dict = TRAINING) -> Path:
 
 
 def _heap_loop_copy(path: Path) -> Path:
-    """A copy whose global-heap object holding config_json's checksum string has a zeroed header.
+    """A copy whose root ``format`` attribute is a variable-length string (as format 1 stores every string), its
+    global-heap object's header then zeroed.
 
-    libhdf5 then reads the heap object as free space of size 0 and loops forever (found by fuzzing a bundle).
+    libhdf5 reads the heap object as free space of size 0 and loops forever (found by fuzzing a format-1 bundle).
     """
-    with h5py.File(path, "r") as f:
-        text = f["params/config_json"].attrs["sha256"]
-    raw = bytearray(path.read_bytes())
-    at = raw.find(text.encode())
-    assert at >= 16 and raw.count(text.encode()) == 1
-    raw[at - 16:at] = bytes(16)  # index, reference count, reserved, size
     out = path.with_name("heap_loop.h5")
+    out.write_bytes(path.read_bytes())
+    with h5py.File(out, "r+") as f:
+        del f.attrs["format"]
+        f.attrs["format"] = fmt.FORMAT_NAME  # a Python str: h5py's variable-length string, in the global heap
+    raw = bytearray(out.read_bytes())
+    text = fmt.FORMAT_NAME.encode()
+    at = raw.find(struct.pack("<Q", len(text)) + text)  # the heap object: index, references, reserved, size, text
+    assert at >= 8
+    raw[at - 8:at + 8] = bytes(16)
     out.write_bytes(raw)
     return out
 

@@ -23,6 +23,7 @@ import io
 import json
 import os
 import shutil
+import struct
 import sys
 import zipfile
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from typing import Callable
 import h5py
 import numpy as np
 
+FORMAT_NAME = "ptycho-export-bundle"  # the root attribute every reader checks first (format.schema)
 CANARY_TOKEN = b"CANARY-7f3c9e-outside-the-bundle\n"
 OLD_ATIME = 946684800  # 2000-01-01: any read after this updates atime on relatime mounts
 
@@ -428,16 +430,18 @@ def make_cases(legit: Path, out_dir: Path, canary_dir: Path) -> list[Case]:
 
     case("bitflip_unhashed", "checksum", bitflip)
 
-    # ---- damaged HDF5 metadata that makes libhdf5 itself loop (found by fuzzing a real bundle): the global-heap
-    # object holding /params/config_json's checksum string gets a zeroed header (index, reference count, size)
+    # ---- damaged HDF5 metadata that makes libhdf5 itself loop (found by fuzzing a format-1 bundle): the root
+    # format attribute as a variable-length string (format 1 stores every string so, in the unchecksummed
+    # global heap), its heap object's header (index, references, reserved, size) zeroed
     heap_loop = out_dir / "global_heap_loop.h5"
     shutil.copyfile(legit, heap_loop)
-    with h5py.File(legit, "r") as f:
-        text = f["params/config_json"].attrs["sha256"]
+    with h5py.File(heap_loop, "r+") as f:
+        del f.attrs["format"]
+        f.attrs["format"] = FORMAT_NAME
     raw = bytearray(heap_loop.read_bytes())
-    at = raw.find(text.encode() if isinstance(text, str) else bytes(text))
-    assert at >= 16, "the checksum string is not in the file: the writer no longer uses the global heap"
-    raw[at - 16:at] = bytes(16)
+    at = raw.find(struct.pack("<Q", len(FORMAT_NAME)) + FORMAT_NAME.encode())
+    assert at >= 8, "no global-heap object holds the format name"
+    raw[at - 8:at + 8] = bytes(16)
     heap_loop.write_bytes(raw)
     cases.append(Case("global_heap_loop", "metadata", heap_loop, FILE_READERS))
 

@@ -119,7 +119,7 @@ def test_inspect_text_and_json(make_bundle, capsys):
     code, out, _ = run_cli(capsys, "inspect", path, "--json")
     assert code == 0
     info = json.loads(out)
-    assert info["format"] == "ptycho-export-bundle" and info["format_version"] == 1
+    assert info["format"] == "ptycho-export-bundle" and info["format_version"] == 2
     assert info["producer"].startswith("ptycho-export")
     assert "torch" in info["versions"]
     assert info["params"]["N"] == 64 and info["params"]["gridsize"] == 1

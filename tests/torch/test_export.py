@@ -188,7 +188,7 @@ CHILD = textwrap.dedent("""
         for model in ("diffraction_to_obj", "autoencoder"):
             ds = f["graphs/torchscript"][model]["bytes"]
             data = ds[()].tobytes()
-            assert hashlib.sha256(data).hexdigest() == ds.attrs["sha256"]
+            assert hashlib.sha256(data).hexdigest() == ds.attrs["sha256"].decode()
             module = torch.jit.load(io.BytesIO(data), map_location="cpu")
             for name, case in cases.items():
                 args = [torch.from_numpy(case["input.amplitude"] * scale)]  # graph units, as predict feeds them

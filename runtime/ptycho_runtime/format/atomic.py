@@ -14,7 +14,7 @@ import re
 import shutil
 import socket
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import h5py
 
@@ -127,15 +127,17 @@ def atomic_write_path(path: str | os.PathLike, copy_existing: bool = False) -> I
 
 
 @contextlib.contextmanager
-def atomic_h5_write(path: str | os.PathLike, copy_existing: bool = False) -> Iterator[h5py.File]:
+def atomic_h5_write(path: str | os.PathLike, copy_existing: bool = False,
+                    libver: Optional[tuple[str, str]] = None) -> Iterator[h5py.File]:
     """Yield an open HDF5 file that replaces ``path`` only if the block finishes (see ``atomic_write_path``).
 
     Any HDF5 file: bundles, and the reconstruction files of ``files.reconstruction_file``.
     With ``copy_existing`` the file starts as a copy of ``path`` (for in-place
-    updates such as adding graphs).
+    updates such as adding graphs). ``libver``: h5py's format bounds (bundles:
+    ``schema.BUNDLE_LIBVER``); None keeps h5py's default.
     """
     with atomic_write_path(path, copy_existing) as tmp:
-        f = h5py.File(tmp, "r+" if copy_existing else "w")
+        f = h5py.File(tmp, "r+" if copy_existing else "w", libver=libver)
         try:
             yield f
         finally:

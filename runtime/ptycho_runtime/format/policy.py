@@ -231,8 +231,11 @@ class Policy:
         dt = ds.dtype
         if kind == "json":
             info = h5py.check_string_dtype(dt)
-            if info is None or info.length is not None or ds.shape != ():
+            if info is None or ds.shape != ():
                 raise self.bad(where, f"should be a scalar UTF-8 string (got {dt} {ds.shape})")
+            if info.length is not None and info.length > MAX_JSON_BYTES:
+                raise self.limit(where, f"is a string of {info.length} bytes; the format allows at most "
+                                        f"{MAX_JSON_BYTES}")
             return DatasetPlan(ds, kind, 0)  # a variable-length string lives in the file: bounded by it
         if dt.kind not in dtype_kinds or dt.hasobject or dt.fields is not None or dt.subdtype is not None:
             raise self.bad(where, f"has dtype {dt}, which the format does not use here")

@@ -45,7 +45,10 @@ from __future__ import annotations
 import re
 
 FORMAT_NAME = "ptycho-export-bundle"
-FORMAT_VERSION = 1
+# 2: HDF5 metadata with checksums (BUNDLE_LIBVER) and fixed-length strings; 1: variable-length strings in the
+# unchecksummed global heap, HDF5 1.8 metadata. The reader reads both; the writer writes 2.
+FORMAT_VERSION = 2
+BUNDLE_LIBVER = ("v110", "v110")  # any HDF5 from 1.10 (2016) reads it
 BUNDLE_FILENAME = "wts.h5"
 CHECKSUM_ATTR = "sha256"
 MODEL_NAMES = ("autoencoder", "diffraction_to_obj")

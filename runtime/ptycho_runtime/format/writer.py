@@ -4,6 +4,9 @@ The only code that names a group path for writing; params are checked with
 the reader's own rules first (``check_writable_params``), so a bundle the
 readers would refuse is never written. No filters and no chunking: the
 reader refuses filtered datasets (nothing to decompress, so no bombs).
+Format 2: HDF5 metadata with checksums (``BUNDLE_LIBVER``) and every string
+fixed-length (``fixed_text``), so damage to the structure is a checksum
+error from libhdf5, not a loop.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from .checks import check_writable_params, validate_physics
 from .checksum import sha256_hex
 from .contents import GraphRecord, ModelRecord
 from .schema import (
+    BUNDLE_LIBVER,
     CHECKSUM_ATTR,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -29,22 +33,40 @@ from .schema import (
 )
 
 
+def fixed_text(text: str) -> np.ndarray:
+    """``text`` as a 0-d fixed-length UTF-8 string: stored inside its object, where HDF5 checksums it.
+
+    h5py's default for ``str`` is a variable-length string, which lives in the
+    file's global heap: the one HDF5 structure without a checksum, and the one
+    whose damage made libhdf5 loop (see ``format.isolated``).
+    """
+    raw = text.encode("utf-8")
+    return np.array(raw, dtype=h5py.string_dtype("utf-8", max(len(raw), 1)))  # HDF5 has no 0-byte string type
+
+
+def _attr(obj: Any, key: str, value: Any) -> None:
+    if isinstance(value, str):
+        obj.attrs.create(key, fixed_text(value))
+    else:
+        obj.attrs[key] = value
+
+
 def write_payload(group: h5py.Group, name: str, value: np.ndarray | bytes | str, **attrs: Any) -> h5py.Dataset:
-    """Write one dataset with its checksum. Text is stored as a UTF-8 string so h5dump shows it.
+    """Write one dataset with its checksum. Text is stored as a fixed-length UTF-8 string so h5dump shows it.
 
     No filters and no chunking: the reader refuses filtered datasets (nothing to decompress, so no bombs).
     """
     if name in group:
         del group[name]
     if isinstance(value, str):
-        ds = group.create_dataset(name, data=value, dtype=h5py.string_dtype("utf-8"))
+        ds = group.create_dataset(name, data=fixed_text(value))
     elif isinstance(value, (bytes, bytearray)):
         ds = group.create_dataset(name, data=np.frombuffer(bytes(value), dtype=np.uint8))
     else:
         ds = group.create_dataset(name, data=np.asarray(value))  # 0-d stays 0-d
-    ds.attrs[CHECKSUM_ATTR] = sha256_hex(value)
+    _attr(ds, CHECKSUM_ATTR, sha256_hex(value))
     for key, val in attrs.items():
-        ds.attrs[key] = val
+        _attr(ds, key, val)
     return ds
 
 
@@ -88,17 +110,17 @@ def write_header(f: h5py.File, producer: str, versions: Mapping[str, str]) -> No
     """The root attributes every reader checks first (format name and version), plus provenance."""
     import datetime
 
-    f.attrs["format"] = FORMAT_NAME
+    _attr(f, "format", FORMAT_NAME)
     f.attrs["format_version"] = FORMAT_VERSION
-    f.attrs["producer"] = str(producer)
-    f.attrs["created_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    f.attrs["description"] = (
+    _attr(f, "producer", str(producer))
+    _attr(f, "created_utc", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    _attr(f, "description", (
         "PtychoPINN model bundle: params (/params), eager weights (/models), training history "
         "(/training), compiled graphs (/graphs) and parity vectors (/parity). Every dataset has a "
         "sha256 attribute. Read with ptycho_runtime.load_bundle or ptycho_export.load_torch_bundle."
-    )
+    ))
     for name, version in versions.items():
-        f.attrs[f"{name}_version"] = str(version)
+        _attr(f, f"{name}_version", str(version))
 
 
 def write_bundle(path: str | os.PathLike, params: Mapping[str, Any], models: Mapping[str, ModelRecord],
@@ -120,7 +142,7 @@ def write_bundle(path: str | os.PathLike, params: Mapping[str, Any], models: Map
     scalars, arrays = split_params(params)
     check_writable_params(scalars, arrays)
     target = Path(path)
-    with atomic_h5_write(target) as f:
+    with atomic_h5_write(target, libver=BUNDLE_LIBVER) as f:
         write_header(f, producer, versions)
         pgroup = f.create_group("params")
         write_json(pgroup, "config_json", scalars)
@@ -156,7 +178,8 @@ def write_graphs(path: str | os.PathLike, graphs: Iterable[GraphRecord],
     the old ones as a whole (they are the eager outputs every stored graph is
     checked against, so they are written together with the graphs).
     """
-    with atomic_h5_write(path, copy_existing=True) as f:
+    with atomic_h5_write(path, copy_existing=True, libver=BUNDLE_LIBVER) as f:
+        f.attrs["format_version"] = FORMAT_VERSION  # what is added is written in this version's form
         ggroup = f.require_group("graphs")
         for g in graphs:
             if g.kind not in GRAPH_KINDS or g.model not in MODEL_NAMES:
