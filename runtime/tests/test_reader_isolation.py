@@ -175,3 +175,16 @@ def test_contents_with_untagged_containers_are_refused(tmp_path):
         wire.decode_contents({**body, "training": {"epochs_run": 3}}, arrays, tmp_path)
     with pytest.raises(wire.WireError):
         wire.decode_contents({**body, "history": ["A", len(arrays)]}, arrays, tmp_path)
+
+
+def test_a_relative_path_is_read_from_the_callers_working_directory(tmp_path, monkeypatch):
+    """The parsing process outlives a chdir of its caller (the README example runs in its own folder)."""
+    _bundle(tmp_path)
+    fmt.read_bundle(tmp_path / "wts.h5")  # the child exists, started from another directory
+    monkeypatch.chdir(tmp_path)
+    assert fmt.read_bundle("wts.h5").training == TRAINING
+    with pytest.raises(fmt.BundleNotFoundError, match="No bundle at missing.h5"):
+        fmt.read_bundle("missing.h5")
+    Path("empty.h5").write_bytes(b"")
+    with pytest.raises(fmt.BundleFormatError, match="^empty.h5 is not an HDF5 file"):
+        fmt.read_bundle("empty.h5")

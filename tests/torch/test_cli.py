@@ -110,7 +110,7 @@ def test_inspect_text_and_json(make_bundle, capsys):
     path = make_bundle()
     code, out, _ = run_cli(capsys, "inspect", path)
     assert code == 0
-    assert "ptycho-export-bundle v1" in out
+    assert "ptycho-export-bundle v2" in out
     assert "N=64" in out and "gridsize=1" in out and "n_filters_scale=1" in out
     for name in GRAPHS:
         assert name in out

@@ -63,29 +63,102 @@ def normalization_factor(amplitudes: np.ndarray) -> float:
 # --------------------------------------------------------------------------- reading
 
 
-def _open_npz(path: PathLike) -> Dict[str, np.ndarray]:
-    """Load every array of an NPZ eagerly, turning low-level failures into ValueError."""
+CONTRACT_KEYS = ("diffraction", "diff3d", "probeGuess", "xcoords", "ycoords", "objectGuess", "Y", "scan_index")
+NPY_MAGIC = b"\x93NUMPY"
+READ_PEAK_FACTOR = 6  # peak memory of read_npz_arrays over the arrays' stored bytes (5.2× measured, float32 counts)
+
+
+def _open_npz(path: PathLike) -> tuple[Dict[str, np.ndarray], list[str]]:
+    """Load the contract's arrays of an NPZ, each checked before it is read; → (arrays, every key's name).
+
+    Why not ``np.load``: an NPZ is a zip of ``.npy`` members from a stranger,
+    and numpy allocates what a member's header declares before it reads a
+    byte, then inflates whatever the zip holds. A 3 MB file can declare
+    3 GiB of zeros (a decompression bomb), a 1 MB one 3.6 TiB it does not
+    hold; both ended in a bare MemoryError. So each member's header is read
+    first: it must hold the bytes its shape needs, no object dtype (no
+    pickle), and the arrays together must fit in the memory this machine has
+    available. Keys outside the contract are listed, never read. Every
+    failure is a ValueError naming the key and the fix.
+    """
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"{p} does not exist or is not a file")
     try:
-        loaded = np.load(p, allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        archive = zipfile.ZipFile(p)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        with open(p, "rb") as fh:
+            single = fh.read(len(NPY_MAGIC)) == NPY_MAGIC
+        if single:
+            raise ValueError(f"{p} is a single .npy array, not an NPZ file with named keys") from None
         raise ValueError(f"{p} is not an NPZ file (numpy could not read it: {exc})") from None
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise ValueError(f"{p} is a single .npy array, not an NPZ file with named keys")
-    out: Dict[str, np.ndarray] = {}
-    with loaded:
-        for key in loaded.files:
+    with archive:
+        members = {info.filename[:-4]: info for info in archive.infolist() if info.filename.endswith(".npy")}
+        wanted = {key: _npy_header(p, archive, members[key]) for key in CONTRACT_KEYS if key in members}
+        needed = READ_PEAK_FACTOR * sum(nbytes for _, nbytes in wanted.values())
+        available = _available_memory()
+        if available is not None and needed > 0.75 * available:  # a quarter kept for the host
+            raise ValueError(f"{p}: reading it takes about {needed / 1e9:.1f} GB of memory ({READ_PEAK_FACTOR}× "
+                             f"its arrays' {needed / READ_PEAK_FACTOR / 1e9:.2f} GB), more than ¾ of the "
+                             f"{available / 1e9:.1f} GB this process has available. Split the scan into "
+                             "several files, or read it on a machine with more memory")
+        out: Dict[str, np.ndarray] = {}
+        for key, (info, _) in wanted.items():
             try:
-                out[key] = loaded[key]
-            except ValueError as exc:
-                raise ValueError(
-                    f"{p}: key {key!r} cannot be read without pickle (object arrays are refused: {exc})"
-                ) from None
-            except (OSError, EOFError, zipfile.BadZipFile) as exc:
-                raise ValueError(f"{p}: key {key!r} is corrupt ({exc})") from None
-    return out
+                with archive.open(info) as member:
+                    out[key] = np.lib.format.read_array(member, allow_pickle=False)
+            except MemoryError:
+                raise ValueError(f"{p}: key {key!r} does not fit in this process's memory; split the scan into "
+                                 "several files") from None
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+                raise ValueError(f"{p}: key {key!r} is corrupt ({type(exc).__name__}: {str(exc)[:200]})") from None
+    return out, sorted(members)
+
+
+def _npy_header(p: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[zipfile.ZipInfo, int]:
+    """A member's declared array, checked against the bytes the member holds; → (its entry, its byte count)."""
+    key = info.filename[:-4]
+    try:
+        with archive.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+            else:
+                raise ValueError(f"npy format version {version[0]}.{version[1]} (1.0 and 2.0 are read)")
+            header_bytes = member.tell()
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, NotImplementedError) as exc:
+        raise ValueError(f"{p}: key {key!r} is corrupt or not a numpy array ({str(exc)[:200]})") from None
+    if dtype.hasobject:
+        raise ValueError(f"{p}: key {key!r} cannot be read without pickle (object arrays are refused: it holds "
+                         f"{dtype}); save plain numeric arrays")
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if nbytes > info.file_size - header_bytes:
+        raise ValueError(f"{p}: key {key!r} declares {dtype} {shape} ({nbytes} bytes) but holds only "
+                         f"{info.file_size - header_bytes}: the file is truncated or crafted. Copy it again from "
+                         "its source")
+    return info, nbytes
+
+
+def _available_memory() -> Optional[int]:
+    """Bytes this process can still allocate: MemAvailable, and the headroom under an address-space limit (Linux).
+
+    None where neither can be read (no check then).
+    """
+    found = []
+    try:
+        with open("/proc/meminfo") as fh:
+            found += [int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:")]
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            with open("/proc/self/statm") as fh:
+                found.append(soft - int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, IndexError, ImportError):
+        pass
+    return min(found) if found else None
 
 
 def _describe_bad(values: np.ndarray) -> str:
@@ -102,9 +175,9 @@ def _describe_bad(values: np.ndarray) -> str:
     )
 
 
-def _require(arrays: Mapping[str, np.ndarray], key: str, expected: str) -> np.ndarray:
+def _require(arrays: Mapping[str, np.ndarray], key: str, expected: str, keys: list[str]) -> np.ndarray:
     if key not in arrays:
-        present = ", ".join(sorted(arrays)) or "none"
+        present = ", ".join(keys) or "none"
         raise ValueError(f"NPZ is missing {key!r} (expected {expected}); keys present: {present}")
     return arrays[key]
 
@@ -205,13 +278,13 @@ def read_npz_arrays(path: PathLike, counts: Optional[bool] = None, units: str = 
     if units not in UNITS:
         raise ValueError(f"units must be one of {', '.join(UNITS)} (got {units!r})")
     check_centre(position_centre)
-    arrays = _open_npz(path)
+    arrays, keys = _open_npz(path)
     if "diffraction" in arrays:
         dkey = "diffraction"
     elif "diff3d" in arrays:
         dkey = "diff3d"
     else:
-        present = ", ".join(sorted(arrays)) or "none"
+        present = ", ".join(keys) or "none"
         raise ValueError(
             "NPZ is missing 'diffraction' (or legacy 'diff3d') "
             f"(expected float array of shape (n, N, N)); keys present: {present}"
@@ -272,7 +345,7 @@ def read_npz_arrays(path: PathLike, counts: Optional[bool] = None, units: str = 
 
     out: Dict[str, Any] = {"diffraction": diffraction, "units": units, "nphotons": nphotons}
     for key in ("xcoords", "ycoords"):
-        arr = _require(arrays, key, f"float array of shape (n,) = ({n},)")
+        arr = _require(arrays, key, f"float array of shape (n,) = ({n},)", keys)
         _check_numeric(key, arr, allow_complex=False)
         _check_shape(key, arr.reshape(-1) if arr.ndim == 2 and 1 in arr.shape else arr, (n,), "(n,)")
         arr = arr.reshape(-1).astype(np.float64)
@@ -281,7 +354,8 @@ def read_npz_arrays(path: PathLike, counts: Optional[bool] = None, units: str = 
         out[key] = to_default_centre(arr, N, position_centre)
     check_scan_positions(np.stack([out["xcoords"], out["ycoords"]], axis=1), N)
 
-    probe = _first_probe_mode(_require(arrays, "probeGuess", f"complex array of shape (N, N) = ({N}, {N})"), N, path)
+    probe = _first_probe_mode(_require(arrays, "probeGuess", f"complex array of shape (N, N) = ({N}, {N})", keys), N,
+                         path)
     out["probeGuess"], out["probe_scale"] = normalise_probe(probe, amp, factor)
     if scale_is_relative(out["probe_scale"]):
         log.warning("%s: probeGuess %s", path, out["probe_scale"])

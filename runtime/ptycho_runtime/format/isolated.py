@@ -101,7 +101,6 @@ class _Parser:
         except OSError as exc:
             raise BundleParserUnavailableError(_unavailable(f"{sys.executable} did not start: {exc.strerror}"),
                                                None) from None
-        self.pid = os.getpid()
         outcome = self._receive(START_SECONDS, 0)
         if not (isinstance(outcome, tuple) and outcome[0].get("ready")):
             self.stop()
@@ -172,7 +171,11 @@ def _ask(op: str, p: Path, time_limit_s: Optional[float]) -> tuple[dict[str, Any
     except OSError:
         size = 0  # the parser reports what is wrong with it
     limit = time_limit_s if time_limit_s is not None else _base_seconds() + size / PARSE_BYTES_PER_SECOND
-    request = {"op": op, "path": str(p), "memory_bytes": PARSE_MEMORY_FACTOR * size + 2**30}
+    try:  # the child opens the path from this process's working directory: messages name it as given
+        cwd = os.getcwd()
+    except OSError:
+        cwd, p = None, p.absolute()
+    request = {"op": op, "path": str(p), "cwd": cwd, "memory_bytes": PARSE_MEMORY_FACTOR * size + 2**30}
     with _lock:
         for _attempt in range(2):  # a second time only if the child had died since the last request
             if _parser is not None and _parser.proc.poll() is not None:  # died since the last request
@@ -180,7 +183,12 @@ def _ask(op: str, p: Path, time_limit_s: Optional[float]) -> tuple[dict[str, Any
                 _parser = None
             if _parser is None:
                 _parser = _Parser()
-            outcome = _parser.ask(request, limit, 2 * size + 2**20)
+            try:
+                outcome = _parser.ask(request, limit, 2 * size + 2**20)
+            except BaseException:  # KeyboardInterrupt mid-answer: the rest of it must never be read as the next
+                _parser.stop()
+                _parser = None
+                raise
             if isinstance(outcome, tuple):
                 break
             dead, _parser = _parser, None

@@ -42,6 +42,8 @@ def main() -> None:
 def _answer(request: dict[str, Any]) -> tuple[dict[str, Any], list]:
     path = request["path"]
     try:
+        if request["cwd"] is not None:
+            os.chdir(request["cwd"])
         with _address_space_limit(int(request["memory_bytes"])):
             if request["op"] == "check":
                 check_bundle_file_in_process(path)
