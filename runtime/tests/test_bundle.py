@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import ptycho_runtime as pr
+from ptycho_runtime import format as fmt
 from ptycho_runtime.files.npz import read_npz_arrays
 
 NAMES = ("n64_g1", "n64_g2")
@@ -201,6 +202,19 @@ def test_batch_size_zero_rejected_and_bundle_still_works(bundles):
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         b.reconstruct(scan["diffraction"], pos, batch_size=-3)
     _still_works(b)
+
+
+def test_a_batch_above_the_checked_one_is_split(bundles, monkeypatch):
+    """Graph tensor sizes are proven for batches up to MAX_GRAPH_BATCH (format.graph_sizes): never run larger."""
+    b = bundles["n64_g1"]
+    seen = []
+    run = b._backend.run
+    monkeypatch.setattr(b._backend, "run", lambda x: (seen.append(len(x)), run(x))[1])
+    monkeypatch.setattr(fmt, "MAX_GRAPH_BATCH", 2)
+    x, _ = _eager_parity(b)
+    got = b.predict(x, batch_size=10**6)
+    assert max(seen) == 2 and len(x) > 2
+    np.testing.assert_allclose(got, b.predict(x, batch_size=1), rtol=0, atol=1e-6)
 
 
 def test_predict_batch_size_does_not_change_results(bundles):

@@ -167,7 +167,51 @@ def _onnx_variant(data: bytes, how: str, canary_name: str = "") -> bytes:
         g.node.insert(0, helper.make_node("Loop", ["trip", "cond"], ["loop_out"], body=body))
     elif how == "wrong_io":
         g.input[0].type.tensor_type.shape.dim[2].dim_value = 32
+    elif how in ("expand_bomb", "batch_cubed", "shape_from_data"):
+        _grow_a_side_tensor(g, how)
     return m.SerializeToString()
+
+
+def _grow_a_side_tensor(g, how: str) -> None:
+    """Outputs unchanged (parity passes), but a tensor on the way is huge: onnxruntime would allocate it.
+
+    expand_bomb: the first output, expanded 2^16-fold and summed back (3.2 GB at the parity batch of 3);
+    batch_cubed: a zero added from a [B, B, B, 64, 64] tensor (1 GB at batch 64, 1.1 PB at 4096);
+    shape_from_data: a zero added from a tensor whose shape is computed from the data (harmless here, but a
+    size no check can bound before the graph runs).
+    """
+    from onnx import TensorProto, helper
+
+    out = g.output[0].name
+    for n in g.node:
+        for i, o in enumerate(n.output):
+            if o == out:
+                n.output[i] = out + "_pre"
+    K = 1 << 16
+    const = [helper.make_tensor("k_axes", TensorProto.INT64, [1], [-1]),
+             helper.make_tensor("k_one", TensorProto.FLOAT, [], [1.0]),
+             helper.make_tensor("k_zero", TensorProto.FLOAT, [], [0.0]),
+             helper.make_tensor("k_K", TensorProto.FLOAT, [], [float(K)]),
+             helper.make_tensor("k_shape", TensorProto.INT64, [5], [1, 1, 1, 1, K]),
+             helper.make_tensor("k_idx", TensorProto.INT64, [1], [0]),
+             helper.make_tensor("k_tail", TensorProto.INT64, [2], [64, 64]),
+             helper.make_tensor("k_ones2", TensorProto.INT64, [2], [1, 1])]
+    g.initializer.extend(const)
+    make = helper.make_node
+    if how == "expand_bomb":
+        nodes = [make("Unsqueeze", [out + "_pre", "k_axes"], ["u"]), make("Expand", ["u", "k_shape"], ["e"]),
+                 make("ReduceSum", ["e", "k_axes"], ["r"], keepdims=0), make("Div", ["r", "k_K"], [out])]
+    else:
+        if how == "batch_cubed":
+            nodes = [make("Shape", [g.input[0].name], ["s"]), make("Gather", ["s", "k_idx"], ["b"]),
+                     make("Concat", ["b", "b", "b", "k_tail"], ["big_shape"], axis=0)]
+        else:
+            nodes = [make("ReduceSum", [out + "_pre"], ["total"], keepdims=0),
+                     make("Mul", ["total", "k_zero"], ["nothing"]), make("Cast", ["nothing"], ["n"], to=7),
+                     make("Add", ["n", "k_ones2"], ["big_shape"])]
+        nodes += [make("Expand", ["k_one", "big_shape"], ["e"]), make("ReduceSum", ["e"], ["r"], keepdims=0),
+                  make("Mul", ["r", "k_zero"], ["z"]), make("Add", [out + "_pre", "z"], [out])]
+    g.node.extend(nodes)
 
 
 def _zip_replace(data: bytes, member_suffix: str, new: bytes | None, compress: int = zipfile.ZIP_STORED,
@@ -378,6 +422,9 @@ def make_cases(legit: Path, out_dir: Path, canary_dir: Path) -> list[Case]:
             f, "onnx", "diffraction_to_obj", _onnx_variant(d2o_onnx, "loop")), must=SESSION_READERS)
         case("onnx_wrong_io", "onnx", lambda f: _set_graph(
             f, "onnx", "diffraction_to_obj", _onnx_variant(d2o_onnx, "wrong_io")), must=SESSION_READERS)
+        for how in ("expand_bomb", "batch_cubed", "shape_from_data"):
+            case(f"onnx_{how}", "onnx", lambda f, how=how: _set_graph(
+                f, "onnx", "diffraction_to_obj", _onnx_variant(d2o_onnx, how)), must=SESSION_READERS)
         case("onnx_garbage", "onnx", lambda f: _set_graph(f, "onnx", "diffraction_to_obj", os.urandom(4096)),
              must=SESSION_READERS)
         case("torchscript_evil_pickle", "torchscript", lambda f: _set_graph(

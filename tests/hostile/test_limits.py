@@ -24,15 +24,18 @@ def test_weight_limit_covers_the_largest_architecture(N, nfs):
         assert len(model.state_dict()) <= fmt.MAX_TENSORS_PER_MODEL
 
 
-def test_onnx_allow_list_covers_the_exporter():
-    """Graphs exported for gridsize 2, real_imag, softplus (the widest op set) pass the runtime's checks."""
+@pytest.mark.parametrize("N,gridsize,mode,activation", [(64, 2, "real_imag", "softplus"), (128, 1, "amp_phase",
+                                                                                            "sigmoid")])
+def test_onnx_allow_list_covers_the_exporter(N, gridsize, mode, activation):
+    """Graphs exported for gridsize 2, real_imag, softplus (the widest op set), and for N=128, gridsize 1 (the
+    largest tensors per pattern: format.graph_sizes), pass the runtime's checks."""
     from ptycho_export import params
     from ptycho_export.export import compile_graphs, eager_outputs, parity_inputs
     from ptycho_export.model import create_torch_model_with_gridsize
 
-    p = {**params.cfg, "N": 64, "gridsize": 2, "n_filters_scale": 1, "output_mode": "real_imag",
-         "amp_activation": "softplus"}
-    models = create_torch_model_with_gridsize(2, 64, p)
+    p = {**params.cfg, "N": N, "gridsize": gridsize, "n_filters_scale": 1, "output_mode": mode,
+         "amp_activation": activation}
+    models = create_torch_model_with_gridsize(gridsize, N, p)
     for m in models.values():
         m.eval()
     p["intensity_scale"] = float(models["diffraction_to_obj"].scaler.scale().detach())

@@ -9,6 +9,7 @@ from typing import Any, Callable, Mapping
 
 from .checks import graph_io, short
 from .errors import BundleError, BundleFormatError, BundleParamsError, BundleUnsafeError, fix_damaged
+from .graph_sizes import check_onnx_sizes
 from .schema import (
     MAX_ZIP_ENTRIES,
     ONNX_ALLOWED_DOMAINS,
@@ -25,9 +26,9 @@ def check_onnx_graph(data: bytes, kind_model: tuple[str, str], params: Mapping[s
     Refused: external-data tensors (onnxruntime would open files relative to
     the working directory), functions, training info, operator domains other
     than the standard one, ops outside ``ONNX_ALLOWED_OPS`` (no Loop, Scan,
-    If: no unbounded control flow), attributes holding subgraphs, and
-    inputs/outputs whose names, element types or shapes differ from what the
-    params require (``graph_io``).
+    If: no unbounded control flow), attributes holding subgraphs, tensors that
+    could outgrow the model (``graph_sizes``), and inputs/outputs whose names,
+    element types or shapes differ from what the params require (``graph_io``).
     """
     _, model = kind_model
     where = f"/graphs/onnx/{model}/bytes"
@@ -77,6 +78,7 @@ def check_onnx_graph(data: bytes, kind_model: tuple[str, str], params: Mapping[s
                 check_tensor(t)
             if a.HasField("sparse_tensor") or len(a.sparse_tensors):
                 raise unsafe("has sparse tensor attributes")
+    check_onnx_sizes(m, params, unsafe)
     inputs, outputs = graph_io("onnx", model, params)
     init_names = {t.name for t in g.initializer}
     for label, declared, expected in (("inputs", [v for v in g.input if v.name not in init_names], inputs),

@@ -85,16 +85,24 @@ MAX_ZIP_ENTRIES = 10_000
 TORCHSCRIPT_PICKLE_GLOBALS = re.compile(r"^(torch\._utils\._rebuild_\w+|torch\.\w*Storage|collections\.OrderedDict"
                                         r"|torch\.jit\._pickle\.\w+|__torch__(\.\w+)+|torch\.(device|Size)"
                                         r"|torch\._tensor\._rebuild_from_type_v2|builtins\.(set|frozenset))$")
-# ONNX: the ops torch.onnx.export(dynamo=True) emits for our two models, collected over gridsize 1-3, both output
-# modes, every amp_activation, object.big/probe.big/probe.mask variants (+ Constant, Identity, Cast,
+# ONNX: the ops torch.onnx.export(dynamo=True) emits for our two models, collected over N 64-256 (the autoencoder
+# transposes from N=128), gridsize 1-3, both output modes, every amp_activation, object.big/probe.big/probe.mask
+# variants (+ Constant, Identity, Cast,
 # which other exporter versions may add). No control flow (Loop/Scan/If), nothing that makes shapes from data
 # (ConstantOfShape, Range, Tile). tests/hostile/test_limits.py pins the exporter's output to this list.
 ONNX_ALLOWED_DOMAINS = ("", "ai.onnx")
 ONNX_ALLOWED_OPS = frozenset("""
     Add Cast Clip Concat Constant Conv Cos Div Expand Gather Greater GridSample Identity MatMul MaxPool Mul Neg Pad
-    ReduceSum Relu Reshape Resize Shape Sigmoid Sin Slice Softplus Sqrt Squeeze Sub Tanh Unsqueeze Where
+    ReduceSum Relu Reshape Resize Shape Sigmoid Sin Slice Softplus Sqrt Squeeze Sub Tanh Transpose Unsqueeze Where
 """.split())
 ONNX_ELEM_FLOAT = 1
+# ONNX tensor sizes (format.graph_sizes): bounded for batches 1..MAX_GRAPH_BATCH (the runtime never runs a larger
+# one), per pattern, in units of C·N²·n_filters_scale elements; the exporter's graphs reach 32 and 471 (N 64–256,
+# gridsize 1–3, both output modes)
+MAX_GRAPH_BATCH = 4096
+ONNX_TENSOR_FACTOR = 128
+ONNX_TOTAL_FACTOR = 2048
+MAX_ONNX_NODES = 2048                  # the exporter's largest graph has 160
 # The opset ptycho-export writes ONNX graphs at (torch.export's exporter needs 18 or newer). Defined here, torch-free,
 # so the CLI's --help shows it without importing the exporter.
 DEFAULT_OPSET = 20

@@ -447,7 +447,7 @@ class Bundle:
         bs = self.default_batch_size() if batch_size is None else int(batch_size)  # 0 is an error, not 'default'
         if bs < 1:
             raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
-        return bs
+        return min(bs, fmt.MAX_GRAPH_BATCH)  # the graphs' tensor sizes are checked up to it (format.graph_sizes)
 
     def group(self, diffraction: np.ndarray, positions: np.ndarray, counts: Optional[bool] = None,
               groups: str = "all") -> tuple[np.ndarray, np.ndarray]:
