@@ -6,7 +6,7 @@ HDF5 version) has a zeroed object header sends it into a loop that no Python
 code can interrupt: random fuzzing of a real bundle found one such file in
 250. Crafted files have crashed it too (its CVE list is long). The reader
 policy cannot help from inside the loop, so the parse runs in a long-lived
-child (``format.worker``, started on first use, one per process) under a
+child (``format.parser_process``, started on first use, one per process) under a
 time limit (``PARSE_SECONDS`` plus one second per ``PARSE_BYTES_PER_SECOND``
 of file) and a memory limit (``PARSE_MEMORY_FACTOR`` × the file + 1 GiB).
 Past either, the child is killed and the caller gets a ``BundleFormatError``;
@@ -87,13 +87,13 @@ def close_parser() -> None:
 
 
 class _Parser:
-    """One ``format.worker`` process and its pipes; used under ``_lock``, one request at a time."""
+    """One ``format.parser_process`` process and its pipes; used under ``_lock``, one request at a time."""
 
     def __init__(self) -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                "HDF5_PLUGIN_PRELOAD": "::"}  # "::" = load no HDF5 filter plugin (the format uses no filter)
         code = (f"import sys; sys.path[:] = [{_PACKAGE_ROOT!r}] + [p for p in sys.path if p not in ('', '.')]; "
-                "from ptycho_runtime.format.worker import main; main()")
+                "from ptycho_runtime.format.parser_process import main; main()")
         flags = ["-P"] if sys.version_info >= (3, 11) else []  # -P: the working directory is not on sys.path
         try:
             self.proc = subprocess.Popen([sys.executable, *flags, "-c", code], stdin=subprocess.PIPE,

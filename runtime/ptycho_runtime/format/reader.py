@@ -1,7 +1,7 @@
 """The one parser of the format, under the reader policy (see ``format.schema``), run in the parsing process.
 
 ``read_bundle_in_process`` and ``check_bundle_file_in_process`` run libhdf5
-in the calling process, so only ``format.worker`` calls them; everyone else
+in the calling process, so only ``format.parser_process`` calls them; everyone else
 calls ``format.read_bundle`` / ``check_bundle_file`` (``format.isolated``),
 which run them in that child under a time and memory limit.
 """

@@ -1,7 +1,7 @@
 """How the bundle-parsing process hands its result back: frames of JSON and raw array bytes, never a pickle.
 
 ``format.isolated`` runs libhdf5 over a stranger's file in a child process
-(``format.worker``). What comes back crossed from a process that parsed
+(``format.parser_process``). What comes back crossed from a process that parsed
 hostile bytes, so it is decoded as data only: one length-prefixed JSON
 header, then each array's raw bytes. Every container in the header is tagged
 (``["D", pairs]``, ``["L", items]``, ``["A", index]``, ``["B", index]``), so

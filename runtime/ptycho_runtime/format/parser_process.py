@@ -1,6 +1,6 @@
 """The bundle-parsing process: reads requests on stdin, parses each file with libhdf5 here, answers in frames.
 
-Started by ``format.isolated`` (``python -c "from ptycho_runtime.format.worker
+Started by ``format.isolated`` (``python -c "from ptycho_runtime.format.parser_process
 import main; main()"``) and nothing else. A damaged or crafted file can make
 libhdf5 loop or crash; here that costs only this process, which the caller
 kills after its time limit. Each request runs under an address-space limit
