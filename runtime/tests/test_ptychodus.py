@@ -347,3 +347,29 @@ def test_old_module_paths_still_work_with_a_warning():
     from ptycho_runtime.ptychodus.__main__ import main as old_main
 
     assert old_main is main
+
+
+def test_a_product_file_that_makes_libhdf5_loop_is_a_value_error(scan_dir, tmp_path, monkeypatch):
+    """ptychodus reads its files with libhdf5 in this process; the parsing process reads them first.
+
+    The product's name attribute is a variable-length string in the unchecksummed global heap; with that heap
+    object's header zeroed, libhdf5 loops forever inside ptychodus's ``load_product``.
+    """
+    import struct
+
+    import h5py
+
+    product = tmp_path / "product.h5"
+    shutil.copyfile(scan_dir / "product.h5", product)
+    name = "a product name to find in the heap"
+    with h5py.File(product, "r+") as f:
+        f.attrs["name"] = name
+    raw = bytearray(product.read_bytes())
+    at = raw.find(struct.pack("<Q", len(name)) + name.encode())
+    assert at >= 8
+    raw[at - 8:at + 8] = bytes(16)  # the heap object's index, references, reserved and size
+    product.write_bytes(raw)
+    monkeypatch.setenv("PTYCHO_RUNTIME_PARSE_SECONDS", "2")
+    with pytest.raises(ValueError, match=r"parsing .*product.h5 and .*diffraction.h5 took longer than 2 s"):
+        read_input(product, scan_dir / "diffraction.h5")
+    assert read_input(scan_dir / "product.h5", scan_dir / "diffraction.h5").product.metadata.name == "sim"

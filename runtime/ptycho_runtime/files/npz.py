@@ -34,6 +34,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 import numpy as np
 
 from ..format import atomic_write_path
+from ..format.isolated import available_memory
 from ..reconstruction.geometry import DEFAULT_CENTRE, check_centre, to_default_centre
 from ..reconstruction.inputs import check_scan_positions
 from ..reconstruction.probe_scale import normalise_probe, scale_is_relative
@@ -96,7 +97,7 @@ def _open_npz(path: PathLike) -> tuple[Dict[str, np.ndarray], list[str]]:
         members = {info.filename[:-4]: info for info in archive.infolist() if info.filename.endswith(".npy")}
         wanted = {key: _npy_header(p, archive, members[key]) for key in CONTRACT_KEYS if key in members}
         needed = READ_PEAK_FACTOR * sum(nbytes for _, nbytes in wanted.values())
-        available = _available_memory()
+        available = available_memory()
         if available is not None and needed > 0.75 * available:  # a quarter kept for the host
             raise ValueError(f"{p}: reading it takes about {needed / 1e9:.1f} GB of memory ({READ_PEAK_FACTOR}× "
                              f"its arrays' {needed / READ_PEAK_FACTOR / 1e9:.2f} GB), more than ¾ of the "
@@ -139,26 +140,6 @@ def _npy_header(p: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> tup
                          f"{info.file_size - header_bytes}: the file is truncated or crafted. Copy it again from "
                          "its source")
     return info, nbytes
-
-
-def _available_memory() -> Optional[int]:
-    """Bytes this process can still allocate: MemAvailable, and the headroom under an address-space limit (Linux).
-
-    None where neither can be read (no check then).
-    """
-    found = []
-    try:
-        with open("/proc/meminfo") as fh:
-            found += [int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:")]
-        import resource
-
-        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
-        if soft != resource.RLIM_INFINITY:
-            with open("/proc/self/statm") as fh:
-                found.append(soft - int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE"))
-    except (OSError, ValueError, IndexError, ImportError):
-        pass
-    return min(found) if found else None
 
 
 def _describe_bad(values: np.ndarray) -> str:

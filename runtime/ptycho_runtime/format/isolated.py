@@ -1,4 +1,4 @@
-"""``read_bundle`` and ``check_bundle_file``: libhdf5 parses a stranger's file in a child process, never in yours.
+"""``read_bundle`` and ``check_bundle_file``: libhdf5 parses a stranger's file in a child process first.
 
 Why: libhdf5 is C and follows the file's own metadata. A bundle whose
 global heap (where variable-length strings live; it has no checksum in any
@@ -14,6 +14,8 @@ the next read starts a fresh child (≈ 0.5 s). The result comes back as JSON
 and raw array bytes (``format.wire``), never pickled. A forked process
 starts its own child instead of sharing its parent's.
 
+``check_in_parser`` runs another library's reader there first (ptychodus's
+HDF5 files), under the same time limit and ¾ of the available memory.
 ``PTYCHO_RUNTIME_PARSE_SECONDS`` in the environment replaces the base time
 limit (a host that must fail faster on a damaged file; the hostile tests).
 """
@@ -27,7 +29,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -163,19 +165,104 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_parser_after_fork)
 
 
+def check_in_parser(target: str, paths: Sequence[str | os.PathLike], *,
+                    time_limit_s: Optional[float] = None) -> None:
+    """Run a reader that is not ours (``"module:function"``, called with ``paths``) in the parsing process first.
+
+    For files from strangers that another library parses with libhdf5 in this
+    process (ptychodus's product and diffraction files): libhdf5 parses the
+    same bytes the same way, so when the child finishes within the limit, the
+    caller's own parse will too, and a loop, a crash or an allocation past
+    ``¾`` of the available memory ends in the child instead. Raises what the
+    reader raised there (``FileNotFoundError`` or ``ValueError``, same
+    message), or a ``ValueError`` naming the files on a timeout or crash.
+    """
+    sizes = []
+    for path in paths:
+        try:
+            sizes.append(os.stat(path).st_size)
+        except OSError:
+            sizes.append(0)
+    named = " and ".join(str(p) for p in paths)
+    limit = time_limit_s if time_limit_s is not None else _base_seconds() + sum(sizes) / PARSE_BYTES_PER_SECOND
+    available = available_memory()
+    memory = int(0.75 * available) if available is not None else PARSE_MEMORY_FACTOR * sum(sizes) + 2**30
+    outcome, code = _exchange({"op": "call", "target": target, "paths": [os.fspath(p) for p in paths],
+                               "memory_bytes": memory}, limit, 0)
+    if outcome == "timeout":
+        raise ValueError(f"parsing {named} took longer than {limit:.0f} s; a file is damaged or crafted to make "
+                         f"the HDF5 library loop (on a machine too busy to parse it in time, raise "
+                         f"{PARSE_SECONDS_ENV})")
+    if isinstance(outcome, EOFError):
+        raise ValueError(f"the HDF5 library crashed while parsing {named} ({_how(code)}); a file is damaged or "
+                         "crafted")
+    if not isinstance(outcome, tuple):
+        raise ValueError(f"the process that parses {named} returned a malformed answer; a file is damaged or "
+                         "crafted")
+    header = outcome[0]
+    if header.get("ok") is not True:
+        message = header.get("message") if isinstance(header.get("message"), str) else f"{named} is unreadable"
+        raise (FileNotFoundError if header.get("error") == "FileNotFoundError" else ValueError)(message)
+
+
+def available_memory() -> Optional[int]:
+    """Bytes this process can still allocate: MemAvailable, and the headroom under an address-space limit (Linux).
+
+    None where neither can be read.
+    """
+    found = []
+    try:
+        with open("/proc/meminfo") as fh:
+            found += [int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:")]
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            with open("/proc/self/statm") as fh:
+                found.append(soft - int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, IndexError, ImportError):
+        pass
+    return min(found) if found else None
+
+
 def _ask(op: str, p: Path, time_limit_s: Optional[float]) -> tuple[dict[str, Any], list[np.ndarray]]:
-    """One request to the parsing process; its ``BundleError`` re-raised here, a timeout or crash as one."""
-    global _parser
+    """One bundle request to the parsing process; its ``BundleError`` re-raised here, a timeout or crash as one."""
     try:
         size = p.stat().st_size
     except OSError:
         size = 0  # the parser reports what is wrong with it
     limit = time_limit_s if time_limit_s is not None else _base_seconds() + size / PARSE_BYTES_PER_SECOND
-    try:  # the child opens the path from this process's working directory: messages name it as given
-        cwd = os.getcwd()
-    except OSError:
-        cwd, p = None, p.absolute()
-    request = {"op": op, "path": str(p), "cwd": cwd, "memory_bytes": PARSE_MEMORY_FACTOR * size + 2**30}
+    request = {"op": op, "path": str(p), "memory_bytes": PARSE_MEMORY_FACTOR * size + 2**30}
+    outcome, code = _exchange(request, limit, 2 * size + 2**20)
+    if outcome == "timeout":
+        raise BundleFormatError(
+            f"{p}: parsing its HDF5 structure took longer than {limit:.0f} s, the limit for a file of "
+            f"{size / 1e6:.1f} MB; the file is damaged or crafted to make the HDF5 library loop. "
+            f"{fix_damaged(p)} (On a machine too busy to parse it in time, raise {PARSE_SECONDS_ENV}.)", p)
+    if isinstance(outcome, EOFError):
+        raise BundleFormatError(f"{p}: the HDF5 library crashed while parsing it ({_how(code)}); the file is "
+                                f"damaged or crafted. {fix_damaged(p)}", p)
+    if not isinstance(outcome, tuple):
+        raise _malformed_answer(p)
+    header, arrays = outcome
+    if header.get("ok") is not True:
+        raise decode_error(header)
+    return header, arrays
+
+
+def _exchange(request: dict[str, Any], limit: float, max_array_bytes: int) -> tuple[Any, Optional[int]]:
+    """One request → (the answer, or "timeout", or the exception that ended it; a dead child's exit code).
+
+    The caller's working directory travels with it: the child opens paths as given.
+    """
+    global _parser
+    try:
+        request = {**request, "cwd": os.getcwd()}
+    except OSError:  # no working directory: paths as absolute ones
+        request = {**request, "cwd": None,
+                   **({"path": os.path.abspath(request["path"])} if "path" in request else {}),
+                   **({"paths": [os.path.abspath(q) for q in request["paths"]]} if "paths" in request else {})}
+    code = None
     with _lock:
         for _attempt in range(2):  # a second time only if the child had died since the last request
             if _parser is not None and _parser.proc.poll() is not None:  # died since the last request
@@ -184,7 +271,7 @@ def _ask(op: str, p: Path, time_limit_s: Optional[float]) -> tuple[dict[str, Any
             if _parser is None:
                 _parser = _Parser()
             try:
-                outcome = _parser.ask(request, limit, 2 * size + 2**20)
+                outcome = _parser.ask(request, limit, max_array_bytes)
             except BaseException:  # KeyboardInterrupt mid-answer: the rest of it must never be read as the next
                 _parser.stop()
                 _parser = None
@@ -194,24 +281,14 @@ def _ask(op: str, p: Path, time_limit_s: Optional[float]) -> tuple[dict[str, Any
             dead, _parser = _parser, None
             if outcome != "timeout":
                 dead.stop()
+            code = dead.proc.returncode
             if not isinstance(outcome, OSError):
                 break
-    if outcome == "timeout":
-        raise BundleFormatError(
-            f"{p}: parsing its HDF5 structure took longer than {limit:.0f} s, the limit for a file of "
-            f"{size / 1e6:.1f} MB; the file is damaged or crafted to make the HDF5 library loop. "
-            f"{fix_damaged(p)} (On a machine too busy to parse it in time, raise {PARSE_SECONDS_ENV}.)", p)
-    if isinstance(outcome, EOFError):
-        code = dead.proc.returncode
-        how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-        raise BundleFormatError(f"{p}: the HDF5 library crashed while parsing it ({how}); the file is damaged "
-                                f"or crafted. {fix_damaged(p)}", p)
-    if not isinstance(outcome, tuple):
-        raise _malformed_answer(p)
-    header, arrays = outcome
-    if header.get("ok") is not True:
-        raise decode_error(header)
-    return header, arrays
+    return outcome, code
+
+
+def _how(code: Optional[int]) -> str:
+    return f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
 
 
 def _base_seconds() -> float:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 import json
 import os
 import signal
@@ -40,10 +41,12 @@ def main() -> None:
 
 
 def _answer(request: dict[str, Any]) -> tuple[dict[str, Any], list]:
+    if request["cwd"] is not None:
+        os.chdir(request["cwd"])
+    if request["op"] == "call":
+        return _call(request)
     path = request["path"]
     try:
-        if request["cwd"] is not None:
-            os.chdir(request["cwd"])
         with _address_space_limit(int(request["memory_bytes"])):
             if request["op"] == "check":
                 check_bundle_file_in_process(path)
@@ -56,6 +59,25 @@ def _answer(request: dict[str, Any]) -> tuple[dict[str, Any], list]:
         return encode_error(BundleFormatError(
             f"{path} could not be parsed ({type(exc).__name__}); it is damaged, or declares more than it holds. "
             f"{fix_damaged(path)}", path)), []
+
+
+def _call(request: dict[str, Any]) -> tuple[dict[str, Any], list]:
+    """Another library's reader (``format.isolated.check_in_parser``): only whether it raised, and what."""
+    module, _, name = request["target"].partition(":")
+    try:
+        reader = getattr(importlib.import_module(module), name)
+        with _address_space_limit(int(request["memory_bytes"])):
+            reader(*request["paths"])
+        return {"ok": True}, []
+    except FileNotFoundError as exc:
+        return {"ok": False, "error": "FileNotFoundError", "message": str(exc)}, []
+    except ValueError as exc:
+        return {"ok": False, "error": "ValueError", "message": str(exc)}, []
+    except Exception as exc:  # noqa: BLE001 - MemoryError past the limit, or what the reader did not expect
+        named = " and ".join(request["paths"])
+        return {"ok": False, "error": "ValueError",
+                "message": f"{named} could not be read ({type(exc).__name__}); a file is damaged, or declares "
+                           "more than this machine's memory"}, []
 
 
 @contextlib.contextmanager

@@ -209,10 +209,10 @@ class StreamRefinement:
                     if exc.partial is not None:
                         self._publish(exc.partial.reconstruction.object, exc.partial.probe, exc.partial.record)
                     break
-                self.sweeps_since_add += 1
-                done += 1
                 obj = self._fit_phase_field(result.reconstruction.object, result.probe)
-                self._publish(obj, result.probe, result.record)
+                self._publish(obj, result.probe, result.record, self.sweeps_since_add + 1)
+                self.sweeps_since_add += 1  # after the publish: a sweep no longer owed is one a snapshot shows
+                done += 1
                 if self.settings.progress is not None:
                     self.settings.progress(self.sweeps_since_add, self.settings.sweeps)
         return done
@@ -255,7 +255,9 @@ class StreamRefinement:
         log.warning("the streamed object fits the frames %.1f× worse than their Poisson noise explains (probe: "
                     "%s): do not trust it as it is; %s", fit, self.probe_source, fix)
 
-    def _publish(self, obj: np.ndarray, probe: np.ndarray, engine_record: dict[str, Any]) -> None:
+    def _publish(self, obj: np.ndarray, probe: np.ndarray, engine_record: dict[str, Any],
+                 sweeps: Optional[int] = None) -> None:
+        """Make ``obj`` the picture ``apply`` shows; ``sweeps``: since the last frames arrived (default: as counted)."""
         r = self._refiner
         self._wall_s += float(engine_record.get("wall_s", 0.0))
         fit = self._fit_over_floor()
@@ -263,7 +265,7 @@ class StreamRefinement:
         record = {k: v for k, v in engine_record.items() if k != "misfit"}
         record.update({
             "wall_s": self._wall_s,
-            "sweeps": self.sweeps_since_add, "sweeps_requested": self.settings.sweeps,
+            "sweeps": self.sweeps_since_add if sweeps is None else sweeps, "sweeps_requested": self.settings.sweeps,
             "sweeps_total": r.sweeps_run, "frames": r.n_frames, "streamed": True,
             "cancelled": self.cancelled or bool(engine_record.get("cancelled")),
             "start": self._choice, "start_rule": self.settings.start, "start_misfit": dict(self._start_misfit),

@@ -23,6 +23,7 @@ from ptychodus.api.product import Product
 from ptychodus.api.reconstruct import ReconstructInput, prepare_reconstruct_input
 
 from ...format import atomic_write_path
+from ...format.isolated import check_in_parser
 from ...inference.compatibility import HostPhysics
 from ...reconstruction.geometry import ObjectGrid
 from ...reconstruction.stitching import Reconstruction
@@ -115,10 +116,20 @@ def read_input(product_path: PathLike, patterns_path: PathLike) -> ReconstructIn
 
     Patterns and positions are paired by scan index (``prepare_reconstruct_input``).
     ``FileNotFoundError`` or ``ValueError`` (naming the file) when a file is missing or not ptychodus's.
+    The files come from strangers and ptychodus reads them with libhdf5, so
+    the same read runs first in the parsing process (``format.isolated.check_in_parser``):
+    a file that makes libhdf5 loop, crash or allocate past the memory there
+    is a ``ValueError`` before this process reads it.
     """
     for label, path in (("product", product_path), ("diffraction", patterns_path)):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no ptychodus {label} file at {path}")
+    check_in_parser(f"{__name__}:read_input_in_process", [product_path, patterns_path])
+    return read_input_in_process(product_path, patterns_path)
+
+
+def read_input_in_process(product_path: PathLike, patterns_path: PathLike) -> ReconstructInput:
+    """``read_input`` without the parsing process: what that process runs (and this one, once it finished)."""
     try:
         product = load_product(os.fspath(product_path))
     except (KeyError, OSError, ValueError, TypeError) as exc:
