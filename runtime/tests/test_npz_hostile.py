@@ -62,8 +62,30 @@ def test_a_decompression_bomb_is_refused_before_it_is_inflated(tmp_path, monkeyp
     bomb = _write(tmp_path / "bomb.npz", {**_scan(), "diffraction": (_header((100, 512, 512), "<f4"), 100 * 2**20)},
                   zipfile.ZIP_DEFLATED)
     assert bomb.stat().st_size < 2**20  # 100 MiB of zeros in under 1 MiB
-    with pytest.raises(ValueError, match=r"reading it takes about 0\.6 GB of memory \(6× its arrays' 0\.1"):
+    with pytest.raises(ValueError, match=r"reading it takes about 0\.8 GB of memory \(its arrays' 0\.10 GB and "
+                                         r"28 bytes per diffraction value"):
         read_npz_arrays(bomb)
+
+
+def test_a_negative_dimension_cannot_cancel_a_bomb(tmp_path, monkeypatch):
+    """numpy's header parser accepts a negative shape; its negative byte count once offset the bomb's."""
+    monkeypatch.setattr(npz, "available_memory", lambda: 64 * 2**20)
+    path = _write(tmp_path / "negative.npz", {**_scan(), "diffraction": (_header((100, 512, 512), "<f4"), 100 * 2**20),
+                                              "xcoords": (_header((-10**12,), "<f8"), 16)}, zipfile.ZIP_DEFLATED)
+    with pytest.raises(ValueError, match=r"key 'xcoords' declares the shape \(-1000000000000,\), with a negative"):
+        read_npz_arrays(path)
+
+
+def test_an_encrypted_member_is_refused_before_zipfile_asks_for_a_password(tmp_path):
+    path = _write(tmp_path / "encrypted.npz", _scan())
+    raw = bytearray(path.read_bytes())
+    entry = raw.find(b"PK\x01\x02")  # the central directory's first entry
+    while raw[entry + 46:entry + 46 + len(b"xcoords.npy")] != b"xcoords.npy":
+        entry = raw.find(b"PK\x01\x02", entry + 4)
+    raw[entry + 8] |= 0x1  # general-purpose flag bit 0: encrypted
+    path.write_bytes(raw)
+    with pytest.raises(ValueError, match="key 'xcoords' is encrypted or compressed in a way numpy never writes"):
+        read_npz_arrays(path, units="counts")
 
 
 def test_a_member_that_declares_more_than_it_holds_is_refused(tmp_path):

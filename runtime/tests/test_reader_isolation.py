@@ -143,6 +143,12 @@ def test_a_host_that_cannot_start_the_parser_gets_a_bundle_error(tmp_path, monke
         fmt.read_bundle(path)
     monkeypatch.undo()
     assert fmt.read_bundle(path).training == TRAINING
+    fmt.close_parser()
+    monkeypatch.setattr(sys, "frozen", True, raising=False)  # sys.executable would be the application itself
+    with pytest.raises(fmt.BundleParserUnavailableError, match="frozen application"):
+        fmt.read_bundle(path)
+    monkeypatch.undo()
+    assert fmt.read_bundle(path).training == TRAINING
 
 
 def _frame(header: dict, payload: bytes = b"") -> io.BytesIO:
@@ -175,6 +181,80 @@ def test_contents_with_untagged_containers_are_refused(tmp_path):
         wire.decode_contents({**body, "training": {"epochs_run": 3}}, arrays, tmp_path)
     with pytest.raises(wire.WireError):
         wire.decode_contents({**body, "history": ["A", len(arrays)]}, arrays, tmp_path)
+    twice = ["D", [["x", ["B", 0]], ["y", ["B", 0]]]]  # one array copied twice: a few bytes of JSON, n × the memory
+    with pytest.raises(wire.WireError, match="already used"):
+        wire.decode_contents({**body, "training": twice}, arrays, tmp_path)
+
+
+def test_time_limits_that_are_not_a_positive_number(tmp_path, monkeypatch):
+    path = _bundle(tmp_path)
+    assert fmt.read_bundle(path, time_limit_s=float("inf")).training == TRAINING  # no limit, not an OverflowError
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(ValueError, match="time_limit_s must be a number of seconds > 0"):
+            fmt.read_bundle(path, time_limit_s=bad)
+    for value in ("inf", "nan", "-3", "soon"):  # the environment's base: the default instead
+        monkeypatch.setenv(isolated.PARSE_SECONDS_ENV, value)
+        assert fmt.read_bundle(path).training == TRAINING
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_fork_while_a_read_is_waiting_does_not_hang_the_child(tmp_path):
+    """The reader thread blocks in the pipe's read; a forked child must not wait for anything it holds."""
+    import threading
+
+    path = _bundle(tmp_path)
+    looping = _heap_loop_copy(path)
+    errors = []
+    waiting = threading.Thread(target=lambda: errors.append(pytest.raises(fmt.BundleFormatError, fmt.read_bundle,
+                                                                          looping, time_limit_s=4)))
+    waiting.start()
+    time.sleep(1.0)  # the request is out, the reader thread in read()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        ok = False
+        try:
+            ok = fmt.read_bundle(path).training == TRAINING
+        finally:
+            os.write(w, b"1" if ok else b"0")
+            os._exit(0)
+    os.close(w)
+    ready, _, _ = select.select([r], [], [], 60)
+    answer = os.read(r, 1) if ready else b"timeout"
+    os.close(r)
+    if answer == b"timeout":
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    waiting.join()
+    assert answer == b"1" and len(errors) == 1
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the CPU-time limit is checked through /proc")
+def test_the_parsing_process_ends_by_itself_when_its_caller_dies_mid_loop(tmp_path):
+    """A caller killed while libhdf5 loops leaves no child spinning: its CPU-time limit (2 × the limit + 10 s)."""
+    import subprocess
+
+    looping = _heap_loop_copy(_bundle(tmp_path))
+    code = ("import os, sys, threading, time\n"
+            "from ptycho_runtime import format as fmt\nfrom ptycho_runtime.format import isolated\n"
+            "threading.Thread(target=fmt.read_bundle, args=(sys.argv[1],), kwargs={'time_limit_s': 1},"
+            " daemon=True).start()\n"
+            "while isolated._parser is None: time.sleep(0.05)\n"
+            "time.sleep(0.5)\nprint(isolated._parser.proc.pid, flush=True)\nos._exit(0)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(looping)], capture_output=True, text=True, timeout=60)
+    child = int(out.stdout.split()[0])
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().split(")")[-1].split()[0]
+        except OSError:
+            break  # gone
+        if state == "Z":
+            break  # ended, not yet reaped
+        time.sleep(0.5)
+    else:
+        os.kill(child, signal.SIGKILL)
+        pytest.fail(f"the parsing process {child} still ran 40 s after its caller died")
 
 
 def test_a_relative_path_is_read_from_the_callers_working_directory(tmp_path, monkeypatch):

@@ -167,7 +167,7 @@ def _onnx_variant(data: bytes, how: str, canary_name: str = "") -> bytes:
         g.node.insert(0, helper.make_node("Loop", ["trip", "cond"], ["loop_out"], body=body))
     elif how == "wrong_io":
         g.input[0].type.tensor_type.shape.dim[2].dim_value = 32
-    elif how in ("expand_bomb", "batch_cubed", "shape_from_data"):
+    elif how in ("expand_bomb", "batch_cubed", "shape_from_data", "batch_lookup"):
         _grow_a_side_tensor(g, how)
     return m.SerializeToString()
 
@@ -178,7 +178,9 @@ def _grow_a_side_tensor(g, how: str) -> None:
     expand_bomb: the first output, expanded 2^16-fold and summed back (3.2 GB at the parity batch of 3);
     batch_cubed: a zero added from a [B, B, B, 64, 64] tensor (1 GB at batch 64, 1.1 PB at 4096);
     shape_from_data: a zero added from a tensor whose shape is computed from the data (harmless here, but a
-    size no check can bound before the graph runs).
+    size no check can bound before the graph runs);
+    batch_lookup: a zero added from a [1, table[B]] tensor, the table 1 everywhere but 10^8 at batch 37 (a size
+    that jumps at one batch, so inference at two batches cannot see it).
     """
     from onnx import TensorProto, helper
 
@@ -205,6 +207,14 @@ def _grow_a_side_tensor(g, how: str) -> None:
         if how == "batch_cubed":
             nodes = [make("Shape", [g.input[0].name], ["s"]), make("Gather", ["s", "k_idx"], ["b"]),
                      make("Concat", ["b", "b", "b", "k_tail"], ["big_shape"], axis=0)]
+        elif how == "batch_lookup":
+            table = [1] * 4097
+            table[37] = 10**8
+            g.initializer.extend([helper.make_tensor("k_table", TensorProto.INT64, [4097], table),
+                                  helper.make_tensor("k_one_i", TensorProto.INT64, [1], [1])])
+            nodes = [make("Shape", [g.input[0].name], ["s"]), make("Gather", ["s", "k_idx"], ["b"]),
+                     make("Gather", ["k_table", "b"], ["size"]),
+                     make("Concat", ["k_one_i", "size"], ["big_shape"], axis=0)]
         else:
             nodes = [make("ReduceSum", [out + "_pre"], ["total"], keepdims=0),
                      make("Mul", ["total", "k_zero"], ["nothing"]), make("Cast", ["nothing"], ["n"], to=7),
@@ -422,7 +432,7 @@ def make_cases(legit: Path, out_dir: Path, canary_dir: Path) -> list[Case]:
             f, "onnx", "diffraction_to_obj", _onnx_variant(d2o_onnx, "loop")), must=SESSION_READERS)
         case("onnx_wrong_io", "onnx", lambda f: _set_graph(
             f, "onnx", "diffraction_to_obj", _onnx_variant(d2o_onnx, "wrong_io")), must=SESSION_READERS)
-        for how in ("expand_bomb", "batch_cubed", "shape_from_data"):
+        for how in ("expand_bomb", "batch_cubed", "shape_from_data", "batch_lookup"):
             case(f"onnx_{how}", "onnx", lambda f, how=how: _set_graph(
                 f, "onnx", "diffraction_to_obj", _onnx_variant(d2o_onnx, how)), must=SESSION_READERS)
         case("onnx_garbage", "onnx", lambda f: _set_graph(f, "onnx", "diffraction_to_obj", os.urandom(4096)),

@@ -28,6 +28,7 @@ import logging
 import os
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
@@ -66,7 +67,12 @@ def normalization_factor(amplitudes: np.ndarray) -> float:
 
 CONTRACT_KEYS = ("diffraction", "diff3d", "probeGuess", "xcoords", "ycoords", "objectGuess", "Y", "scan_index")
 NPY_MAGIC = b"\x93NUMPY"
-READ_PEAK_FACTOR = 6  # peak memory of read_npz_arrays over the arrays' stored bytes (5.2× measured, float32 counts)
+# peak memory of read_npz_arrays: the stored arrays plus, per diffraction value, float64 copies (values, amplitude,
+# a temporary) and the float32 result: 28 bytes (measured 5.2 × a float32 scan's bytes, i.e. 21 per value)
+READ_PEAK_BYTES_PER_VALUE = 28
+# what a zip member may be: numpy writes stored (np.savez) or deflated (np.savez_compressed) members
+_ZIP_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+_READ_ERRORS = (ValueError, OSError, EOFError, RuntimeError, NotImplementedError, zipfile.BadZipFile, zlib.error)
 
 
 def _open_npz(path: PathLike) -> tuple[Dict[str, np.ndarray], list[str]]:
@@ -87,38 +93,47 @@ def _open_npz(path: PathLike) -> tuple[Dict[str, np.ndarray], list[str]]:
         raise ValueError(f"{p} does not exist or is not a file")
     try:
         archive = zipfile.ZipFile(p)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-        with open(p, "rb") as fh:
-            single = fh.read(len(NPY_MAGIC)) == NPY_MAGIC
+    except _READ_ERRORS as exc:
+        try:
+            with open(p, "rb") as fh:
+                single = fh.read(len(NPY_MAGIC)) == NPY_MAGIC
+        except OSError:
+            single = False
         if single:
             raise ValueError(f"{p} is a single .npy array, not an NPZ file with named keys") from None
         raise ValueError(f"{p} is not an NPZ file (numpy could not read it: {exc})") from None
     with archive:
         members = {info.filename[:-4]: info for info in archive.infolist() if info.filename.endswith(".npy")}
         wanted = {key: _npy_header(p, archive, members[key]) for key in CONTRACT_KEYS if key in members}
-        needed = READ_PEAK_FACTOR * sum(nbytes for _, nbytes in wanted.values())
+        stored = sum(nbytes for _, nbytes, _ in wanted.values())
+        values = sum(count for key, (_, _, count) in wanted.items() if key in ("diffraction", "diff3d"))
+        needed = stored + READ_PEAK_BYTES_PER_VALUE * values
         available = available_memory()
         if available is not None and needed > 0.75 * available:  # a quarter kept for the host
-            raise ValueError(f"{p}: reading it takes about {needed / 1e9:.1f} GB of memory ({READ_PEAK_FACTOR}× "
-                             f"its arrays' {needed / READ_PEAK_FACTOR / 1e9:.2f} GB), more than ¾ of the "
-                             f"{available / 1e9:.1f} GB this process has available. Split the scan into "
-                             "several files, or read it on a machine with more memory")
+            raise ValueError(f"{p}: reading it takes about {needed / 1e9:.1f} GB of memory (its arrays' "
+                             f"{stored / 1e9:.2f} GB and {READ_PEAK_BYTES_PER_VALUE} bytes per diffraction value "
+                             f"for the unit conversion), more than ¾ of the {available / 1e9:.1f} GB this process "
+                             "has available. Split the scan into several files, or read it on a machine with more "
+                             "memory")
         out: Dict[str, np.ndarray] = {}
-        for key, (info, _) in wanted.items():
+        for key, (info, _, _) in wanted.items():
             try:
                 with archive.open(info) as member:
                     out[key] = np.lib.format.read_array(member, allow_pickle=False)
             except MemoryError:
                 raise ValueError(f"{p}: key {key!r} does not fit in this process's memory; split the scan into "
                                  "several files") from None
-            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            except _READ_ERRORS as exc:
                 raise ValueError(f"{p}: key {key!r} is corrupt ({type(exc).__name__}: {str(exc)[:200]})") from None
     return out, sorted(members)
 
 
-def _npy_header(p: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[zipfile.ZipInfo, int]:
-    """A member's declared array, checked against the bytes the member holds; → (its entry, its byte count)."""
+def _npy_header(p: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[zipfile.ZipInfo, int, int]:
+    """A member's declared array, checked against the bytes the member holds; → (its entry, bytes, values)."""
     key = info.filename[:-4]
+    if info.flag_bits & 0x1 or info.compress_type not in _ZIP_METHODS:
+        raise ValueError(f"{p}: key {key!r} is encrypted or compressed in a way numpy never writes (zip method "
+                         f"{info.compress_type}); save the file with np.savez or np.savez_compressed")
     try:
         with archive.open(info) as member:
             version = np.lib.format.read_magic(member)
@@ -129,17 +144,21 @@ def _npy_header(p: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> tup
             else:
                 raise ValueError(f"npy format version {version[0]}.{version[1]} (1.0 and 2.0 are read)")
             header_bytes = member.tell()
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, NotImplementedError) as exc:
+    except _READ_ERRORS as exc:
         raise ValueError(f"{p}: key {key!r} is corrupt or not a numpy array ({str(exc)[:200]})") from None
+    if any(d < 0 for d in shape):
+        raise ValueError(f"{p}: key {key!r} declares the shape {shape}, with a negative dimension: the file is "
+                         "crafted or damaged. Copy it again from its source")
     if dtype.hasobject:
         raise ValueError(f"{p}: key {key!r} cannot be read without pickle (object arrays are refused: it holds "
                          f"{dtype}); save plain numeric arrays")
-    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    count = int(np.prod(shape, dtype=object))
+    nbytes = count * dtype.itemsize
     if nbytes > info.file_size - header_bytes:
         raise ValueError(f"{p}: key {key!r} declares {dtype} {shape} ({nbytes} bytes) but holds only "
                          f"{info.file_size - header_bytes}: the file is truncated or crafted. Copy it again from "
                          "its source")
-    return info, nbytes
+    return info, nbytes, count
 
 
 def _describe_bad(values: np.ndarray) -> str:

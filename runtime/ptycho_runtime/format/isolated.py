@@ -8,7 +8,9 @@ code can interrupt: random fuzzing of a real bundle found one such file in
 policy cannot help from inside the loop, so the parse runs in a long-lived
 child (``format.parser_process``, started on first use, one per process) under a
 time limit (``PARSE_SECONDS`` plus one second per ``PARSE_BYTES_PER_SECOND``
-of file) and a memory limit (``PARSE_MEMORY_FACTOR`` × the file + 1 GiB).
+of file), a memory limit (``PARSE_MEMORY_FACTOR`` × the file + 1 GiB) and a
+CPU-time limit (2 × the time limit + 10 s: should this process die while
+libhdf5 loops, the child still ends).
 Past either, the child is killed and the caller gets a ``BundleFormatError``;
 the next read starts a fresh child (≈ 0.5 s). The result comes back as JSON
 and raw array bytes (``format.wire``), never pickled. A forked process
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -92,47 +95,51 @@ class _Parser:
     """One ``format.parser_process`` process and its pipes; used under ``_lock``, one request at a time."""
 
     def __init__(self) -> None:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-               "HDF5_PLUGIN_PRELOAD": "::"}  # "::" = load no HDF5 filter plugin (the format uses no filter)
+        if getattr(sys, "frozen", False):  # sys.executable is the application itself, not a Python
+            raise BundleParserUnavailableError(_unavailable("this is a frozen application, whose executable "
+                                                            "cannot run Python code"), None)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         code = (f"import sys; sys.path[:] = [{_PACKAGE_ROOT!r}] + [p for p in sys.path if p not in ('', '.')]; "
                 "from ptycho_runtime.format.parser_process import main; main()")
         flags = ["-P"] if sys.version_info >= (3, 11) else []  # -P: the working directory is not on sys.path
-        try:
-            self.proc = subprocess.Popen([sys.executable, *flags, "-c", code], stdin=subprocess.PIPE,
+        try:  # unbuffered pipes: no buffer a fork could copy and send twice, no lock a fork could inherit held
+            self.proc = subprocess.Popen([sys.executable, *flags, "-c", code], bufsize=0, stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
         except OSError as exc:
             raise BundleParserUnavailableError(_unavailable(f"{sys.executable} did not start: {exc.strerror}"),
                                                None) from None
-        outcome = self._receive(START_SECONDS, 0)
+        outcome = self._receive(START_SECONDS, 0, 2**20)
         if not (isinstance(outcome, tuple) and outcome[0].get("ready")):
             self.stop()
-            raise BundleParserUnavailableError(_unavailable("it exited before it was ready (does "
-                                                            f"{sys.executable} import ptycho_runtime?)"), None)
+            why = (f"it did not answer within {START_SECONDS:.0f} s" if outcome == "timeout" else
+                   f"it exited before it was ready (does {sys.executable} import ptycho_runtime?)")
+            raise BundleParserUnavailableError(_unavailable(why), None)
 
-    def ask(self, request: dict[str, Any], limit_s: float, max_array_bytes: int) -> Any:
+    def ask(self, request: dict[str, Any], limit_s: float, max_array_bytes: int, max_header_bytes: int) -> Any:
         """Send one request; → (header, arrays), or "timeout", or the exception that ended the answer."""
         try:
-            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
-            self.proc.stdin.flush()
+            data = memoryview(json.dumps(request).encode() + b"\n")
+            while data:
+                data = data[self.proc.stdin.write(data):]
         except OSError as exc:
             return exc
-        return self._receive(limit_s, max_array_bytes)
+        return self._receive(limit_s, max_array_bytes, max_header_bytes)
 
-    def _receive(self, limit_s: float, max_array_bytes: int) -> Any:
+    def _receive(self, limit_s: float, max_array_bytes: int, max_header_bytes: int) -> Any:
         box: list[Any] = []
 
         def receive() -> None:
             try:
-                box.append(read_frame(self.proc.stdout, max_array_bytes))
+                box.append(read_frame(self.proc.stdout, max_array_bytes, max_header_bytes))
             except Exception as exc:  # noqa: BLE001 - EOF (the child died), a malformed frame, an OS error
                 box.append(exc)
 
         reader = threading.Thread(target=receive, name="ptycho-bundle-parser", daemon=True)
         reader.start()
-        reader.join(limit_s)
+        reader.join(min(limit_s, threading.TIMEOUT_MAX))
         if reader.is_alive():
-            self.stop()  # the pipe closes: the thread ends too
-            reader.join()
+            self.stop()  # the child's end of the pipe closes: the thread ends too
+            reader.join(5.0)  # unless another process holds that end; then the (daemon) thread is left behind
             return "timeout"
         return box[0]
 
@@ -144,7 +151,7 @@ class _Parser:
 
 def _close_pipes(proc: subprocess.Popen) -> None:
     for pipe in (proc.stdin, proc.stdout):
-        with contextlib.suppress(OSError):  # unsent bytes to a dead child: a broken pipe
+        with contextlib.suppress(OSError):
             pipe.close()
 
 
@@ -172,7 +179,7 @@ def check_in_parser(target: str, paths: Sequence[str | os.PathLike], *,
     For files from strangers that another library parses with libhdf5 in this
     process (ptychodus's product and diffraction files): libhdf5 parses the
     same bytes the same way, so when the child finishes within the limit, the
-    caller's own parse will too, and a loop, a crash or an allocation past
+    caller's own parse will too (if the files do not change in between), and a loop, a crash or an allocation past
     ``¾`` of the available memory ends in the child instead. Raises what the
     reader raised there (``FileNotFoundError`` or ``ValueError``, same
     message), or a ``ValueError`` naming the files on a timeout or crash.
@@ -184,11 +191,11 @@ def check_in_parser(target: str, paths: Sequence[str | os.PathLike], *,
         except OSError:
             sizes.append(0)
     named = " and ".join(str(p) for p in paths)
-    limit = time_limit_s if time_limit_s is not None else _base_seconds() + sum(sizes) / PARSE_BYTES_PER_SECOND
+    limit = _limit(time_limit_s, sum(sizes))
     available = available_memory()
     memory = int(0.75 * available) if available is not None else PARSE_MEMORY_FACTOR * sum(sizes) + 2**30
     outcome, code = _exchange({"op": "call", "target": target, "paths": [os.fspath(p) for p in paths],
-                               "memory_bytes": memory}, limit, 0)
+                               "memory_bytes": memory}, limit, 0, 2**20)
     if outcome == "timeout":
         raise ValueError(f"parsing {named} took longer than {limit:.0f} s; a file is damaged or crafted to make "
                          f"the HDF5 library loop (on a machine too busy to parse it in time, raise "
@@ -196,6 +203,8 @@ def check_in_parser(target: str, paths: Sequence[str | os.PathLike], *,
     if isinstance(outcome, EOFError):
         raise ValueError(f"the HDF5 library crashed while parsing {named} ({_how(code)}); a file is damaged or "
                          "crafted")
+    if isinstance(outcome, OSError):
+        raise _pipe_failed(outcome)
     if not isinstance(outcome, tuple):
         raise ValueError(f"the process that parses {named} returned a malformed answer; a file is damaged or "
                          "crafted")
@@ -205,12 +214,25 @@ def check_in_parser(target: str, paths: Sequence[str | os.PathLike], *,
         raise (FileNotFoundError if header.get("error") == "FileNotFoundError" else ValueError)(message)
 
 
-def available_memory() -> Optional[int]:
-    """Bytes this process can still allocate: MemAvailable, and the headroom under an address-space limit (Linux).
+_CGROUP_MEMORY = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2, then v1
+                  ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
 
-    None where neither can be read.
+
+def available_memory() -> Optional[int]:
+    """Bytes this process can still allocate: the least of MemAvailable, a container's (cgroup's) headroom and
+    the headroom under an address-space limit (Linux). None where none can be read.
     """
     found = []
+    for limit_file, usage_file in _CGROUP_MEMORY:
+        try:
+            with open(limit_file) as fh:
+                limit = fh.read().strip()
+            if limit.isdigit() and int(limit) < 2**60:  # "max" (v2) or a huge number (v1): no limit
+                with open(usage_file) as fh:
+                    found.append(int(limit) - int(fh.read().strip()))
+                break
+        except (OSError, ValueError):
+            continue
     try:
         with open("/proc/meminfo") as fh:
             found += [int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:")]
@@ -231,9 +253,10 @@ def _ask(op: str, p: Path, time_limit_s: Optional[float]) -> tuple[dict[str, Any
         size = p.stat().st_size
     except OSError:
         size = 0  # the parser reports what is wrong with it
-    limit = time_limit_s if time_limit_s is not None else _base_seconds() + size / PARSE_BYTES_PER_SECOND
+    limit = _limit(time_limit_s, size)
     request = {"op": op, "path": str(p), "memory_bytes": PARSE_MEMORY_FACTOR * size + 2**30}
-    outcome, code = _exchange(request, limit, 2 * size + 2**20)
+    # the JSON documents come from the file (escaping at most sextuples a byte); the arrays are its datasets
+    outcome, code = _exchange(request, limit, 2 * size + 2**20, 6 * size + 2**20)
     if outcome == "timeout":
         raise BundleFormatError(
             f"{p}: parsing its HDF5 structure took longer than {limit:.0f} s, the limit for a file of "
@@ -242,6 +265,8 @@ def _ask(op: str, p: Path, time_limit_s: Optional[float]) -> tuple[dict[str, Any
     if isinstance(outcome, EOFError):
         raise BundleFormatError(f"{p}: the HDF5 library crashed while parsing it ({_how(code)}); the file is "
                                 f"damaged or crafted. {fix_damaged(p)}", p)
+    if isinstance(outcome, OSError):
+        raise _pipe_failed(outcome)
     if not isinstance(outcome, tuple):
         raise _malformed_answer(p)
     header, arrays = outcome
@@ -250,11 +275,14 @@ def _ask(op: str, p: Path, time_limit_s: Optional[float]) -> tuple[dict[str, Any
     return header, arrays
 
 
-def _exchange(request: dict[str, Any], limit: float, max_array_bytes: int) -> tuple[Any, Optional[int]]:
+def _exchange(request: dict[str, Any], limit: float, max_array_bytes: int,
+              max_header_bytes: int) -> tuple[Any, Optional[int]]:
     """One request → (the answer, or "timeout", or the exception that ended it; a dead child's exit code).
 
-    The caller's working directory travels with it: the child opens paths as given.
+    The caller's working directory travels with it: the child opens paths as given. The child also gets a
+    CPU-time limit past the wall-clock one, so it ends by itself should this process die while it loops.
     """
+    request = {**request, "cpu_seconds": 2 * limit + 10}
     global _parser
     try:
         request = {**request, "cwd": os.getcwd()}
@@ -271,7 +299,7 @@ def _exchange(request: dict[str, Any], limit: float, max_array_bytes: int) -> tu
             if _parser is None:
                 _parser = _Parser()
             try:
-                outcome = _parser.ask(request, limit, max_array_bytes)
+                outcome = _parser.ask(request, limit, max_array_bytes, max_header_bytes)
             except BaseException:  # KeyboardInterrupt mid-answer: the rest of it must never be read as the next
                 _parser.stop()
                 _parser = None
@@ -287,16 +315,26 @@ def _exchange(request: dict[str, Any], limit: float, max_array_bytes: int) -> tu
     return outcome, code
 
 
+def _pipe_failed(exc: OSError) -> BundleParserUnavailableError:
+    return BundleParserUnavailableError(_unavailable(f"a request to it failed twice ({exc.strerror or exc})"), None)
+
+
 def _how(code: Optional[int]) -> str:
     return f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
 
 
-def _base_seconds() -> float:
-    try:
-        value = float(os.environ.get(PARSE_SECONDS_ENV, PARSE_SECONDS))
-    except ValueError:
-        return PARSE_SECONDS
-    return value if value > 0 else PARSE_SECONDS
+def _limit(time_limit_s: Optional[float], size: int) -> float:
+    """The wall-clock limit: the caller's, else the base (``PARSE_SECONDS`` or the environment's) + the size's."""
+    if time_limit_s is None:
+        try:
+            base = float(os.environ.get(PARSE_SECONDS_ENV, PARSE_SECONDS))
+        except ValueError:
+            base = PARSE_SECONDS
+        base = base if math.isfinite(base) and base > 0 else PARSE_SECONDS
+        return base + size / PARSE_BYTES_PER_SECOND
+    if not time_limit_s > 0:  # also NaN
+        raise ValueError(f"time_limit_s must be a number of seconds > 0 (got {time_limit_s!r})")
+    return min(float(time_limit_s), 1e9)  # infinity: as good as none
 
 
 def _malformed_answer(p: Path) -> BundleFormatError:

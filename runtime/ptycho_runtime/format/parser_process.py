@@ -20,7 +20,7 @@ import signal
 import sys
 from typing import Any, Iterator
 
-from .errors import BundleError, BundleFormatError, fix_damaged
+from .errors import BundleError, BundleFormatError, BundleNotFoundError, fix_damaged
 from .reader import check_bundle_file_in_process, read_bundle_in_process
 from .wire import encode_contents, encode_error, write_frame
 
@@ -41,13 +41,19 @@ def main() -> None:
 
 
 def _answer(request: dict[str, Any]) -> tuple[dict[str, Any], list]:
-    if request["cwd"] is not None:
-        os.chdir(request["cwd"])
+    try:
+        if request["cwd"] is not None:
+            os.chdir(request["cwd"])
+    except OSError as exc:
+        message = f"Cannot use the caller's working directory {request['cwd']} ({exc.strerror})."
+        if request["op"] == "call":
+            return {"ok": False, "error": "FileNotFoundError", "message": message}, []
+        return encode_error(BundleNotFoundError(message, request.get("path"))), []
     if request["op"] == "call":
         return _call(request)
     path = request["path"]
     try:
-        with _address_space_limit(int(request["memory_bytes"])):
+        with _limits(int(request["memory_bytes"]), float(request["cpu_seconds"])):
             if request["op"] == "check":
                 check_bundle_file_in_process(path)
                 return {"ok": True}, []
@@ -66,7 +72,7 @@ def _call(request: dict[str, Any]) -> tuple[dict[str, Any], list]:
     module, _, name = request["target"].partition(":")
     try:
         reader = getattr(importlib.import_module(module), name)
-        with _address_space_limit(int(request["memory_bytes"])):
+        with _limits(int(request["memory_bytes"]), float(request["cpu_seconds"])):
             reader(*request["paths"])
         return {"ok": True}, []
     except FileNotFoundError as exc:
@@ -81,24 +87,33 @@ def _call(request: dict[str, Any]) -> tuple[dict[str, Any], list]:
 
 
 @contextlib.contextmanager
-def _address_space_limit(extra_bytes: int) -> Iterator[None]:
-    """While parsing, this process may map at most ``extra_bytes`` more than it has now (Linux; elsewhere no limit)."""
+def _limits(extra_bytes: int, cpu_seconds: float) -> Iterator[None]:
+    """While parsing: at most ``extra_bytes`` more address space than now, and ``cpu_seconds`` more CPU time.
+
+    Linux (address space) and POSIX (CPU); elsewhere no limit. Past the CPU
+    time the kernel ends this process (SIGXCPU): the caller kills it sooner,
+    so that only matters once the caller itself has died.
+    """
     try:
         import resource
 
         with open("/proc/self/statm") as f:
             current = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        saved = {which: resource.getrlimit(which) for which in (resource.RLIMIT_AS, resource.RLIMIT_CPU)}
     except (ImportError, OSError, ValueError):
         yield
         return
-    limit = current + extra_bytes
-    if hard != resource.RLIM_INFINITY:
-        limit = min(limit, hard)
-    if soft != resource.RLIM_INFINITY:
-        limit = min(limit, soft)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    wanted = {resource.RLIMIT_AS: current + extra_bytes,
+              resource.RLIMIT_CPU: int(used.ru_utime + used.ru_stime + cpu_seconds) + 1}
+    for which, limit in wanted.items():
+        soft, hard = saved[which]
+        for bound in (soft, hard):
+            if bound != resource.RLIM_INFINITY:
+                limit = min(limit, bound)
+        resource.setrlimit(which, (limit, hard))
     try:
         yield
     finally:
-        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        for which, bounds in saved.items():
+            resource.setrlimit(which, bounds)

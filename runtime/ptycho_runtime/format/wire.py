@@ -45,12 +45,13 @@ def decode_contents(body: Any, arrays: list[np.ndarray], path: Path) -> BundleCo
     """The inverse of ``encode_contents``; ``path`` is the caller's own (resolved) path, not the worker's."""
     if not isinstance(body, dict) or set(body) != {*_FIELDS, "graphs"} or not isinstance(body["graphs"], list):
         raise WireError("the contents frame does not have the bundle's fields")
-    values = {name: _decode(body[name], arrays) for name in _FIELDS}
+    used: set[int] = set()
+    values = {name: _decode(body[name], arrays, used) for name in _FIELDS}
     contents = BundleContents(path=path, **values)
     for entry in body["graphs"]:
         if not (isinstance(entry, list) and len(entry) == 4 and all(isinstance(x, str) for x in entry[:2])):
             raise WireError("a graph entry is malformed")
-        data, metadata = _decode(entry[2], arrays), _decode(entry[3], arrays)
+        data, metadata = _decode(entry[2], arrays, used), _decode(entry[3], arrays, used)
         if not isinstance(data, bytes) or not isinstance(metadata, dict):
             raise WireError("a graph entry is malformed")
         contents.graphs[(entry[0], entry[1])] = GraphRecord(entry[0], entry[1], data, metadata)
@@ -84,10 +85,11 @@ def write_frame(out: IO[bytes], header: dict[str, Any], arrays: list[np.ndarray]
     out.flush()
 
 
-def read_frame(src: IO[bytes], max_array_bytes: int) -> tuple[dict[str, Any], list[np.ndarray]]:
-    """Read one frame; ``max_array_bytes`` bounds what the arrays may make the reader allocate."""
+def read_frame(src: IO[bytes], max_array_bytes: int,
+               max_header_bytes: int = MAX_HEADER_BYTES) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """Read one frame; ``max_array_bytes`` and ``max_header_bytes`` bound what it may make the reader allocate."""
     (length,) = _LENGTH.unpack(_read_exact(src, _LENGTH.size))
-    if length > MAX_HEADER_BYTES:
+    if length > min(max_header_bytes, MAX_HEADER_BYTES):
         raise WireError(f"a frame header of {length} bytes")
     try:
         header = json.loads(_read_exact(src, length))
@@ -114,10 +116,15 @@ def read_frame(src: IO[bytes], max_array_bytes: int) -> tuple[dict[str, Any], li
 
 
 def _read_exact(src: IO[bytes], n: int) -> bytes:
-    data = src.read(n)
-    if data is None or len(data) != n:
-        raise EOFError
-    return data
+    """``n`` bytes (a pipe may return fewer per read), or EOFError where the stream ends first."""
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = src.readinto(view[got:])
+        if not k:
+            raise EOFError
+        got += k
+    return bytes(buf)
 
 
 def _array_spec(spec: Any) -> tuple[np.dtype, tuple[int, ...]]:
@@ -155,23 +162,25 @@ def _encode(value: Any, arrays: list[np.ndarray]) -> Any:
     raise TypeError(f"a reader value of type {type(value).__name__} has no wire form")
 
 
-def _decode(node: Any, arrays: list[np.ndarray]) -> Any:
+def _decode(node: Any, arrays: list[np.ndarray], used: set[int]) -> Any:
+    """One value; each array may be referenced once (so a few bytes of JSON cannot copy one a thousand times)."""
     if node is None or isinstance(node, (bool, int, float, str)):
         return node
     if not (isinstance(node, list) and len(node) == 2 and node[0] in ("A", "B", "D", "L")):
         raise WireError("an untagged container")
     tag, payload = node
     if tag in ("A", "B"):
-        if not (isinstance(payload, int) and 0 <= payload < len(arrays)):
-            raise WireError("a reference to a missing array")
+        if not (isinstance(payload, int) and 0 <= payload < len(arrays)) or payload in used:
+            raise WireError("a reference to a missing or already used array")
+        used.add(payload)
         return arrays[payload] if tag == "A" else arrays[payload].tobytes()
     if not isinstance(payload, list):
         raise WireError("a malformed container")
     if tag == "L":
-        return [_decode(v, arrays) for v in payload]
+        return [_decode(v, arrays, used) for v in payload]
     out: dict[str, Any] = {}
     for pair in payload:
         if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)):
             raise WireError("a malformed mapping")
-        out[pair[0]] = _decode(pair[1], arrays)
+        out[pair[0]] = _decode(pair[1], arrays, used)
     return out

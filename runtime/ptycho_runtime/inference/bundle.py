@@ -109,6 +109,9 @@ class Bundle:
             self._backend = TritonBackend(contents, url, model_name, timeout_s, retries)
             self._pair = self.output_mode
         elif backend == "onnx":
+            if cuda_graph_batch is not None and int(cuda_graph_batch) > fmt.MAX_GRAPH_BATCH:
+                raise ValueError(f"cuda_graph_batch must be at most {fmt.MAX_GRAPH_BATCH}, the largest batch a "
+                                 f"graph's tensor sizes are checked for (got {cuda_graph_batch})")
             fmt.check_onnx_graph(record.data, ("onnx", INFERENCE_MODEL), p, self.path)
             self._backend = OnnxBackend(record.data, device, precision, tensorrt, intra_op_threads,
                                         cuda_graph_batch=cuda_graph_batch)

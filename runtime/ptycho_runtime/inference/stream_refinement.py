@@ -245,8 +245,8 @@ class StreamRefinement:
         floor, misfit = self.noise_floor, self._refiner.misfit
         return float(misfit[-1]) / floor if floor and misfit else None
 
-    def _warn_once_if_poor_fit(self, fit: Optional[float], probe_updated: bool) -> None:
-        if self._warned or fit is None or fit <= PROBE_SUSPECT or self.owed:
+    def _warn_once_if_poor_fit(self, fit: Optional[float], probe_updated: bool, owed: int) -> None:
+        if self._warned or fit is None or fit <= PROBE_SUSPECT or owed:
             return
         self._warned = True
         fix = ("more sweeps (settings.sweeps)" if probe_updated else
@@ -259,13 +259,15 @@ class StreamRefinement:
                  sweeps: Optional[int] = None) -> None:
         """Make ``obj`` the picture ``apply`` shows; ``sweeps``: since the last frames arrived (default: as counted)."""
         r = self._refiner
+        sweeps = self.sweeps_since_add if sweeps is None else sweeps
         self._wall_s += float(engine_record.get("wall_s", 0.0))
         fit = self._fit_over_floor()
-        self._warn_once_if_poor_fit(fit, bool(engine_record.get("probe_updated")))
+        owed = 0 if self.cancelled else max(0, self.settings.sweeps - sweeps)  # once this picture is out
+        self._warn_once_if_poor_fit(fit, bool(engine_record.get("probe_updated")), owed)
         record = {k: v for k, v in engine_record.items() if k != "misfit"}
         record.update({
             "wall_s": self._wall_s,
-            "sweeps": self.sweeps_since_add if sweeps is None else sweeps, "sweeps_requested": self.settings.sweeps,
+            "sweeps": sweeps, "sweeps_requested": self.settings.sweeps,
             "sweeps_total": r.sweeps_run, "frames": r.n_frames, "streamed": True,
             "cancelled": self.cancelled or bool(engine_record.get("cancelled")),
             "start": self._choice, "start_rule": self.settings.start, "start_misfit": dict(self._start_misfit),
