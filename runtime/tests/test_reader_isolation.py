@@ -111,18 +111,14 @@ def test_a_parser_that_died_between_reads_is_replaced(tmp_path):
     assert isolated._parser.proc.pid != dead.pid
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
-def test_a_forked_child_starts_its_own_parser(tmp_path):
-    path = _bundle(tmp_path)
-    fmt.read_bundle(path)
-    parent_parser = isolated._parser.proc.pid
+def _in_a_fork(check) -> bytes:
+    """``check()`` in a forked child: b"1" (true), b"0" (false or raised) or b"timeout" (killed after 60 s)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         ok = False
         try:
-            ok = fmt.read_bundle(path).training == TRAINING and isolated._parser.proc.pid != parent_parser
-            fmt.close_parser()
+            ok = bool(check())
         finally:
             os.write(w, b"1" if ok else b"0")
             os._exit(0)
@@ -130,8 +126,24 @@ def test_a_forked_child_starts_its_own_parser(tmp_path):
     ready, _, _ = select.select([r], [], [], 60)
     answer = os.read(r, 1) if ready else b"timeout"
     os.close(r)
+    if answer == b"timeout":
+        os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
-    assert answer == b"1"
+    return answer
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_starts_its_own_parser(tmp_path):
+    path = _bundle(tmp_path)
+    fmt.read_bundle(path)
+    parent_parser = isolated._parser.proc.pid
+
+    def in_child() -> bool:
+        ok = fmt.read_bundle(path).training == TRAINING and isolated._parser.proc.pid != parent_parser
+        fmt.close_parser()
+        return ok
+
+    assert _in_a_fork(in_child) == b"1"
     assert fmt.read_bundle(path).training == TRAINING and isolated._parser.proc.pid == parent_parser
 
 
@@ -209,22 +221,7 @@ def test_a_fork_while_a_read_is_waiting_does_not_hang_the_child(tmp_path):
                                                                           looping, time_limit_s=4)))
     waiting.start()
     time.sleep(1.0)  # the request is out, the reader thread in read()
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        ok = False
-        try:
-            ok = fmt.read_bundle(path).training == TRAINING
-        finally:
-            os.write(w, b"1" if ok else b"0")
-            os._exit(0)
-    os.close(w)
-    ready, _, _ = select.select([r], [], [], 60)
-    answer = os.read(r, 1) if ready else b"timeout"
-    os.close(r)
-    if answer == b"timeout":
-        os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
+    answer = _in_a_fork(lambda: fmt.read_bundle(path).training == TRAINING)
     waiting.join()
     assert answer == b"1" and len(errors) == 1
 
