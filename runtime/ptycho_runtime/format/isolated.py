@@ -179,10 +179,11 @@ def check_in_parser(target: str, paths: Sequence[str | os.PathLike], *,
     For files from strangers that another library parses with libhdf5 in this
     process (ptychodus's product and diffraction files): libhdf5 parses the
     same bytes the same way, so when the child finishes within the limit, the
-    caller's own parse will too (if the files do not change in between), and a loop, a crash or an allocation past
-    ``¾`` of the available memory ends in the child instead. Raises what the
-    reader raised there (``FileNotFoundError`` or ``ValueError``, same
-    message), or a ``ValueError`` naming the files on a timeout or crash.
+    caller's own parse will too (if the files do not change in between), and
+    a loop, a crash or an allocation past ¾ of the available memory ends in
+    the child instead. Raises what the reader raised there
+    (``FileNotFoundError`` or ``ValueError``, same message), or a
+    ``ValueError`` naming the files on a timeout or crash.
     """
     sizes = []
     for path in paths:
