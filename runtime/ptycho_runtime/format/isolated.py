@@ -197,18 +197,10 @@ def check_in_parser(target: str, paths: Sequence[str | os.PathLike], *,
     memory = int(0.75 * available) if available is not None else PARSE_MEMORY_FACTOR * sum(sizes) + 2**30
     outcome, code = _exchange({"op": "call", "target": target, "paths": [os.fspath(p) for p in paths],
                                "memory_bytes": memory}, limit, 0, 2**20)
-    if outcome == "timeout":
-        raise ValueError(f"parsing {named} took longer than {limit:.0f} s; a file is damaged or crafted to make "
-                         f"the HDF5 library loop (on a machine too busy to parse it in time, raise "
-                         f"{PARSE_SECONDS_ENV})")
-    if isinstance(outcome, EOFError):
-        raise ValueError(f"the HDF5 library crashed while parsing {named} ({_how(code)}); a file is damaged or "
-                         "crafted")
-    if isinstance(outcome, OSError):
-        raise _pipe_failed(outcome)
-    if not isinstance(outcome, tuple):
-        raise ValueError(f"the process that parses {named} returned a malformed answer; a file is damaged or "
-                         "crafted")
+    problem = _failure(outcome, code, limit, named)
+    if problem is not None:
+        raise ValueError(f"{problem}; a file is damaged or crafted (on a machine too busy to parse it in time, "
+                         f"raise {PARSE_SECONDS_ENV})")
     header = outcome[0]
     if header.get("ok") is not True:
         message = header.get("message") if isinstance(header.get("message"), str) else f"{named} is unreadable"
@@ -258,18 +250,10 @@ def _ask(op: str, p: Path, time_limit_s: Optional[float]) -> tuple[dict[str, Any
     request = {"op": op, "path": str(p), "memory_bytes": PARSE_MEMORY_FACTOR * size + 2**30}
     # the JSON documents come from the file (escaping at most sextuples a byte); the arrays are its datasets
     outcome, code = _exchange(request, limit, 2 * size + 2**20, 6 * size + 2**20)
-    if outcome == "timeout":
-        raise BundleFormatError(
-            f"{p}: parsing its HDF5 structure took longer than {limit:.0f} s, the limit for a file of "
-            f"{size / 1e6:.1f} MB; the file is damaged or crafted to make the HDF5 library loop. "
-            f"{fix_damaged(p)} (On a machine too busy to parse it in time, raise {PARSE_SECONDS_ENV}.)", p)
-    if isinstance(outcome, EOFError):
-        raise BundleFormatError(f"{p}: the HDF5 library crashed while parsing it ({_how(code)}); the file is "
-                                f"damaged or crafted. {fix_damaged(p)}", p)
-    if isinstance(outcome, OSError):
-        raise _pipe_failed(outcome)
-    if not isinstance(outcome, tuple):
-        raise _malformed_answer(p)
+    problem = _failure(outcome, code, limit, f"{p} ({size / 1e6:.1f} MB)")
+    if problem is not None:
+        raise BundleFormatError(f"{problem}; the file is damaged or crafted. {fix_damaged(p)} (On a machine too "
+                                f"busy to parse it in time, raise {PARSE_SECONDS_ENV}.)", p)
     header, arrays = outcome
     if header.get("ok") is not True:
         raise decode_error(header)
@@ -283,8 +267,8 @@ def _exchange(request: dict[str, Any], limit: float, max_array_bytes: int,
     The caller's working directory travels with it: the child opens paths as given. The child also gets a
     CPU-time limit past the wall-clock one, so it ends by itself should this process die while it loops.
     """
-    request = {**request, "cpu_seconds": 2 * limit + 10}
     global _parser
+    request = {**request, "cpu_seconds": 2 * limit + 10}
     try:
         request = {**request, "cwd": os.getcwd()}
     except OSError:  # no working directory: paths as absolute ones
@@ -316,12 +300,22 @@ def _exchange(request: dict[str, Any], limit: float, max_array_bytes: int,
     return outcome, code
 
 
-def _pipe_failed(exc: OSError) -> BundleParserUnavailableError:
-    return BundleParserUnavailableError(_unavailable(f"a request to it failed twice ({exc.strerror or exc})"), None)
+def _failure(outcome: Any, code: Optional[int], limit: float, named: str) -> Optional[str]:
+    """What went wrong with an answer, as the start of a message (None: it is an answer to read).
 
-
-def _how(code: Optional[int]) -> str:
-    return f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+    A pipe that failed on both attempts is this host's problem, not the file's: BundleParserUnavailableError.
+    """
+    if isinstance(outcome, tuple):
+        return None
+    if isinstance(outcome, OSError):
+        why = f"a request to it failed twice ({outcome.strerror or outcome})"
+        raise BundleParserUnavailableError(_unavailable(why), None)
+    if outcome == "timeout":
+        return f"parsing {named} took longer than {limit:.0f} s: the HDF5 library loops on it"
+    if isinstance(outcome, EOFError):
+        how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        return f"the HDF5 library crashed while parsing {named} ({how})"
+    return f"the process that parses {named} returned a malformed answer"
 
 
 def _limit(time_limit_s: Optional[float], size: int) -> float:

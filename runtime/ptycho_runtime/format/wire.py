@@ -104,27 +104,25 @@ def read_frame(src: IO[bytes], max_array_bytes: int,
     arrays = []
     for dt, shape in parsed:
         a = np.empty(shape, dt)
-        view = memoryview(a.reshape(-1).view(np.uint8))
-        got = 0
-        while got < a.nbytes:
-            n = src.readinto(view[got:])
-            if not n:
-                raise EOFError
-            got += n
+        _fill(src, memoryview(a.reshape(-1).view(np.uint8)))
         arrays.append(a)
     return header, arrays
 
 
 def _read_exact(src: IO[bytes], n: int) -> bytes:
-    """``n`` bytes (a pipe may return fewer per read), or EOFError where the stream ends first."""
     buf = bytearray(n)
-    view, got = memoryview(buf), 0
-    while got < n:
-        k = src.readinto(view[got:])
-        if not k:
-            raise EOFError
-        got += k
+    _fill(src, memoryview(buf))
     return bytes(buf)
+
+
+def _fill(src: IO[bytes], view: memoryview) -> None:
+    """Fill ``view`` from ``src`` (a pipe may return fewer bytes per read), or EOFError where the stream ends."""
+    got = 0
+    while got < len(view):
+        n = src.readinto(view[got:])
+        if not n:
+            raise EOFError
+        got += n
 
 
 def _array_spec(spec: Any) -> tuple[np.dtype, tuple[int, ...]]:

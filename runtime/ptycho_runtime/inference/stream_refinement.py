@@ -211,7 +211,6 @@ class StreamRefinement:
                     break
                 obj = self._fit_phase_field(result.reconstruction.object, result.probe)
                 self._publish(obj, result.probe, result.record, self.sweeps_since_add + 1)
-                self.sweeps_since_add += 1  # after the publish: a sweep no longer owed is one a snapshot shows
                 done += 1
                 if self.settings.progress is not None:
                     self.settings.progress(self.sweeps_since_add, self.settings.sweeps)
@@ -245,8 +244,8 @@ class StreamRefinement:
         floor, misfit = self.noise_floor, self._refiner.misfit
         return float(misfit[-1]) / floor if floor and misfit else None
 
-    def _warn_once_if_poor_fit(self, fit: Optional[float], probe_updated: bool, owed: int) -> None:
-        if self._warned or fit is None or fit <= PROBE_SUSPECT or owed:
+    def _warn_once_if_poor_fit(self, fit: Optional[float], probe_updated: bool) -> None:
+        if self._warned or fit is None or fit <= PROBE_SUSPECT or self.owed:
             return
         self._warned = True
         fix = ("more sweeps (settings.sweeps)" if probe_updated else
@@ -257,13 +256,15 @@ class StreamRefinement:
 
     def _publish(self, obj: np.ndarray, probe: np.ndarray, engine_record: dict[str, Any],
                  sweeps: Optional[int] = None) -> None:
-        """Make ``obj`` the picture ``apply`` shows; ``sweeps``: since the last frames arrived (default: as counted)."""
+        """Make ``obj`` the picture ``apply`` shows, after ``sweeps`` since the last frames arrived (None: as counted).
+
+        The count moves with the picture, under the same lock: a sweep is no
+        longer owed only once a snapshot shows it.
+        """
         r = self._refiner
         sweeps = self.sweeps_since_add if sweeps is None else sweeps
         self._wall_s += float(engine_record.get("wall_s", 0.0))
         fit = self._fit_over_floor()
-        owed = 0 if self.cancelled else max(0, self.settings.sweeps - sweeps)  # once this picture is out
-        self._warn_once_if_poor_fit(fit, bool(engine_record.get("probe_updated")), owed)
         record = {k: v for k, v in engine_record.items() if k != "misfit"}
         record.update({
             "wall_s": self._wall_s,
@@ -282,6 +283,8 @@ class StreamRefinement:
         })
         with self._view_lock:
             self._view = (obj, probe, self._mask.copy(), record)
+            self.sweeps_since_add = sweeps
+        self._warn_once_if_poor_fit(fit, bool(engine_record.get("probe_updated")))
 
     def apply(self, canvas: Reconstruction) -> Reconstruction:
         """The network's ``canvas`` with the refined object where refined (and covered); as is before any sweep.
