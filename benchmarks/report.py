@@ -303,8 +303,8 @@ def section_refine(entries: list[Entry]) -> list[str]:
     groups: dict[tuple, list[Entry]] = defaultdict(list)
     for e in ref:
         groups[(e.run, e.group)].append(e)
-    refine_order = ["epie_loop", "numpy", "numba", "numba_1thread", "onnx_cpu", "onnx_cpu_1thread", "torch_cpu",
-                    "torch_cuda", "onnx_cuda", "amplitude_prior", "phase_field"]
+    refine_order = ["epie_loop", "numpy", "numba", "numba_1thread", "onnx_cpu", "onnx_cpu_1thread", "onnx_dft_floor",
+                    "torch_cpu", "torch_cuda", "onnx_cuda", "amplitude_prior", "phase_field"]
     for (run, group), es in sorted(groups.items()):
         es.sort(key=lambda e: refine_order.index(e.path) if e.path in refine_order else len(refine_order))
         loop = next((e.median for e in es if e.path == "epie_loop"), None)

@@ -11,6 +11,9 @@ Paths (group ``refine_N64_n{frames}``):
   (``numba``: the compiled batch step on one thread per core, 2 at most; ``numba_1thread``: on one;
   ``onnx_cpu``: each batch split between one thread per core, 2 at most, each running the graph on one
   onnxruntime thread; ``onnx_cpu_1thread``: the whole batch in one call on one thread);
+- ``onnx_dft_floor``: only the step graph's two 2-D DFTs (``onnx_graph.build_transform_graph``) on the
+  same batches, split between the same threads: the matrix products every step graph must run, so the
+  most that ``onnx_cpu``'s ratio could reach with every other operator and the host's work free;
 - ``torch_cuda`` / ``onnx_cuda``: the same on a GPU (skipped without one);
 - ``amplitude_prior``: one application of the amplitude prior that ends every
   refinement (``object_prior.apply_amplitude_prior``, TV at the noise level) to
@@ -33,8 +36,8 @@ from ._common import SMOKE, common_info, latency_info, timed_pedantic, torch_cud
 
 N = 64
 REFINE_FRAMES = 200 if SMOKE else 1000
-PATHS = ("epie_loop", "numpy", "numba", "numba_1thread", "onnx_cpu", "onnx_cpu_1thread", "torch_cpu", "torch_cuda",
-         "onnx_cuda",
+PATHS = ("epie_loop", "numpy", "numba", "numba_1thread", "onnx_cpu", "onnx_cpu_1thread", "onnx_dft_floor", "torch_cpu",
+         "torch_cuda", "onnx_cuda",
          "amplitude_prior", "phase_field")
 GROUP = f"refine_N{N}_n{REFINE_FRAMES}"
 
@@ -122,6 +125,9 @@ def test_refine_sweep(benchmark, scan, path):
         from ptycho_runtime.reconstruction.compiled import available_kernels
 
         info.update(backend="numba" if available_kernels() else "numpy", batches=f"{len(field.frames)} frames")
+    elif path == "onnx_dft_floor":
+        sweep, check = _dft_floor(scan)
+        info.update(backend="onnx (the two DFTs only)", batches="as onnx_cpu")
     else:
         backend = path.split("_")[0]
         options = {"threads": 1} if path.endswith("_1thread") else None
@@ -145,6 +151,8 @@ def test_refine_sweep(benchmark, scan, path):
         assert record["applied"] and 0.01 < record["weight"] < 0.04, record
     elif path == "phase_field":  # functional check: a flat start's slow phase is wrong, and the fit lowers the misfit
         assert fits and fits[-1].applied and fits[-1].misfit_after < fits[-1].misfit_before
+    elif path == "onnx_dft_floor":  # functional check: the graph's inverse undoes its forward transform
+        assert check() < 1e-4
     elif path != "epie_loop":  # functional check: the sweeps moved the object towards the data
         sweep()
         m = refiner.misfit
@@ -154,3 +162,31 @@ def test_refine_sweep(benchmark, scan, path):
         "kind": "refine", "path": path, **info, "N": N, "frames": REFINE_FRAMES,
         "sweeps_per_s": (1e3 / stats["p50_ms"]) if stats else None, **stats, **common_info(),
     })
+
+
+def _dft_floor(scan):
+    """One round of ``onnx_dft_floor``: each of the onnx backend's batches through the two DFTs, split as it splits
+    them; and a check that returns the largest relative round-trip error of the last batch."""
+    import onnxruntime as ort
+
+    from ptycho_runtime.refinement import Refiner
+    from ptycho_runtime.refinement.onnx_graph import build_transform_graph
+
+    refiner = Refiner(scan["start"], scan["probe"], backend="onnx").add_frames(scan["amplitude"], scan["positions"])
+    backend, sizes = refiner._backend, [len(g) for g in refiner.batches()]
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1  # as the backend's sessions
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(build_transform_graph(N).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    frames = np.random.default_rng(5).standard_normal((max(sizes), N, 2, N)).astype(np.float32)
+    last = {}
+
+    def sweep():
+        for n in sizes:
+            last["out"] = backend._in_parts(n, lambda part: sess.run(None, {"frames": frames[part]})[0])
+
+    def check():
+        out = np.concatenate(last["out"])
+        return float(np.abs(out - frames[:len(out)]).max() / np.abs(frames[:len(out)]).max())
+
+    return sweep, check

@@ -197,6 +197,22 @@ def test_the_onnx_step_graph_is_valid_onnx():
             assert {o.name for o in model.graph.output} >= {"misfit"}
 
 
+def test_the_dft_graph_is_numpys_fft2_and_its_inverse_undoes_it():
+    """The benchmark's floor (the step graph's two DFTs alone) must be the step's transforms, not a cheaper stand-in."""
+    ort = pytest.importorskip("onnxruntime")
+    from ptycho_runtime.refinement.onnx_backend import from_split, to_split
+    from ptycho_runtime.refinement.onnx_graph import build_transform_graph
+
+    N = 16
+    model = build_transform_graph(N, with_spectrum=True)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    z = (rng.standard_normal((3, N, N)) + 1j * rng.standard_normal((3, N, N))).astype(np.complex64)
+    roundtrip, spectrum = sess.run(None, {"frames": to_split(z)})
+    np.testing.assert_allclose(from_split(spectrum), np.fft.fft2(z), rtol=0, atol=1e-4 * N * N)
+    np.testing.assert_allclose(from_split(roundtrip), z, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("batching", ["sparse", "sequential", "parallel"])
 def test_the_true_object_is_a_fixed_point(problem, batching):
     obj, amp, pos, start, lit = problem

@@ -89,6 +89,50 @@ def dft_block_matrix(N: int, inverse: bool) -> np.ndarray:
     return np.block([[F.real, F.imag], [-F.imag, F.real]]).astype(np.float32)
 
 
+def _dft2(g: _Graph, t: str, N: int, inverse: bool, swap_index: str, sign: str) -> str:
+    """F·t·F (inverse: F⁻¹·t·F⁻¹) of each row-split frame of t [B, N, 2, N], as three matrix products."""
+    F = dft_matrix(N, inverse)
+    K = g.const(dft_block_matrix(N, inverse), "K")
+    right = g.op("MatMul", [g.op("Reshape", [t, g.ints(-1, 2 * N)]), K])  # [B·N, 2N]: each row times K
+    right = g.op("Reshape", [right, g.ints(-1, N, 2 * N)])
+    real = g.op("MatMul", [g.const(F.real.astype(np.float32), "Fr"), right])
+    frames = g.ints(-1, N, 2, N)
+    imag = g.op("Reshape", [g.op("MatMul", [g.const(F.imag.astype(np.float32), "Fi"), right]), frames])
+    swapped = g.op("Gather", [imag, swap_index], axis=2)
+    return g.op("Add", [g.op("Reshape", [real, frames]), g.op("Mul", [swapped, sign])])
+
+
+def _model(g: _Graph, name: str, inputs: list, outputs: list) -> onnx.ModelProto:
+    graph = helper.make_graph(g.nodes, name, inputs, outputs, initializer=g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="ptycho_runtime.refinement")
+    model.ir_version = 8  # onnxruntime >= 1.18 reads IR 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def build_transform_graph(N: int, with_spectrum: bool = False) -> onnx.ModelProto:
+    """The step graph's two 2-D DFTs alone: ``frames`` [B, N, 2, N] → ``roundtrip`` = F⁻¹(F(frames)).
+
+    The products are half of the step's kernels and cannot be made cheaper
+    without more element-wise passes, so this is what any step graph costs at
+    least; benchmarks/test_refinement.py times it beside the step (its
+    ``onnx_dft_floor`` row) to show what a ratio for onnxruntime can reach.
+    ``with_spectrum`` also outputs F(frames) as ``spectrum`` (for tests).
+    """
+    g = _Graph()
+    swap_index, sign = g.ints(1, 0), g.const(np.array([[-1], [1]], np.float32))
+    spectrum = _dft2(g, "frames", N, False, swap_index, sign)
+    g.nodes.append(helper.make_node("Identity", [_dft2(g, spectrum, N, True, swap_index, sign)], ["roundtrip"]))
+    shape = ["B", N, 2, N]
+    outputs = [helper.make_tensor_value_info("roundtrip", TensorProto.FLOAT, shape)]
+    if with_spectrum:
+        g.nodes.append(helper.make_node("Identity", [spectrum], ["spectrum"]))
+        outputs.append(helper.make_tensor_value_info("spectrum", TensorProto.FLOAT, shape))
+    return _model(g, f"dft_roundtrip_N{N}", [helper.make_tensor_value_info("frames", TensorProto.FLOAT, shape)],
+                  outputs)
+
+
 def build_step_graph(N: int, refine_probe: bool, canvas_in_graph: bool = False) -> onnx.ModelProto:
     """The ONNX model of one batch's update for N×N frames (float32), checked with onnx.checker."""
     g = _Graph()
@@ -110,16 +154,10 @@ def build_step_graph(N: int, refine_probe: bool, canvas_in_graph: bool = False) 
     def cmul(a: str, b: str, z: str) -> str:  # c·z with c given as (a, b)
         return g.op("Add", [g.op("Mul", [a, z]), g.op("Mul", [b, swap(z)])])
 
-    rows, mats, frames = g.ints(-1, 2 * N), g.ints(-1, N, 2 * N), g.ints(-1, N, 2, N)
     sign = g.const(np.array([[-1], [1]], np.float32))
 
-    def dft2(t: str, inverse: bool) -> str:  # F·t·F (inverse: F⁻¹·t·F⁻¹), frame by frame
-        F = dft_matrix(N, inverse)
-        K = g.const(dft_block_matrix(N, inverse), "K")
-        right = g.op("Reshape", [g.op("MatMul", [g.op("Reshape", [t, rows]), K]), mats])  # [B, N, 2N]
-        real = g.op("MatMul", [g.const(F.real.astype(np.float32), "Fr"), right])
-        imag = g.op("Reshape", [g.op("MatMul", [g.const(F.imag.astype(np.float32), "Fi"), right]), frames])
-        return g.op("Add", [g.op("Reshape", [real, frames]), g.op("Mul", [swap(imag), sign])])
+    def dft2(t: str, inverse: bool) -> str:
+        return _dft2(g, t, N, inverse, swap_index, sign)
 
     window = g.op("Gather", ["canvas", "index"], "window") if canvas_in_graph else "windows"  # [B, N+1, 2, N+1]
     w = [g.op("Gather", ["weights", g.const(np.array(k, np.int64))], axis=0) for k in range(4)]  # [B, 1, 1, 1]
@@ -160,9 +198,4 @@ def build_step_graph(N: int, refine_probe: bool, canvas_in_graph: bool = False) 
         g.op("ReduceSum", [g.op("ReduceSumSquare", [o], axes=[2], keepdims=1), first], "probe_den", keepdims=0)
         outputs += [helper.make_tensor_value_info("probe_num", f32, [N, 2, N]),
                     helper.make_tensor_value_info("probe_den", f32, [N, 1, N])]
-    graph = helper.make_graph(g.nodes, f"refine_step_N{N}", inputs, outputs, initializer=g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="ptycho_runtime.refinement")
-    model.ir_version = 8  # onnxruntime >= 1.18 reads IR 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return _model(g, f"refine_step_N{N}", inputs, outputs)
