@@ -30,6 +30,8 @@ bash scripts/setup.sh
 .venv/bin/ptycho-export evaluate "$OUT/brief/wts.h5" "$OUT/test.npz" --refine \
   --figure "$OUT/brief/evaluation.png" -o "$OUT/brief/evaluation.json"
 .venv/bin/ptycho-runtime infer "$SHIPPED" "$OUT/test.npz" -o "$OUT/runtime_recon.h5" --png "$OUT/runtime_recon.png"
+echo "What to expect (the README's table), from this run:"
+.venv/bin/python -m ptycho_export.expect_table "$OUT"
 echo "done:"
 echo "  $OUT/evaluation.png        the shipped bundle ($SHIPPED) on the held-out scan:"
 echo "                             truth / network / network + refinement / flat + refinement / pty-chi ePIE / errors"
