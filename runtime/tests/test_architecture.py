@@ -50,7 +50,7 @@ LAYERS: dict[str, list[set[str]]] = {
         {"export", "pretraining", "evaluate"},
         {"verify"},
         {"workflows"},
-        {"testing", "cli"},
+        {"testing", "cli", "expect_table"},
     ],
 }
 
