@@ -60,7 +60,9 @@ def test_only_the_block_is_replaced_and_the_file_is_written_whole(tmp_path):
     (out / "evaluation.json").write_text(json.dumps(_shipped()))
     readme = tmp_path / "README.md"
     readme.write_text(f"before\n{et.START}\nold table\n{et.END}\nafter\n")
+    readme.chmod(0o644)
     assert et.main([str(out), "--readme", str(readme)]) == 0
+    assert readme.stat().st_mode & 0o777 == 0o644  # the temporary file's private mode is not kept
     text = readme.read_text()
     assert text.startswith("before\n") and text.endswith("after\n") and "old table" not in text
     assert "| shipped network alone | 0.297 |" in text
