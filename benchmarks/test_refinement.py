@@ -170,14 +170,13 @@ def _dft_floor(scan):
     import onnxruntime as ort
 
     from ptycho_runtime.refinement import Refiner
+    from ptycho_runtime.refinement.onnx_backend import session_options
     from ptycho_runtime.refinement.onnx_graph import build_transform_graph
 
     refiner = Refiner(scan["start"], scan["probe"], backend="onnx").add_frames(scan["amplitude"], scan["positions"])
     backend, sizes = refiner._backend, [len(g) for g in refiner.batches()]
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1  # as the backend's sessions
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(build_transform_graph(N).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(build_transform_graph(N).SerializeToString(), session_options(1),  # as the backend's
+                                providers=["CPUExecutionProvider"])
     frames = np.random.default_rng(5).standard_normal((max(sizes), N, 2, N)).astype(np.float32)
     last = {}
 

@@ -25,6 +25,20 @@ from .numpy_backend import NumpyBackend
 _SESSIONS: dict[tuple[int, bool, bool, str, int], Any] = {}  # built sessions, keyed by what built them
 
 
+def session_options(threads: int):
+    """The options every refinement session runs with (``threads`` intra-op threads; 0: onnxruntime's default)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # each call is short and the hosts are often busy: idle threads sleep instead of spinning (measured faster
+    # on shared cores, docs/fidelity.md)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        opts.intra_op_num_threads = threads
+    return opts
+
+
 def _session(N: int, refine_probe: bool, canvas_in_graph: bool, device: str, threads: int):
     key = (N, refine_probe, canvas_in_graph, device, threads)
     if key not in _SESSIONS:
@@ -33,13 +47,7 @@ def _session(N: int, refine_probe: bool, canvas_in_graph: bool, device: str, thr
         from .onnx_graph import build_step_graph
 
         model = build_step_graph(N, refine_probe, canvas_in_graph)
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # each call is short and the hosts are often busy: idle threads sleep instead of spinning (measured faster
-        # on shared cores, docs/fidelity.md)
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            opts.intra_op_num_threads = threads
+        opts = session_options(threads)
         want = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
         if device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
             raise ValueError("backend='onnx' on device='cuda' needs onnxruntime-gpu (CUDAExecutionProvider); this "
